@@ -1,0 +1,39 @@
+//! dvs's shared language: the validated domain types every crate uses.
+//!
+//! Organisation: [`ids`] holds identities (port IDs `vethN`), [`net`] the
+//! network newtypes ([`VlanId`], [`Vni`], [`MacAddr`], [`VlanSet`]) and the
+//! port's VLAN mode ([`VlanMode`]). Each type is built only through a checked
+//! constructor (`new`, `TryFrom`, `FromStr`, or serde, which goes through the
+//! same checks), so a value that exists is valid: code past the edge never
+//! re-checks a VLAN range.
+//!
+//! This crate does no I/O. The gRPC schema joins it with the controller issue.
+
+#![forbid(unsafe_code)]
+
+pub mod ids;
+pub mod net;
+
+pub use ids::PortId;
+pub use net::{MacAddr, Vni, VlanId, VlanMode, VlanSet};
+
+/// Why a value offered at the edge (a file, a command line, a peer) is not valid.
+///
+/// Every message names the offending value and what would be valid.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum Error {
+    #[error("VLAN {0} is out of range 1..=4094")]
+    VlanRange(u32),
+    #[error("VNI {0} is out of range 1..=16777215")]
+    VniRange(u64),
+    #[error("MAC address `{0}` is not valid: expected six hex octets like 02:00:00:00:00:01")]
+    MacSyntax(String),
+    #[error("VLAN list item `{0}` is not valid: expected a VLAN ID or a range like 20-30 within 1..=4094")]
+    VlanListSyntax(String),
+    #[error("a trunk's allowed VLAN list is empty: allow at least one VLAN (e.g. allowed: [10, 20-30])")]
+    EmptyTrunk,
+    #[error("trunk native VLAN {native} is not in the allowed list {allowed}")]
+    NativeNotAllowed { native: u16, allowed: String },
+    #[error("port ID `{0}` is not valid: expected vethN with N in 1..=4294967295")]
+    PortIdSyntax(String),
+}

@@ -1,0 +1,62 @@
+//! dvs's per-host datapath and host agent.
+//!
+//! Organisation, from the bytes up:
+//! - [`wire`]: the only module that reads or writes packet bytes;
+//! - [`pipeline`]: the sans-IO switch core ([`Switch`]): VLAN handling, MAC
+//!   learning, forwarding and flooding, VXLAN segments, counters;
+//! - [`mactable`], [`counters`]: its tables and counters;
+//! - [`config`]: the static agent file (`dvs agent --config`), validated whole;
+//! - [`sys`]: the system calls (TAP devices, AF_PACKET sockets, UDP batching)
+//!   — the only module allowed `unsafe`;
+//! - [`agent`]: the driver that wires the core to ports and the VXLAN socket.
+//!
+//! What this crate must not do: talk to the controller's store, or read the
+//! clock or touch I/O inside `pipeline`.
+
+#![deny(unsafe_code)]
+
+pub mod agent;
+pub mod config;
+pub mod counters;
+pub mod mactable;
+pub mod pipeline;
+pub mod sys;
+pub mod wire;
+
+pub use counters::{DropReason, PortCounters, TunnelCounters};
+pub use mactable::Location;
+pub use pipeline::{
+    Egress, Ingress, Output, PortConfig, PortNo, Processed, SegmentConfig, Switch, SwitchConfig,
+    Verdict,
+};
+
+/// Errors of the datapath and the agent.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("port `{port}` duplicates the name or ID of port {existing}")]
+    DuplicatePort { port: String, existing: String },
+    #[error("no port number {0} on this switch")]
+    UnknownPortNo(u16),
+    #[error("too many ports: a switch holds at most 65535")]
+    TooManyPorts,
+    #[error("VNI {vni} is already used by VLAN {vlan}: each segment needs its own VNI")]
+    VniInUse { vni: u32, vlan: u16 },
+    #[error("config file {path}: {msg}")]
+    Config { path: String, msg: String },
+    #[error("{what}")]
+    Io {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+impl Error {
+    /// An I/O error with what was being done (`what` names the device or file).
+    pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            what: what.into(),
+            source,
+        }
+    }
+}

@@ -1,0 +1,577 @@
+//! The packet pipeline: one host's switch core, sans-IO.
+//!
+//! [`Switch::process`] takes a frame that arrived on a port (or a VXLAN
+//! payload from the uplink), the current time, and a reusable output list; it
+//! classifies the frame into a VLAN, learns its source, looks up its
+//! destination and fills the list with where copies go and how each is tagged.
+//! The driver then sends them. Nothing here touches a socket, an fd or the
+//! clock, and nothing allocates per frame once the output list has grown to
+//! the largest flood set.
+//!
+//! Per frame:
+//! 1. size check (runt, oversized) and link-layer parse ([`EthView`]);
+//! 2. source MAC sanity (not multicast, not zero);
+//! 3. ingress VLAN: access ports take untagged frames only (a tagged frame is a
+//!    VLAN hopping attempt); trunks take the allowed tags and map untagged
+//!    frames to the native VLAN; stacked tags from a VM are dropped;
+//!    VXLAN payloads map their VNI to a VLAN and must carry untagged frames;
+//! 4. the tag is removed in place, so the frame is untagged from here on;
+//! 5. learn the source (port or remote tunnel endpoint);
+//! 6. unicast to a known MAC goes to its port or host; anything else floods to
+//!    the VLAN's other local ports and — when it came from a local port — to
+//!    every remote host of the segment (head-end replication). A frame from
+//!    the tunnel never goes back into it (split horizon).
+//!
+//! Every drop has a [`DropReason`] and is counted on the ingress port or the
+//! tunnel.
+
+use std::net::IpAddr;
+use std::ops::Range;
+use std::time::Duration;
+
+use dvs_proto::{MacAddr, PortId, Vni, VlanId, VlanMode};
+use rustc_hash::FxHashMap;
+
+use crate::counters::{DropReason, MacCounters, PortCounters, TunnelCounters};
+use crate::mactable::{Location, MacEntry, MacTable, MacTableConfig};
+use crate::wire::{self, vxlan, EthView};
+use crate::Error;
+
+/// A port's index on this host's switch (not its chassis-wide [`PortId`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortNo(pub u16);
+
+/// Where a frame came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Ingress {
+    Port(PortNo),
+    /// A VXLAN packet from the tunnel endpoint at `src` (the outer source IP).
+    Tunnel { src: IpAddr },
+}
+
+/// Where one copy of a frame goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Egress {
+    Port(PortNo),
+    /// Encapsulate with `vni` and send to the tunnel endpoint `dst`.
+    Tunnel { dst: IpAddr, vni: Vni },
+}
+
+/// One copy to send: the (untagged) frame goes to `egress`, with an 802.1Q
+/// tag carrying `tag` (the TCI) inserted after the MACs when it is `Some`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Output {
+    pub egress: Egress,
+    pub tag: Option<u16>,
+}
+
+/// What the pipeline decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Verdict {
+    /// Sent to the one place its destination lives.
+    Forward,
+    /// Sent to every place of its VLAN (possibly none).
+    Flood,
+    Drop(DropReason),
+}
+
+/// The result of [`Switch::process`]: the verdict and where the normalised
+/// (untagged) frame now lies in the caller's buffer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Processed {
+    pub verdict: Verdict,
+    pub frame: Range<usize>,
+    /// The VLAN the frame was classified into, when it got that far.
+    pub vlan: Option<VlanId>,
+}
+
+/// A port as the switch knows it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortConfig {
+    pub id: PortId,
+    pub name: String,
+    pub vlan: VlanMode,
+}
+
+/// A VLAN segment stretched across hosts by VXLAN.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SegmentConfig {
+    pub vlan: VlanId,
+    pub vni: Vni,
+    /// Tunnel endpoints of the other hosts that have this segment: flooded
+    /// frames are replicated to each.
+    pub peers: Vec<IpAddr>,
+}
+
+/// Switch-wide settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SwitchConfig {
+    /// The largest frame accepted (Ethernet header and tags included).
+    pub max_frame: usize,
+    pub mac_table: MacTableConfig,
+}
+
+impl Default for SwitchConfig {
+    fn default() -> Self {
+        Self {
+            max_frame: 9216 + 22,
+            mac_table: MacTableConfig::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Port {
+    cfg: PortConfig,
+    counters: PortCounters,
+}
+
+/// Derived per-VLAN state, rebuilt whenever ports or segments change.
+#[derive(Debug, Clone, Default)]
+struct VlanState {
+    vni: Option<Vni>,
+    peers: Vec<IpAddr>,
+    /// Local ports carrying the VLAN, each with the TCI to send it with.
+    members: Vec<(PortNo, Option<u16>)>,
+}
+
+/// One host's switch core.
+#[derive(Debug)]
+pub struct Switch {
+    cfg: SwitchConfig,
+    ports: Vec<Option<Port>>,
+    segments: FxHashMap<VlanId, SegmentConfig>,
+    vlans: FxHashMap<VlanId, VlanState>,
+    by_vni: FxHashMap<u32, VlanId>,
+    macs: MacTable,
+    tunnel: TunnelCounters,
+    generation: u64,
+    next_age: Duration,
+}
+
+impl Switch {
+    pub fn new(cfg: SwitchConfig) -> Self {
+        Self {
+            cfg,
+            ports: Vec::new(),
+            segments: FxHashMap::default(),
+            vlans: FxHashMap::default(),
+            by_vni: FxHashMap::default(),
+            macs: MacTable::new(cfg.mac_table),
+            tunnel: TunnelCounters::default(),
+            generation: 0,
+            next_age: Duration::ZERO,
+        }
+    }
+
+    /// Bumped by every configuration change; caches of forwarding decisions
+    /// record it and are dropped on mismatch.
+    pub fn generation(&self) -> u64 {
+        self.generation
+    }
+
+    /// Add a port; returns its number on this switch.
+    ///
+    /// # Errors
+    /// [`Error::DuplicatePort`] when the ID or name is already used.
+    pub fn add_port(&mut self, cfg: PortConfig) -> Result<PortNo, Error> {
+        if let Some(p) = self
+            .ports
+            .iter()
+            .flatten()
+            .find(|p| p.cfg.id == cfg.id || p.cfg.name == cfg.name)
+        {
+            return Err(Error::DuplicatePort {
+                port: cfg.name,
+                existing: format!("{} ({})", p.cfg.name, p.cfg.id),
+            });
+        }
+        let slot = match self.ports.iter().position(Option::is_none) {
+            Some(i) => i,
+            None => {
+                self.ports.push(None);
+                self.ports.len() - 1
+            }
+        };
+        let no = PortNo(u16::try_from(slot).map_err(|_| Error::TooManyPorts)?);
+        self.ports[slot] = Some(Port {
+            cfg,
+            counters: PortCounters::default(),
+        });
+        self.rebuild();
+        Ok(no)
+    }
+
+    /// Remove a port and the MAC entries pointing at it; returns its last
+    /// counters.
+    pub fn remove_port(&mut self, no: PortNo) -> Option<PortCounters> {
+        let p = self.ports.get_mut(usize::from(no.0))?.take()?;
+        self.macs.flush_port(no);
+        self.rebuild();
+        Some(p.counters)
+    }
+
+    /// Change a port's VLAN mode; entries learned on it are forgotten.
+    ///
+    /// # Errors
+    /// [`Error::UnknownPortNo`].
+    pub fn set_port_vlan(&mut self, no: PortNo, vlan: VlanMode) -> Result<(), Error> {
+        let p = self.port_mut(no)?;
+        p.cfg.vlan = vlan;
+        self.macs.flush_port(no);
+        self.rebuild();
+        Ok(())
+    }
+
+    /// Stretch `seg.vlan` across hosts with `seg.vni` (replacing any earlier
+    /// setting of that VLAN).
+    ///
+    /// # Errors
+    /// [`Error::VniInUse`] when another VLAN already uses the VNI.
+    pub fn set_segment(&mut self, seg: SegmentConfig) -> Result<(), Error> {
+        if let Some(other) = self.by_vni.get(&seg.vni.get()) {
+            if *other != seg.vlan {
+                return Err(Error::VniInUse {
+                    vni: seg.vni.get(),
+                    vlan: other.get(),
+                });
+            }
+        }
+        self.segments.insert(seg.vlan, seg);
+        self.rebuild();
+        Ok(())
+    }
+
+    pub fn remove_segment(&mut self, vlan: VlanId) -> Option<SegmentConfig> {
+        let s = self.segments.remove(&vlan)?;
+        self.rebuild();
+        Some(s)
+    }
+
+    /// Place `mac` on `vlan` for good (a VM known to be on a port or host).
+    pub fn set_static_mac(&mut self, vlan: VlanId, mac: MacAddr, location: Location) {
+        self.macs.set_static(vlan, mac, location);
+        self.generation += 1;
+    }
+
+    pub fn remove_mac(&mut self, vlan: VlanId, mac: MacAddr) -> bool {
+        self.generation += 1;
+        self.macs.remove(vlan, mac)
+    }
+
+    /// The ports, with their numbers.
+    pub fn ports(&self) -> impl Iterator<Item = (PortNo, &PortConfig, &PortCounters)> {
+        self.ports.iter().enumerate().filter_map(|(i, p)| {
+            p.as_ref()
+                .map(|p| (PortNo(i as u16), &p.cfg, &p.counters))
+        })
+    }
+
+    pub fn port(&self, no: PortNo) -> Option<(&PortConfig, &PortCounters)> {
+        let p = self.ports.get(usize::from(no.0))?.as_ref()?;
+        Some((&p.cfg, &p.counters))
+    }
+
+    pub fn port_by_name(&self, name: &str) -> Option<PortNo> {
+        self.ports().find(|(_, c, _)| c.name == name).map(|(n, _, _)| n)
+    }
+
+    pub fn segments(&self) -> impl Iterator<Item = &SegmentConfig> {
+        self.segments.values()
+    }
+
+    pub fn tunnel_counters(&self) -> &TunnelCounters {
+        &self.tunnel
+    }
+
+    pub fn mac_counters(&self) -> &MacCounters {
+        self.macs.counters()
+    }
+
+    pub fn mac_entries(&self, now: Duration) -> Vec<MacEntry> {
+        self.macs.entries(now)
+    }
+
+    /// The driver reports that sending to `egress` failed.
+    pub fn note_tx_error(&mut self, egress: Egress) {
+        match egress {
+            Egress::Port(no) => {
+                if let Ok(p) = self.port_mut(no) {
+                    p.counters.tx_errors += 1;
+                }
+            }
+            Egress::Tunnel { .. } => self.tunnel.tx_errors += 1,
+        }
+    }
+
+    /// When [`Switch::handle_timeout`] wants to run next.
+    pub fn poll_timeout(&self) -> Duration {
+        self.next_age
+    }
+
+    /// Run timers due at `now` (MAC aging).
+    pub fn handle_timeout(&mut self, now: Duration) {
+        if now >= self.next_age {
+            self.macs.age(now);
+            self.next_age = now + (self.cfg.mac_table.aging / 10).max(Duration::from_millis(100));
+        }
+    }
+
+    /// Switch one frame.
+    ///
+    /// `buf` holds the frame as received (for [`Ingress::Tunnel`], the whole
+    /// UDP payload: VXLAN header and inner frame). The frame is normalised in
+    /// place (tags removed); [`Processed::frame`] says where it now lies.
+    /// `out` is cleared, then filled with the copies to send.
+    pub fn process(
+        &mut self,
+        now: Duration,
+        ingress: Ingress,
+        buf: &mut [u8],
+        out: &mut Vec<Output>,
+    ) -> Processed {
+        out.clear();
+        let mut frame = 0..buf.len();
+        let classified = match ingress {
+            Ingress::Port(no) => self.classify_port(no, buf),
+            Ingress::Tunnel { .. } => self.classify_tunnel(buf, &mut frame),
+        };
+        let (vlan, view) = match classified {
+            Ok(c) => c,
+            Err(reason) => {
+                self.count_drop(ingress, reason);
+                return Processed {
+                    verdict: Verdict::Drop(reason),
+                    frame,
+                    vlan: None,
+                };
+            }
+        };
+        if view.outer.is_some() {
+            frame.start = wire::pop_tag(buf, frame.start);
+        }
+        let len = frame.len() as u64;
+        let verdict = self.forward(now, ingress, vlan, &view, len, out);
+        if let Verdict::Drop(r) = verdict {
+            self.count_drop(ingress, r);
+        }
+        Processed {
+            verdict,
+            frame,
+            vlan: Some(vlan),
+        }
+    }
+
+    fn classify_port(&mut self, no: PortNo, buf: &[u8]) -> Result<(VlanId, EthView), DropReason> {
+        let max = self.cfg.max_frame;
+        let Some(Some(port)) = self.ports.get_mut(usize::from(no.0)) else {
+            return Err(DropReason::UnknownPort);
+        };
+        let c = &mut port.counters;
+        c.rx_frames += 1;
+        c.rx_bytes += buf.len() as u64;
+        let view = parse_checked(buf, max)?;
+        if view.dst.is_broadcast() {
+            c.rx_broadcast += 1;
+        } else if view.dst.is_multicast() {
+            c.rx_multicast += 1;
+        }
+        let vlan = ingress_vlan(&port.cfg.vlan, &view)?;
+        Ok((vlan, view))
+    }
+
+    fn classify_tunnel(
+        &mut self,
+        buf: &[u8],
+        frame: &mut Range<usize>,
+    ) -> Result<(VlanId, EthView), DropReason> {
+        self.tunnel.rx_packets += 1;
+        self.tunnel.rx_bytes += buf.len() as u64;
+        let (vni, inner) = vxlan::decode(buf).map_err(|e| match e {
+            wire::WireError::VxlanFlags(_) => DropReason::VxlanFlags,
+            _ => DropReason::VxlanTruncated,
+        })?;
+        *frame = inner;
+        let vlan = *self.by_vni.get(&vni).ok_or(DropReason::UnknownVni)?;
+        let view = parse_checked(&buf[frame.clone()], self.cfg.max_frame)?;
+        if view.outer.is_some() {
+            return Err(DropReason::TaggedInTunnel);
+        }
+        Ok((vlan, view))
+    }
+
+    fn forward(
+        &mut self,
+        now: Duration,
+        ingress: Ingress,
+        vlan: VlanId,
+        view: &EthView,
+        len: u64,
+        out: &mut Vec<Output>,
+    ) -> Verdict {
+        let here = match ingress {
+            Ingress::Port(no) => Location::Port(no),
+            Ingress::Tunnel { src } => Location::Remote(src),
+        };
+        self.macs.learn(now, vlan, view.src, here);
+        let pcp = view.outer.map_or(0, |t| t.pcp);
+        let Some(state) = self.vlans.get(&vlan) else {
+            return Verdict::Flood;
+        };
+        if !view.dst.is_multicast() {
+            match self.macs.lookup(now, vlan, view.dst) {
+                Some(Location::Port(p)) if here == Location::Port(p) => {
+                    return Verdict::Drop(DropReason::Hairpin)
+                }
+                Some(Location::Port(p)) => {
+                    if let Some((_, tag)) = state.members.iter().find(|(m, _)| *m == p) {
+                        out.push(Output {
+                            egress: Egress::Port(p),
+                            tag: tag.map(|t| t | u16::from(pcp) << 13),
+                        });
+                        self.count_tx(out, len);
+                        return Verdict::Forward;
+                    }
+                    // The port no longer carries the VLAN: flood instead.
+                }
+                Some(Location::Remote(dst)) => {
+                    if matches!(ingress, Ingress::Tunnel { .. }) {
+                        return Verdict::Drop(DropReason::TunnelToTunnel);
+                    }
+                    if let Some(vni) = state.vni {
+                        out.push(Output {
+                            egress: Egress::Tunnel { dst, vni },
+                            tag: None,
+                        });
+                        self.count_tx(out, len);
+                        return Verdict::Forward;
+                    }
+                }
+                None => {}
+            }
+        }
+        for (p, tag) in &state.members {
+            if here != Location::Port(*p) {
+                out.push(Output {
+                    egress: Egress::Port(*p),
+                    tag: tag.map(|t| t | u16::from(pcp) << 13),
+                });
+            }
+        }
+        if let (Ingress::Port(_), Some(vni)) = (ingress, state.vni) {
+            for dst in &state.peers {
+                out.push(Output {
+                    egress: Egress::Tunnel { dst: *dst, vni },
+                    tag: None,
+                });
+            }
+        }
+        self.count_tx(out, len);
+        Verdict::Flood
+    }
+
+    fn count_tx(&mut self, out: &[Output], len: u64) {
+        for o in out {
+            match o.egress {
+                Egress::Port(p) => {
+                    if let Some(Some(port)) = self.ports.get_mut(usize::from(p.0)) {
+                        port.counters.tx_frames += 1;
+                        port.counters.tx_bytes += len + if o.tag.is_some() { 4 } else { 0 };
+                    }
+                }
+                Egress::Tunnel { .. } => {
+                    self.tunnel.tx_packets += 1;
+                    self.tunnel.tx_bytes += len + vxlan::HEADER_LEN as u64;
+                }
+            }
+        }
+    }
+
+    fn count_drop(&mut self, ingress: Ingress, reason: DropReason) {
+        match ingress {
+            Ingress::Port(no) => {
+                if let Some(Some(p)) = self.ports.get_mut(usize::from(no.0)) {
+                    p.counters.drops.add(reason);
+                }
+            }
+            Ingress::Tunnel { .. } => self.tunnel.drops.add(reason),
+        }
+    }
+
+    fn port_mut(&mut self, no: PortNo) -> Result<&mut Port, Error> {
+        self.ports
+            .get_mut(usize::from(no.0))
+            .and_then(Option::as_mut)
+            .ok_or(Error::UnknownPortNo(no.0))
+    }
+
+    fn rebuild(&mut self) {
+        self.generation += 1;
+        self.vlans.clear();
+        self.by_vni.clear();
+        for seg in self.segments.values() {
+            self.by_vni.insert(seg.vni.get(), seg.vlan);
+            let st = self.vlans.entry(seg.vlan).or_default();
+            st.vni = Some(seg.vni);
+            st.peers = seg.peers.clone();
+        }
+        for (i, p) in self.ports.iter().enumerate() {
+            let Some(p) = p else { continue };
+            let no = PortNo(i as u16);
+            match &p.cfg.vlan {
+                VlanMode::Access(v) => self.vlans.entry(*v).or_default().members.push((no, None)),
+                VlanMode::Trunk { allowed, native } => {
+                    for v in allowed.iter() {
+                        let tag = if Some(v) == *native {
+                            None
+                        } else {
+                            Some(v.get())
+                        };
+                        self.vlans.entry(v).or_default().members.push((no, tag));
+                    }
+                }
+            }
+        }
+    }
+}
+
+fn parse_checked(frame: &[u8], max: usize) -> Result<EthView, DropReason> {
+    if frame.len() > max {
+        return Err(DropReason::Oversized);
+    }
+    let view = EthView::parse(frame).map_err(|e| match e {
+        wire::WireError::TruncatedTag => DropReason::TruncatedTag,
+        _ => DropReason::Runt,
+    })?;
+    if view.src.is_multicast() || view.src.is_zero() {
+        return Err(DropReason::InvalidSourceMac);
+    }
+    Ok(view)
+}
+
+/// The VLAN a frame from a VM belongs to, by the port's mode.
+fn ingress_vlan(mode: &VlanMode, view: &EthView) -> Result<VlanId, DropReason> {
+    const CTAG: u16 = 0x8100;
+    match (mode, view.outer, view.inner) {
+        (_, _, Some(_)) => Err(DropReason::StackedTags),
+        (VlanMode::Access(v), None, None) => Ok(*v),
+        // A priority-only tag (VID 0) on an access port carries no VLAN.
+        (VlanMode::Access(v), Some(t), None) if t.tpid == CTAG && t.vid == 0 => Ok(*v),
+        (VlanMode::Access(_), Some(_), None) => Err(DropReason::TaggedOnAccess),
+        (VlanMode::Trunk { .. }, Some(t), None) if t.tpid != CTAG => Err(DropReason::StackedTags),
+        (VlanMode::Trunk { native, .. }, Some(t), None) if t.vid == 0 => {
+            native.ok_or(DropReason::UntaggedNoNative)
+        }
+        (VlanMode::Trunk { allowed, .. }, Some(t), None) => {
+            if allowed.contains_raw(t.vid) {
+                VlanId::new(u32::from(t.vid)).map_err(|_| DropReason::VlanNotAllowed)
+            } else {
+                Err(DropReason::VlanNotAllowed)
+            }
+        }
+        (VlanMode::Trunk { native, .. }, None, None) => native.ok_or(DropReason::UntaggedNoNative),
+    }
+}
+
+#[cfg(test)]
+mod tests;
