@@ -1,1 +1,95 @@
-fn main() {}
+//! `dvs`: one binary for the daemons and the admin commands (argument parsing
+//! and dispatch only; the work lives in the crates).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "dvs",
+    version,
+    about = "dvs — a distributed virtual switch whose port policy moves with the VM",
+    long_about = "dvs — a distributed virtual switch whose port policy moves with the VM.\n\n\
+                  Start with `dvs lab`: the whole system on one machine, no setup."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the whole system on one machine: hosts joined by VXLAN, VMs on two
+    /// VLANs exchanging traffic, then a report.
+    Lab {
+        /// Print the report as JSON instead of tables.
+        #[arg(long)]
+        json: bool,
+        /// Number of hosts.
+        #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=8))]
+        hosts: u8,
+    },
+    /// Run one host's switch (datapath + agent).
+    Agent {
+        /// A static YAML file describing the host's ports, VLANs, tunnel and
+        /// peers (no controller). See `dvs_switch::config` for the format.
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match run(cli) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("dvs: {}", one_line(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Lab { json, hosts } => {
+            let report = dvs_tests::lab::run(dvs_tests::lab::LabOptions {
+                hosts: usize::from(hosts),
+                ..Default::default()
+            })?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            if !report.ok() {
+                anyhow::bail!("the lab's traffic checks failed (see the report above)");
+            }
+            Ok(())
+        }
+        Command::Agent { config } => {
+            let cfg = dvs_switch::config::AgentConfig::load(&config)?;
+            dvs_switch::agent::run(&cfg)?;
+            Ok(())
+        }
+    }
+}
+
+/// The error and its causes on one line.
+fn one_line(e: &anyhow::Error) -> String {
+    e.chain()
+        .map(|c| c.to_string())
+        .collect::<Vec<_>>()
+        .join(": ")
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_env("DVS_LOG").unwrap_or_else(|_| EnvFilter::new("warn"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

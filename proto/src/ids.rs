@@ -90,7 +90,9 @@ mod tests {
         assert_eq!(p.number(), 12);
         let p: PortId = serde_norway::from_str("12").unwrap();
         assert_eq!(p.number(), 12);
-        let e = serde_norway::from_str::<PortId>("0").unwrap_err().to_string();
+        let e = serde_norway::from_str::<PortId>("0")
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("vethN"), "{e}");
     }
 }

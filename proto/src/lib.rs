@@ -15,7 +15,7 @@ pub mod ids;
 pub mod net;
 
 pub use ids::PortId;
-pub use net::{MacAddr, Vni, VlanId, VlanMode, VlanSet};
+pub use net::{MacAddr, VlanId, VlanMode, VlanSet, Vni};
 
 /// Why a value offered at the edge (a file, a command line, a peer) is not valid.
 ///
@@ -30,7 +30,9 @@ pub enum Error {
     MacSyntax(String),
     #[error("VLAN list item `{0}` is not valid: expected a VLAN ID or a range like 20-30 within 1..=4094")]
     VlanListSyntax(String),
-    #[error("a trunk's allowed VLAN list is empty: allow at least one VLAN (e.g. allowed: [10, 20-30])")]
+    #[error(
+        "a trunk's allowed VLAN list is empty: allow at least one VLAN (e.g. allowed: [10, 20-30])"
+    )]
     EmptyTrunk,
     #[error("trunk native VLAN {native} is not in the allowed list {allowed}")]
     NativeNotAllowed { native: u16, allowed: String },

@@ -231,7 +231,13 @@ impl fmt::Display for VlanSet {
         let parts: Vec<String> = self
             .ranges()
             .into_iter()
-            .map(|(a, b)| if a == b { a.to_string() } else { format!("{a}-{b}") })
+            .map(|(a, b)| {
+                if a == b {
+                    a.to_string()
+                } else {
+                    format!("{a}-{b}")
+                }
+            })
             .collect();
         write!(f, "[{}]", parts.join(","))
     }
@@ -464,7 +470,10 @@ mod tests {
         let e = serde_norway::from_str::<VlanMode>("{ mode: trunk, allowed: [20], native: 10 }")
             .unwrap_err()
             .to_string();
-        assert!(e.contains("native VLAN 10 is not in the allowed list [20]"), "{e}");
+        assert!(
+            e.contains("native VLAN 10 is not in the allowed list [20]"),
+            "{e}"
+        );
         let e = serde_norway::from_str::<VlanMode>("{ mode: trunk, allowed: [30-20] }")
             .unwrap_err()
             .to_string();

@@ -1,1 +1,201 @@
-//! agent
+//! The static agent: one host's switch from an [`AgentConfig`], on real TAP
+//! devices, AF_PACKET sockets and a VXLAN UDP socket, until SIGTERM.
+//!
+//! Startup order keeps the "never forward without policy" rule: the switch is
+//! configured whole first, then each port's device is opened and attached;
+//! a device that cannot be opened stops startup with its name in the error.
+
+use std::fs::File;
+use std::io::{self, IoSlice, Read};
+use std::net::{SocketAddr, UdpSocket};
+use std::os::fd::{AsRawFd, RawFd};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use crate::config::{AgentConfig, Attachment, StaticLocation};
+use crate::datapath::{Datapath, PortIo, Uplink};
+use crate::mactable::Location;
+use crate::pipeline::{Switch, SwitchConfig};
+use crate::sys::{self, PacketSocket, StrippedTag};
+use crate::Error;
+
+/// A port's device on a real host.
+#[derive(Debug)]
+pub enum HostPort {
+    /// A TAP the agent created; it goes away when the agent exits.
+    Tap(File),
+    /// An interface somebody else made, through AF_PACKET.
+    Packet(PacketSocket),
+}
+
+impl HostPort {
+    /// Open the device `attach` names.
+    ///
+    /// # Errors
+    /// [`Error::Io`] naming the device.
+    pub fn open(attach: &Attachment) -> Result<Self, Error> {
+        match attach {
+            Attachment::Tap(name) => {
+                let f = sys::open_tap(name)
+                    .map_err(|e| Error::io(format!("creating TAP `{name}`"), e))?;
+                sys::set_link_up(name)
+                    .map_err(|e| Error::io(format!("setting TAP `{name}` up"), e))?;
+                Ok(HostPort::Tap(f))
+            }
+            Attachment::Netdev(name) => {
+                Ok(HostPort::Packet(PacketSocket::open(name).map_err(|e| {
+                    Error::io(format!("attaching to interface `{name}`"), e)
+                })?))
+            }
+        }
+    }
+}
+
+impl PortIo for HostPort {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<(usize, Option<StrippedTag>)> {
+        match self {
+            HostPort::Tap(f) => Ok((f.read(buf)?, None)),
+            HostPort::Packet(s) => s.recv(buf),
+        }
+    }
+
+    fn send(&mut self, parts: &[IoSlice<'_>]) -> io::Result<()> {
+        match self {
+            HostPort::Tap(f) => sys::writev(f.as_raw_fd(), parts).map(drop),
+            HostPort::Packet(s) => s.send(parts).map(drop),
+        }
+    }
+
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(match self {
+            HostPort::Tap(f) => f.as_raw_fd(),
+            HostPort::Packet(s) => s.as_raw_fd(),
+        })
+    }
+}
+
+/// Build the host's datapath from a validated file: switch first, devices
+/// after.
+///
+/// # Errors
+/// [`Error::Io`] for a device or socket that cannot be opened.
+pub fn build(cfg: &AgentConfig) -> Result<Datapath<HostPort>, Error> {
+    let mut sw = Switch::new(SwitchConfig {
+        mac_table: cfg.mac_table,
+        ..SwitchConfig::default()
+    });
+    for s in &cfg.segments {
+        sw.set_segment(s.clone())?;
+    }
+    let mut nos = Vec::new();
+    for p in &cfg.ports {
+        nos.push(sw.add_port(p.port.clone())?);
+    }
+    for m in &cfg.static_macs {
+        let loc = match &m.at {
+            StaticLocation::Remote(ip) => Location::Remote(*ip),
+            StaticLocation::Port(name) => match sw.port_by_name(name) {
+                Some(no) => Location::Port(no),
+                None => continue, // validated: cannot happen
+            },
+        };
+        sw.set_static_mac(m.vlan, m.mac, loc);
+    }
+    let uplink = match cfg.tunnel {
+        Some(t) => {
+            let addr = SocketAddr::new(t.local, t.port);
+            let socket = UdpSocket::bind(addr)
+                .map_err(|e| Error::io(format!("binding the VXLAN socket to {addr}"), e))?;
+            socket
+                .set_nonblocking(true)
+                .map_err(|e| Error::io("setting the VXLAN socket non-blocking", e))?;
+            Some(Uplink {
+                socket,
+                remote_port: t.port,
+            })
+        }
+        None => None,
+    };
+    let mut dp = Datapath::new(sw, uplink);
+    for (p, no) in cfg.ports.iter().zip(nos) {
+        dp.attach(no, HostPort::open(&p.attach)?);
+        tracing::info!(port = %p.port.id, name = %p.port.name, attach = ?p.attach, vlan = ?p.port.vlan, "port up");
+    }
+    Ok(dp)
+}
+
+/// Run the agent of `cfg` until SIGTERM or SIGINT.
+///
+/// # Errors
+/// Startup errors (see [`build`]) and fatal device errors.
+pub fn run(cfg: &AgentConfig) -> Result<(), Error> {
+    sys::catch_terminate().map_err(|e| Error::io("installing signal handlers", e))?;
+    let mut dp = build(cfg)?;
+    let start = Instant::now();
+    tracing::info!(host = %cfg.host, ports = cfg.ports.len(), segments = cfg.segments.len(), "agent running");
+    let fds = dp.fds();
+    let mut pollfds: Vec<libc::pollfd> = fds
+        .iter()
+        .map(|(_, fd)| libc::pollfd {
+            fd: *fd,
+            events: libc::POLLIN,
+            revents: 0,
+        })
+        .collect();
+    let mut next_stats = Duration::ZERO;
+    while !sys::terminate_requested() {
+        let now = start.elapsed();
+        let wait = dp
+            .switch
+            .poll_timeout()
+            .min(next_stats)
+            .saturating_sub(now)
+            .min(Duration::from_millis(200));
+        sys::poll(&mut pollfds, wait.as_millis() as i32)
+            .map_err(|e| Error::io("waiting for frames", e))?;
+        let now = start.elapsed();
+        for (pfd, (port, _)) in pollfds.iter_mut().zip(&fds) {
+            if pfd.revents == 0 {
+                continue;
+            }
+            pfd.revents = 0;
+            let r = match port {
+                Some(no) => dp.poll_port(now, *no),
+                None => dp.poll_uplink(now),
+            };
+            if let Err(e) = r {
+                let what = match port {
+                    Some(no) => format!("reading port {}", no.0),
+                    None => "reading the VXLAN socket".to_string(),
+                };
+                tracing::warn!(error = %e, "{what}");
+            }
+        }
+        dp.switch.handle_timeout(now);
+        if now >= next_stats {
+            if let Some(path) = &cfg.stats_file {
+                write_stats(&dp, &cfg.host, now, path);
+            }
+            next_stats = now + Duration::from_secs(1);
+        }
+    }
+    let now = start.elapsed();
+    if let Some(path) = &cfg.stats_file {
+        write_stats(&dp, &cfg.host, now, path);
+    }
+    tracing::info!(host = %cfg.host, "agent stopped");
+    Ok(())
+}
+
+/// Write the stats as JSON, atomically (temporary file, then rename).
+fn write_stats(dp: &Datapath<HostPort>, host: &str, now: Duration, path: &Path) {
+    let stats = dp.stats(host, now);
+    let tmp = path.with_extension("tmp");
+    let r = serde_json::to_vec_pretty(&stats)
+        .map_err(io::Error::other)
+        .and_then(|b| std::fs::write(&tmp, b))
+        .and_then(|()| std::fs::rename(&tmp, path));
+    if let Err(e) = r {
+        tracing::warn!(error = %e, path = %path.display(), "cannot write stats");
+    }
+}

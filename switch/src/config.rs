@@ -1,1 +1,429 @@
-//! config
+//! The static agent file (`dvs agent --config FILE`): one host's switch
+//! without a controller.
+//!
+//! ```yaml
+//! host: h1
+//! tunnel: { local: 10.0.0.1, port: 4789 }      # needed when segments exist
+//! segments:                                     # VLANs stretched by VXLAN
+//!   - { vlan: 10, vni: 5010, peers: [10.0.0.2, 10.0.0.3] }
+//! ports:
+//!   - { id: veth1, name: vm1, tap: dvs-vm1, vlan: { mode: access, id: 10 } }
+//!   - { id: veth2, name: vm2, netdev: veth-vm2,
+//!       vlan: { mode: trunk, allowed: [10, 20-30], native: 10 } }
+//! static_macs:                                  # optional
+//!   - { vlan: 10, mac: "02:00:00:00:00:09", remote: 10.0.0.2 }
+//!   - { vlan: 10, mac: "02:00:00:00:00:01", port: vm1 }
+//! mac_table: { max_entries: 16384, aging_s: 300 }   # optional
+//! stats_file: /run/dvs/h1-stats.json                 # optional
+//! ```
+//!
+//! The file is checked whole before anything is opened: a wrong file changes
+//! nothing and the error names the field (with its line) or the item at fault
+//! and what would be valid.
+
+use std::collections::HashSet;
+use std::net::IpAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use dvs_proto::{MacAddr, PortId, VlanId, VlanMode, Vni};
+use serde::Deserialize;
+
+use crate::mactable::MacTableConfig;
+use crate::pipeline::{PortConfig, SegmentConfig};
+use crate::Error;
+
+/// A validated agent file.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AgentConfig {
+    pub host: String,
+    pub tunnel: Option<TunnelConfig>,
+    pub segments: Vec<SegmentConfig>,
+    pub ports: Vec<PortSpec>,
+    pub static_macs: Vec<StaticMac>,
+    pub mac_table: MacTableConfig,
+    pub stats_file: Option<PathBuf>,
+}
+
+/// The host's VXLAN tunnel endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TunnelConfig {
+    /// The address VXLAN packets are sent from and received on.
+    pub local: IpAddr,
+    /// The UDP port of every tunnel endpoint (default 4789).
+    #[serde(default = "default_vxlan_port")]
+    pub port: u16,
+}
+
+fn default_vxlan_port() -> u16 {
+    crate::wire::vxlan::PORT
+}
+
+/// How a port meets its VM.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Attachment {
+    /// A TAP device the agent creates and owns.
+    Tap(String),
+    /// An existing interface (a VMM's tap, a veth) read with AF_PACKET.
+    Netdev(String),
+}
+
+/// One port of the file.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortSpec {
+    pub port: PortConfig,
+    pub attach: Attachment,
+}
+
+/// A MAC address placed for good.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticMac {
+    pub vlan: VlanId,
+    pub mac: MacAddr,
+    pub at: StaticLocation,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum StaticLocation {
+    /// On the local port with this name.
+    Port(String),
+    /// Behind the tunnel endpoint at this address.
+    Remote(IpAddr),
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Raw {
+    host: String,
+    #[serde(default)]
+    tunnel: Option<TunnelConfig>,
+    #[serde(default)]
+    segments: Vec<RawSegment>,
+    #[serde(default)]
+    ports: Vec<RawPort>,
+    #[serde(default)]
+    static_macs: Vec<RawStaticMac>,
+    #[serde(default)]
+    mac_table: Option<RawMacTable>,
+    #[serde(default)]
+    stats_file: Option<PathBuf>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawSegment {
+    vlan: VlanId,
+    vni: Vni,
+    #[serde(default)]
+    peers: Vec<IpAddr>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawPort {
+    id: PortId,
+    name: String,
+    #[serde(default)]
+    tap: Option<String>,
+    #[serde(default)]
+    netdev: Option<String>,
+    vlan: VlanMode,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawStaticMac {
+    vlan: VlanId,
+    mac: MacAddr,
+    #[serde(default)]
+    port: Option<String>,
+    #[serde(default)]
+    remote: Option<IpAddr>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMacTable {
+    #[serde(default)]
+    max_entries: Option<usize>,
+    #[serde(default)]
+    aging_s: Option<u64>,
+}
+
+impl AgentConfig {
+    /// Read and validate the file at `path`.
+    ///
+    /// # Errors
+    /// [`Error::Io`] when the file cannot be read, [`Error::Config`] naming
+    /// the problem otherwise.
+    pub fn load(path: &Path) -> Result<Self, Error> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| Error::io(format!("reading config file {}", path.display()), e))?;
+        Self::parse(&text).map_err(|msg| Error::Config {
+            path: path.display().to_string(),
+            msg,
+        })
+    }
+
+    /// Validate the YAML text of an agent file.
+    ///
+    /// # Errors
+    /// A message naming the field or item at fault and what would be valid.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let raw: Raw = serde_norway::from_str(text).map_err(|e| e.to_string())?;
+        validate(raw)
+    }
+}
+
+fn validate(raw: Raw) -> Result<AgentConfig, String> {
+    if raw.host.trim().is_empty() {
+        return Err("host: the host name is empty".into());
+    }
+    let mut mac_table = MacTableConfig::default();
+    if let Some(m) = raw.mac_table {
+        if let Some(n) = m.max_entries {
+            if n == 0 {
+                return Err("mac_table.max_entries: 0 is not valid, use at least 1".into());
+            }
+            mac_table.max_entries = n;
+        }
+        if let Some(s) = m.aging_s {
+            if s == 0 {
+                return Err("mac_table.aging_s: 0 is not valid, use at least 1 second".into());
+            }
+            mac_table.aging = Duration::from_secs(s);
+        }
+    }
+
+    let mut ports = Vec::new();
+    let mut names = HashSet::new();
+    let mut ids = HashSet::new();
+    let mut devs = HashSet::new();
+    for (i, p) in raw.ports.into_iter().enumerate() {
+        let at = format!("ports[{i}] (`{}`)", p.name);
+        if p.name.is_empty() {
+            return Err(format!("ports[{i}]: the port name is empty"));
+        }
+        if !names.insert(p.name.clone()) {
+            return Err(format!("{at}: the name is used by another port"));
+        }
+        if !ids.insert(p.id) {
+            return Err(format!("{at}: ID {} is used by another port", p.id));
+        }
+        let attach = match (p.tap, p.netdev) {
+            (Some(t), None) => Attachment::Tap(t),
+            (None, Some(n)) => Attachment::Netdev(n),
+            _ => {
+                return Err(format!(
+                    "{at}: give exactly one of `tap: NAME` (the agent creates the TAP) \
+                     or `netdev: IFACE` (the agent attaches to an existing interface)"
+                ))
+            }
+        };
+        let dev = match &attach {
+            Attachment::Tap(d) | Attachment::Netdev(d) => d.clone(),
+        };
+        if dev.is_empty() || dev.len() > 15 || dev.contains(['/', ' ']) {
+            return Err(format!(
+                "{at}: interface name `{dev}` is not valid: 1 to 15 characters, no '/' or spaces"
+            ));
+        }
+        if !devs.insert(dev.clone()) {
+            return Err(format!("{at}: interface `{dev}` is used by another port"));
+        }
+        ports.push(PortSpec {
+            port: PortConfig {
+                id: p.id,
+                name: p.name,
+                vlan: p.vlan,
+            },
+            attach,
+        });
+    }
+
+    if !raw.segments.is_empty() && raw.tunnel.is_none() {
+        return Err(
+            "segments need a tunnel endpoint: add `tunnel: { local: ADDRESS }` (this host's VXLAN address)"
+                .into(),
+        );
+    }
+    let mut segments = Vec::new();
+    let mut vlans = HashSet::new();
+    let mut vnis = HashSet::new();
+    for (i, s) in raw.segments.into_iter().enumerate() {
+        let at = format!("segments[{i}] (VLAN {})", s.vlan);
+        if !vlans.insert(s.vlan) {
+            return Err(format!("{at}: VLAN {} has another segment", s.vlan));
+        }
+        if !vnis.insert(s.vni) {
+            return Err(format!("{at}: VNI {} is used by another segment", s.vni));
+        }
+        if let Some(t) = raw.tunnel {
+            if s.peers.contains(&t.local) {
+                return Err(format!(
+                    "{at}: peer {} is this host's own tunnel address",
+                    t.local
+                ));
+            }
+        }
+        segments.push(SegmentConfig {
+            vlan: s.vlan,
+            vni: s.vni,
+            peers: s.peers,
+        });
+    }
+
+    let mut static_macs = Vec::new();
+    for (i, m) in raw.static_macs.into_iter().enumerate() {
+        let at = format!("static_macs[{i}] ({} on VLAN {})", m.mac, m.vlan);
+        if m.mac.is_multicast() || m.mac.is_zero() {
+            return Err(format!("{at}: a static MAC must be a unicast address"));
+        }
+        let loc = match (m.port, m.remote) {
+            (Some(name), None) => {
+                let Some(p) = ports.iter().find(|p| p.port.name == name) else {
+                    let known: Vec<&str> = ports.iter().map(|p| p.port.name.as_str()).collect();
+                    return Err(format!(
+                        "{at}: unknown port `{name}`; ports in this file: {}",
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join(", ")
+                        }
+                    ));
+                };
+                if !p.port.vlan.carries(m.vlan) {
+                    return Err(format!(
+                        "{at}: port `{name}` does not carry VLAN {}",
+                        m.vlan
+                    ));
+                }
+                StaticLocation::Port(name)
+            }
+            (None, Some(ip)) => {
+                if !segments.iter().any(|s| s.vlan == m.vlan) {
+                    return Err(format!(
+                        "{at}: VLAN {} has no segment, so nothing can be behind a remote host",
+                        m.vlan
+                    ));
+                }
+                StaticLocation::Remote(ip)
+            }
+            _ => {
+                return Err(format!(
+                    "{at}: give exactly one of `port: NAME` or `remote: TUNNEL_ADDRESS`"
+                ))
+            }
+        };
+        static_macs.push(StaticMac {
+            vlan: m.vlan,
+            mac: m.mac,
+            at: loc,
+        });
+    }
+
+    Ok(AgentConfig {
+        host: raw.host,
+        tunnel: raw.tunnel,
+        segments,
+        ports,
+        static_macs,
+        mac_table,
+        stats_file: raw.stats_file,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const GOOD: &str = r#"
+host: h1
+tunnel: { local: 10.0.0.1 }
+segments:
+  - { vlan: 10, vni: 5010, peers: [10.0.0.2, 10.0.0.3] }
+ports:
+  - { id: veth1, name: vm1, tap: dvs-vm1, vlan: { mode: access, id: 10 } }
+  - { id: 2, name: vm2, netdev: veth-vm2, vlan: { mode: trunk, allowed: [10, 20-30], native: 10 } }
+static_macs:
+  - { vlan: 10, mac: "02:00:00:00:00:09", remote: 10.0.0.2 }
+  - { vlan: 20, mac: "02:00:00:00:00:01", port: vm2 }
+mac_table: { max_entries: 100, aging_s: 60 }
+"#;
+
+    #[test]
+    fn a_good_file() {
+        let c = AgentConfig::parse(GOOD).unwrap();
+        assert_eq!(c.host, "h1");
+        assert_eq!(c.tunnel.unwrap().port, 4789);
+        assert_eq!(c.ports.len(), 2);
+        assert_eq!(c.ports[0].attach, Attachment::Tap("dvs-vm1".into()));
+        assert_eq!(c.ports[1].port.id.to_string(), "veth2");
+        assert_eq!(c.segments[0].peers.len(), 2);
+        assert_eq!(c.static_macs.len(), 2);
+        assert_eq!(c.mac_table.max_entries, 100);
+    }
+
+    fn err(text: &str) -> String {
+        AgentConfig::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn bad_vlans_are_named() {
+        for (bad, want) in [
+            ("0", "VLAN 0 is out of range 1..=4094"),
+            ("4095", "VLAN 4095 is out of range 1..=4094"),
+            ("5000", "VLAN 5000 is out of range 1..=4094"),
+        ] {
+            let e = err(&format!(
+                "host: h\nports:\n  - {{ id: 1, name: a, tap: t1, vlan: {{ mode: access, id: {bad} }} }}\n"
+            ));
+            assert!(e.contains(want), "{e}");
+            assert!(e.contains("line 3"), "the error says where: {e}");
+        }
+    }
+
+    #[test]
+    fn unknown_port_and_fields_are_named() {
+        let e = err(
+            "host: h\nports:\n  - { id: 1, name: vm1, tap: t1, vlan: { mode: access, id: 10 } }\n\
+             static_macs:\n  - { vlan: 10, mac: \"02:00:00:00:00:01\", port: vm9 }\n",
+        );
+        assert_eq!(
+            e,
+            "static_macs[0] (02:00:00:00:00:01 on VLAN 10): unknown port `vm9`; ports in this file: vm1"
+        );
+        let e = err("host: h\nportz: []\n");
+        assert!(e.contains("unknown field `portz`"), "{e}");
+        let e = err("host: h\nports:\n  - { id: 1, name: a, vlan: { mode: access, id: 1 } }\n");
+        assert!(e.contains("exactly one of `tap: NAME`"), "{e}");
+        let e = err(
+            "host: h\nports:\n  - { id: 1, name: a, tap: t1, vlan: { mode: access, id: 1 } }\n  - { id: 1, name: b, tap: t2, vlan: { mode: access, id: 1 } }\n",
+        );
+        assert_eq!(e, "ports[1] (`b`): ID veth1 is used by another port");
+        let e = err("host: h\nports:\n  - { id: 1, name: a, tap: a-very-long-tap-name, vlan: { mode: access, id: 1 } }\n");
+        assert!(e.contains("1 to 15 characters"), "{e}");
+    }
+
+    #[test]
+    fn segments_need_a_tunnel_and_distinct_vnis() {
+        let e = err("host: h\nsegments:\n  - { vlan: 10, vni: 1 }\n");
+        assert!(e.contains("tunnel: { local: ADDRESS }"), "{e}");
+        let e = err(
+            "host: h\ntunnel: { local: 10.0.0.1 }\nsegments:\n  - { vlan: 10, vni: 1 }\n  - { vlan: 20, vni: 1 }\n",
+        );
+        assert_eq!(e, "segments[1] (VLAN 20): VNI 1 is used by another segment");
+        let e = err(
+            "host: h\ntunnel: { local: 10.0.0.1 }\nsegments:\n  - { vlan: 10, vni: 16777216 }\n",
+        );
+        assert!(
+            e.contains("VNI 16777216 is out of range 1..=16777215"),
+            "{e}"
+        );
+        let e = err(
+            "host: h\ntunnel: { local: 10.0.0.1 }\nsegments:\n  - { vlan: 10, vni: 1, peers: [10.0.0.1] }\n",
+        );
+        assert!(e.contains("this host's own tunnel address"), "{e}");
+    }
+}

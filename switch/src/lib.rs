@@ -18,6 +18,7 @@
 pub mod agent;
 pub mod config;
 pub mod counters;
+pub mod datapath;
 pub mod mactable;
 pub mod pipeline;
 pub mod sys;

@@ -70,7 +70,6 @@ fn key(vlan: VlanId, mac: MacAddr) -> u64 {
     (u64::from(vlan.get()) << 48) | mac.to_u64()
 }
 
-
 impl MacTable {
     pub fn new(cfg: MacTableConfig) -> Self {
         Self {
@@ -180,18 +179,16 @@ impl MacTable {
         let mut v: Vec<MacEntry> = self
             .slots
             .values()
-            .map(|s| {
-                MacEntry {
-                    vlan: s.vlan,
-                    mac: s.mac,
-                    location: s.location,
-                    is_static: s.is_static,
-                    age: if s.is_static {
-                        Duration::ZERO
-                    } else {
-                        now.saturating_sub(s.last_seen)
-                    },
-                }
+            .map(|s| MacEntry {
+                vlan: s.vlan,
+                mac: s.mac,
+                location: s.location,
+                is_static: s.is_static,
+                age: if s.is_static {
+                    Duration::ZERO
+                } else {
+                    now.saturating_sub(s.last_seen)
+                },
             })
             .collect();
         v.sort_by_key(|e| (e.vlan, e.mac));
@@ -221,9 +218,16 @@ mod tests {
         assert_eq!(t.lookup(S, v(10), m(1)), Some(Location::Port(PortNo(1))));
         assert_eq!(t.lookup(S, v(20), m(1)), None, "tables are per VLAN");
         t.learn(2 * S, v(10), m(1), Location::Port(PortNo(2)));
-        assert_eq!(t.lookup(2 * S, v(10), m(1)), Some(Location::Port(PortNo(2))));
+        assert_eq!(
+            t.lookup(2 * S, v(10), m(1)),
+            Some(Location::Port(PortNo(2)))
+        );
         assert_eq!(t.counters().moves, 1);
-        assert_eq!(t.lookup(12 * S, v(10), m(1)), None, "aged entries are not used");
+        assert_eq!(
+            t.lookup(12 * S, v(10), m(1)),
+            None,
+            "aged entries are not used"
+        );
         t.age(12 * S);
         assert!(t.is_empty());
         assert_eq!(t.counters().aged, 1);
@@ -251,7 +255,10 @@ mod tests {
         assert_eq!(t.lookup(S, v(1), m(1)), Some(remote));
         assert_eq!(t.counters().static_conflicts, 1);
         t.age(Duration::from_secs(100_000));
-        assert_eq!(t.lookup(Duration::from_secs(100_000), v(1), m(1)), Some(remote));
+        assert_eq!(
+            t.lookup(Duration::from_secs(100_000), v(1), m(1)),
+            Some(remote)
+        );
         let e = t.entries(S);
         assert_eq!(e.len(), 1);
         assert_eq!((e[0].vlan, e[0].mac, e[0].is_static), (v(1), m(1), true));

@@ -29,7 +29,7 @@ use std::net::IpAddr;
 use std::ops::Range;
 use std::time::Duration;
 
-use dvs_proto::{MacAddr, PortId, Vni, VlanId, VlanMode};
+use dvs_proto::{MacAddr, PortId, VlanId, VlanMode, Vni};
 use rustc_hash::FxHashMap;
 
 use crate::counters::{DropReason, MacCounters, PortCounters, TunnelCounters};
@@ -46,7 +46,9 @@ pub struct PortNo(pub u16);
 pub enum Ingress {
     Port(PortNo),
     /// A VXLAN packet from the tunnel endpoint at `src` (the outer source IP).
-    Tunnel { src: IpAddr },
+    Tunnel {
+        src: IpAddr,
+    },
 }
 
 /// Where one copy of a frame goes.
@@ -54,7 +56,10 @@ pub enum Ingress {
 pub enum Egress {
     Port(PortNo),
     /// Encapsulate with `vni` and send to the tunnel endpoint `dst`.
-    Tunnel { dst: IpAddr, vni: Vni },
+    Tunnel {
+        dst: IpAddr,
+        vni: Vni,
+    },
 }
 
 /// One copy to send: the (untagged) frame goes to `egress`, with an 802.1Q
@@ -261,10 +266,10 @@ impl Switch {
 
     /// The ports, with their numbers.
     pub fn ports(&self) -> impl Iterator<Item = (PortNo, &PortConfig, &PortCounters)> {
-        self.ports.iter().enumerate().filter_map(|(i, p)| {
-            p.as_ref()
-                .map(|p| (PortNo(i as u16), &p.cfg, &p.counters))
-        })
+        self.ports
+            .iter()
+            .enumerate()
+            .filter_map(|(i, p)| p.as_ref().map(|p| (PortNo(i as u16), &p.cfg, &p.counters)))
     }
 
     pub fn port(&self, no: PortNo) -> Option<(&PortConfig, &PortCounters)> {
@@ -273,7 +278,9 @@ impl Switch {
     }
 
     pub fn port_by_name(&self, name: &str) -> Option<PortNo> {
-        self.ports().find(|(_, c, _)| c.name == name).map(|(n, _, _)| n)
+        self.ports()
+            .find(|(_, c, _)| c.name == name)
+            .map(|(n, _, _)| n)
     }
 
     pub fn segments(&self) -> impl Iterator<Item = &SegmentConfig> {

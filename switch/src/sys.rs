@@ -28,7 +28,9 @@ impl IfReq {
         if name.is_empty() || name.len() >= IFNAMSIZ || name.contains(['/', ' ', '\0']) {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidInput,
-                format!("interface name `{name}` is not valid: 1 to 15 characters, no '/' or spaces"),
+                format!(
+                    "interface name `{name}` is not valid: 1 to 15 characters, no '/' or spaces"
+                ),
             ));
         }
         let mut r = IfReq {
@@ -159,7 +161,12 @@ impl PacketSocket {
                 mem::size_of::<libc::sockaddr_ll>() as libc::socklen_t,
             )
         })?;
-        setsockopt(fd.as_raw_fd(), libc::SOL_PACKET, libc::PACKET_AUXDATA, &1i32)?;
+        setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_AUXDATA,
+            &1i32,
+        )?;
         setsockopt(
             fd.as_raw_fd(),
             libc::SOL_PACKET,
@@ -206,7 +213,10 @@ impl PacketSocket {
         if n > buf.len() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("frame of {n} bytes does not fit the {}-byte buffer", buf.len()),
+                format!(
+                    "frame of {n} bytes does not fit the {}-byte buffer",
+                    buf.len()
+                ),
             ));
         }
         let mut tag = None;

@@ -69,7 +69,8 @@ impl EthView {
     /// [`WireError::Runt`] below 14 bytes, [`WireError::TruncatedTag`] when a
     /// TPID announces a tag the frame does not hold.
     pub fn parse(frame: &[u8]) -> Result<Self, WireError> {
-        let eth = Ethernet2HeaderSlice::from_slice(frame).map_err(|_| WireError::Runt(frame.len()))?;
+        let eth =
+            Ethernet2HeaderSlice::from_slice(frame).map_err(|_| WireError::Runt(frame.len()))?;
         let mut view = EthView {
             dst: MacAddr(eth.destination()),
             src: MacAddr(eth.source()),

@@ -97,7 +97,11 @@ fn floods_within_the_vlan_then_forwards_learned_unicast() {
     ]);
     let p = r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
     assert_eq!(p.verdict, Verdict::Flood);
-    assert_eq!(r.egress(), vec![Egress::Port(PortNo(1))], "VLAN 20 gets nothing");
+    assert_eq!(
+        r.egress(),
+        vec![Egress::Port(PortNo(1))],
+        "VLAN 20 gets nothing"
+    );
 
     let p = r.from_port(1, frame(mac(1), mac(2), &[]));
     assert_eq!(p.verdict, Verdict::Forward);
@@ -227,8 +231,14 @@ fn floods_to_remote_hosts_and_learns_from_the_tunnel() {
     assert_eq!(
         r.egress(),
         vec![
-            Egress::Tunnel { dst: ip("10.0.0.2"), vni },
-            Egress::Tunnel { dst: ip("10.0.0.3"), vni },
+            Egress::Tunnel {
+                dst: ip("10.0.0.2"),
+                vni
+            },
+            Egress::Tunnel {
+                dst: ip("10.0.0.3"),
+                vni
+            },
         ]
     );
 
@@ -260,8 +270,7 @@ fn floods_to_remote_hosts_and_learns_from_the_tunnel() {
 fn static_remote_macs_need_no_flooding() {
     let mut r = Rig::new(vec![access(1, "a", 10)]);
     with_segment(&mut r, 10, 5010, &["10.0.0.2", "10.0.0.3"]);
-    r.sw
-        .set_static_mac(v(10), mac(8), Location::Remote(ip("10.0.0.2")));
+    r.sw.set_static_mac(v(10), mac(8), Location::Remote(ip("10.0.0.2")));
     let p = r.from_port(0, frame(mac(8), mac(1), &[]));
     assert_eq!(p.verdict, Verdict::Forward);
     assert_eq!(r.out.len(), 1);
@@ -271,7 +280,9 @@ fn static_remote_macs_need_no_flooding() {
 fn bad_vxlan_is_counted_by_reason() {
     let mut r = Rig::new(vec![access(1, "a", 10)]);
     with_segment(&mut r, 10, 5010, &["10.0.0.2"]);
-    let src = Ingress::Tunnel { src: ip("10.0.0.2") };
+    let src = Ingress::Tunnel {
+        src: ip("10.0.0.2"),
+    };
     let cases: Vec<(Vec<u8>, DropReason)> = vec![
         (vec![8, 0, 0], DropReason::VxlanTruncated),
         (
@@ -282,7 +293,10 @@ fn bad_vxlan_is_counted_by_reason() {
             },
             DropReason::VxlanFlags,
         ),
-        (vxlan_packet(5011, &frame(mac(1), mac(2), &[])), DropReason::UnknownVni),
+        (
+            vxlan_packet(5011, &frame(mac(1), mac(2), &[])),
+            DropReason::UnknownVni,
+        ),
         (vxlan_packet(5010, &[1, 2, 3]), DropReason::Runt),
         (
             vxlan_packet(5010, &frame(mac(1), mac(2), &[(0x8100, 10)])),
@@ -310,7 +324,10 @@ fn runts_oversized_and_bad_sources_are_counted() {
     );
     let mut f = frame(MacAddr::BROADCAST, mac(1), &[]);
     f.resize(SwitchConfig::default().max_frame + 1, 0);
-    assert_eq!(r.from_port(0, f).verdict, Verdict::Drop(DropReason::Oversized));
+    assert_eq!(
+        r.from_port(0, f).verdict,
+        Verdict::Drop(DropReason::Oversized)
+    );
     let mut f = frame(MacAddr::BROADCAST, mac(1), &[]);
     f.truncate(15);
     f[12..14].copy_from_slice(&0x8100u16.to_be_bytes());
@@ -335,8 +352,7 @@ fn config_changes_bump_the_generation_and_flush_the_port() {
     let mut r = Rig::new(vec![access(1, "a", 10), access(2, "b", 10)]);
     r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
     let g = r.sw.generation();
-    r.sw
-        .set_port_vlan(PortNo(0), VlanMode::Access(v(20)))
+    r.sw.set_port_vlan(PortNo(0), VlanMode::Access(v(20)))
         .unwrap();
     assert!(r.sw.generation() > g);
     assert!(r.sw.mac_entries(T).is_empty());
@@ -344,15 +360,16 @@ fn config_changes_bump_the_generation_and_flush_the_port() {
         r.sw.add_port(access(1, "z", 10)),
         Err(Error::DuplicatePort { .. })
     ));
-    assert!(r.sw.set_segment(SegmentConfig {
-        vlan: v(10),
-        vni: Vni::new(7).unwrap(),
-        peers: vec![]
-    })
-    .is_ok());
-    let e = r
+    assert!(r
         .sw
         .set_segment(SegmentConfig {
+            vlan: v(10),
+            vni: Vni::new(7).unwrap(),
+            peers: vec![]
+        })
+        .is_ok());
+    let e =
+        r.sw.set_segment(SegmentConfig {
             vlan: v(20),
             vni: Vni::new(7).unwrap(),
             peers: vec![],
@@ -370,7 +387,10 @@ fn egress_tag_keeps_the_ingress_priority() {
         trunk(1, "t1", &[20], None),
         trunk(2, "t2", &[20], None),
     ]);
-    r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[(0x8100, 5 << 13 | 20)]));
+    r.from_port(
+        0,
+        frame(MacAddr::BROADCAST, mac(1), &[(0x8100, 5 << 13 | 20)]),
+    );
     assert_eq!(r.out[0].tag, Some(5 << 13 | 20));
     let tag = vlan_tag(wire::tci(20, 5));
     assert_eq!(u16::from_be_bytes([tag[2], tag[3]]), 5 << 13 | 20);
