@@ -66,6 +66,10 @@ impl PortIo for HostPort {
         }
     }
 
+    fn partial_checksums(&self) -> bool {
+        matches!(self, HostPort::Packet(_))
+    }
+
     fn raw_fd(&self) -> Option<RawFd> {
         Some(match self {
             HostPort::Tap(f) => f.as_raw_fd(),

@@ -101,6 +101,9 @@ pub struct PortCounters {
     pub rx_broadcast: u64,
     /// Received frames with a multicast (non-broadcast) destination.
     pub rx_multicast: u64,
+    /// Received frames whose TCP/UDP checksum the sender's offload had left
+    /// unfinished, completed by the switch.
+    pub rx_csum_completed: u64,
     /// Frames handed to the port for the VM.
     pub tx_frames: u64,
     /// Bytes of those frames, as sent (tags included).
@@ -118,6 +121,9 @@ pub struct TunnelCounters {
     pub rx_packets: u64,
     /// UDP payload bytes of those packets.
     pub rx_bytes: u64,
+    /// Inner frames whose TCP/UDP checksum the sender's offload had left
+    /// unfinished (a virtual underlay), completed by the switch.
+    pub rx_csum_completed: u64,
     /// VXLAN packets sent (one per destination host).
     pub tx_packets: u64,
     /// UDP payload bytes sent.

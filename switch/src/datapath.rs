@@ -22,7 +22,7 @@ use crate::wire::{self, vxlan};
 /// kernel stripped and to write a VXLAN header in place.
 pub const HEADROOM: usize = 64;
 /// The largest frame or datagram read (a 64 KB GSO frame fits).
-pub const MAX_READ: usize = 65_536;
+pub const MAX_READ: usize = 65_535 + 14 + 8 + 8;
 /// Frames read from one source per wakeup before moving to the next.
 pub const BATCH: usize = 64;
 
@@ -34,6 +34,12 @@ pub trait PortIo {
     fn send(&mut self, parts: &[IoSlice<'_>]) -> io::Result<()>;
     /// The fd to wait on, when the port has one.
     fn raw_fd(&self) -> Option<RawFd>;
+    /// Whether received frames may carry checksums a sender's offload left
+    /// unfinished (a raw socket on a veth or a VMM's tap does; a TAP without
+    /// vnet headers does not).
+    fn partial_checksums(&self) -> bool {
+        false
+    }
 }
 
 /// The VXLAN uplink: a UDP socket on the host's tunnel address.
@@ -168,6 +174,23 @@ impl<P: PortIo> Datapath<P> {
             .switch
             .process(now, ingress, &mut self.buf[start..end], &mut self.out);
         let frame = start + p.frame.start..start + p.frame.end;
+        if let crate::pipeline::Verdict::Drop(reason) = p.verdict {
+            tracing::debug!(?ingress, ?reason, len = end - start, "drop");
+        }
+        if self.out.is_empty() {
+            return;
+        }
+        let partial = match ingress {
+            Ingress::Tunnel { .. } => true,
+            Ingress::Port(no) => self
+                .ports
+                .get(usize::from(no.0))
+                .and_then(Option::as_ref)
+                .is_some_and(PortIo::partial_checksums),
+        };
+        if partial && wire::complete_partial_checksum(&mut self.buf[frame.clone()]) {
+            self.switch.note_csum_completed(ingress);
+        }
         for i in 0..self.out.len() {
             let o = self.out[i];
             if let Err(e) = self.send_one(o, frame.clone()) {

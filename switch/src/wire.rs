@@ -190,6 +190,96 @@ pub mod vxlan {
     }
 }
 
+/// Finish a TCP or UDP checksum that a sender's offload left unfinished.
+///
+/// A kernel that offloads checksums writes only the pseudo-header sum into
+/// the checksum field and leaves the rest to the NIC. Over virtual links
+/// (veth, virtio) such frames can reach a switch's UDP or packet socket as
+/// they are. This recognises the pattern (checksum field == the folded
+/// pseudo-header sum) in the untagged IPv4/IPv6 `frame` and completes the
+/// checksum in place; returns whether it did. Recomputing a checksum that
+/// was already complete gives the same value, so a chance match is harmless.
+///
+/// Safe on any bytes: frames it does not understand are left alone.
+pub fn complete_partial_checksum(frame: &mut [u8]) -> bool {
+    let Some(et) = frame.get(12..14) else {
+        return false;
+    };
+    let (l4, proto, len, pseudo) = match u16::from_be_bytes([et[0], et[1]]) {
+        0x0800 => {
+            let Some(ip) = frame.get(ETH_HLEN..ETH_HLEN + 20) else {
+                return false;
+            };
+            let ihl = usize::from(ip[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([ip[2], ip[3]]));
+            let frag = u16::from_be_bytes([ip[6], ip[7]]) & 0x3fff;
+            if ip[0] >> 4 != 4 || ihl < 20 || total < ihl || frag != 0 {
+                return false;
+            }
+            let proto = ip[9];
+            let len = total - ihl;
+            let mut sum = sum16(&ip[12..20]);
+            sum += u32::from(proto) + len as u32;
+            (ETH_HLEN + ihl, proto, len, sum)
+        }
+        0x86dd => {
+            let Some(ip) = frame.get(ETH_HLEN..ETH_HLEN + 40) else {
+                return false;
+            };
+            let len = usize::from(u16::from_be_bytes([ip[4], ip[5]]));
+            let proto = ip[6];
+            let mut sum = sum16(&ip[8..40]);
+            sum += u32::from(proto) + len as u32;
+            (ETH_HLEN + 40, proto, len, sum)
+        }
+        _ => return false,
+    };
+    let off = match proto {
+        6 => 16,
+        17 => 6,
+        _ => return false,
+    };
+    let Some(seg) = frame.get_mut(l4..l4 + len) else {
+        return false;
+    };
+    if seg.len() < off + 2 {
+        return false;
+    }
+    let field = u16::from_be_bytes([seg[off], seg[off + 1]]);
+    if field != fold(pseudo) {
+        return false;
+    }
+    let mut c = !fold(sum16(seg));
+    if proto == 17 && c == 0 {
+        c = 0xffff;
+    }
+    seg[off..off + 2].copy_from_slice(&c.to_be_bytes());
+    true
+}
+
+/// The ones'-complement sum of `b` as 16-bit big-endian words, unfolded.
+fn sum16(b: &[u8]) -> u32 {
+    let mut sum: u64 = 0;
+    let mut chunks = b.chunks_exact(2);
+    for w in &mut chunks {
+        sum += u64::from(u16::from_be_bytes([w[0], w[1]]));
+    }
+    if let [last] = chunks.remainder() {
+        sum += u64::from(*last) << 8;
+    }
+    while sum >> 32 != 0 {
+        sum = (sum & 0xffff_ffff) + (sum >> 32);
+    }
+    sum as u32
+}
+
+fn fold(mut sum: u32) -> u16 {
+    while sum >> 16 != 0 {
+        sum = (sum & 0xffff) + (sum >> 16);
+    }
+    sum as u16
+}
+
 /// Announcement frames a switch sends on a VM's behalf.
 pub mod announce {
     use super::MacAddr;
@@ -277,7 +367,66 @@ mod tests {
         assert_eq!((v.src, v.ethertype), (mac, 0x8035));
     }
 
+    /// An IPv4/UDP frame with a correct checksum, built by etherparse.
+    fn udp_frame(payload: &[u8]) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .udp(1234, 5678);
+        let mut out = Vec::new();
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    fn tcp6_frame(payload: &[u8]) -> Vec<u8> {
+        let b = etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv6([1; 16], [2; 16], 64)
+            .tcp(1234, 80, 7, 1000);
+        let mut out = Vec::new();
+        b.write(&mut out, payload).unwrap();
+        out
+    }
+
+    /// Make the frame's L4 checksum look like a sender's offload left it.
+    fn make_partial(f: &mut [u8], l4: usize, off: usize, pseudo: u32) {
+        f[l4 + off..l4 + off + 2].copy_from_slice(&fold(pseudo).to_be_bytes());
+    }
+
+    #[test]
+    fn completes_partial_checksums_and_keeps_good_ones() {
+        let good = udp_frame(b"hello, partial checksum");
+        let mut f = good.clone();
+        let pseudo = sum16(&f[26..34]) + 17 + (f.len() - 34) as u32;
+        make_partial(&mut f, 34, 6, pseudo);
+        assert_ne!(f, good);
+        assert!(complete_partial_checksum(&mut f));
+        assert_eq!(f, good);
+        let mut again = good.clone();
+        let _ = complete_partial_checksum(&mut again);
+        assert_eq!(again, good, "a complete checksum is never changed");
+
+        let good = tcp6_frame(&[7; 1000]);
+        let mut f = good.clone();
+        let pseudo = sum16(&f[22..54]) + 6 + (f.len() - 54) as u32;
+        make_partial(&mut f, 54, 16, pseudo);
+        assert!(complete_partial_checksum(&mut f));
+        assert_eq!(f, good);
+    }
+
     proptest! {
+        #[test]
+        fn completion_is_idempotent_on_good_frames(payload in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let good = udp_frame(&payload);
+            let mut f = good.clone();
+            let _ = complete_partial_checksum(&mut f);
+            prop_assert_eq!(f, good);
+        }
+
+        #[test]
+        fn checksum_completion_never_panics(mut bytes in proptest::collection::vec(any::<u8>(), 0..120)) {
+            if bytes.len() > 13 { bytes[12] = 0x08; bytes[13] = 0; }
+            let _ = complete_partial_checksum(&mut bytes);
+        }
+
         #[test]
         fn push_then_pop_restores_the_frame(
             vid in 0u16..4096, pcp in 0u8..8,

@@ -1,0 +1,93 @@
+//! The `dvs` binary as users meet it: exit codes and the one-line errors of
+//! bad input. No root needed.
+
+use std::process::Command;
+
+use dvs_tests::netns::dvs_bin;
+
+fn dvs(args: &[&str]) -> (i32, String, String) {
+    let o = Command::new(dvs_bin())
+        .args(args)
+        .output()
+        .expect("run dvs");
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn agent_with(yaml: &str) -> (i32, String) {
+    let dir = std::env::temp_dir().join(format!("dvs-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join(format!(
+        "{:x}.yaml",
+        yaml.len() * 31 + yaml.bytes().map(usize::from).sum::<usize>()
+    ));
+    std::fs::write(&path, yaml).unwrap();
+    let (code, _, err) = dvs(&["agent", "--config", path.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&path);
+    (code, err)
+}
+
+#[test]
+fn agent_rejects_bad_files_with_one_line_that_names_the_problem() {
+    let cases = [
+        (
+            "host: h\nports:\n  - { id: 1, name: a, tap: t1, vlan: { mode: access, id: 5000 } }\n",
+            "VLAN 5000 is out of range 1..=4094",
+        ),
+        (
+            "host: h\nports:\n  - { id: 1, name: a, tap: t1, vlan: { mode: access, id: 0 } }\n",
+            "VLAN 0 is out of range 1..=4094",
+        ),
+        (
+            "host: h\nports:\n  - { id: 1, name: a, tap: t1, vlan: { mode: trunk, allowed: [10, 4095] } }\n",
+            "VLAN 4095 is out of range 1..=4094",
+        ),
+        (
+            "host: h\nports:\n  - { id: 1, name: a, tap: t1, vlan: { mode: access, id: 10 } }\nstatic_macs:\n  - { vlan: 10, mac: \"02:00:00:00:00:01\", port: ghost }\n",
+            "unknown port `ghost`; ports in this file: a",
+        ),
+        ("host: h\nbogus: 1\n", "unknown field `bogus`"),
+    ];
+    for (yaml, want) in cases {
+        let (code, err) = agent_with(yaml);
+        assert_eq!(code, 1, "{err}");
+        assert!(err.starts_with("dvs: config file "), "{err}");
+        assert!(err.contains(want), "expected `{want}` in: {err}");
+        assert_eq!(err.trim_end().lines().count(), 1, "one line: {err}");
+    }
+}
+
+#[test]
+fn agent_names_a_missing_file() {
+    let (code, _, err) = dvs(&["agent", "--config", "/nonexistent/dvs.yaml"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("reading config file /nonexistent/dvs.yaml"),
+        "{err}"
+    );
+    assert!(err.contains("No such file"), "{err}");
+}
+
+#[test]
+fn lab_runs_and_reports_json() {
+    let (code, out, err) = dvs(&["lab", "--json"]);
+    assert_eq!(code, 0, "{err}\n{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).expect("JSON report");
+    assert_eq!(v["hosts"].as_array().unwrap().len(), 2);
+    assert!(v["tcp"]["ok"].as_bool().unwrap());
+    assert!(v["pings"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|p| p["ok"] == true));
+}
+
+#[test]
+fn unknown_commands_fail_with_usage() {
+    let (code, _, err) = dvs(&["frobnicate"]);
+    assert_eq!(code, 2);
+    assert!(err.contains("unrecognized subcommand"), "{err}");
+}
