@@ -6,24 +6,27 @@
 //! a device that cannot be opened stops startup with its name in the error.
 
 use std::fs::File;
-use std::io::{self, IoSlice, Read};
-use std::net::{SocketAddr, UdpSocket};
+use std::io::{self, IoSlice, IoSliceMut, Read};
+use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
 use crate::config::{AgentConfig, Attachment, StaticLocation};
-use crate::datapath::{Datapath, PortIo, Uplink};
+use crate::datapath::{Datapath, PortIo, RxMeta, Uplink};
 use crate::mactable::Location;
 use crate::pipeline::{Switch, SwitchConfig};
-use crate::sys::{self, PacketSocket, StrippedTag};
+use crate::sys::{self, PacketSocket};
+use crate::wire::VnetHdr;
 use crate::Error;
 
 /// A port's device on a real host.
 #[derive(Debug)]
 pub enum HostPort {
-    /// A TAP the agent created; it goes away when the agent exits.
-    Tap(File),
+    /// A TAP the agent created; it goes away when the agent exits. With
+    /// `offloads`, frames carry virtio-net headers (checksum and TSO
+    /// offloads pass through).
+    Tap { file: File, offloads: bool },
     /// An interface somebody else made, through AF_PACKET.
     Packet(PacketSocket),
 }
@@ -35,12 +38,15 @@ impl HostPort {
     /// [`Error::Io`] naming the device.
     pub fn open(attach: &Attachment) -> Result<Self, Error> {
         match attach {
-            Attachment::Tap(name) => {
-                let f = sys::open_tap(name)
+            Attachment::Tap { name, offloads } => {
+                let file = sys::open_tap(name, *offloads)
                     .map_err(|e| Error::io(format!("creating TAP `{name}`"), e))?;
                 sys::set_link_up(name)
                     .map_err(|e| Error::io(format!("setting TAP `{name}` up"), e))?;
-                Ok(HostPort::Tap(f))
+                Ok(HostPort::Tap {
+                    file,
+                    offloads: *offloads,
+                })
             }
             Attachment::Netdev(name) => {
                 Ok(HostPort::Packet(PacketSocket::open(name).map_err(|e| {
@@ -52,16 +58,55 @@ impl HostPort {
 }
 
 impl PortIo for HostPort {
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<(usize, Option<StrippedTag>)> {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<RxMeta> {
         match self {
-            HostPort::Tap(f) => Ok((f.read(buf)?, None)),
-            HostPort::Packet(s) => s.recv(buf),
+            HostPort::Tap {
+                file,
+                offloads: false,
+            } => Ok(RxMeta {
+                len: file.read(buf)?,
+                ..RxMeta::default()
+            }),
+            HostPort::Tap {
+                file,
+                offloads: true,
+            } => {
+                let mut hdr = [0u8; VnetHdr::LEN];
+                let n = sys::readv(
+                    file.as_raw_fd(),
+                    &mut [IoSliceMut::new(&mut hdr), IoSliceMut::new(buf)],
+                )?;
+                Ok(RxMeta {
+                    len: n.saturating_sub(VnetHdr::LEN),
+                    tag: None,
+                    vnet: Some(VnetHdr::decode(&hdr)),
+                })
+            }
+            HostPort::Packet(s) => {
+                let (len, tag) = s.recv(buf)?;
+                Ok(RxMeta {
+                    len,
+                    tag,
+                    vnet: None,
+                })
+            }
         }
     }
 
-    fn send(&mut self, parts: &[IoSlice<'_>]) -> io::Result<()> {
+    fn send(&mut self, vnet: Option<&VnetHdr>, parts: &[IoSlice<'_>]) -> io::Result<()> {
         match self {
-            HostPort::Tap(f) => sys::writev(f.as_raw_fd(), parts).map(drop),
+            HostPort::Tap { file, offloads } => {
+                if *offloads {
+                    let hdr = vnet.copied().unwrap_or_default().encode();
+                    let mut v = [IoSlice::new(&[]); 4];
+                    v[0] = IoSlice::new(&hdr);
+                    let n = parts.len().min(3);
+                    v[1..=n].copy_from_slice(&parts[..n]);
+                    sys::writev(file.as_raw_fd(), &v[..=n]).map(drop)
+                } else {
+                    sys::writev(file.as_raw_fd(), parts).map(drop)
+                }
+            }
             HostPort::Packet(s) => s.send(parts).map(drop),
         }
     }
@@ -70,9 +115,13 @@ impl PortIo for HostPort {
         matches!(self, HostPort::Packet(_))
     }
 
+    fn offloads(&self) -> bool {
+        matches!(self, HostPort::Tap { offloads: true, .. })
+    }
+
     fn raw_fd(&self) -> Option<RawFd> {
         Some(match self {
-            HostPort::Tap(f) => f.as_raw_fd(),
+            HostPort::Tap { file, .. } => file.as_raw_fd(),
             HostPort::Packet(s) => s.as_raw_fd(),
         })
     }
@@ -106,18 +155,7 @@ pub fn build(cfg: &AgentConfig) -> Result<Datapath<HostPort>, Error> {
         sw.set_static_mac(m.vlan, m.mac, loc);
     }
     let uplink = match cfg.tunnel {
-        Some(t) => {
-            let addr = SocketAddr::new(t.local, t.port);
-            let socket = UdpSocket::bind(addr)
-                .map_err(|e| Error::io(format!("binding the VXLAN socket to {addr}"), e))?;
-            socket
-                .set_nonblocking(true)
-                .map_err(|e| Error::io("setting the VXLAN socket non-blocking", e))?;
-            Some(Uplink {
-                socket,
-                remote_port: t.port,
-            })
-        }
+        Some(t) => Some(Uplink::bind(SocketAddr::new(t.local, t.port), t.port)?),
         None => None,
     };
     let mut dp = Datapath::new(sw, uplink);

@@ -8,6 +8,8 @@
 //!   - { vlan: 10, vni: 5010, peers: [10.0.0.2, 10.0.0.3] }
 //! ports:
 //!   - { id: veth1, name: vm1, tap: dvs-vm1, vlan: { mode: access, id: 10 } }
+//!   - { id: veth3, name: vm3, tap: dvs-vm3, offloads: false,   # no virtio-net headers
+//!       vlan: { mode: access, id: 10 } }
 //!   - { id: veth2, name: vm2, netdev: veth-vm2,
 //!       vlan: { mode: trunk, allowed: [10, 20-30], native: 10 } }
 //! static_macs:                                  # optional
@@ -63,8 +65,10 @@ fn default_vxlan_port() -> u16 {
 /// How a port meets its VM.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Attachment {
-    /// A TAP device the agent creates and owns.
-    Tap(String),
+    /// A TAP device the agent creates and owns; with `offloads` (the
+    /// default) it carries virtio-net headers so that checksum-partial and
+    /// 64 KB TSO frames pass through.
+    Tap { name: String, offloads: bool },
     /// An existing interface (a VMM's tap, a veth) read with AF_PACKET.
     Netdev(String),
 }
@@ -128,6 +132,8 @@ struct RawPort {
     tap: Option<String>,
     #[serde(default)]
     netdev: Option<String>,
+    #[serde(default)]
+    offloads: Option<bool>,
     vlan: VlanMode,
 }
 
@@ -212,7 +218,15 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
             return Err(format!("{at}: ID {} is used by another port", p.id));
         }
         let attach = match (p.tap, p.netdev) {
-            (Some(t), None) => Attachment::Tap(t),
+            (Some(name), None) => Attachment::Tap {
+                name,
+                offloads: p.offloads.unwrap_or(true),
+            },
+            (None, Some(_)) if p.offloads.is_some() => {
+                return Err(format!(
+                    "{at}: `offloads` applies to `tap:` ports only (an attached netdev keeps the offloads its owner set)"
+                ))
+            }
             (None, Some(n)) => Attachment::Netdev(n),
             _ => {
                 return Err(format!(
@@ -222,7 +236,7 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
             }
         };
         let dev = match &attach {
-            Attachment::Tap(d) | Attachment::Netdev(d) => d.clone(),
+            Attachment::Tap { name, .. } | Attachment::Netdev(name) => name.clone(),
         };
         if dev.is_empty() || dev.len() > 15 || dev.contains(['/', ' ']) {
             return Err(format!(
@@ -358,7 +372,13 @@ mac_table: { max_entries: 100, aging_s: 60 }
         assert_eq!(c.host, "h1");
         assert_eq!(c.tunnel.unwrap().port, 4789);
         assert_eq!(c.ports.len(), 2);
-        assert_eq!(c.ports[0].attach, Attachment::Tap("dvs-vm1".into()));
+        assert_eq!(
+            c.ports[0].attach,
+            Attachment::Tap {
+                name: "dvs-vm1".into(),
+                offloads: true
+            }
+        );
         assert_eq!(c.ports[1].port.id.to_string(), "veth2");
         assert_eq!(c.segments[0].peers.len(), 2);
         assert_eq!(c.static_macs.len(), 2);

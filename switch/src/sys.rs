@@ -9,6 +9,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io;
 use std::mem;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
 
@@ -56,9 +57,17 @@ fn cvt(r: libc::c_int) -> io::Result<libc::c_int> {
 /// Create (or attach to) the TAP device `name`, without packet information,
 /// non-blocking. The device lives as long as the returned file unless it was
 /// made persistent by someone else.
-pub fn open_tap(name: &str) -> io::Result<File> {
+///
+/// With `offloads`, every read and write carries a 12-byte virtio-net header
+/// and the VM side may send checksum-partial and TSO frames of up to 64 KB
+/// (`TUNSETVNETHDRSZ` 12, `TUNSETOFFLOAD` CSUM | TSO4 | TSO6 | TSO_ECN).
+pub fn open_tap(name: &str, offloads: bool) -> io::Result<File> {
     let mut req = IfReq::new(name)?;
-    req.flags = (libc::IFF_TAP | libc::IFF_NO_PI) as libc::c_short;
+    let mut flags = libc::IFF_TAP | libc::IFF_NO_PI;
+    if offloads {
+        flags |= libc::IFF_VNET_HDR;
+    }
+    req.flags = flags as libc::c_short;
     // SAFETY: the path is a valid NUL-terminated string; open has no other
     // preconditions.
     let fd = cvt(unsafe {
@@ -72,7 +81,167 @@ pub fn open_tap(name: &str) -> io::Result<File> {
     // SAFETY: TUNSETIFF reads and writes a `struct ifreq`; `req` is one, laid
     // out as the kernel expects, and outlives the call.
     cvt(unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut req as *mut IfReq) })?;
+    if offloads {
+        let size: libc::c_int = 12;
+        // SAFETY: TUNSETVNETHDRSZ reads one int through the pointer.
+        cvt(unsafe {
+            libc::ioctl(
+                file.as_raw_fd(),
+                libc::TUNSETVNETHDRSZ,
+                &size as *const libc::c_int,
+            )
+        })?;
+        let off = libc::TUN_F_CSUM | libc::TUN_F_TSO4 | libc::TUN_F_TSO6 | libc::TUN_F_TSO_ECN;
+        // SAFETY: TUNSETOFFLOAD takes its argument by value.
+        cvt(unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETOFFLOAD, off as libc::c_ulong) })?;
+    }
     Ok(file)
+}
+
+/// Scattered read of one frame from `fd` into `parts` (a TAP's virtio-net
+/// header and the frame land in separate buffers).
+pub fn readv(fd: RawFd, parts: &mut [io::IoSliceMut<'_>]) -> io::Result<usize> {
+    // SAFETY: IoSliceMut is ABI-compatible with iovec; the buffers are live
+    // and writable for their lengths.
+    let n = unsafe { libc::readv(fd, parts.as_ptr().cast(), parts.len() as libc::c_int) };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+const SOL_UDP: libc::c_int = 17;
+const UDP_SEGMENT: libc::c_int = 103;
+const UDP_GRO: libc::c_int = 104;
+
+/// Ask the kernel to coalesce received datagrams of one flow (UDP GRO);
+/// [`recv_gro`] then reports the segment size.
+pub fn enable_udp_gro(fd: RawFd) -> io::Result<()> {
+    setsockopt(fd, SOL_UDP, UDP_GRO, &1i32)
+}
+
+/// Receive one datagram — or, with UDP GRO, several of equal size back to
+/// back — into `buf`. Returns the length, the sender and the segment size
+/// when the kernel coalesced.
+pub fn recv_gro(fd: RawFd, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<usize>)> {
+    let mut iov = libc::iovec {
+        iov_base: buf.as_mut_ptr().cast(),
+        iov_len: buf.len(),
+    };
+    // SAFETY: sockaddr_storage and msghdr are plain data; zero is valid.
+    let mut addr: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    let mut cbuf = [0u64; 8];
+    // SAFETY: as above.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_name = (&mut addr as *mut libc::sockaddr_storage).cast();
+    msg.msg_namelen = mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    msg.msg_controllen = mem::size_of_val(&cbuf);
+    // SAFETY: every pointer in msg refers to a live buffer of the given size.
+    let n = unsafe { libc::recvmsg(fd, &mut msg, 0) };
+    if n < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let mut seg = None;
+    // SAFETY: msg was filled by recvmsg; CMSG_* stay within msg_control.
+    unsafe {
+        let mut c = libc::CMSG_FIRSTHDR(&msg);
+        while !c.is_null() {
+            if (*c).cmsg_level == SOL_UDP && (*c).cmsg_type == UDP_GRO {
+                let v: libc::c_int = std::ptr::read_unaligned(libc::CMSG_DATA(c).cast());
+                seg = usize::try_from(v).ok().filter(|v| *v > 0);
+            }
+            c = libc::CMSG_NXTHDR(&msg, c);
+        }
+    }
+    let from =
+        sockaddr_to_std(&addr).ok_or_else(|| io::Error::other("datagram from a non-IP sender"))?;
+    Ok((n as usize, from, seg))
+}
+
+/// Send `buf` to `dst` as datagrams of `seg` bytes each (the last may be
+/// shorter) in one call: UDP GSO (`UDP_SEGMENT`).
+pub fn send_gso(fd: RawFd, buf: &[u8], seg: u16, dst: SocketAddr) -> io::Result<usize> {
+    let (addr, alen) = std_to_sockaddr(dst);
+    let mut iov = libc::iovec {
+        iov_base: buf.as_ptr() as *mut libc::c_void,
+        iov_len: buf.len(),
+    };
+    let mut cbuf = [0u64; 4];
+    // SAFETY: msghdr is plain data; zero is valid.
+    let mut msg: libc::msghdr = unsafe { mem::zeroed() };
+    msg.msg_name = (&addr as *const libc::sockaddr_storage) as *mut libc::c_void;
+    msg.msg_namelen = alen;
+    msg.msg_iov = &mut iov;
+    msg.msg_iovlen = 1;
+    msg.msg_control = cbuf.as_mut_ptr().cast();
+    // SAFETY: CMSG_SPACE is a pure computation.
+    msg.msg_controllen = unsafe { libc::CMSG_SPACE(mem::size_of::<u16>() as u32) } as usize;
+    // SAFETY: the control buffer holds one cmsg with a u16 payload (checked
+    // size above); the kernel only reads from buf.
+    let n = unsafe {
+        let c = libc::CMSG_FIRSTHDR(&msg);
+        (*c).cmsg_level = SOL_UDP;
+        (*c).cmsg_type = UDP_SEGMENT;
+        (*c).cmsg_len = libc::CMSG_LEN(mem::size_of::<u16>() as u32) as usize;
+        std::ptr::write_unaligned(libc::CMSG_DATA(c).cast::<u16>(), seg);
+        libc::sendmsg(fd, &msg, 0)
+    };
+    if n < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(n as usize)
+    }
+}
+
+fn sockaddr_to_std(a: &libc::sockaddr_storage) -> Option<SocketAddr> {
+    match libc::c_int::from(a.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says the storage holds a sockaddr_in.
+            let s: &libc::sockaddr_in = unsafe { &*(a as *const libc::sockaddr_storage).cast() };
+            Some(SocketAddr::new(
+                IpAddr::V4(Ipv4Addr::from(u32::from_be(s.sin_addr.s_addr))),
+                u16::from_be(s.sin_port),
+            ))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says the storage holds a sockaddr_in6.
+            let s: &libc::sockaddr_in6 = unsafe { &*(a as *const libc::sockaddr_storage).cast() };
+            Some(SocketAddr::new(
+                IpAddr::V6(Ipv6Addr::from(s.sin6_addr.s6_addr)),
+                u16::from_be(s.sin6_port),
+            ))
+        }
+        _ => None,
+    }
+}
+
+fn std_to_sockaddr(a: SocketAddr) -> (libc::sockaddr_storage, libc::socklen_t) {
+    // SAFETY: plain data; zero is valid.
+    let mut st: libc::sockaddr_storage = unsafe { mem::zeroed() };
+    match a {
+        SocketAddr::V4(v) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in.
+            let s: &mut libc::sockaddr_in =
+                unsafe { &mut *(&mut st as *mut libc::sockaddr_storage).cast() };
+            s.sin_family = libc::AF_INET as libc::sa_family_t;
+            s.sin_port = v.port().to_be();
+            s.sin_addr.s_addr = u32::from(*v.ip()).to_be();
+            (st, mem::size_of::<libc::sockaddr_in>() as libc::socklen_t)
+        }
+        SocketAddr::V6(v) => {
+            // SAFETY: sockaddr_storage is large and aligned enough for sockaddr_in6.
+            let s: &mut libc::sockaddr_in6 =
+                unsafe { &mut *(&mut st as *mut libc::sockaddr_storage).cast() };
+            s.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+            s.sin6_port = v.port().to_be();
+            s.sin6_addr.s6_addr = v.ip().octets();
+            (st, mem::size_of::<libc::sockaddr_in6>() as libc::socklen_t)
+        }
+    }
 }
 
 /// Set `IFF_UP` on the interface `name` (in the caller's namespace).

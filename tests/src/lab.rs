@@ -18,8 +18,8 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use dvs_proto::{MacAddr, PortId, VlanId, VlanMode, Vni};
-use dvs_switch::datapath::{Datapath, PortIo, PortStats, Uplink};
-use dvs_switch::sys::StrippedTag;
+use dvs_switch::datapath::{Datapath, PortIo, PortStats, RxMeta, Uplink};
+use dvs_switch::wire::VnetHdr;
 use dvs_switch::{PortNo, SegmentConfig, Switch, SwitchConfig, TunnelCounters};
 use serde::Serialize;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
@@ -249,16 +249,19 @@ struct Wire {
 struct MemPort(Rc<RefCell<Wire>>);
 
 impl PortIo for MemPort {
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<(usize, Option<StrippedTag>)> {
+    fn recv(&mut self, buf: &mut [u8]) -> io::Result<RxMeta> {
         let Some(f) = self.0.borrow_mut().from_vm.pop_front() else {
             return Err(io::ErrorKind::WouldBlock.into());
         };
         let n = f.len().min(buf.len());
         buf[..n].copy_from_slice(&f[..n]);
-        Ok((n, None))
+        Ok(RxMeta {
+            len: n,
+            ..RxMeta::default()
+        })
     }
 
-    fn send(&mut self, parts: &[IoSlice<'_>]) -> io::Result<()> {
+    fn send(&mut self, _: Option<&VnetHdr>, parts: &[IoSlice<'_>]) -> io::Result<()> {
         let mut w = self.0.borrow_mut();
         if w.to_vm.len() >= 1024 {
             return Err(io::ErrorKind::WouldBlock.into());

@@ -30,6 +30,12 @@ fn iperf_tcp(f: &mut Fabric, client: &str, server: &str, secs: u32) -> u64 {
     let label = format!("iperf3-{server}");
     f.topo
         .spawn(&server_vm.ns, &label, &["iperf3", "-s", "-p", "5201", "-1"]);
+    let listening = wait_for(Duration::from_secs(5), || {
+        f.topo
+            .sh(&server_vm.ns, "ss -Hltn 'sport = :5201'")
+            .contains("5201")
+    });
+    assert!(listening, "iperf3 server in {server} never listened");
     let client_ns = f.vm(client).ns.clone();
     let mut out = String::new();
     let ok = wait_for(Duration::from_secs(10), || {
@@ -46,6 +52,12 @@ fn iperf_tcp(f: &mut Fabric, client: &str, server: &str, secs: u32) -> u64 {
     );
     let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 -J prints JSON");
     let bytes = v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    if bytes == 0 {
+        eprintln!(
+            "iperf3 {client} -> {server} moved nothing:\n{out}\n{}",
+            f.topo.log(&label)
+        );
+    }
     let bps = v["end"]["sum_received"]["bits_per_second"]
         .as_f64()
         .unwrap_or(0.0);

@@ -1,0 +1,292 @@
+#!/usr/bin/python3
+"""Two VMs (network namespaces) talking through dvs, a Linux bridge and Open
+vSwitch's userspace datapath — on one host and across two hosts — measured
+in alternated rounds in one run: iperf3 TCP single stream, UDP 64-byte
+received packets per second, ping RTT. Prints the medians and the ratios.
+
+Run as root through bench/netns-bench.sh (it installs the tools and builds
+dvs in release mode). Everything it creates is named `dvsb-*` and removed at
+the end, even on failure. Traffic stays inside its own namespaces.
+"""
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+PREFIX = f"dvsb{os.getpid() % 10000}"
+NAMESPACES = []
+PROCS = []
+PIDFILES = []
+
+
+def sh(cmd, ns=None, check=True, capture=True, timeout=120):
+    argv = (["ip", "netns", "exec", ns] if ns else []) + ["bash", "-c", cmd]
+    r = subprocess.run(argv, capture_output=capture, text=True, timeout=timeout)
+    if check and r.returncode != 0:
+        raise RuntimeError(f"in {ns or 'root'}: `{cmd}` failed:\n{r.stdout}{r.stderr}")
+    return r.stdout if capture else ""
+
+
+def add_ns(short):
+    ns = f"{PREFIX}-{short}"
+    sh(f"ip netns add {ns}")
+    NAMESPACES.append(ns)
+    sh("ip link set lo up; sysctl -qw net.ipv6.conf.all.disable_ipv6=1 "
+       "net.ipv6.conf.default.disable_ipv6=1", ns)
+    return ns
+
+
+def spawn(argv, ns, log):
+    p = subprocess.Popen(["ip", "netns", "exec", ns] + argv, stdout=open(log, "w"),
+                         stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+    PROCS.append(p)
+    return p
+
+
+def wait_link(ns, name, limit=10):
+    end = time.time() + limit
+    while time.time() < end:
+        if subprocess.run(["ip", "-n", ns, "link", "show", name],
+                          capture_output=True).returncode == 0:
+            return
+        time.sleep(0.05)
+    raise RuntimeError(f"{name} never appeared in {ns}")
+
+
+def vm_from_link(ns_from, link, vm_short, addr, mtu=1500):
+    """Move `link` from ns_from into a new VM namespace as eth0 with addr."""
+    vm = add_ns(vm_short)
+    sh(f"ip link set {link} netns {vm}", ns_from)
+    sh(f"ip link set {link} name eth0 && ip link set eth0 mtu {mtu} up && "
+       f"ip addr add {addr}/24 dev eth0", vm)
+    return vm
+
+
+def underlay(hosts):
+    """Host namespaces joined by a core bridge; returns [(ns, ip, dev)]."""
+    core = add_ns(hosts[0] + "core")
+    sh("ip link add br0 type bridge && ip link set br0 up", core)
+    out = []
+    for i, short in enumerate(hosts):
+        ns = add_ns(short)
+        u, c = f"{short}u{i}"[-15:], f"{short}c{i}"[-15:]
+        sh(f"ip link add {u} mtu 1600 netns {ns} type veth peer name {c} mtu 1600 netns {core}")
+        sh(f"ip link set {c} master br0 up", core)
+        ip = f"10.98.0.{i + 1}"
+        sh(f"ip addr add {ip}/24 dev {u} && ip link set {u} up", ns)
+        out.append((ns, ip, u))
+    return out
+
+
+def dvs_agent(dvs, host_ns, name, local, peers, taps, workdir):
+    cfg = os.path.join(workdir, f"{name}.yaml")
+    lines = [f"host: {name}"]
+    if local:
+        lines.append(f"tunnel: {{ local: {local} }}")
+        lines.append("segments:")
+        lines.append(f"  - {{ vlan: 10, vni: 5010, peers: [{', '.join(peers)}] }}")
+    lines.append("ports:")
+    for i, tap in enumerate(taps):
+        lines.append(f"  - {{ id: {i + 1}, name: p{i}, tap: {tap}, vlan: {{ mode: access, id: 10 }} }}")
+    open(cfg, "w").write("\n".join(lines) + "\n")
+    spawn([dvs, "agent", "--config", cfg], host_ns, os.path.join(workdir, f"{name}.log"))
+    for t in taps:
+        wait_link(host_ns, t)
+
+
+def build_dvs_same(dvs, workdir):
+    h = add_ns("dvs1")
+    taps = [f"{PREFIX}da", f"{PREFIX}db"]
+    dvs_agent(dvs, h, "dvs-same", None, [], taps, workdir)
+    a = vm_from_link(h, taps[0], "dvs1a", "10.10.0.1")
+    b = vm_from_link(h, taps[1], "dvs1b", "10.10.0.2")
+    return a, b, "10.10.0.2"
+
+
+def build_dvs_cross(dvs, workdir):
+    (h1, ip1, _), (h2, ip2, _) = underlay(["dvsx1", "dvsx2"])
+    t1, t2 = f"{PREFIX}xa", f"{PREFIX}xb"
+    dvs_agent(dvs, h1, "dvs-x1", ip1, [ip2], [t1], workdir)
+    dvs_agent(dvs, h2, "dvs-x2", ip2, [ip1], [t2], workdir)
+    a = vm_from_link(h1, t1, "dvsxa", "10.10.0.1")
+    b = vm_from_link(h2, t2, "dvsxb", "10.10.0.2")
+    return a, b, "10.10.0.2"
+
+
+def build_bridge_same(_dvs, _workdir):
+    h = add_ns("br1")
+    sh("ip link add br0 type bridge && ip link set br0 up", h)
+    vms = []
+    for i, s in enumerate("ab"):
+        vm = add_ns(f"br1{s}")
+        sh(f"ip link add h{s} netns {h} type veth peer name eth0 netns {vm}")
+        sh(f"ip link set h{s} master br0 up", h)
+        sh(f"ip addr add 10.10.0.{i + 1}/24 dev eth0 && ip link set eth0 up", vm)
+        vms.append(vm)
+    return vms[0], vms[1], "10.10.0.2"
+
+
+def build_bridge_cross(_dvs, _workdir):
+    hosts = underlay(["brx1", "brx2"])
+    vms = []
+    for i, (h, ip, dev) in enumerate(hosts):
+        other = hosts[1 - i][1]
+        sh("ip link add br0 type bridge && ip link set br0 up && "
+           f"ip link add vx0 type vxlan id 5010 dstport 4789 local {ip} dev {dev} && "
+           "ip link set vx0 mtu 1500 master br0 up && "
+           f"bridge fdb append 00:00:00:00:00:00 dev vx0 dst {other}", h)
+        vm = add_ns(f"brx{'ab'[i]}")
+        sh(f"ip link add hv netns {h} type veth peer name eth0 netns {vm}")
+        sh("ip link set hv master br0 up", h)
+        sh(f"ip addr add 10.10.0.{i + 1}/24 dev eth0 && ip link set eth0 up", vm)
+        vms.append(vm)
+    return vms[0], vms[1], "10.10.0.2"
+
+
+def build_ovs(tso, workdir):
+    tag = "ovst" if tso else "ovs"
+    h = add_ns(tag)
+    run = os.path.join(workdir, tag)
+    os.makedirs(run, exist_ok=True)
+    env = f"OVS_RUNDIR={run} OVS_DBDIR={run} OVS_LOGDIR={run} OVS_PKGDATADIR=/usr/share/openvswitch"
+    db = f"unix:{run}/db.sock"
+    sh(f"ovsdb-tool create {run}/conf.db /usr/share/openvswitch/vswitch.ovsschema")
+    sh(f"{env} ovsdb-server --remote=punix:{run}/db.sock --pidfile={run}/ovsdb.pid "
+       f"--detach --log-file={run}/ovsdb.log {run}/conf.db", h)
+    PIDFILES.append(f"{run}/ovsdb.pid")
+    sh(f"{env} ovs-vsctl --db={db} --no-wait init", h)
+    if tso:
+        sh(f"{env} ovs-vsctl --db={db} --no-wait set Open_vSwitch . "
+           "other_config:userspace-tso-enable=true", h)
+    sh(f"{env} ovs-vswitchd {db} --pidfile={run}/vswitchd.pid --detach "
+       f"--log-file={run}/vswitchd.log", h)
+    PIDFILES.append(f"{run}/vswitchd.pid")
+    sh(f"{env} ovs-vsctl --db={db} add-br br0 -- set bridge br0 datapath_type=netdev", h)
+    vms = []
+    for i, s in enumerate("ab"):
+        p = f"{tag}p{s}"
+        sh(f"{env} ovs-vsctl --db={db} add-port br0 {p} -- set interface {p} type=internal", h)
+        wait_link(h, p)
+        vms.append(vm_from_link(h, p, f"{tag}{s}", f"10.10.0.{i + 1}"))
+    sh(f"ip link set br0 up", h, check=False)
+    return vms[0], vms[1], "10.10.0.2"
+
+
+def measure_tcp(a, b, ip, secs):
+    srv = spawn(["iperf3", "-s", "-p", "5201", "-1"], b, os.devnull)
+    time.sleep(0.3)
+    try:
+        out = sh(f"iperf3 -c {ip} -p 5201 -t {secs} -J", a, timeout=secs + 30)
+        j = json.loads(out)
+        return j["end"]["sum_received"]["bits_per_second"] / 1e9
+    finally:
+        srv.wait(timeout=10)
+
+
+def measure_udp(a, b, ip, secs):
+    srv = spawn(["iperf3", "-s", "-p", "5202", "-1"], b, os.devnull)
+    time.sleep(0.3)
+    try:
+        out = sh(f"iperf3 -c {ip} -p 5202 -u -b 0 -l 64 -t {secs} -J", a, timeout=secs + 30)
+        s = json.loads(out)["end"]["sum"]
+        return (s["packets"] - s.get("lost_packets", 0)) / s["seconds"] / 1e3
+    finally:
+        srv.wait(timeout=10)
+
+
+def measure_rtt(a, _b, ip, _secs):
+    out = sh(f"ping -c 50 -i 0.01 -q {ip}", a, timeout=60)
+    for line in out.splitlines():
+        if line.startswith("rtt") or line.startswith("round-trip"):
+            return float(line.split("=")[1].split("/")[1])
+    raise RuntimeError(f"no RTT in ping output:\n{out}")
+
+
+PATHS = [
+    ("dvs, same host", build_dvs_same),
+    ("Linux bridge, same host", build_bridge_same),
+    ("OVS userspace, same host", lambda d, w: build_ovs(False, w)),
+    ("OVS userspace + TSO, same host", lambda d, w: build_ovs(True, w)),
+    ("dvs, across hosts (VXLAN)", build_dvs_cross),
+    ("Linux bridge + vxlan, across hosts", build_bridge_cross),
+]
+METRICS = [("TCP Gbit/s", measure_tcp), ("UDP 64B kpps", measure_udp), ("RTT ms", measure_rtt)]
+
+
+def cleanup():
+    for p in PROCS:
+        if p.poll() is None:
+            p.terminate()
+    for p in PROCS:
+        try:
+            p.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            p.kill()
+    for pf in PIDFILES:
+        try:
+            pid = int(open(pf).read().strip())
+            os.kill(pid, 15)
+        except (OSError, ValueError):
+            pass
+    for ns in reversed(NAMESPACES):
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--secs", type=int, default=3, help="seconds per iperf3 test")
+    ap.add_argument("--dvs", default=os.environ.get("DVS_BIN", "target/release/dvs"))
+    ap.add_argument("--only", help="comma-separated path numbers (1-based) to run")
+    ap.add_argument("--json", action="store_true", help="print the medians as JSON too")
+    args = ap.parse_args()
+    dvs = os.path.abspath(args.dvs)
+    paths = PATHS
+    if args.only:
+        keep = {int(x) for x in args.only.split(",")}
+        paths = [p for i, p in enumerate(PATHS, 1) if i in keep]
+    workdir = tempfile.mkdtemp(prefix="dvs-bench-")
+    results = {name: {m: [] for m, _ in METRICS} for name, _ in paths}
+    try:
+        built = [(name, build(dvs, workdir)) for name, build in paths]
+        for _name, (a, _b, ip) in built:
+            sh(f"ping -c 3 -i 0.2 -W 2 {ip}", a)
+        for r in range(args.rounds):
+            for name, (a, b, ip) in built:
+                for m, fn in METRICS:
+                    v = fn(a, b, ip, args.secs)
+                    results[name][m].append(v)
+                print(f"round {r + 1}: {name}: " + ", ".join(
+                    f"{m} {results[name][m][-1]:.3f}" for m, _ in METRICS), file=sys.stderr)
+    finally:
+        cleanup()
+        shutil.rmtree(workdir, ignore_errors=True)
+    med = {n: {m: statistics.median(v) for m, v in ms.items()} for n, ms in results.items()}
+    print(f"\nmedians of {args.rounds} alternated rounds (iperf3 {args.secs}s, ping 50 x 10ms)\n")
+    print(f"| path | TCP Gbit/s | UDP 64B kpps | RTT ms |")
+    print(f"|---|---|---|---|")
+    for n, ms in med.items():
+        print(f"| {n} | {ms['TCP Gbit/s']:.2f} | {ms['UDP 64B kpps']:.0f} | {ms['RTT ms']:.3f} |")
+    for ref in ("Linux bridge, same host", "OVS userspace, same host",
+                "OVS userspace + TSO, same host", "Linux bridge + vxlan, across hosts"):
+        if ref not in med:
+            continue
+        for d in ("dvs, same host", "dvs, across hosts (VXLAN)"):
+            if d not in med or ("across" in ref) != ("across" in d):
+                continue
+            t = med[d]["TCP Gbit/s"] / med[ref]["TCP Gbit/s"]
+            u = med[d]["UDP 64B kpps"] / med[ref]["UDP 64B kpps"]
+            rt = med[d]["RTT ms"] / med[ref]["RTT ms"]
+            print(f"{d} / {ref}: TCP x{t:.2f}, UDP pps x{u:.2f}, RTT x{rt:.2f} (lower is better)")
+    if args.json:
+        print(json.dumps(med, indent=2))
+
+
+if __name__ == "__main__":
+    main()
