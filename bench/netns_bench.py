@@ -19,6 +19,7 @@ import sys
 import tempfile
 import time
 
+OFFLOADS = os.environ.get("DVS_OFFLOADS", "true")
 PREFIX = f"dvsb{os.getpid() % 10000}"
 NAMESPACES = []
 PROCS = []
@@ -93,7 +94,7 @@ def dvs_agent(dvs, host_ns, name, local, peers, taps, workdir):
         lines.append(f"  - {{ vlan: 10, vni: 5010, peers: [{', '.join(peers)}] }}")
     lines.append("ports:")
     for i, tap in enumerate(taps):
-        lines.append(f"  - {{ id: {i + 1}, name: p{i}, tap: {tap}, vlan: {{ mode: access, id: 10 }} }}")
+        lines.append(f"  - {{ id: {i + 1}, name: p{i}, tap: {tap}, offloads: {OFFLOADS}, vlan: {{ mode: access, id: 10 }} }}")
     open(cfg, "w").write("\n".join(lines) + "\n")
     spawn([dvs, "agent", "--config", cfg], host_ns, os.path.join(workdir, f"{name}.log"))
     for t in taps:
@@ -149,10 +150,9 @@ def build_bridge_cross(_dvs, _workdir):
     return vms[0], vms[1], "10.10.0.2"
 
 
-def build_ovs(tso, workdir):
-    tag = "ovst" if tso else "ovs"
-    h = add_ns(tag)
-    run = os.path.join(workdir, tag)
+def start_ovs(h, run, tso=False):
+    """A private ovsdb-server + ovs-vswitchd inside namespace h (the PEERS.md
+    recipe); returns the ovs-vsctl command prefix."""
     os.makedirs(run, exist_ok=True)
     env = f"OVS_RUNDIR={run} OVS_DBDIR={run} OVS_LOGDIR={run} OVS_PKGDATADIR=/usr/share/openvswitch"
     db = f"unix:{run}/db.sock"
@@ -167,14 +167,42 @@ def build_ovs(tso, workdir):
     sh(f"{env} ovs-vswitchd {db} --pidfile={run}/vswitchd.pid --detach "
        f"--log-file={run}/vswitchd.log", h)
     PIDFILES.append(f"{run}/vswitchd.pid")
-    sh(f"{env} ovs-vsctl --db={db} add-br br0 -- set bridge br0 datapath_type=netdev", h)
+    return f"{env} ovs-vsctl --db={db}"
+
+
+def build_ovs_cross(_dvs, workdir):
+    """OVS userspace tunnelling: br-phy holds the underlay veth and the
+    host's IP, br-int the VM's internal port and a VXLAN port."""
+    hosts = underlay(["ovsx1", "ovsx2"])
+    vms = []
+    for i, (h, ip, dev) in enumerate(hosts):
+        other = hosts[1 - i][1]
+        vsctl = start_ovs(h, os.path.join(workdir, f"ovsx{i}"))
+        sh(f"{vsctl} add-br br-phy -- set bridge br-phy datapath_type=netdev "
+           f"-- add-port br-phy {dev}", h)
+        sh(f"ip addr flush dev {dev} && ip addr add {ip}/24 dev br-phy && "
+           "ip link set br-phy mtu 1600 up", h)
+        p = f"ovsx{i}p"
+        sh(f"{vsctl} add-br br-int -- set bridge br-int datapath_type=netdev "
+           f"-- add-port br-int vx0 -- set interface vx0 type=vxlan "
+           f"options:remote_ip={other} options:key=5010 "
+           f"-- add-port br-int {p} -- set interface {p} type=internal", h)
+        wait_link(h, p)
+        vms.append(vm_from_link(h, p, f"ovsx{'ab'[i]}", f"10.10.0.{i + 1}"))
+    return vms[0], vms[1], "10.10.0.2"
+
+
+def build_ovs(tso, workdir):
+    tag = "ovst" if tso else "ovs"
+    h = add_ns(tag)
+    vsctl = start_ovs(h, os.path.join(workdir, tag), tso)
+    sh(f"{vsctl} add-br br0 -- set bridge br0 datapath_type=netdev", h)
     vms = []
     for i, s in enumerate("ab"):
         p = f"{tag}p{s}"
-        sh(f"{env} ovs-vsctl --db={db} add-port br0 {p} -- set interface {p} type=internal", h)
+        sh(f"{vsctl} add-port br0 {p} -- set interface {p} type=internal", h)
         wait_link(h, p)
         vms.append(vm_from_link(h, p, f"{tag}{s}", f"10.10.0.{i + 1}"))
-    sh(f"ip link set br0 up", h, check=False)
     return vms[0], vms[1], "10.10.0.2"
 
 
@@ -215,6 +243,7 @@ PATHS = [
     ("OVS userspace + TSO, same host", lambda d, w: build_ovs(True, w)),
     ("dvs, across hosts (VXLAN)", build_dvs_cross),
     ("Linux bridge + vxlan, across hosts", build_bridge_cross),
+    ("OVS userspace + vxlan, across hosts", build_ovs_cross),
 ]
 METRICS = [("TCP Gbit/s", measure_tcp), ("UDP 64B kpps", measure_udp), ("RTT ms", measure_rtt)]
 
@@ -274,7 +303,8 @@ def main():
     for n, ms in med.items():
         print(f"| {n} | {ms['TCP Gbit/s']:.2f} | {ms['UDP 64B kpps']:.0f} | {ms['RTT ms']:.3f} |")
     for ref in ("Linux bridge, same host", "OVS userspace, same host",
-                "OVS userspace + TSO, same host", "Linux bridge + vxlan, across hosts"):
+                "OVS userspace + TSO, same host", "Linux bridge + vxlan, across hosts",
+                "OVS userspace + vxlan, across hosts"):
         if ref not in med:
             continue
         for d in ("dvs, same host", "dvs, across hosts (VXLAN)"):

@@ -106,6 +106,21 @@ pub struct Datapath<P> {
     /// TCP segments from the tunnel being merged for one port with offloads.
     gro: Coalescer,
     gro_dest: Option<Output>,
+    /// VXLAN datagrams of equal size for one destination, sent together
+    /// with UDP GSO when the read batch ends.
+    txq: TxQueue,
+}
+
+/// Datagrams waiting to leave the uplink in one UDP GSO send.
+#[derive(Debug, Default)]
+struct TxQueue {
+    buf: Vec<u8>,
+    dst: Option<SocketAddr>,
+    /// Size of each datagram (all equal but possibly the last).
+    block: usize,
+    count: usize,
+    /// A shorter datagram ended the train: nothing more may join.
+    closed: bool,
 }
 
 impl<P: PortIo> Datapath<P> {
@@ -119,6 +134,10 @@ impl<P: PortIo> Datapath<P> {
             segs: Vec::with_capacity(2 * MAX_READ),
             gro: Coalescer::new(),
             gro_dest: None,
+            txq: TxQueue {
+                buf: Vec::with_capacity(GSO_MAX_BYTES + MAX_READ),
+                ..TxQueue::default()
+            },
         }
     }
 
@@ -163,6 +182,12 @@ impl<P: PortIo> Datapath<P> {
     /// # Errors
     /// A read error other than `WouldBlock` (the port's device failed).
     pub fn poll_port(&mut self, now: Duration, no: PortNo) -> io::Result<usize> {
+        let r = self.switch_port_batch(now, no);
+        self.flush_tx();
+        r
+    }
+
+    fn switch_port_batch(&mut self, now: Duration, no: PortNo) -> io::Result<usize> {
         let mut n = 0;
         while n < BATCH {
             let Some(Some(io)) = self.ports.get_mut(usize::from(no.0)) else {
@@ -191,6 +216,62 @@ impl<P: PortIo> Datapath<P> {
             self.switch_frame(now, Ingress::Port(no), start, end, vnet);
         }
         Ok(n)
+    }
+
+    /// Queue one VXLAN datagram (`vxlan` header + `frame`) for `dst`,
+    /// sending what is queued first when it cannot join.
+    fn queue_tunnel(
+        &mut self,
+        dst: SocketAddr,
+        vxlan_hdr: &[u8; 8],
+        frame: Range<usize>,
+    ) -> io::Result<()> {
+        let len = vxlan::HEADER_LEN + frame.len();
+        let q = &self.txq;
+        let joins = q.dst == Some(dst)
+            && !q.closed
+            && len <= q.block
+            && q.count < GSO_MAX_SEGMENTS
+            && q.buf.len() + len <= GSO_MAX_BYTES;
+        let mut r = Ok(());
+        if !joins {
+            r = self.send_tx();
+            self.txq.dst = Some(dst);
+            self.txq.block = len;
+        }
+        let q = &mut self.txq;
+        q.buf.extend_from_slice(vxlan_hdr);
+        q.buf.extend_from_slice(&self.buf[frame]);
+        q.count += 1;
+        q.closed = len < q.block;
+        r
+    }
+
+    /// Send the queued datagrams, counting a failure against the tunnel.
+    fn flush_tx(&mut self) {
+        if let Err(e) = self.send_tx() {
+            tracing::debug!(error = %e, "VXLAN send failed");
+            self.switch.note_tunnel_tx_error();
+        }
+    }
+
+    fn send_tx(&mut self) -> io::Result<()> {
+        let q = &mut self.txq;
+        let (Some(dst), Some(u)) = (q.dst, &self.uplink) else {
+            q.buf.clear();
+            q.count = 0;
+            return Ok(());
+        };
+        let r = if q.count == 1 {
+            u.socket.send_to(&q.buf, dst).map(drop)
+        } else {
+            sys::send_gso(u.socket.as_raw_fd(), &q.buf, q.block as u16, dst).map(drop)
+        };
+        q.buf.clear();
+        q.count = 0;
+        q.dst = None;
+        q.closed = false;
+        r
     }
 
     /// Switch up to [`BATCH`] receives from the uplink (each may hold
@@ -284,6 +365,7 @@ impl<P: PortIo> Datapath<P> {
         let len = frame.len().min(MAX_READ);
         self.buf[HEADROOM..HEADROOM + len].copy_from_slice(&frame[..len]);
         self.switch_frame(now, ingress, HEADROOM, HEADROOM + len, None);
+        self.flush_tx();
     }
 
     fn switch_frame(
@@ -399,12 +481,8 @@ impl<P: PortIo> Datapath<P> {
                 let Some(u) = &self.uplink else {
                     return Err(io::Error::from(io::ErrorKind::NotConnected));
                 };
-                // The frame always starts at least HEADROOM - 4 bytes in.
-                let h = frame.start - vxlan::HEADER_LEN;
-                self.buf[h..frame.start].copy_from_slice(&vxlan::encode(vni));
-                u.socket
-                    .send_to(&self.buf[h..frame.end], SocketAddr::new(dst, u.remote_port))?;
-                Ok(())
+                let dst = SocketAddr::new(dst, u.remote_port);
+                self.queue_tunnel(dst, &vxlan::encode(vni), frame)
             }
         }
     }
@@ -434,6 +512,8 @@ impl<P: PortIo> Datapath<P> {
                 Ok(())
             }
             Egress::Tunnel { dst, vni } => {
+                // What is queued for the tunnel goes first: order is kept.
+                self.flush_tx();
                 let Some(u) = &self.uplink else {
                     return Err(io::Error::from(io::ErrorKind::NotConnected));
                 };

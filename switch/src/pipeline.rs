@@ -313,6 +313,11 @@ impl Switch {
         }
     }
 
+    /// The driver reports that sending on the uplink failed.
+    pub fn note_tunnel_tx_error(&mut self) {
+        self.tunnel.tx_errors += 1;
+    }
+
     /// The driver completed a checksum the sender had left unfinished on a
     /// frame from `ingress`.
     pub fn note_csum_completed(&mut self, ingress: Ingress) {
