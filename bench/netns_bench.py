@@ -212,18 +212,35 @@ def measure_tcp(a, b, ip, secs):
     try:
         out = sh(f"iperf3 -c {ip} -p 5201 -t {secs} -J", a, timeout=secs + 30)
         j = json.loads(out)
-        return j["end"]["sum_received"]["bits_per_second"] / 1e9
+        return {"TCP Gbit/s": j["end"]["sum_received"]["bits_per_second"] / 1e9}
     finally:
         srv.wait(timeout=10)
 
 
+def ip_in_receives(ns):
+    out = sh("nstat -az IpInReceives", ns)
+    for line in out.splitlines():
+        if line.startswith("IpInReceives"):
+            return int(line.split()[1])
+    return 0
+
+
 def measure_udp(a, b, ip, secs):
+    """UDP 64-byte flood: sent (the client's count, as PEERS.md's figures),
+    delivered into the receiving VM's IP stack (its IpInReceives), and read
+    by the receiving application (sent - lost)."""
     srv = spawn(["iperf3", "-s", "-p", "5202", "-1"], b, os.devnull)
     time.sleep(0.3)
     try:
+        before = ip_in_receives(b)
         out = sh(f"iperf3 -c {ip} -p 5202 -u -b 0 -l 64 -t {secs} -J", a, timeout=secs + 30)
+        delivered = ip_in_receives(b) - before
         s = json.loads(out)["end"]["sum"]
-        return (s["packets"] - s.get("lost_packets", 0)) / s["seconds"] / 1e3
+        return {
+            "UDP sent kpps": s["packets"] / s["seconds"] / 1e3,
+            "UDP delivered kpps": delivered / s["seconds"] / 1e3,
+            "UDP app-rx kpps": (s["packets"] - s.get("lost_packets", 0)) / s["seconds"] / 1e3,
+        }
     finally:
         srv.wait(timeout=10)
 
@@ -232,7 +249,7 @@ def measure_rtt(a, _b, ip, _secs):
     out = sh(f"ping -c 50 -i 0.01 -q {ip}", a, timeout=60)
     for line in out.splitlines():
         if line.startswith("rtt") or line.startswith("round-trip"):
-            return float(line.split("=")[1].split("/")[1])
+            return {"RTT ms": float(line.split("=")[1].split("/")[1])}
     raise RuntimeError(f"no RTT in ping output:\n{out}")
 
 
@@ -245,7 +262,9 @@ PATHS = [
     ("Linux bridge + vxlan, across hosts", build_bridge_cross),
     ("OVS userspace + vxlan, across hosts", build_ovs_cross),
 ]
-METRICS = [("TCP Gbit/s", measure_tcp), ("UDP 64B kpps", measure_udp), ("RTT ms", measure_rtt)]
+MEASURES = [measure_tcp, measure_udp, measure_rtt]
+COLUMNS = ["TCP Gbit/s", "UDP sent kpps", "UDP delivered kpps", "UDP app-rx kpps", "RTT ms"]
+LOWER_IS_BETTER = {"RTT ms"}
 
 
 def cleanup():
@@ -281,39 +300,43 @@ def main():
         keep = {int(x) for x in args.only.split(",")}
         paths = [p for i, p in enumerate(PATHS, 1) if i in keep]
     workdir = tempfile.mkdtemp(prefix="dvs-bench-")
-    results = {name: {m: [] for m, _ in METRICS} for name, _ in paths}
+    results = {name: {c: [] for c in COLUMNS} for name, _ in paths}
     try:
         built = [(name, build(dvs, workdir)) for name, build in paths]
         for _name, (a, _b, ip) in built:
             sh(f"ping -c 3 -i 0.2 -W 2 {ip}", a)
         for r in range(args.rounds):
             for name, (a, b, ip) in built:
-                for m, fn in METRICS:
-                    v = fn(a, b, ip, args.secs)
-                    results[name][m].append(v)
+                for fn in MEASURES:
+                    for c, v in fn(a, b, ip, args.secs).items():
+                        results[name][c].append(v)
                 print(f"round {r + 1}: {name}: " + ", ".join(
-                    f"{m} {results[name][m][-1]:.3f}" for m, _ in METRICS), file=sys.stderr)
+                    f"{c} {results[name][c][-1]:.3f}" for c in COLUMNS), file=sys.stderr)
     finally:
         cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
-    med = {n: {m: statistics.median(v) for m, v in ms.items()} for n, ms in results.items()}
-    print(f"\nmedians of {args.rounds} alternated rounds (iperf3 {args.secs}s, ping 50 x 10ms)\n")
-    print(f"| path | TCP Gbit/s | UDP 64B kpps | RTT ms |")
-    print(f"|---|---|---|---|")
-    for n, ms in med.items():
-        print(f"| {n} | {ms['TCP Gbit/s']:.2f} | {ms['UDP 64B kpps']:.0f} | {ms['RTT ms']:.3f} |")
-    for ref in ("Linux bridge, same host", "OVS userspace, same host",
-                "OVS userspace + TSO, same host", "Linux bridge + vxlan, across hosts",
-                "OVS userspace + vxlan, across hosts"):
-        if ref not in med:
+    med = {n: {c: statistics.median(v) for c, v in cs.items()} for n, cs in results.items()}
+    print(f"\nmedians of {args.rounds} alternated rounds (iperf3 {args.secs} s, ping 50 x 10 ms)\n")
+    print("| path | " + " | ".join(COLUMNS) + " |")
+    print("|---" * (len(COLUMNS) + 1) + "|")
+    for n, cs in med.items():
+        cells = [f"{cs[c]:.3f}" if c in LOWER_IS_BETTER else
+                 (f"{cs[c]:.2f}" if "Gbit" in c else f"{cs[c]:.0f}") for c in COLUMNS]
+        print(f"| {n} | " + " | ".join(cells) + " |")
+    print("\nratios dvs / reference (above 1 is better for dvs; RTT inverted):")
+    for d in ("dvs, same host", "dvs, across hosts (VXLAN)"):
+        if d not in med:
             continue
-        for d in ("dvs, same host", "dvs, across hosts (VXLAN)"):
-            if d not in med or ("across" in ref) != ("across" in d):
+        for ref in med:
+            if ref.startswith("dvs") or ("across" in ref) != ("across" in d):
                 continue
-            t = med[d]["TCP Gbit/s"] / med[ref]["TCP Gbit/s"]
-            u = med[d]["UDP 64B kpps"] / med[ref]["UDP 64B kpps"]
-            rt = med[d]["RTT ms"] / med[ref]["RTT ms"]
-            print(f"{d} / {ref}: TCP x{t:.2f}, UDP pps x{u:.2f}, RTT x{rt:.2f} (lower is better)")
+            parts = []
+            for c in COLUMNS:
+                if med[ref][c] == 0 or med[d][c] == 0:
+                    continue
+                x = med[ref][c] / med[d][c] if c in LOWER_IS_BETTER else med[d][c] / med[ref][c]
+                parts.append(f"{c} x{x:.2f}")
+            print(f"  {d} vs {ref}: " + ", ".join(parts))
     if args.json:
         print(json.dumps(med, indent=2))
 

@@ -115,6 +115,16 @@ impl PortIo for HostPort {
         matches!(self, HostPort::Packet(_))
     }
 
+    fn try_clone(&self) -> io::Result<Self> {
+        Ok(match self {
+            HostPort::Tap { file, offloads } => HostPort::Tap {
+                file: file.try_clone()?,
+                offloads: *offloads,
+            },
+            HostPort::Packet(s) => HostPort::Packet(s.try_clone()?),
+        })
+    }
+
     fn offloads(&self) -> bool {
         matches!(self, HostPort::Tap { offloads: true, .. })
     }
@@ -158,9 +168,13 @@ pub fn build(cfg: &AgentConfig) -> Result<Datapath<HostPort>, Error> {
         Some(t) => Some(Uplink::bind(SocketAddr::new(t.local, t.port), t.port)?),
         None => None,
     };
-    let mut dp = Datapath::new(sw, uplink);
+    let mut dp = Datapath::new(sw, uplink).map_err(|e| Error::io("cloning the VXLAN socket", e))?;
     for (p, no) in cfg.ports.iter().zip(nos) {
-        dp.attach(no, HostPort::open(&p.attach)?);
+        let name = match &p.attach {
+            Attachment::Tap { name, .. } | Attachment::Netdev(name) => name,
+        };
+        dp.attach(no, HostPort::open(&p.attach)?)
+            .map_err(|e| Error::io(format!("duplicating the handle of `{name}`"), e))?;
         tracing::info!(port = %p.port.id, name = %p.port.name, attach = ?p.attach, vlan = ?p.port.vlan, "port up");
     }
     Ok(dp)
@@ -173,6 +187,8 @@ pub fn build(cfg: &AgentConfig) -> Result<Datapath<HostPort>, Error> {
 pub fn run(cfg: &AgentConfig) -> Result<(), Error> {
     sys::catch_terminate().map_err(|e| Error::io("installing signal handlers", e))?;
     let mut dp = build(cfg)?;
+    dp.spawn_transmit()
+        .map_err(|e| Error::io("starting the transmit thread", e))?;
     let start = Instant::now();
     tracing::info!(host = %cfg.host, ports = cfg.ports.len(), segments = cfg.segments.len(), "agent running");
     let fds = dp.fds();
@@ -213,7 +229,7 @@ pub fn run(cfg: &AgentConfig) -> Result<(), Error> {
                 tracing::warn!(error = %e, "{what}");
             }
         }
-        dp.switch.handle_timeout(now);
+        dp.handle_timeout(now);
         if now >= next_stats {
             if let Some(path) = &cfg.stats_file {
                 write_stats(&dp, &cfg.host, now, path);

@@ -1,7 +1,8 @@
-//! The driver around the switch core: reads frames from ports and the VXLAN
-//! socket into one reusable buffer, runs [`Switch::process`], and sends each
-//! output — tagging with a gathered write, encapsulating in the buffer's
-//! headroom. No allocation per frame.
+//! The driver around the switch core, receive side: reads frames from ports
+//! and the VXLAN socket into pooled buffers, runs [`Switch::process`], and
+//! hands each switched frame to the [`transmit`](crate::transmit) side —
+//! inline, or on a thread of its own. No allocation per frame: buffers
+//! circulate between the two sides.
 //!
 //! Ports are anything that implements [`PortIo`]: TAP devices and AF_PACKET
 //! sockets in the agent, in-memory queues in the lab.
@@ -10,14 +11,19 @@ use std::io::{self, IoSlice};
 use std::net::{SocketAddr, UdpSocket};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
+use std::sync::Arc;
+use std::thread::JoinHandle;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use crate::counters::{MacCounters, PortCounters, TunnelCounters};
-use crate::pipeline::{Egress, Ingress, Output, PortNo, Switch};
+use crate::pipeline::{Egress, Ingress, PortNo, Switch};
 use crate::sys::{self, StrippedTag};
-use crate::wire::{self, vxlan, Coalescer, Segments, VnetHdr};
+use crate::transmit::{Job, Msg, Transmit, TxFailure};
+use crate::wire::{self, VnetHdr};
 
 /// Bytes kept free before every received frame: room to re-insert a tag the
 /// kernel stripped and to write a VXLAN header in place.
@@ -59,6 +65,10 @@ pub trait PortIo {
     fn offloads(&self) -> bool {
         false
     }
+    /// A second handle on the same device, for the transmit side.
+    fn try_clone(&self) -> io::Result<Self>
+    where
+        Self: Sized;
 }
 
 /// The VXLAN uplink: a UDP socket on the host's tunnel address.
@@ -89,78 +99,118 @@ impl Uplink {
     }
 }
 
-/// The most datagrams one UDP GSO send carries, and their total size.
-const GSO_MAX_SEGMENTS: usize = 64;
-const GSO_MAX_BYTES: usize = 65_000;
+/// Buffers in flight between the receive and transmit sides.
+const JOBS_IN_FLIGHT: usize = 32;
+
+/// Where switched frames go to be sent.
+#[derive(Debug)]
+enum Tx<P> {
+    /// Sent on the receiving thread (the lab, tests).
+    Inline(Transmit<P>),
+    /// Sent by a transmit thread (the agent) under load; a frame that
+    /// arrives alone while the thread has nothing in flight is sent inline,
+    /// sparing it the hand-over latency.
+    Thread {
+        jobs: SyncSender<Msg<P>>,
+        free: Receiver<Job>,
+        errors: Receiver<TxFailure>,
+        in_flight: Arc<AtomicUsize>,
+        inline: Transmit<P>,
+        handle: Option<JoinHandle<()>>,
+    },
+    /// Moving between the two.
+    Switching,
+}
 
 /// One host's switch with its ports and uplink.
+///
+/// The receive side lives here: it reads a frame into the current job's
+/// buffer, switches it, and hands the job to the transmit side (inline, or
+/// a thread after [`Datapath::spawn_transmit`]).
 #[derive(Debug)]
 pub struct Datapath<P> {
     pub switch: Switch,
     ports: Vec<Option<P>>,
-    uplink: Option<Uplink>,
-    buf: Vec<u8>,
-    out: Vec<Output>,
-    /// Segments of the current GSO frame, each with 8 bytes of VXLAN room.
-    segs: Vec<u8>,
-    /// TCP segments from the tunnel being merged for one port with offloads.
-    gro: Coalescer,
-    gro_dest: Option<Output>,
-    /// VXLAN datagrams of equal size for one destination, sent together
-    /// with UDP GSO when the read batch ends.
-    txq: TxQueue,
-}
-
-/// Datagrams waiting to leave the uplink in one UDP GSO send.
-#[derive(Debug, Default)]
-struct TxQueue {
-    buf: Vec<u8>,
-    dst: Option<SocketAddr>,
-    /// Size of each datagram (all equal but possibly the last).
-    block: usize,
-    count: usize,
-    /// A shorter datagram ended the train: nothing more may join.
-    closed: bool,
+    uplink: Option<UdpSocket>,
+    /// The job being filled by the next read.
+    job: Job,
+    /// A job kept back for reuse.
+    spare: Option<Job>,
+    tx: Tx<P>,
+    /// Frames switched in the current batch.
+    batch_pos: usize,
 }
 
 impl<P: PortIo> Datapath<P> {
-    pub fn new(switch: Switch, uplink: Option<Uplink>) -> Self {
-        Self {
+    /// A datapath that sends on the calling thread.
+    ///
+    /// # Errors
+    /// Cloning the uplink socket for the transmit side failed.
+    pub fn new(switch: Switch, uplink: Option<Uplink>) -> io::Result<Self> {
+        let (rx, tx_uplink) = match uplink {
+            Some(u) => {
+                let tx = Uplink {
+                    socket: u.socket.try_clone()?,
+                    remote_port: u.remote_port,
+                };
+                (Some(u.socket), Some(tx))
+            }
+            None => (None, None),
+        };
+        Ok(Self {
             switch,
             ports: Vec::new(),
-            uplink,
-            buf: vec![0; HEADROOM + MAX_READ],
-            out: Vec::with_capacity(64),
-            segs: Vec::with_capacity(2 * MAX_READ),
-            gro: Coalescer::new(),
-            gro_dest: None,
-            txq: TxQueue {
-                buf: Vec::with_capacity(GSO_MAX_BYTES + MAX_READ),
-                ..TxQueue::default()
-            },
-        }
+            uplink: rx,
+            job: Job::new(),
+            spare: None,
+            tx: Tx::Inline(Transmit::new(tx_uplink)),
+            batch_pos: 0,
+        })
     }
 
-    /// Attach the device of port `no` (already added to the switch).
-    pub fn attach(&mut self, no: PortNo, io: P) {
+    /// Attach the device of port `no` (already added to the switch); the
+    /// transmit side gets a clone of the handle.
+    ///
+    /// # Errors
+    /// Cloning the handle failed.
+    pub fn attach(&mut self, no: PortNo, io: P) -> io::Result<()> {
+        let tx = io.try_clone()?;
+        if let Tx::Thread { inline, .. } = &mut self.tx {
+            inline.attach(no, io.try_clone()?);
+        }
         let i = usize::from(no.0);
         if self.ports.len() <= i {
             self.ports.resize_with(i + 1, || None);
         }
         self.ports[i] = Some(io);
+        match &mut self.tx {
+            Tx::Inline(t) => t.attach(no, tx),
+            Tx::Thread { jobs, .. } => {
+                let _ = jobs.send(Msg::Attach(no, tx));
+            }
+            Tx::Switching => {}
+        }
+        Ok(())
     }
 
     /// Detach and return the device of port `no`.
     pub fn detach(&mut self, no: PortNo) -> Option<P> {
+        match &mut self.tx {
+            Tx::Inline(t) => {
+                t.detach(no);
+            }
+            Tx::Thread { jobs, inline, .. } => {
+                inline.flush();
+                inline.detach(no);
+                let _ = jobs.send(Msg::Detach(no));
+            }
+            Tx::Switching => {}
+        }
         self.ports.get_mut(usize::from(no.0))?.take()
     }
 
     pub fn port_io(&mut self, no: PortNo) -> Option<&mut P> {
         self.ports.get_mut(usize::from(no.0))?.as_mut()
-    }
-
-    pub fn uplink(&self) -> Option<&Uplink> {
-        self.uplink.as_ref()
     }
 
     /// The fds to wait on: each port's (with its number), then the uplink's.
@@ -172,9 +222,28 @@ impl<P: PortIo> Datapath<P> {
             .filter_map(|(i, p)| Some((Some(PortNo(i as u16)), p.as_ref()?.raw_fd()?)))
             .collect();
         if let Some(u) = &self.uplink {
-            v.push((None, u.socket.as_raw_fd()));
+            v.push((None, u.as_raw_fd()));
         }
         v
+    }
+
+    /// Run timers due at `now` and collect the transmit side's failures
+    /// into the switch's counters.
+    pub fn handle_timeout(&mut self, now: Duration) {
+        self.switch.handle_timeout(now);
+        let failures: Vec<TxFailure> = match &mut self.tx {
+            Tx::Inline(t) => t.errors.drain(..).collect(),
+            Tx::Thread { errors, inline, .. } => {
+                inline.errors.drain(..).chain(errors.try_iter()).collect()
+            }
+            Tx::Switching => Vec::new(),
+        };
+        for f in failures {
+            match f {
+                TxFailure::Port(no) => self.switch.note_tx_error(Egress::Port(no)),
+                TxFailure::Tunnel => self.switch.note_tunnel_tx_error(),
+            }
+        }
     }
 
     /// Switch up to [`BATCH`] frames waiting on port `no`; returns how many.
@@ -182,8 +251,9 @@ impl<P: PortIo> Datapath<P> {
     /// # Errors
     /// A read error other than `WouldBlock` (the port's device failed).
     pub fn poll_port(&mut self, now: Duration, no: PortNo) -> io::Result<usize> {
+        self.batch_pos = 0;
         let r = self.switch_port_batch(now, no);
-        self.flush_tx();
+        self.end_batch();
         r
     }
 
@@ -193,13 +263,14 @@ impl<P: PortIo> Datapath<P> {
             let Some(Some(io)) = self.ports.get_mut(usize::from(no.0)) else {
                 return Ok(n);
             };
-            let meta = match io.recv(&mut self.buf[HEADROOM..]) {
+            let buf = &mut self.job.buf;
+            let meta = match io.recv(&mut buf[HEADROOM..]) {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(n),
                 Err(e) if e.kind() == io::ErrorKind::InvalidData => {
                     // Too big for the buffer: the pipeline counts it as oversized.
                     RxMeta {
-                        len: self.buf.len() - HEADROOM,
+                        len: buf.len() - HEADROOM,
                         ..RxMeta::default()
                     }
                 }
@@ -209,69 +280,13 @@ impl<P: PortIo> Datapath<P> {
             let mut start = HEADROOM;
             let mut vnet = meta.vnet;
             if let Some(t) = meta.tag {
-                start = wire::push_tag(&mut self.buf, start, t.tpid, t.tci).unwrap_or(start);
+                start = wire::push_tag(buf, start, t.tpid, t.tci).unwrap_or(start);
                 vnet = vnet.map(|h| h.shifted(wire::TAG_LEN as i32));
             }
             let end = HEADROOM + meta.len;
-            self.switch_frame(now, Ingress::Port(no), start, end, vnet);
+            self.switch_frame(now, Ingress::Port(no), start..end, vnet);
         }
         Ok(n)
-    }
-
-    /// Queue one VXLAN datagram (`vxlan` header + `frame`) for `dst`,
-    /// sending what is queued first when it cannot join.
-    fn queue_tunnel(
-        &mut self,
-        dst: SocketAddr,
-        vxlan_hdr: &[u8; 8],
-        frame: Range<usize>,
-    ) -> io::Result<()> {
-        let len = vxlan::HEADER_LEN + frame.len();
-        let q = &self.txq;
-        let joins = q.dst == Some(dst)
-            && !q.closed
-            && len <= q.block
-            && q.count < GSO_MAX_SEGMENTS
-            && q.buf.len() + len <= GSO_MAX_BYTES;
-        let mut r = Ok(());
-        if !joins {
-            r = self.send_tx();
-            self.txq.dst = Some(dst);
-            self.txq.block = len;
-        }
-        let q = &mut self.txq;
-        q.buf.extend_from_slice(vxlan_hdr);
-        q.buf.extend_from_slice(&self.buf[frame]);
-        q.count += 1;
-        q.closed = len < q.block;
-        r
-    }
-
-    /// Send the queued datagrams, counting a failure against the tunnel.
-    fn flush_tx(&mut self) {
-        if let Err(e) = self.send_tx() {
-            tracing::debug!(error = %e, "VXLAN send failed");
-            self.switch.note_tunnel_tx_error();
-        }
-    }
-
-    fn send_tx(&mut self) -> io::Result<()> {
-        let q = &mut self.txq;
-        let (Some(dst), Some(u)) = (q.dst, &self.uplink) else {
-            q.buf.clear();
-            q.count = 0;
-            return Ok(());
-        };
-        let r = if q.count == 1 {
-            u.socket.send_to(&q.buf, dst).map(drop)
-        } else {
-            sys::send_gso(u.socket.as_raw_fd(), &q.buf, q.block as u16, dst).map(drop)
-        };
-        q.buf.clear();
-        q.count = 0;
-        q.dst = None;
-        q.closed = false;
-        r
     }
 
     /// Switch up to [`BATCH`] receives from the uplink (each may hold
@@ -280,116 +295,83 @@ impl<P: PortIo> Datapath<P> {
     /// # Errors
     /// A receive error other than `WouldBlock`.
     pub fn poll_uplink(&mut self, now: Duration) -> io::Result<usize> {
+        self.batch_pos = 0;
+        let r = self.switch_uplink_batch(now);
+        self.end_batch();
+        r
+    }
+
+    fn switch_uplink_batch(&mut self, now: Duration) -> io::Result<usize> {
         let mut n = 0;
         while n < BATCH {
             let Some(u) = &self.uplink else { return Ok(n) };
-            let (len, from, seg) =
-                match sys::recv_gro(u.socket.as_raw_fd(), &mut self.buf[HEADROOM..]) {
-                    Ok(r) => r,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(n),
-                    Err(e) => return Err(e),
-                };
+            let (len, from, seg) = match sys::recv_gro(u.as_raw_fd(), &mut self.job.buf[HEADROOM..])
+            {
+                Ok(r) => r,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(n),
+                Err(e) => return Err(e),
+            };
             n += 1;
             let ingress = Ingress::Tunnel { src: from.ip() };
             let seg = seg.unwrap_or(len).max(1);
+            if seg >= len || !matches!(self.tx, Tx::Thread { .. }) {
+                // Inline, datagrams are switched where they lie.
+                let mut at = HEADROOM;
+                while at < HEADROOM + len {
+                    let end = (at + seg).min(HEADROOM + len);
+                    self.switch_frame(now, ingress, at..end, None);
+                    at = end;
+                }
+                continue;
+            }
+            // To the transmit thread, each datagram goes in a job of its own.
+            let next = self.next_job();
+            let train = std::mem::replace(&mut self.job, next);
             let mut at = HEADROOM;
             while at < HEADROOM + len {
                 let end = (at + seg).min(HEADROOM + len);
-                self.switch_frame(now, ingress, at, end, None);
+                let d = end - at;
+                self.job.buf[HEADROOM..HEADROOM + d].copy_from_slice(&train.buf[at..end]);
+                self.switch_frame(now, ingress, HEADROOM..HEADROOM + d, None);
                 at = end;
             }
+            self.spare = Some(train);
         }
-        self.flush_gro();
         Ok(n)
-    }
-
-    /// Send the frame the coalescer holds, if any.
-    fn flush_gro(&mut self) {
-        let Some(dest) = self.gro_dest.take() else {
-            return;
-        };
-        let Some((frame, hdr)) = self.gro.take() else {
-            return;
-        };
-        let Egress::Port(no) = dest.egress else {
-            return;
-        };
-        let Some(Some(io)) = self.ports.get_mut(usize::from(no.0)) else {
-            return;
-        };
-        let hdr = if dest.tag.is_some() {
-            hdr.shifted(wire::TAG_LEN as i32)
-        } else {
-            hdr
-        };
-        if let Err(e) = send_tagged(io, Some(&hdr), frame, dest.tag) {
-            tracing::debug!(error = %e, port = no.0, "send of a coalesced frame failed");
-            self.switch.note_tx_error(dest.egress);
-        }
-    }
-
-    /// Offer a frame from the tunnel to the coalescer when it goes to one
-    /// port with offloads alone; true when the coalescer took it. Anything
-    /// else first flushes what is held, so that frames stay in order.
-    fn coalesce(&mut self, frame: Range<usize>) -> bool {
-        let dest = match self.out.as_slice() {
-            [o @ Output {
-                egress: Egress::Port(no),
-                ..
-            }] if self
-                .ports
-                .get(usize::from(no.0))
-                .and_then(Option::as_ref)
-                .is_some_and(PortIo::offloads) =>
-            {
-                *o
-            }
-            _ => {
-                self.flush_gro();
-                return false;
-            }
-        };
-        if self.gro_dest == Some(dest) && self.gro.offer(&self.buf[frame.clone()]) {
-            return true;
-        }
-        self.flush_gro();
-        if self.gro.offer(&self.buf[frame]) {
-            self.gro_dest = Some(dest);
-            return true;
-        }
-        false
     }
 
     /// Inject a frame as if it came from `ingress` (announcements, tests).
     pub fn inject(&mut self, now: Duration, ingress: Ingress, frame: &[u8]) {
+        self.batch_pos = 0;
         let len = frame.len().min(MAX_READ);
-        self.buf[HEADROOM..HEADROOM + len].copy_from_slice(&frame[..len]);
-        self.switch_frame(now, ingress, HEADROOM, HEADROOM + len, None);
-        self.flush_tx();
+        self.job.buf[HEADROOM..HEADROOM + len].copy_from_slice(&frame[..len]);
+        self.switch_frame(now, ingress, HEADROOM..HEADROOM + len, None);
+        self.end_batch();
     }
 
     fn switch_frame(
         &mut self,
         now: Duration,
         ingress: Ingress,
-        start: usize,
-        end: usize,
+        range: Range<usize>,
         vnet: Option<VnetHdr>,
     ) {
+        let (start, end) = (range.start, range.end);
+        let job = &mut self.job;
         let p = self
             .switch
-            .process(now, ingress, &mut self.buf[start..end], &mut self.out);
+            .process(now, ingress, &mut job.buf[start..end], &mut job.out);
         let frame = start + p.frame.start..start + p.frame.end;
         if let crate::pipeline::Verdict::Drop(reason) = p.verdict {
             tracing::debug!(?ingress, ?reason, len = end - start, "drop");
         }
-        if self.out.is_empty() {
+        if job.out.is_empty() {
             return;
         }
         // Offsets in the virtio-net header follow the tags the pipeline removed.
         let removed = (end - start) - frame.len();
-        let mut vnet = vnet.map(|h| h.shifted(-(removed as i32)));
-        if vnet.is_none() {
+        job.vnet = vnet.map(|h| h.shifted(-(removed as i32)));
+        if job.vnet.is_none() {
             let partial = match ingress {
                 Ingress::Tunnel { .. } => true,
                 Ingress::Port(no) => self
@@ -398,146 +380,95 @@ impl<P: PortIo> Datapath<P> {
                     .and_then(Option::as_ref)
                     .is_some_and(PortIo::partial_checksums),
             };
-            if partial && wire::complete_partial_checksum(&mut self.buf[frame.clone()]) {
+            if partial && wire::complete_partial_checksum(&mut job.buf[frame.clone()]) {
                 self.switch.note_csum_completed(ingress);
             }
         }
-        if matches!(ingress, Ingress::Tunnel { .. }) && self.coalesce(frame.clone()) {
-            return;
-        }
-        let mut segments = None;
-        for i in 0..self.out.len() {
-            let o = self.out[i];
-            if let Err(e) = self.send_one(o, frame.clone(), &mut vnet, &mut segments) {
-                tracing::debug!(error = %e, egress = ?o.egress, "send failed");
-                self.switch.note_tx_error(o.egress);
+        job.frame = frame;
+        job.from_tunnel = matches!(ingress, Ingress::Tunnel { .. });
+        let first = self.batch_pos == 0;
+        self.batch_pos += 1;
+        match &mut self.tx {
+            Tx::Inline(t) => {
+                t.send(&mut self.job);
+                self.job.out.clear();
             }
-        }
-    }
-
-    /// Send one output. `vnet` is the frame's offload state (a checksum is
-    /// finished in place at most once); `segments` the frame cut for
-    /// destinations without offloads (done at most once).
-    fn send_one(
-        &mut self,
-        o: Output,
-        frame: Range<usize>,
-        vnet: &mut Option<VnetHdr>,
-        segments: &mut Option<Segments>,
-    ) -> io::Result<()> {
-        let to_offload_port = match o.egress {
-            Egress::Port(no) => self
-                .ports
-                .get(usize::from(no.0))
-                .and_then(Option::as_ref)
-                .is_some_and(PortIo::offloads),
-            Egress::Tunnel { .. } => false,
-        };
-        if !to_offload_port {
-            if let Some(h) = *vnet {
-                if h.is_gso() {
-                    if segments.is_none() {
-                        let seg = wire::segment_tcp(
-                            &self.buf[frame.clone()],
-                            usize::from(h.gso_size),
-                            vxlan::HEADER_LEN,
-                            &mut self.segs,
-                        )
-                        .map_err(|e| io::Error::new(io::ErrorKind::InvalidData, e))?;
-                        *segments = Some(seg);
-                    }
-                    return self.send_segments(o, segments.unwrap_or_else(|| unreachable!()));
-                }
-                if h.needs_csum() {
-                    let f = &mut self.buf[frame.clone()];
-                    wire::complete_checksum_at(
-                        f,
-                        usize::from(h.csum_start),
-                        usize::from(h.csum_offset),
-                    );
-                    *vnet = Some(VnetHdr {
-                        flags: VnetHdr::F_DATA_VALID,
-                        ..h
-                    });
+            Tx::Thread {
+                inline, in_flight, ..
+            } if first && in_flight.load(Ordering::Acquire) == 0 => {
+                inline.send(&mut self.job);
+                self.job.out.clear();
+            }
+            Tx::Thread {
+                inline, in_flight, ..
+            } => {
+                // What went inline leaves before anything is handed over.
+                inline.flush();
+                in_flight.fetch_add(1, Ordering::AcqRel);
+                let next = self.next_job();
+                let job = std::mem::replace(&mut self.job, next);
+                if let Tx::Thread { jobs, .. } = &self.tx {
+                    let _ = jobs.send(Msg::Frame(job));
                 }
             }
-        }
-        match o.egress {
-            Egress::Port(no) => {
-                let Some(Some(io)) = self.ports.get_mut(usize::from(no.0)) else {
-                    return Err(io::Error::from(io::ErrorKind::NotConnected));
-                };
-                let hdr = to_offload_port.then(|| {
-                    let h = vnet.unwrap_or_default();
-                    if o.tag.is_some() {
-                        h.shifted(wire::TAG_LEN as i32)
-                    } else {
-                        h
-                    }
-                });
-                send_tagged(io, hdr.as_ref(), &self.buf[frame], o.tag)
-            }
-            Egress::Tunnel { dst, vni } => {
-                let Some(u) = &self.uplink else {
-                    return Err(io::Error::from(io::ErrorKind::NotConnected));
-                };
-                let dst = SocketAddr::new(dst, u.remote_port);
-                self.queue_tunnel(dst, &vxlan::encode(vni), frame)
-            }
+            Tx::Switching => self.job.out.clear(),
         }
     }
 
-    /// Send the segments of a GSO frame to one output that cannot take it
-    /// whole: a port without offloads (one write each) or the tunnel (UDP
-    /// GSO: one system call for up to 64 datagrams).
-    fn send_segments(&mut self, o: Output, s: Segments) -> io::Result<()> {
-        let block_range = |i: usize| {
-            let len = if i + 1 == s.count { s.last } else { s.block };
-            i * s.block..i * s.block + len
+    /// An empty job: the spare, one the transmit thread gave back (waiting
+    /// for it when all are in flight), or a new one.
+    fn next_job(&mut self) -> Job {
+        if let Some(j) = self.spare.take() {
+            return j;
+        }
+        match &self.tx {
+            Tx::Thread { free, .. } => free.recv().unwrap_or_default(),
+            _ => Job::new(),
+        }
+    }
+
+    /// Move the transmit side to a thread of its own: from now on a frame is
+    /// read and switched here while the previous one is being sent there.
+    ///
+    /// # Errors
+    /// The thread could not be started.
+    pub fn spawn_transmit(&mut self) -> io::Result<()>
+    where
+        P: Send + 'static,
+    {
+        let Tx::Inline(mut inline) = std::mem::replace(&mut self.tx, Tx::Switching) else {
+            return Ok(());
         };
-        match o.egress {
-            Egress::Port(no) => {
-                let Some(Some(io)) = self.ports.get_mut(usize::from(no.0)) else {
-                    return Err(io::Error::from(io::ErrorKind::NotConnected));
-                };
-                for i in 0..s.count {
-                    let b = block_range(i);
-                    send_tagged(
-                        io,
-                        None,
-                        &self.segs[b.start + vxlan::HEADER_LEN..b.end],
-                        o.tag,
-                    )?;
-                }
-                Ok(())
-            }
-            Egress::Tunnel { dst, vni } => {
-                // What is queued for the tunnel goes first: order is kept.
-                self.flush_tx();
-                let Some(u) = &self.uplink else {
-                    return Err(io::Error::from(io::ErrorKind::NotConnected));
-                };
-                let hdr = vxlan::encode(vni);
-                for i in 0..s.count {
-                    let b = block_range(i);
-                    self.segs[b.start..b.start + vxlan::HEADER_LEN].copy_from_slice(&hdr);
-                }
-                let dst = SocketAddr::new(dst, u.remote_port);
-                let per_call = (GSO_MAX_BYTES / s.block).clamp(1, GSO_MAX_SEGMENTS);
-                let mut i = 0;
-                while i < s.count {
-                    let n = per_call.min(s.count - i);
-                    let bytes = block_range(i).start..block_range(i + n - 1).end;
-                    let chunk = &self.segs[bytes];
-                    if n == 1 {
-                        u.socket.send_to(chunk, dst)?;
-                    } else {
-                        sys::send_gso(u.socket.as_raw_fd(), chunk, s.block as u16, dst)?;
-                    }
-                    i += n;
-                }
-                Ok(())
-            }
+        // The thread gets a transmit side of its own; the inline one stays.
+        let t = inline.try_clone()?;
+        inline.flush();
+        let in_flight = Arc::new(AtomicUsize::new(0));
+        let counter = in_flight.clone();
+        let (jobs_tx, jobs_rx) = sync_channel(JOBS_IN_FLIGHT + 64);
+        let (free_tx, free_rx) = sync_channel(JOBS_IN_FLIGHT);
+        let (err_tx, err_rx) = sync_channel(1024);
+        for _ in 1..JOBS_IN_FLIGHT {
+            let _ = free_tx.try_send(Job::new());
+        }
+        let handle = std::thread::Builder::new()
+            .name("dvs-transmit".into())
+            .spawn(move || t.serve(jobs_rx, free_tx, err_tx, counter))?;
+        self.tx = Tx::Thread {
+            jobs: jobs_tx,
+            free: free_rx,
+            errors: err_rx,
+            in_flight,
+            inline,
+            handle: Some(handle),
+        };
+        Ok(())
+    }
+
+    /// The end of a batch: send what the inline side's batches hold.
+    fn end_batch(&mut self) {
+        match &mut self.tx {
+            Tx::Inline(t) | Tx::Thread { inline: t, .. } => t.flush(),
+            Tx::Switching => {}
         }
     }
 
@@ -571,27 +502,17 @@ impl<P: PortIo> Datapath<P> {
     }
 }
 
-/// Write `frame` to `io`, inserting an 802.1Q tag with TCI `tag` after the
-/// MACs when given, and the virtio-net header `hdr` before it when given.
-fn send_tagged<P: PortIo>(
-    io: &mut P,
-    hdr: Option<&VnetHdr>,
-    frame: &[u8],
-    tag: Option<u16>,
-) -> io::Result<()> {
-    match tag {
-        None => io.send(hdr, &[IoSlice::new(frame)]),
-        Some(tci) => {
-            let t = wire::vlan_tag(tci);
-            let split = wire::MACS_LEN.min(frame.len());
-            io.send(
-                hdr,
-                &[
-                    IoSlice::new(&frame[..split]),
-                    IoSlice::new(&t),
-                    IoSlice::new(&frame[split..]),
-                ],
-            )
+impl<P> Drop for Datapath<P> {
+    fn drop(&mut self) {
+        if let Tx::Thread {
+            jobs,
+            handle: Some(h),
+            ..
+        } = std::mem::replace(&mut self.tx, Tx::Switching)
+        {
+            // Closing the job channel ends the thread.
+            drop(jobs);
+            let _ = h.join();
         }
     }
 }

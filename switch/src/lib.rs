@@ -8,7 +8,10 @@
 //! - [`config`]: the static agent file (`dvs agent --config`), validated whole;
 //! - [`sys`]: the system calls (TAP devices, AF_PACKET sockets, UDP batching)
 //!   — the only module allowed `unsafe`;
-//! - [`agent`]: the driver that wires the core to ports and the VXLAN socket.
+//! - [`datapath`] and [`transmit`]: the driver that wires the core to ports
+//!   and the VXLAN socket — receive and switch on one thread, send on
+//!   another;
+//! - [`agent`]: the static agent built on them.
 //!
 //! What this crate must not do: talk to the controller's store, or read the
 //! clock or touch I/O inside `pipeline`.
@@ -22,6 +25,7 @@ pub mod datapath;
 pub mod mactable;
 pub mod pipeline;
 pub mod sys;
+pub mod transmit;
 pub mod wire;
 
 pub use counters::{DropReason, PortCounters, TunnelCounters};

@@ -414,6 +414,13 @@ impl PacketSocket {
         Ok((n, tag))
     }
 
+    /// A second handle on the same socket (for another thread).
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            fd: self.fd.try_clone()?,
+        })
+    }
+
     /// Send `parts` (gathered) as one frame out of the interface.
     pub fn send(&self, parts: &[io::IoSlice<'_>]) -> io::Result<usize> {
         writev(self.fd.as_raw_fd(), parts)

@@ -274,6 +274,10 @@ impl PortIo for MemPort {
     fn raw_fd(&self) -> Option<RawFd> {
         None
     }
+
+    fn try_clone(&self) -> io::Result<Self> {
+        Ok(MemPort(self.0.clone()))
+    }
 }
 
 /// The VM side of an in-memory port (a smoltcp device).
@@ -397,7 +401,12 @@ impl Lab {
                     socket,
                     remote_port: port,
                 }),
-            );
+            )
+            .map_err(|source| LabError::Bind {
+                host: name.clone(),
+                addr: SocketAddr::new(tunnels[i], port),
+                source,
+            })?;
             let mut ports = Vec::new();
             for (j, (vlan, _)) in VLANS.iter().enumerate() {
                 let n = vms.len() as u32 + 1;
@@ -411,7 +420,7 @@ impl Lab {
                     })
                     .map_err(|e| LabError::Switch(name.clone(), e))?;
                 let wire = Rc::new(RefCell::new(Wire::default()));
-                dp.attach(no, MemPort(wire.clone()));
+                let _ = dp.attach(no, MemPort(wire.clone()));
                 ports.push(no);
                 let mac = [2, 0xd5, 0, 0, i as u8 + 1, j as u8 + 1];
                 let ip = Ipv4Address::new(10, 0, 0, n as u8);
@@ -481,7 +490,7 @@ impl Lab {
                 busy += h.dp.poll_port(now, *no).unwrap_or(0);
             }
             busy += h.dp.poll_uplink(now).unwrap_or(0);
-            h.dp.switch.handle_timeout(now);
+            h.dp.handle_timeout(now);
         }
         let t = SmolInstant::from_micros(now.as_micros() as i64);
         for vm in &mut self.vms {
