@@ -100,7 +100,9 @@ impl Uplink {
 }
 
 /// Buffers in flight between the receive and transmit sides.
-const JOBS_IN_FLIGHT: usize = 32;
+const JOBS_IN_FLIGHT: usize = 64;
+/// Jobs handed to the transmit thread at once (fewer wake-ups).
+const HANDOVER: usize = 16;
 
 /// Where switched frames go to be sent.
 #[derive(Debug)]
@@ -112,8 +114,12 @@ enum Tx<P> {
     /// sparing it the hand-over latency.
     Thread {
         jobs: SyncSender<Msg<P>>,
-        free: Receiver<Job>,
+        free: Receiver<Vec<Job>>,
         errors: Receiver<TxFailure>,
+        /// Switched jobs not yet handed over.
+        outbox: Vec<Job>,
+        /// Free jobs given back.
+        stash: Vec<Job>,
         in_flight: Arc<AtomicUsize>,
         inline: Transmit<P>,
         handle: Option<JoinHandle<()>>,
@@ -399,16 +405,16 @@ impl<P: PortIo> Datapath<P> {
                 inline.send(&mut self.job);
                 self.job.out.clear();
             }
-            Tx::Thread {
-                inline, in_flight, ..
-            } => {
+            Tx::Thread { inline, .. } => {
                 // What went inline leaves before anything is handed over.
                 inline.flush();
-                in_flight.fetch_add(1, Ordering::AcqRel);
                 let next = self.next_job();
                 let job = std::mem::replace(&mut self.job, next);
-                if let Tx::Thread { jobs, .. } = &self.tx {
-                    let _ = jobs.send(Msg::Frame(job));
+                if let Tx::Thread { outbox, .. } = &mut self.tx {
+                    outbox.push(job);
+                    if outbox.len() >= HANDOVER {
+                        self.hand_over();
+                    }
                 }
             }
             Tx::Switching => self.job.out.clear(),
@@ -421,10 +427,55 @@ impl<P: PortIo> Datapath<P> {
         if let Some(j) = self.spare.take() {
             return j;
         }
-        match &self.tx {
-            Tx::Thread { free, .. } => free.recv().unwrap_or_default(),
-            _ => Job::new(),
+        let Tx::Thread { stash, .. } = &mut self.tx else {
+            return Job::new();
+        };
+        if let Some(j) = stash.pop() {
+            return j;
         }
+        // Out of jobs: what waits in the outbox goes first, then wait for a
+        // batch to come back.
+        self.hand_over();
+        let Tx::Thread { stash, free, .. } = &mut self.tx else {
+            return Job::new();
+        };
+        match free.recv() {
+            Ok(mut batch) => {
+                let j = batch.pop().unwrap_or_default();
+                stash.append(&mut batch);
+                j
+            }
+            Err(_) => Job::new(),
+        }
+    }
+
+    /// Hand the outbox to the transmit thread.
+    fn hand_over(&mut self) {
+        let Tx::Thread {
+            outbox,
+            jobs,
+            in_flight,
+            free,
+            stash,
+            ..
+        } = &mut self.tx
+        else {
+            return;
+        };
+        if outbox.is_empty() {
+            return;
+        }
+        // The next outbox: an empty vector that came back, or a new one.
+        let next = match free.try_recv() {
+            Ok(mut batch) => {
+                stash.append(&mut batch);
+                batch
+            }
+            Err(_) => Vec::with_capacity(HANDOVER),
+        };
+        let batch = std::mem::replace(outbox, next);
+        in_flight.fetch_add(batch.len(), Ordering::AcqRel);
+        let _ = jobs.send(Msg::Frames(batch));
     }
 
     /// Move the transmit side to a thread of its own: from now on a frame is
@@ -447,9 +498,7 @@ impl<P: PortIo> Datapath<P> {
         let (jobs_tx, jobs_rx) = sync_channel(JOBS_IN_FLIGHT + 64);
         let (free_tx, free_rx) = sync_channel(JOBS_IN_FLIGHT);
         let (err_tx, err_rx) = sync_channel(1024);
-        for _ in 1..JOBS_IN_FLIGHT {
-            let _ = free_tx.try_send(Job::new());
-        }
+        let stash: Vec<Job> = (1..JOBS_IN_FLIGHT).map(|_| Job::new()).collect();
         let handle = std::thread::Builder::new()
             .name("dvs-transmit".into())
             .spawn(move || t.serve(jobs_rx, free_tx, err_tx, counter))?;
@@ -457,6 +506,8 @@ impl<P: PortIo> Datapath<P> {
             jobs: jobs_tx,
             free: free_rx,
             errors: err_rx,
+            outbox: Vec::with_capacity(HANDOVER),
+            stash,
             in_flight,
             inline,
             handle: Some(handle),
@@ -464,8 +515,10 @@ impl<P: PortIo> Datapath<P> {
         Ok(())
     }
 
-    /// The end of a batch: send what the inline side's batches hold.
+    /// The end of a batch: hand over the outbox; send what the inline
+    /// side's batches hold.
     fn end_batch(&mut self) {
+        self.hand_over();
         match &mut self.tx {
             Tx::Inline(t) | Tx::Thread { inline: t, .. } => t.flush(),
             Tx::Switching => {}

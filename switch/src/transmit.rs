@@ -59,7 +59,10 @@ impl Default for Job {
 /// What the receive side tells the transmit thread.
 #[derive(Debug)]
 pub enum Msg<P> {
-    Frame(Job),
+    /// Switched frames, in order. The vector comes back on the free channel
+    /// holding the sent jobs, so that neither jobs nor vectors are allocated
+    /// in steady state.
+    Frames(Vec<Job>),
     Attach(PortNo, P),
     Detach(PortNo),
 }
@@ -169,7 +172,7 @@ impl<P: PortIo> Transmit<P> {
     pub fn serve(
         mut self,
         jobs: Receiver<Msg<P>>,
-        free: SyncSender<Job>,
+        free: SyncSender<Vec<Job>>,
         errors: SyncSender<TxFailure>,
         in_flight: Arc<AtomicUsize>,
     ) {
@@ -187,15 +190,18 @@ impl<P: PortIo> Transmit<P> {
                 Err(TryRecvError::Disconnected) => return,
             };
             match msg {
-                Msg::Frame(mut job) => {
-                    self.send(&mut job);
-                    if in_flight.load(Ordering::Acquire) == 1 {
+                Msg::Frames(mut batch) => {
+                    for job in &mut batch {
+                        self.send(job);
+                        job.out.clear();
+                    }
+                    let n = batch.len();
+                    if in_flight.load(Ordering::Acquire) == n {
                         self.flush();
                     }
-                    in_flight.fetch_sub(1, Ordering::Release);
-                    job.out.clear();
-                    // The receive side may be gone; the buffer is then dropped.
-                    let _ = free.try_send(job);
+                    in_flight.fetch_sub(n, Ordering::Release);
+                    // The receive side may be gone; the buffers are then dropped.
+                    let _ = free.try_send(batch);
                 }
                 Msg::Attach(no, io) => self.attach(no, io),
                 Msg::Detach(no) => {
