@@ -27,7 +27,8 @@ pub enum HostPort {
     /// `offloads`, frames carry virtio-net headers (checksum and TSO
     /// offloads pass through).
     Tap { file: File, offloads: bool },
-    /// An interface somebody else made, through AF_PACKET.
+    /// An interface somebody else made, through AF_PACKET with virtio-net
+    /// headers (its owner's offloads pass through, GSO frames included).
     Packet(PacketSocket),
 }
 
@@ -83,36 +84,43 @@ impl PortIo for HostPort {
                 })
             }
             HostPort::Packet(s) => {
-                let (len, tag) = s.recv(buf)?;
+                let mut hdr = [0u8; VnetHdr::BASE_LEN];
+                let (len, tag) = s.recv(&mut hdr, buf)?;
                 Ok(RxMeta {
                     len,
                     tag,
-                    vnet: None,
+                    vnet: Some(VnetHdr::decode(&hdr)),
                 })
             }
         }
     }
 
     fn send(&mut self, vnet: Option<&VnetHdr>, parts: &[IoSlice<'_>]) -> io::Result<()> {
+        let hdr = vnet.copied().unwrap_or_default().encode();
+        let with_hdr = |len: usize| {
+            let mut v = [IoSlice::new(&[]); 4];
+            v[0] = IoSlice::new(&hdr[..len]);
+            let n = parts.len().min(3);
+            v[1..=n].copy_from_slice(&parts[..n]);
+            (v, n + 1)
+        };
         match self {
-            HostPort::Tap { file, offloads } => {
-                if *offloads {
-                    let hdr = vnet.copied().unwrap_or_default().encode();
-                    let mut v = [IoSlice::new(&[]); 4];
-                    v[0] = IoSlice::new(&hdr);
-                    let n = parts.len().min(3);
-                    v[1..=n].copy_from_slice(&parts[..n]);
-                    sys::writev(file.as_raw_fd(), &v[..=n]).map(drop)
-                } else {
-                    sys::writev(file.as_raw_fd(), parts).map(drop)
-                }
+            HostPort::Tap {
+                file,
+                offloads: true,
+            } => {
+                let (v, n) = with_hdr(VnetHdr::LEN);
+                sys::writev(file.as_raw_fd(), &v[..n]).map(drop)
             }
-            HostPort::Packet(s) => s.send(parts).map(drop),
+            HostPort::Tap {
+                file,
+                offloads: false,
+            } => sys::writev(file.as_raw_fd(), parts).map(drop),
+            HostPort::Packet(s) => {
+                let (v, n) = with_hdr(VnetHdr::BASE_LEN);
+                s.send(&v[..n]).map(drop)
+            }
         }
-    }
-
-    fn partial_checksums(&self) -> bool {
-        matches!(self, HostPort::Packet(_))
     }
 
     fn try_clone(&self) -> io::Result<Self> {
@@ -126,7 +134,10 @@ impl PortIo for HostPort {
     }
 
     fn offloads(&self) -> bool {
-        matches!(self, HostPort::Tap { offloads: true, .. })
+        matches!(
+            self,
+            HostPort::Tap { offloads: true, .. } | HostPort::Packet(_)
+        )
     }
 
     fn raw_fd(&self) -> Option<RawFd> {
@@ -180,6 +191,9 @@ pub fn build(cfg: &AgentConfig) -> Result<Datapath<HostPort>, Error> {
     Ok(dp)
 }
 
+/// Empty non-blocking polls after traffic before the agent sleeps.
+const SPINS: u32 = 32;
+
 /// Run the agent of `cfg` until SIGTERM or SIGINT.
 ///
 /// # Errors
@@ -201,6 +215,7 @@ pub fn run(cfg: &AgentConfig) -> Result<(), Error> {
         })
         .collect();
     let mut next_stats = Duration::ZERO;
+    let mut spins = 0;
     while !sys::terminate_requested() {
         let now = start.elapsed();
         let wait = dp
@@ -209,8 +224,20 @@ pub fn run(cfg: &AgentConfig) -> Result<(), Error> {
             .min(next_stats)
             .saturating_sub(now)
             .min(Duration::from_millis(200));
-        sys::poll(&mut pollfds, wait.as_millis() as i32)
-            .map_err(|e| Error::io("waiting for frames", e))?;
+        // Under load, look again at once a few times before sleeping: a
+        // sleeping switch costs every sender a wake-up.
+        let timeout = if spins > 0 {
+            0
+        } else {
+            wait.as_millis() as i32
+        };
+        let ready =
+            sys::poll(&mut pollfds, timeout).map_err(|e| Error::io("waiting for frames", e))?;
+        spins = if ready > 0 {
+            SPINS
+        } else {
+            spins.saturating_sub(1)
+        };
         let now = start.elapsed();
         for (pfd, (port, _)) in pollfds.iter_mut().zip(&fds) {
             if pfd.revents == 0 {

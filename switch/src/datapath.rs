@@ -55,8 +55,8 @@ pub trait PortIo {
     /// The fd to wait on, when the port has one.
     fn raw_fd(&self) -> Option<RawFd>;
     /// Whether received frames may carry checksums a sender's offload left
-    /// unfinished without saying so (a raw socket on a veth or a VMM's tap
-    /// does; a TAP with or without virtio-net headers does not).
+    /// unfinished without saying so (a raw socket without virtio-net
+    /// headers on a veth would; TAPs and our AF_PACKET sockets do not).
     fn partial_checksums(&self) -> bool {
         false
     }

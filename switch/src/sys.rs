@@ -336,6 +336,14 @@ impl PacketSocket {
             libc::PACKET_AUXDATA,
             &1i32,
         )?;
+        // Frames carry a virtio-net header: GSO frames and partial checksums
+        // of the owner's offloads are described instead of arriving unfinished.
+        setsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_PACKET,
+            libc::PACKET_VNET_HDR,
+            &1i32,
+        )?;
         setsockopt(
             fd.as_raw_fd(),
             libc::SOL_PACKET,
@@ -357,28 +365,39 @@ impl PacketSocket {
         Ok(Self { fd })
     }
 
-    /// Receive one frame into `buf`; returns its length and the VLAN tag the
-    /// kernel stripped from it, if any. `WouldBlock` when nothing is queued.
-    pub fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, Option<StrippedTag>)> {
-        let mut iov = libc::iovec {
-            iov_base: buf.as_mut_ptr().cast(),
-            iov_len: buf.len(),
-        };
+    /// Receive one frame into `buf` and its 10-byte virtio-net header into
+    /// `vnet`; returns the frame's length and the VLAN tag the kernel
+    /// stripped from it, if any. `WouldBlock` when nothing is queued.
+    pub fn recv(
+        &self,
+        vnet: &mut [u8; 10],
+        buf: &mut [u8],
+    ) -> io::Result<(usize, Option<StrippedTag>)> {
+        let mut iov = [
+            libc::iovec {
+                iov_base: vnet.as_mut_ptr().cast(),
+                iov_len: vnet.len(),
+            },
+            libc::iovec {
+                iov_base: buf.as_mut_ptr().cast(),
+                iov_len: buf.len(),
+            },
+        ];
         // Room for one cmsg carrying a tpacket_auxdata, 8-byte aligned.
         let mut cbuf = [0u64; 8];
         // SAFETY: msghdr is plain data; all-zero is valid.
         let mut msg: libc::msghdr = unsafe { mem::zeroed() };
-        msg.msg_iov = &mut iov;
-        msg.msg_iovlen = 1;
+        msg.msg_iov = iov.as_mut_ptr();
+        msg.msg_iovlen = iov.len();
         msg.msg_control = cbuf.as_mut_ptr().cast();
         msg.msg_controllen = mem::size_of_val(&cbuf);
-        // SAFETY: msg points to live buffers (iov → buf, control → cbuf) whose
-        // sizes are given; the kernel writes within them.
+        // SAFETY: msg points to live buffers (iov → vnet and buf, control →
+        // cbuf) whose sizes are given; the kernel writes within them.
         let n = unsafe { libc::recvmsg(self.fd.as_raw_fd(), &mut msg, libc::MSG_TRUNC) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        let n = n as usize;
+        let n = (n as usize).saturating_sub(vnet.len());
         if n > buf.len() {
             return Err(io::Error::new(
                 io::ErrorKind::InvalidData,
@@ -421,7 +440,8 @@ impl PacketSocket {
         })
     }
 
-    /// Send `parts` (gathered) as one frame out of the interface.
+    /// Send `parts` (gathered) as one frame out of the interface; the first
+    /// part must be the 10-byte virtio-net header.
     pub fn send(&self, parts: &[io::IoSlice<'_>]) -> io::Result<usize> {
         writev(self.fd.as_raw_fd(), parts)
     }

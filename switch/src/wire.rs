@@ -297,7 +297,10 @@ pub struct VnetHdr {
 }
 
 impl VnetHdr {
+    /// With `num_buffers` (TAP with `TUNSETVNETHDRSZ` 12).
     pub const LEN: usize = 12;
+    /// Without it (`struct virtio_net_hdr`, AF_PACKET's `PACKET_VNET_HDR`).
+    pub const BASE_LEN: usize = 10;
     pub const F_NEEDS_CSUM: u8 = 1;
     pub const F_DATA_VALID: u8 = 2;
     pub const GSO_NONE: u8 = 0;
@@ -305,7 +308,12 @@ impl VnetHdr {
     pub const GSO_TCPV6: u8 = 4;
     pub const GSO_ECN: u8 = 0x80;
 
-    pub fn decode(b: &[u8; Self::LEN]) -> Self {
+    /// Read the header from the first 10 bytes of `b` (all zero when `b` is
+    /// shorter).
+    pub fn decode(b: &[u8]) -> Self {
+        let Some(b) = b.get(..Self::BASE_LEN) else {
+            return Self::default();
+        };
         let le = |i: usize| u16::from_le_bytes([b[i], b[i + 1]]);
         VnetHdr {
             flags: b[0],

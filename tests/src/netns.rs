@@ -277,6 +277,9 @@ pub struct VmSpec {
     pub vlan: &'static str,
     /// The VM's address with prefix, if it has one.
     pub addr: Option<&'static str>,
+    /// Attach through a veth pair the test makes (`netdev:` in the agent
+    /// file, AF_PACKET) instead of a TAP the agent creates.
+    pub veth: bool,
 }
 
 /// A VM that lives in a namespace, its NIC named `eth0`.
@@ -363,6 +366,41 @@ impl Fabric {
                 .collect::<Vec<_>>()
                 .join(", ")
         };
+        // VMs on veth pairs exist before their agent attaches to them.
+        for vm in vms.iter().filter(|v| v.veth) {
+            let host = &host_ns[vm.host];
+            let ns = fabric.topo.add_ns(&format!("v{}", vm.name));
+            let (h, v) = (
+                fabric.topo.name(&format!("n{}", vm.name)),
+                fabric.topo.name(&format!("e{}", vm.name)),
+            );
+            fabric.topo.sh(
+                "",
+                &format!("ip link add {h} netns {host} type veth peer name {v} netns {ns}"),
+            );
+            fabric.topo.sh(host, &format!("ip link set {h} up"));
+            let mut script = format!("ip link set {v} name eth0 && ip link set eth0 mtu 1500 up");
+            if let Some(a) = vm.addr {
+                let _ = write!(script, " && ip addr add {a} dev eth0");
+            }
+            fabric.topo.sh(&ns, &script);
+            let mac = fabric
+                .topo
+                .sh(&ns, "cat /sys/class/net/eth0/address")
+                .trim()
+                .to_string();
+            fabric.vms.push((
+                vm.name,
+                Vm {
+                    ns,
+                    mac,
+                    ip: vm
+                        .addr
+                        .map(|a| a.split('/').next().unwrap_or(a).to_string()),
+                    host: vm.host,
+                },
+            ));
+        }
         for (i, ns) in host_ns.iter().take(hosts).enumerate() {
             let label = format!("agent-h{}", i + 1);
             let stats = fabric.topo.dir.join(format!("h{}-stats.json", i + 1));
@@ -381,12 +419,16 @@ impl Fabric {
             }
             y.push_str("ports:\n");
             for (k, vm) in vms.iter().enumerate().filter(|(_, v)| v.host == i) {
+                let dev = if vm.veth {
+                    format!("netdev: {}", fabric.topo.name(&format!("n{}", vm.name)))
+                } else {
+                    format!("tap: {}", fabric.topo.name(&format!("t{}", vm.name)))
+                };
                 let _ = writeln!(
                     y,
-                    "  - {{ id: {}, name: {}, tap: {}, vlan: {} }}",
+                    "  - {{ id: {}, name: {}, {dev}, vlan: {} }}",
                     k + 1,
                     vm.name,
-                    fabric.topo.name(&format!("t{}", vm.name)),
                     vm.vlan
                 );
             }
@@ -409,7 +451,7 @@ impl Fabric {
                 stats,
             });
         }
-        for vm in vms {
+        for vm in vms.iter().filter(|v| !v.veth) {
             let host = fabric.hosts[vm.host].clone();
             let tap = fabric.topo.name(&format!("t{}", vm.name));
             let ok = wait_for(Duration::from_secs(10), || {

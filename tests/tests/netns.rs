@@ -19,7 +19,14 @@ fn access(host: usize, name: &'static str, vlan: u16, addr: &'static str) -> VmS
             _ => unreachable!("the fabric has VLANs 10 and 20"),
         },
         addr: Some(addr),
+        veth: false,
     }
+}
+
+/// A VM behind a veth pair that the agent attaches to with AF_PACKET.
+fn on_veth(mut vm: VmSpec) -> VmSpec {
+    vm.veth = true;
+    vm
 }
 
 /// Run an iperf3 TCP test from VM `client` to VM `server` for `secs`;
@@ -264,6 +271,7 @@ fn trunk_port_carries_tags_on_the_wire() {
                 name: "t",
                 vlan: "{ mode: trunk, allowed: [10, 20], native: 10 }",
                 addr: Some("10.10.0.1/24"),
+                veth: false,
             },
             access(1, "a", 10, "10.10.0.2/24"),
             access(1, "b", 20, "10.20.0.2/24"),
@@ -419,6 +427,71 @@ fn interoperates_with_the_linux_vxlan_device() {
     );
     let s = f.stats(0);
     assert_eq!(s["tunnel"]["drops"], serde_json::json!({}), "{s}");
+}
+
+#[test]
+fn vms_on_veth_attached_with_af_packet_carry_tcp_and_tags() {
+    if !e2e_ready(TOOLS) {
+        return;
+    }
+    // a: an access port on a veth (AF_PACKET, the VM's TSO and checksum
+    // offloads on); t: a trunk on a veth, whose tags the kernel strips into
+    // PACKET_AUXDATA; b and c: TAP VMs on the other host.
+    let mut f = Fabric::new(
+        2,
+        &[
+            on_veth(access(0, "a", 10, "10.10.0.1/24")),
+            on_veth(VmSpec {
+                host: 0,
+                name: "t",
+                vlan: "{ mode: trunk, allowed: [10, 20], native: 10 }",
+                addr: Some("10.10.0.5/24"),
+                veth: false,
+            }),
+            access(1, "b", 10, "10.10.0.2/24"),
+            access(1, "c", 20, "10.20.0.2/24"),
+        ],
+        &[],
+    );
+    assert_eq!(f.ping("a", "10.10.0.2", 3).1, 3, "{}", f.topo.logs());
+    assert_eq!(f.ping("t", "10.10.0.2", 2).1, 2);
+    let bytes = iperf_tcp(&mut f, "a", "b", 2);
+    assert!(
+        bytes > 10_000_000,
+        "TCP from the veth VM moved only {bytes} bytes"
+    );
+    let bytes = iperf_tcp(&mut f, "b", "a", 2);
+    assert!(
+        bytes > 10_000_000,
+        "TCP to the veth VM moved only {bytes} bytes"
+    );
+    // A VLAN 20 frame from the trunk VM keeps its tag through AF_PACKET:
+    // c answers its ARP, and the answer goes back tagged.
+    nft_vlan_counters(&f, "t", &[20]);
+    let t_mac = f.vm("t").mac.clone();
+    let arp = arp_request(&t_mac, "10.20.0.1", "10.20.0.2");
+    send_raw(
+        &f,
+        "t",
+        "ff:ff:ff:ff:ff:ff",
+        &[(0x8100, 20)],
+        0x0806,
+        &arp,
+        1,
+    );
+    let c_ns = f.vm("c").ns.clone();
+    assert!(
+        wait_for(Duration::from_secs(3), || f
+            .topo
+            .sh(&c_ns, "ip neigh show 10.20.0.1")
+            .contains(&t_mac)),
+        "the tagged ARP from the veth trunk never reached VLAN 20"
+    );
+    assert!(wait_for(Duration::from_secs(2), || nft_count(
+        &f,
+        "t",
+        "vlan id 20"
+    ) > 0));
 }
 
 #[test]
