@@ -379,27 +379,7 @@ impl Fabric {
                 &format!("ip link add {h} netns {host} type veth peer name {v} netns {ns}"),
             );
             fabric.topo.sh(host, &format!("ip link set {h} up"));
-            let mut script = format!("ip link set {v} name eth0 && ip link set eth0 mtu 1500 up");
-            if let Some(a) = vm.addr {
-                let _ = write!(script, " && ip addr add {a} dev eth0");
-            }
-            fabric.topo.sh(&ns, &script);
-            let mac = fabric
-                .topo
-                .sh(&ns, "cat /sys/class/net/eth0/address")
-                .trim()
-                .to_string();
-            fabric.vms.push((
-                vm.name,
-                Vm {
-                    ns,
-                    mac,
-                    ip: vm
-                        .addr
-                        .map(|a| a.split('/').next().unwrap_or(a).to_string()),
-                    host: vm.host,
-                },
-            ));
+            fabric.adopt_nic(vm.name, vm.host, ns, &v, vm.addr);
         }
         for (i, ns) in host_ns.iter().take(hosts).enumerate() {
             let label = format!("agent-h{}", i + 1);
@@ -471,27 +451,7 @@ impl Fabric {
             fabric
                 .topo
                 .sh(&host.ns, &format!("ip link set {tap} netns {ns}"));
-            let mut script = format!("ip link set {tap} name eth0 && ip link set eth0 mtu 1500 up");
-            if let Some(a) = vm.addr {
-                let _ = write!(script, " && ip addr add {a} dev eth0");
-            }
-            fabric.topo.sh(&ns, &script);
-            let mac = fabric
-                .topo
-                .sh(&ns, "cat /sys/class/net/eth0/address")
-                .trim()
-                .to_string();
-            fabric.vms.push((
-                vm.name,
-                Vm {
-                    ns,
-                    mac,
-                    ip: vm
-                        .addr
-                        .map(|a| a.split('/').next().unwrap_or(a).to_string()),
-                    host: vm.host,
-                },
-            ));
+            fabric.adopt_nic(vm.name, vm.host, ns, &tap, vm.addr);
         }
         fabric
     }
@@ -538,26 +498,33 @@ impl Fabric {
             );
             self.topo
                 .sh(ns, &format!("ip link set {a} master br{vlan} up"));
-            self.topo.sh(
-                &vm_ns,
-                &format!("ip link set {b} name eth0 && ip addr add {addr} dev eth0 && ip link set eth0 up"),
-            );
-            let mac = self
-                .topo
-                .sh(&vm_ns, "cat /sys/class/net/eth0/address")
-                .trim()
-                .to_string();
-            self.vms.push((
-                name,
-                Vm {
-                    ns: vm_ns,
-                    mac,
-                    ip: Some(addr.split('/').next().unwrap_or(addr).to_string()),
-                    host: index,
-                },
-            ));
+            self.adopt_nic(name, index, vm_ns, &b, Some(addr));
         }
         self.kernel_host = Some(ns.to_string());
+    }
+
+    /// Make `link` (already in namespace `ns`) the NIC `eth0` of VM `name`
+    /// on host `host`, with `addr`, and record the VM.
+    fn adopt_nic(
+        &mut self,
+        name: &'static str,
+        host: usize,
+        ns: String,
+        link: &str,
+        addr: Option<&'static str>,
+    ) {
+        let mut script = format!("ip link set {link} name eth0 && ip link set eth0 mtu 1500 up");
+        if let Some(a) = addr {
+            let _ = write!(script, " && ip addr add {a} dev eth0");
+        }
+        self.topo.sh(&ns, &script);
+        let mac = self
+            .topo
+            .sh(&ns, "cat /sys/class/net/eth0/address")
+            .trim()
+            .to_string();
+        let ip = addr.map(|a| a.split('/').next().unwrap_or(a).to_string());
+        self.vms.push((name, Vm { ns, mac, ip, host }));
     }
 
     pub fn vm(&self, name: &str) -> &Vm {
