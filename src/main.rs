@@ -31,10 +31,23 @@ enum Command {
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=8))]
         hosts: u8,
     },
-    /// Run one host's switch (datapath + agent).
+    /// Run one host's switch (datapath + agent) until SIGTERM.
+    #[command(
+        long_about = "Run one host's switch (datapath + agent) until SIGTERM or SIGINT.\n\n\
+        The static file names the host, its VXLAN address, the VLAN segments it \
+        stretches to other hosts and the ports (a TAP the agent creates, or an \
+        existing interface it attaches to):\n\n\
+        host: h1\n\
+        tunnel: { local: 10.0.0.1 }\n\
+        stats_file: /run/dvs/h1-stats.json\n\
+        segments:\n  - { vlan: 10, vni: 5010, peers: [10.0.0.2] }\n\
+        ports:\n  - { id: veth1, name: web1, tap: dvs-web1, vlan: { mode: access, id: 10 } }\n  \
+        - { id: veth2, name: fw1, netdev: vnet3, vlan: { mode: trunk, allowed: [10, 20-30], native: 10 } }\n\n\
+        The whole file is checked before anything is opened. Logs go to stderr \
+        (DVS_LOG=info for more); counters are rewritten to stats_file every second."
+    )]
     Agent {
-        /// A static YAML file describing the host's ports, VLANs, tunnel and
-        /// peers (no controller). See `dvs_switch::config` for the format.
+        /// The host's static YAML file (no controller).
         #[arg(long, value_name = "FILE")]
         config: PathBuf,
     },

@@ -91,3 +91,26 @@ fn unknown_commands_fail_with_usage() {
     assert_eq!(code, 2);
     assert!(err.contains("unrecognized subcommand"), "{err}");
 }
+
+/// The agent files users copy from the README and from `dvs agent --help`
+/// are valid.
+#[test]
+fn documented_agent_files_parse() {
+    let readme = include_str!("../../README.md");
+    let start = readme
+        .find("```yaml\n# h1.yaml")
+        .expect("README has the h1.yaml example")
+        + 8;
+    let len = readme[start..].find("```").expect("the example block ends");
+    dvs_switch::config::AgentConfig::parse(&readme[start..start + len])
+        .unwrap_or_else(|e| panic!("README's agent file: {e}"));
+
+    let (code, help, _) = dvs(&["agent", "--help"]);
+    assert_eq!(code, 0);
+    let start = help.find("host: h1").expect("the help shows an agent file");
+    let len = help[start..]
+        .find("\n\n")
+        .expect("the example ends with a blank line");
+    dvs_switch::config::AgentConfig::parse(&help[start..start + len])
+        .unwrap_or_else(|e| panic!("the help's agent file: {e}"));
+}

@@ -7,7 +7,16 @@ use std::time::Duration;
 
 use dvs_tests::netns::{e2e_ready, wait_for, Fabric, VmSpec};
 
-const TOOLS: &[&str] = &["ip", "ping", "iperf3", "nft", "/usr/bin/python3"];
+const TOOLS: &[&str] = &[
+    "ip",
+    "ss",
+    "sysctl",
+    "/bin/kill",
+    "ping",
+    "iperf3",
+    "nft",
+    "/usr/bin/python3",
+];
 
 fn access(host: usize, name: &'static str, vlan: u16, addr: &'static str) -> VmSpec {
     VmSpec {
