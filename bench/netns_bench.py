@@ -13,6 +13,7 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -24,6 +25,8 @@ PREFIX = f"dvsb{os.getpid() % 10000}"
 NAMESPACES = []
 PROCS = []
 PIDFILES = []
+# The switch processes behind each path, by the client VM's namespace.
+SWITCH_PIDS = {}
 
 
 def sh(cmd, ns=None, check=True, capture=True, timeout=120):
@@ -96,27 +99,30 @@ def dvs_agent(dvs, host_ns, name, local, peers, taps, workdir):
     for i, tap in enumerate(taps):
         lines.append(f"  - {{ id: {i + 1}, name: p{i}, tap: {tap}, offloads: {OFFLOADS}, vlan: {{ mode: access, id: 10 }} }}")
     open(cfg, "w").write("\n".join(lines) + "\n")
-    spawn([dvs, "agent", "--config", cfg], host_ns, os.path.join(workdir, f"{name}.log"))
+    p = spawn([dvs, "agent", "--config", cfg], host_ns, os.path.join(workdir, f"{name}.log"))
     for t in taps:
         wait_link(host_ns, t)
+    return p.pid
 
 
 def build_dvs_same(dvs, workdir):
     h = add_ns("dvs1")
     taps = [f"{PREFIX}da", f"{PREFIX}db"]
-    dvs_agent(dvs, h, "dvs-same", None, [], taps, workdir)
+    pid = dvs_agent(dvs, h, "dvs-same", None, [], taps, workdir)
     a = vm_from_link(h, taps[0], "dvs1a", "10.10.0.1")
     b = vm_from_link(h, taps[1], "dvs1b", "10.10.0.2")
+    SWITCH_PIDS[a] = [pid]
     return a, b, "10.10.0.2"
 
 
 def build_dvs_cross(dvs, workdir):
     (h1, ip1, _), (h2, ip2, _) = underlay(["dvsx1", "dvsx2"])
     t1, t2 = f"{PREFIX}xa", f"{PREFIX}xb"
-    dvs_agent(dvs, h1, "dvs-x1", ip1, [ip2], [t1], workdir)
-    dvs_agent(dvs, h2, "dvs-x2", ip2, [ip1], [t2], workdir)
+    pids = [dvs_agent(dvs, h1, "dvs-x1", ip1, [ip2], [t1], workdir),
+            dvs_agent(dvs, h2, "dvs-x2", ip2, [ip1], [t2], workdir)]
     a = vm_from_link(h1, t1, "dvsxa", "10.10.0.1")
     b = vm_from_link(h2, t2, "dvsxb", "10.10.0.2")
+    SWITCH_PIDS[a] = pids
     return a, b, "10.10.0.2"
 
 
@@ -167,7 +173,8 @@ def start_ovs(h, run, tso=False):
     sh(f"{env} ovs-vswitchd {db} --pidfile={run}/vswitchd.pid --detach "
        f"--log-file={run}/vswitchd.log", h)
     PIDFILES.append(f"{run}/vswitchd.pid")
-    return f"{env} ovs-vsctl --db={db}"
+    pid = int(open(f"{run}/vswitchd.pid").read().strip())
+    return f"{env} ovs-vsctl --db={db}", pid
 
 
 def build_ovs_cross(_dvs, workdir):
@@ -175,9 +182,11 @@ def build_ovs_cross(_dvs, workdir):
     host's IP, br-int the VM's internal port and a VXLAN port."""
     hosts = underlay(["ovsx1", "ovsx2"])
     vms = []
+    pids = []
     for i, (h, ip, dev) in enumerate(hosts):
         other = hosts[1 - i][1]
-        vsctl = start_ovs(h, os.path.join(workdir, f"ovsx{i}"))
+        vsctl, pid = start_ovs(h, os.path.join(workdir, f"ovsx{i}"))
+        pids.append(pid)
         sh(f"{vsctl} add-br br-phy -- set bridge br-phy datapath_type=netdev "
            f"-- add-port br-phy {dev}", h)
         sh(f"ip addr flush dev {dev} && ip addr add {ip}/24 dev br-phy && "
@@ -189,13 +198,14 @@ def build_ovs_cross(_dvs, workdir):
            f"-- add-port br-int {p} -- set interface {p} type=internal", h)
         wait_link(h, p)
         vms.append(vm_from_link(h, p, f"ovsx{'ab'[i]}", f"10.10.0.{i + 1}"))
+    SWITCH_PIDS[vms[0]] = pids
     return vms[0], vms[1], "10.10.0.2"
 
 
 def build_ovs(tso, workdir):
     tag = "ovst" if tso else "ovs"
     h = add_ns(tag)
-    vsctl = start_ovs(h, os.path.join(workdir, tag), tso)
+    vsctl, pid = start_ovs(h, os.path.join(workdir, tag), tso)
     sh(f"{vsctl} add-br br0 -- set bridge br0 datapath_type=netdev", h)
     vms = []
     for i, s in enumerate("ab"):
@@ -203,6 +213,7 @@ def build_ovs(tso, workdir):
         sh(f"{vsctl} add-port br0 {p} -- set interface {p} type=internal", h)
         wait_link(h, p)
         vms.append(vm_from_link(h, p, f"{tag}{s}", f"10.10.0.{i + 1}"))
+    SWITCH_PIDS[vms[0]] = [pid]
     return vms[0], vms[1], "10.10.0.2"
 
 
@@ -245,6 +256,35 @@ def measure_udp(a, b, ip, secs):
         srv.wait(timeout=10)
 
 
+def cpu_ticks(pids):
+    """User + system CPU ticks of whole processes (all their threads)."""
+    total = 0
+    for pid in pids:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        total += int(fields[11]) + int(fields[12])
+    return total
+
+
+def measure_cpu(a, b, ip, secs):
+    """CPU the switch processes spend per packet of a UDP 64-byte stream at
+    a fixed 100 kpps (nothing dropped): the switch's own efficiency, apart
+    from how a flood shares the cores. Kernel switches have no process to
+    charge, so the column stays empty for them."""
+    pids = SWITCH_PIDS.get(a)
+    if not pids:
+        return {}
+    srv = spawn(["iperf3", "-s", "-p", "5203", "-1"], b, os.devnull)
+    time.sleep(0.3)
+    try:
+        before = cpu_ticks(pids)
+        out = sh(f"iperf3 -c {ip} -p 5203 -u -b 51.2M -l 64 -t {secs} -J", a, timeout=secs + 30)
+        ticks = cpu_ticks(pids) - before
+        packets = json.loads(out)["end"]["sum"]["packets"]
+        return {"switch CPU us/pkt": ticks / os.sysconf("SC_CLK_TCK") / packets * 1e6}
+    finally:
+        srv.wait(timeout=10)
+
+
 def measure_rtt(a, _b, ip, _secs):
     out = sh(f"ping -c 50 -i 0.01 -q {ip}", a, timeout=60)
     for line in out.splitlines():
@@ -262,9 +302,10 @@ PATHS = [
     ("Linux bridge + vxlan, across hosts", build_bridge_cross),
     ("OVS userspace + vxlan, across hosts", build_ovs_cross),
 ]
-MEASURES = [measure_tcp, measure_udp, measure_rtt]
-COLUMNS = ["TCP Gbit/s", "UDP sent kpps", "UDP delivered kpps", "UDP app-rx kpps", "RTT ms"]
-LOWER_IS_BETTER = {"RTT ms"}
+MEASURES = [measure_tcp, measure_udp, measure_cpu, measure_rtt]
+COLUMNS = ["TCP Gbit/s", "UDP sent kpps", "UDP delivered kpps", "UDP app-rx kpps",
+           "switch CPU us/pkt", "RTT ms"]
+LOWER_IS_BETTER = {"RTT ms", "switch CPU us/pkt"}
 
 
 def cleanup():
@@ -287,6 +328,8 @@ def cleanup():
 
 
 def main():
+    # SIGTERM and SIGINT still run the cleanup in `finally`.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--secs", type=int, default=3, help="seconds per iperf3 test")
@@ -311,16 +354,18 @@ def main():
                     for c, v in fn(a, b, ip, args.secs).items():
                         results[name][c].append(v)
                 print(f"round {r + 1}: {name}: " + ", ".join(
-                    f"{c} {results[name][c][-1]:.3f}" for c in COLUMNS), file=sys.stderr)
+                    f"{c} {results[name][c][-1]:.3f}" for c in COLUMNS if results[name][c]),
+                    file=sys.stderr)
     finally:
         cleanup()
         shutil.rmtree(workdir, ignore_errors=True)
-    med = {n: {c: statistics.median(v) for c, v in cs.items()} for n, cs in results.items()}
+    med = {n: {c: statistics.median(v) if v else None for c, v in cs.items()}
+           for n, cs in results.items()}
     print(f"\nmedians of {args.rounds} alternated rounds (iperf3 {args.secs} s, ping 50 x 10 ms)\n")
     print("| path | " + " | ".join(COLUMNS) + " |")
     print("|---" * (len(COLUMNS) + 1) + "|")
     for n, cs in med.items():
-        cells = [f"{cs[c]:.3f}" if c in LOWER_IS_BETTER else
+        cells = ["-" if cs[c] is None else f"{cs[c]:.3f}" if c in LOWER_IS_BETTER else
                  (f"{cs[c]:.2f}" if "Gbit" in c else f"{cs[c]:.0f}") for c in COLUMNS]
         print(f"| {n} | " + " | ".join(cells) + " |")
     print("\nratios dvs / reference (above 1 is better for dvs; RTT inverted):")
@@ -332,7 +377,7 @@ def main():
                 continue
             parts = []
             for c in COLUMNS:
-                if med[ref][c] == 0 or med[d][c] == 0:
+                if not med[ref][c] or not med[d][c]:
                     continue
                 x = med[ref][c] / med[d][c] if c in LOWER_IS_BETTER else med[d][c] / med[ref][c]
                 parts.append(f"{c} x{x:.2f}")

@@ -2,7 +2,7 @@
 //!
 //! Organisation: [`ids`] holds identities (port IDs `vethN`), [`net`] the
 //! network newtypes ([`VlanId`], [`Vni`], [`MacAddr`], [`VlanSet`]) and the
-//! port's VLAN mode ([`VlanMode`]). Each type is built only through a checked
+//! port's VLAN mode ([`VlanMode`]), [`acl`] access-control rules. Each type is built only through a checked
 //! constructor (`new`, `TryFrom`, `FromStr`, or serde, which goes through the
 //! same checks), so a value that exists is valid: code past the edge never
 //! re-checks a VLAN range.
@@ -11,9 +11,11 @@
 
 #![forbid(unsafe_code)]
 
+pub mod acl;
 pub mod ids;
 pub mod net;
 
+pub use acl::{AclRule, Action};
 pub use ids::PortId;
 pub use net::{MacAddr, VlanId, VlanMode, VlanSet, Vni};
 
@@ -38,4 +40,10 @@ pub enum Error {
     NativeNotAllowed { native: u16, allowed: String },
     #[error("port ID `{0}` is not valid: expected vethN with N in 1..=4294967295")]
     PortIdSyntax(String),
+    #[error("{at}, {field}: {msg}")]
+    Rule {
+        at: String,
+        field: String,
+        msg: String,
+    },
 }

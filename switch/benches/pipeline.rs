@@ -15,7 +15,7 @@ use std::time::Duration;
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dvs_proto::{MacAddr, PortId, VlanId, VlanMode, Vni};
-use dvs_switch::{wire, Ingress, PortConfig, PortNo, SegmentConfig, Switch, SwitchConfig};
+use dvs_switch::{wire, Ingress, PortAcl, PortConfig, PortNo, SegmentConfig, Switch, SwitchConfig};
 
 /// Counts every allocation, to prove the steady state allocates nothing.
 struct Counting;
@@ -65,6 +65,7 @@ fn switch() -> Switch {
             id: PortId::new(i).unwrap(),
             name: format!("p{i}"),
             vlan: mode,
+            acl: PortAcl::default(),
         })
         .unwrap();
     }

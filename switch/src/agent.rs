@@ -191,9 +191,6 @@ pub fn build(cfg: &AgentConfig) -> Result<Datapath<HostPort>, Error> {
     Ok(dp)
 }
 
-/// Empty non-blocking polls after traffic before the agent sleeps.
-const SPINS: u32 = 32;
-
 /// Run the agent of `cfg` until SIGTERM or SIGINT.
 ///
 /// # Errors
@@ -215,7 +212,6 @@ pub fn run(cfg: &AgentConfig) -> Result<(), Error> {
         })
         .collect();
     let mut next_stats = Duration::ZERO;
-    let mut spins = 0;
     while !sys::terminate_requested() {
         let now = start.elapsed();
         let wait = dp
@@ -224,20 +220,8 @@ pub fn run(cfg: &AgentConfig) -> Result<(), Error> {
             .min(next_stats)
             .saturating_sub(now)
             .min(Duration::from_millis(200));
-        // Under load, look again at once a few times before sleeping: a
-        // sleeping switch costs every sender a wake-up.
-        let timeout = if spins > 0 {
-            0
-        } else {
-            wait.as_millis() as i32
-        };
-        let ready =
-            sys::poll(&mut pollfds, timeout).map_err(|e| Error::io("waiting for frames", e))?;
-        spins = if ready > 0 {
-            SPINS
-        } else {
-            spins.saturating_sub(1)
-        };
+        sys::poll(&mut pollfds, wait.as_millis() as i32)
+            .map_err(|e| Error::io("waiting for frames", e))?;
         let now = start.elapsed();
         for (pfd, (port, _)) in pollfds.iter_mut().zip(&fds) {
             if pfd.revents == 0 {

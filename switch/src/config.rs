@@ -28,11 +28,12 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dvs_proto::{MacAddr, PortId, VlanId, VlanMode, Vni};
+use dvs_proto::acl::RawRule;
+use dvs_proto::{AclRule, MacAddr, PortId, VlanId, VlanMode, Vni};
 use serde::Deserialize;
 
 use crate::mactable::MacTableConfig;
-use crate::pipeline::{PortConfig, SegmentConfig};
+use crate::pipeline::{PortAcl, PortConfig, SegmentConfig};
 use crate::Error;
 
 /// A validated agent file.
@@ -135,6 +136,19 @@ struct RawPort {
     #[serde(default)]
     offloads: Option<bool>,
     vlan: VlanMode,
+    #[serde(default)]
+    acl: RawAcl,
+}
+
+/// A port's access lists as written: `acl: { in: [rules], out: [rules] }`
+/// (`in`: traffic into the VM, `out`: traffic the VM sends).
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawAcl {
+    #[serde(default, rename = "in")]
+    inbound: Vec<RawRule>,
+    #[serde(default, rename = "out")]
+    outbound: Vec<RawRule>,
 }
 
 #[derive(Deserialize)]
@@ -246,11 +260,24 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
         if !devs.insert(dev.clone()) {
             return Err(format!("{at}: interface `{dev}` is used by another port"));
         }
+        let acl = PortAcl {
+            inbound: AclRule::list_from_raw(&p.acl.inbound, &format!("{at}, acl.in"))
+                .map_err(|e| e.to_string())?,
+            outbound: AclRule::list_from_raw(&p.acl.outbound, &format!("{at}, acl.out"))
+                .map_err(|e| e.to_string())?,
+        };
+        if let Some((dir, i)) = stateful_rule(&acl) {
+            return Err(format!(
+                "{at}, acl.{dir}[{i}], stateful: stateful rules need connection tracking, \
+                 which this agent does not have yet; use stateless rules for both directions"
+            ));
+        }
         ports.push(PortSpec {
             port: PortConfig {
                 id: p.id,
                 name: p.name,
                 vlan: p.vlan,
+                acl,
             },
             attach,
         });
@@ -348,6 +375,14 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
     })
 }
 
+/// The first stateful rule of a port's lists, as (`in` | `out`, index).
+fn stateful_rule(acl: &PortAcl) -> Option<(&'static str, usize)> {
+    let find = |rules: &[AclRule]| rules.iter().position(|r| r.stateful);
+    find(&acl.inbound)
+        .map(|i| ("in", i))
+        .or_else(|| find(&acl.outbound).map(|i| ("out", i)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -424,6 +459,39 @@ mac_table: { max_entries: 100, aging_s: 60 }
         assert_eq!(e, "ports[1] (`b`): ID veth1 is used by another port");
         let e = err("host: h\nports:\n  - { id: 1, name: a, tap: a-very-long-tap-name, vlan: { mode: access, id: 1 } }\n");
         assert!(e.contains("1 to 15 characters"), "{e}");
+    }
+
+    #[test]
+    fn port_acls_parse_and_bad_rules_are_named() {
+        let c = AgentConfig::parse(
+            "host: h\nports:\n  - { id: 1, name: web, tap: t1, vlan: { mode: access, id: 10 },\n      \
+             acl: { in: [ { action: permit, proto: tcp, dst_port: 80 }, { action: deny } ] } }\n",
+        )
+        .unwrap();
+        assert_eq!(c.ports[0].port.acl.inbound.len(), 2);
+        assert!(c.ports[0].port.acl.outbound.is_empty());
+        let e = err(
+            "host: h\nports:\n  - { id: 1, name: web, tap: t1, vlan: { mode: access, id: 10 },\n      \
+             acl: { in: [ { action: permit }, { action: permit, proto: tcp, dst_port: 70000 } ] } }\n",
+        );
+        assert_eq!(
+            e,
+            "ports[0] (`web`), acl.in[1], dst_port: port 70000 is out of range 0..=65535"
+        );
+        let e = err(
+            "host: h\nports:\n  - { id: 1, name: web, tap: t1, vlan: { mode: access, id: 10 },\n      \
+             acl: { out: [ { action: permit, stateful: true } ] } }\n",
+        );
+        assert!(
+            e.starts_with(
+                "ports[0] (`web`), acl.out[0], stateful: stateful rules need connection tracking"
+            ),
+            "{e}"
+        );
+        let e = err(
+            "host: h\nports:\n  - { id: 1, name: web, tap: t1, vlan: { mode: access, id: 10 }, acl: { inn: [] } }\n",
+        );
+        assert!(e.contains("unknown field `inn`"), "{e}");
     }
 
     #[test]

@@ -56,6 +56,9 @@ drop_reasons! {
     /// A frame from the tunnel whose destination is behind the tunnel again
     /// (split horizon).
     TunnelToTunnel => "tunnel_to_tunnel",
+    /// An access list denied the frame (the sender's outbound list, or —
+    /// when no copy was left — the receivers' inbound lists).
+    AclDeny => "acl_deny",
 }
 
 /// A counter per [`DropReason`].
@@ -112,6 +115,9 @@ pub struct PortCounters {
     pub tx_errors: u64,
     /// Received frames dropped, by reason.
     pub drops: DropCounters,
+    /// Frames for the VM that were not sent to it, by reason (its inbound
+    /// access list).
+    pub tx_drops: DropCounters,
 }
 
 /// What the VXLAN uplink saw and did.

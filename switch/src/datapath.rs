@@ -546,6 +546,8 @@ impl<P: PortIo> Datapath<P> {
                         },
                     },
                     counters: c.clone(),
+                    acl_in: sw.port_acl_hits(no).0,
+                    acl_out: sw.port_acl_hits(no).1,
                 })
                 .collect(),
             tunnel: sw.tunnel_counters().clone(),
@@ -592,4 +594,10 @@ pub struct PortStats {
     pub name: String,
     pub vlan: String,
     pub counters: PortCounters,
+    /// Hits per rule of the inbound list (into the VM), implicit deny last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acl_in: Option<Vec<crate::acl::RuleHits>>,
+    /// Hits per rule of the outbound list (from the VM), implicit deny last.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acl_out: Option<Vec<crate::acl::RuleHits>>,
 }

@@ -18,6 +18,7 @@
 
 #![deny(unsafe_code)]
 
+pub mod acl;
 pub mod agent;
 pub mod config;
 pub mod counters;
@@ -31,8 +32,8 @@ pub mod wire;
 pub use counters::{DropReason, PortCounters, TunnelCounters};
 pub use mactable::Location;
 pub use pipeline::{
-    Egress, Ingress, Output, PortConfig, PortNo, Processed, SegmentConfig, Switch, SwitchConfig,
-    Verdict,
+    Egress, Ingress, Output, PortAcl, PortConfig, PortNo, Processed, SegmentConfig, Switch,
+    SwitchConfig, Verdict,
 };
 
 /// Errors of the datapath and the agent.

@@ -29,12 +29,13 @@ use std::net::IpAddr;
 use std::ops::Range;
 use std::time::Duration;
 
-use dvs_proto::{MacAddr, PortId, VlanId, VlanMode, Vni};
+use dvs_proto::{AclRule, Action, MacAddr, PortId, VlanId, VlanMode, Vni};
 use rustc_hash::FxHashMap;
 
+use crate::acl::{Acl, RuleHits};
 use crate::counters::{DropReason, MacCounters, PortCounters, TunnelCounters};
 use crate::mactable::{Location, MacEntry, MacTable, MacTableConfig};
-use crate::wire::{self, vxlan, EthView};
+use crate::wire::{self, vxlan, EthView, FlowKey};
 use crate::Error;
 
 /// A port's index on this host's switch (not its chassis-wide [`PortId`]).
@@ -96,6 +97,17 @@ pub struct PortConfig {
     pub id: PortId,
     pub name: String,
     pub vlan: VlanMode,
+    pub acl: PortAcl,
+}
+
+/// A port's access lists, seen from the VM (as vSphere's port filters):
+/// `inbound` filters traffic going into the VM, `outbound` what the VM
+/// sends. An empty list filters nothing; a non-empty one denies what none
+/// of its rules matches.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PortAcl {
+    pub inbound: Vec<AclRule>,
+    pub outbound: Vec<AclRule>,
 }
 
 /// A VLAN segment stretched across hosts by VXLAN.
@@ -131,6 +143,22 @@ impl Default for SwitchConfig {
 struct Port {
     cfg: PortConfig,
     counters: PortCounters,
+    /// Compiled `cfg.acl.inbound` (checked as frames leave toward the VM).
+    acl_in: Option<Acl>,
+    /// Compiled `cfg.acl.outbound` (checked as frames come from the VM).
+    acl_out: Option<Acl>,
+}
+
+impl Port {
+    fn new(cfg: PortConfig) -> Self {
+        let compile = |rules: &[AclRule]| (!rules.is_empty()).then(|| Acl::compile(rules));
+        Port {
+            acl_in: compile(&cfg.acl.inbound),
+            acl_out: compile(&cfg.acl.outbound),
+            cfg,
+            counters: PortCounters::default(),
+        }
+    }
 }
 
 /// Derived per-VLAN state, rebuilt whenever ports or segments change.
@@ -201,10 +229,7 @@ impl Switch {
             }
         };
         let no = PortNo(u16::try_from(slot).map_err(|_| Error::TooManyPorts)?);
-        self.ports[slot] = Some(Port {
-            cfg,
-            counters: PortCounters::default(),
-        });
+        self.ports[slot] = Some(Port::new(cfg));
         self.rebuild();
         Ok(no)
     }
@@ -228,6 +253,34 @@ impl Switch {
         self.macs.flush_port(no);
         self.rebuild();
         Ok(())
+    }
+
+    /// Replace a port's access lists. Frames see the old lists or the new
+    /// ones, never a mix; the counters of the new lists start at zero.
+    ///
+    /// # Errors
+    /// [`Error::UnknownPortNo`].
+    pub fn set_port_acl(&mut self, no: PortNo, acl: PortAcl) -> Result<(), Error> {
+        let p = self.port_mut(no)?;
+        let counters = std::mem::take(&mut p.counters);
+        let mut cfg = p.cfg.clone();
+        cfg.acl = acl;
+        *p = Port::new(cfg);
+        p.counters = counters;
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// Rule hit counters of a port's lists (inbound, outbound), if it has
+    /// them.
+    pub fn port_acl_hits(&self, no: PortNo) -> (Option<Vec<RuleHits>>, Option<Vec<RuleHits>>) {
+        match self.ports.get(usize::from(no.0)).and_then(Option::as_ref) {
+            Some(p) => (
+                p.acl_in.as_ref().map(Acl::hits),
+                p.acl_out.as_ref().map(Acl::hits),
+            ),
+            None => (None, None),
+        }
     }
 
     /// Stretch `seg.vlan` across hosts with `seg.vni` (replacing any earlier
@@ -378,10 +431,22 @@ impl Switch {
             frame.start = wire::pop_tag(buf, frame.start);
         }
         let len = frame.len() as u64;
-        let verdict = self.forward(now, ingress, vlan, &view, len, out);
+        let mut key = None;
+        let verdict = match self.check_outbound(ingress, &buf[frame.clone()], vlan, &mut key) {
+            Some(reason) => Verdict::Drop(reason),
+            None => {
+                let v = self.forward(now, ingress, vlan, &view, out);
+                self.check_inbound(&buf[frame.clone()], vlan, &mut key, out);
+                match v {
+                    Verdict::Forward if out.is_empty() => Verdict::Drop(DropReason::AclDeny),
+                    v => v,
+                }
+            }
+        };
         if let Verdict::Drop(r) = verdict {
             self.count_drop(ingress, r);
         }
+        self.count_tx(out, len);
         Processed {
             verdict,
             frame,
@@ -433,7 +498,6 @@ impl Switch {
         ingress: Ingress,
         vlan: VlanId,
         view: &EthView,
-        len: u64,
         out: &mut Vec<Output>,
     ) -> Verdict {
         let here = match ingress {
@@ -456,7 +520,6 @@ impl Switch {
                             egress: Egress::Port(p),
                             tag: tag.map(|t| t | u16::from(pcp) << 13),
                         });
-                        self.count_tx(out, len);
                         return Verdict::Forward;
                     }
                     // The port no longer carries the VLAN: flood instead.
@@ -470,7 +533,6 @@ impl Switch {
                             egress: Egress::Tunnel { dst, vni },
                             tag: None,
                         });
-                        self.count_tx(out, len);
                         return Verdict::Forward;
                     }
                 }
@@ -493,8 +555,59 @@ impl Switch {
                 });
             }
         }
-        self.count_tx(out, len);
         Verdict::Flood
+    }
+
+    /// The outbound list of the port a frame came from; `Some(reason)` when
+    /// it denies the frame. `key` is filled on first use.
+    fn check_outbound(
+        &mut self,
+        ingress: Ingress,
+        frame: &[u8],
+        vlan: VlanId,
+        key: &mut Option<FlowKey>,
+    ) -> Option<DropReason> {
+        let Ingress::Port(no) = ingress else {
+            return None;
+        };
+        let acl = self
+            .ports
+            .get_mut(usize::from(no.0))?
+            .as_mut()?
+            .acl_out
+            .as_mut()?;
+        let k = key.get_or_insert_with(|| FlowKey::parse(frame, vlan.get()));
+        (acl.check(k).action == Action::Deny).then_some(DropReason::AclDeny)
+    }
+
+    /// Remove the outputs whose port's inbound list denies the frame,
+    /// counting each on that port.
+    fn check_inbound(
+        &mut self,
+        frame: &[u8],
+        vlan: VlanId,
+        key: &mut Option<FlowKey>,
+        out: &mut Vec<Output>,
+    ) {
+        let ports = &mut self.ports;
+        out.retain(|o| {
+            let Egress::Port(p) = o.egress else {
+                return true;
+            };
+            let Some(Some(port)) = ports.get_mut(usize::from(p.0)) else {
+                return true;
+            };
+            let Some(acl) = port.acl_in.as_mut() else {
+                return true;
+            };
+            let k = key.get_or_insert_with(|| FlowKey::parse(frame, vlan.get()));
+            if acl.check(k).action == Action::Deny {
+                port.counters.tx_drops.add(DropReason::AclDeny);
+                false
+            } else {
+                true
+            }
+        });
     }
 
     fn count_tx(&mut self, out: &[Output], len: u64) {

@@ -701,6 +701,148 @@ fn same_headers(a: &[u8], b: &[u8], v4: bool, l4: usize) -> bool {
         && a[l4 + 18..] == b[l4 + 18..]
 }
 
+/// The header fields that ACLs (and later flow accounting and QoS) look at.
+///
+/// For ICMP and ICMPv6, `src_port` holds the type and `dst_port` the code.
+/// Fields a frame does not have are `None` or zero: a non-IP frame has no
+/// addresses; a non-first fragment has no ports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    pub src_mac: MacAddr,
+    pub dst_mac: MacAddr,
+    pub ethertype: u16,
+    /// The VLAN the pipeline classified the frame into.
+    pub vlan: u16,
+    pub src_ip: Option<std::net::IpAddr>,
+    pub dst_ip: Option<std::net::IpAddr>,
+    /// The IP protocol (after IPv6 extension headers); `None` for non-IP.
+    pub proto: Option<u8>,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub tcp_flags: u8,
+    /// The DSCP of the IP header.
+    pub dscp: u8,
+}
+
+impl FlowKey {
+    /// Read the key of the untagged `frame` on `vlan`. Safe on any bytes:
+    /// what cannot be read stays empty.
+    pub fn parse(frame: &[u8], vlan: u16) -> Self {
+        let mac = |r: std::ops::Range<usize>| {
+            let mut m = [0u8; 6];
+            if let Some(b) = frame.get(r) {
+                m.copy_from_slice(b);
+            }
+            MacAddr(m)
+        };
+        let ethertype = frame
+            .get(12..14)
+            .map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
+        let mut k = FlowKey {
+            dst_mac: mac(0..6),
+            src_mac: mac(6..12),
+            ethertype,
+            vlan,
+            src_ip: None,
+            dst_ip: None,
+            proto: None,
+            src_port: 0,
+            dst_port: 0,
+            tcp_flags: 0,
+            dscp: 0,
+        };
+        let ip = frame.get(ETH_HLEN..).unwrap_or(&[]);
+        let l4 = match ethertype {
+            0x0800 => parse_ipv4(ip, &mut k),
+            0x86dd => parse_ipv6(ip, &mut k),
+            _ => None,
+        };
+        if let (Some(proto), Some(l4)) = (k.proto, l4) {
+            match proto {
+                6 | 17 | 132 => {
+                    if let Some(p) = l4.get(..4) {
+                        k.src_port = u16::from_be_bytes([p[0], p[1]]);
+                        k.dst_port = u16::from_be_bytes([p[2], p[3]]);
+                    }
+                    if proto == 6 {
+                        k.tcp_flags = l4.get(13).copied().unwrap_or(0);
+                    }
+                }
+                1 | 58 => {
+                    if let Some(p) = l4.get(..2) {
+                        k.src_port = u16::from(p[0]);
+                        k.dst_port = u16::from(p[1]);
+                    }
+                }
+                _ => {}
+            }
+        }
+        k
+    }
+}
+
+/// Fill the IPv4 fields; returns the L4 bytes unless this is a non-first
+/// fragment.
+fn parse_ipv4<'a>(ip: &'a [u8], k: &mut FlowKey) -> Option<&'a [u8]> {
+    let h = ip.get(..20)?;
+    if h[0] >> 4 != 4 {
+        return None;
+    }
+    let ihl = usize::from(h[0] & 0x0f) * 4;
+    k.dscp = h[1] >> 2;
+    k.proto = Some(h[9]);
+    k.src_ip = Some(std::net::IpAddr::from([h[12], h[13], h[14], h[15]]));
+    k.dst_ip = Some(std::net::IpAddr::from([h[16], h[17], h[18], h[19]]));
+    let offset = u16::from_be_bytes([h[6], h[7]]) & 0x1fff;
+    if offset != 0 || ihl < 20 {
+        return None;
+    }
+    ip.get(ihl..)
+}
+
+/// Fill the IPv6 fields, skipping extension headers; returns the L4 bytes
+/// unless this is a non-first fragment.
+fn parse_ipv6<'a>(ip: &'a [u8], k: &mut FlowKey) -> Option<&'a [u8]> {
+    let h = ip.get(..40)?;
+    if h[0] >> 4 != 6 {
+        return None;
+    }
+    k.dscp = ((h[0] & 0x0f) << 2) | (h[1] >> 6);
+    let addr = |b: &[u8]| {
+        let mut a = [0u8; 16];
+        a.copy_from_slice(b);
+        std::net::IpAddr::from(a)
+    };
+    k.src_ip = Some(addr(&h[8..24]));
+    k.dst_ip = Some(addr(&h[24..40]));
+    let mut next = h[6];
+    let mut at = 40;
+    for _ in 0..8 {
+        let ext = ip.get(at..at + 8);
+        match (next, ext) {
+            (0 | 43 | 60, Some(e)) => {
+                next = e[0];
+                at += (usize::from(e[1]) + 1) * 8;
+            }
+            (51, Some(e)) => {
+                next = e[0];
+                at += (usize::from(e[1]) + 2) * 4;
+            }
+            (44, Some(e)) => {
+                next = e[0];
+                k.proto = Some(next);
+                if u16::from_be_bytes([e[2], e[3]]) >> 3 != 0 {
+                    return None;
+                }
+                at += 8;
+            }
+            _ => break,
+        }
+    }
+    k.proto = Some(next);
+    ip.get(at..)
+}
+
 /// Announcement frames a switch sends on a VM's behalf.
 pub mod announce {
     use super::MacAddr;
@@ -1002,7 +1144,43 @@ mod tests {
         assert_eq!(h, VnetHdr::default());
     }
 
+    #[test]
+    fn flow_keys_of_tcp_udp_icmp_and_arp() {
+        let k = FlowKey::parse(&gso_frame(10), 10);
+        assert_eq!(k.proto, Some(6));
+        assert_eq!((k.src_port, k.dst_port), (40000, 5201));
+        assert_eq!(k.tcp_flags & 0x19, 0x19);
+        assert_eq!(k.dst_ip, Some("10.0.0.2".parse().unwrap()));
+        let k = FlowKey::parse(&udp_frame(b"x"), 20);
+        assert_eq!(
+            (k.proto, k.src_port, k.dst_port, k.vlan),
+            (Some(17), 1234, 5678, 20)
+        );
+        let k = FlowKey::parse(&tcp6_frame(b"x"), 1);
+        assert_eq!((k.proto, k.dst_port), (Some(6), 80));
+        let mut icmp = Vec::new();
+        etherparse::PacketBuilder::ethernet2([2, 0, 0, 0, 0, 1], [2, 0, 0, 0, 0, 2])
+            .ipv4([10, 0, 0, 1], [10, 0, 0, 2], 64)
+            .icmpv4_echo_request(7, 1)
+            .write(&mut icmp, b"ping")
+            .unwrap();
+        let k = FlowKey::parse(&icmp, 1);
+        assert_eq!((k.proto, k.src_port, k.dst_port), (Some(1), 8, 0));
+        let k = FlowKey::parse(&announce::rarp(MacAddr([2, 1, 1, 1, 1, 1])), 1);
+        assert_eq!((k.ethertype, k.proto, k.src_ip), (0x8035, None, None));
+    }
+
     proptest! {
+        #[test]
+        fn flow_key_never_panics(bytes in proptest::collection::vec(any::<u8>(), 0..120), v6 in any::<bool>()) {
+            let mut b = bytes;
+            if b.len() > 14 {
+                b[12..14].copy_from_slice(if v6 { &[0x86, 0xdd] } else { &[0x08, 0x00] });
+                b[14] = if v6 { 0x60 } else { 0x45 };
+            }
+            let _ = FlowKey::parse(&b, 1);
+        }
+
         #[test]
         fn coalescer_never_panics(frames in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..120), 0..8)) {
             let mut c = Coalescer::new();

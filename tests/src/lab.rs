@@ -417,6 +417,7 @@ impl Lab {
                         id: PortId::new(n).unwrap_or_else(|| unreachable!()),
                         name: vm_name.clone(),
                         vlan: VlanMode::Access(vid(*vlan)),
+                        acl: dvs_switch::PortAcl::default(),
                     })
                     .map_err(|e| LabError::Switch(name.clone(), e))?;
                 let wire = Rc::new(RefCell::new(Wire::default()));

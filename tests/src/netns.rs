@@ -280,6 +280,8 @@ pub struct VmSpec {
     /// Attach through a veth pair the test makes (`netdev:` in the agent
     /// file, AF_PACKET) instead of a TAP the agent creates.
     pub veth: bool,
+    /// The port's `acl:` as YAML (e.g. `{ in: [ ... ] }`), if any.
+    pub acl: Option<&'static str>,
 }
 
 /// A VM that lives in a namespace, its NIC named `eth0`.
@@ -404,9 +406,10 @@ impl Fabric {
                 } else {
                     format!("tap: {}", fabric.topo.name(&format!("t{}", vm.name)))
                 };
+                let acl = vm.acl.map(|a| format!(", acl: {a}")).unwrap_or_default();
                 let _ = writeln!(
                     y,
-                    "  - {{ id: {}, name: {}, {dev}, vlan: {} }}",
+                    "  - {{ id: {}, name: {}, {dev}, vlan: {}{acl} }}",
                     k + 1,
                     vm.name,
                     vm.vlan

@@ -1,5 +1,6 @@
 use super::*;
 use crate::wire::vlan_tag;
+use dvs_proto::AclRule;
 use proptest::prelude::*;
 
 const T: Duration = Duration::from_secs(1);
@@ -17,6 +18,7 @@ fn access(id: u32, name: &str, vlan: u32) -> PortConfig {
         id: PortId::new(id).unwrap(),
         name: name.into(),
         vlan: VlanMode::Access(v(vlan)),
+        acl: PortAcl::default(),
     }
 }
 
@@ -25,6 +27,7 @@ fn trunk(id: u32, name: &str, allowed: &[u32], native: Option<u32>) -> PortConfi
         id: PortId::new(id).unwrap(),
         name: name.into(),
         vlan: VlanMode::trunk(allowed.iter().map(|a| v(*a)).collect(), native.map(v)).unwrap(),
+        acl: PortAcl::default(),
     }
 }
 
@@ -431,4 +434,103 @@ proptest! {
         let port_drops: u64 = r.sw.ports().map(|(_, _, c)| c.drops.total()).sum();
         prop_assert_eq!(port_drops + r.sw.tunnel_counters().drops.total(), dropped);
     }
+}
+
+fn ipv4_frame(dst: MacAddr, src: MacAddr, proto: u8, dport: u16) -> Vec<u8> {
+    let mut f = frame(dst, src, &[]);
+    // IPv4 header (20 bytes) + 4 bytes of L4 ports, over the 46-byte body.
+    let body = &mut f[14..];
+    body[..20].copy_from_slice(&[
+        0x45, 0, 0, 46, 0, 0, 0, 0, 64, proto, 0, 0, 10, 0, 0, 1, 10, 0, 0, 2,
+    ]);
+    body[20..22].copy_from_slice(&40000u16.to_be_bytes());
+    body[22..24].copy_from_slice(&dport.to_be_bytes());
+    f
+}
+
+fn rules(yaml: &str) -> Vec<AclRule> {
+    let raw: Vec<dvs_proto::acl::RawRule> = serde_norway::from_str(yaml).unwrap();
+    AclRule::list_from_raw(&raw, "test").unwrap()
+}
+
+#[test]
+fn inbound_and_outbound_acls_filter_and_count() {
+    let mut r = Rig::new(vec![access(1, "client", 10), access(2, "web", 10)]);
+    r.sw
+        .set_port_acl(
+            PortNo(1),
+            PortAcl {
+                inbound: rules("[ { action: permit, proto: tcp, dst_port: 80 }, { action: permit, ethertype: arp } ]"),
+                outbound: vec![],
+            },
+        )
+        .unwrap();
+    // Learn both MACs (ARP is permitted into `web`).
+    let mut arp = frame(MacAddr::BROADCAST, mac(2), &[]);
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    r.from_port(1, arp);
+    let mut arp = frame(MacAddr::BROADCAST, mac(1), &[]);
+    arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
+    assert_eq!(r.from_port(0, arp).verdict, Verdict::Flood);
+    assert_eq!(r.egress(), vec![Egress::Port(PortNo(1))]);
+
+    let p = r.from_port(0, ipv4_frame(mac(2), mac(1), 6, 80));
+    assert_eq!(p.verdict, Verdict::Forward);
+    let p = r.from_port(0, ipv4_frame(mac(2), mac(1), 6, 22));
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::AclDeny));
+    assert!(r.out.is_empty());
+    let (_, web) = r.sw.port(PortNo(1)).unwrap();
+    assert_eq!(web.tx_drops.get(DropReason::AclDeny), 1);
+    assert_eq!(r.drops(0, DropReason::AclDeny), 1);
+    let (inbound, outbound) = r.sw.port_acl_hits(PortNo(1));
+    let hits: Vec<u64> = inbound.unwrap().iter().map(|h| h.hits).collect();
+    assert_eq!(hits, vec![1, 1, 1]);
+    assert!(outbound.is_none());
+
+    // An outbound list on the web port: it may answer, not start anything.
+    let g = r.sw.generation();
+    r.sw.set_port_acl(
+        PortNo(1),
+        PortAcl {
+            inbound: vec![],
+            outbound: rules(
+                "[ { action: permit, proto: tcp, tcp_flags: [ack] }, { action: deny } ]",
+            ),
+        },
+    )
+    .unwrap();
+    assert!(r.sw.generation() > g);
+    let mut syn = ipv4_frame(mac(1), mac(2), 6, 4000);
+    syn[14 + 20 + 13] = 0x02;
+    assert_eq!(
+        r.from_port(1, syn).verdict,
+        Verdict::Drop(DropReason::AclDeny)
+    );
+    let mut ack = ipv4_frame(mac(1), mac(2), 6, 4000);
+    ack[14 + 20 + 13] = 0x10;
+    assert_eq!(r.from_port(1, ack).verdict, Verdict::Forward);
+    // The port's counters survive the policy change.
+    let (_, web) = r.sw.port(PortNo(1)).unwrap();
+    assert_eq!(web.tx_drops.get(DropReason::AclDeny), 1);
+}
+
+#[test]
+fn a_flood_loses_only_the_copies_a_list_denies() {
+    let mut r = Rig::new(vec![
+        access(1, "a", 10),
+        access(2, "b", 10),
+        access(3, "c", 10),
+    ]);
+    r.sw.set_port_acl(
+        PortNo(2),
+        PortAcl {
+            inbound: rules("[ { action: deny, ethertype: ipv4 }, { action: permit } ]"),
+            outbound: vec![],
+        },
+    )
+    .unwrap();
+    let p = r.from_port(0, ipv4_frame(MacAddr::BROADCAST, mac(1), 17, 53));
+    assert_eq!(p.verdict, Verdict::Flood);
+    assert_eq!(r.egress(), vec![Egress::Port(PortNo(1))]);
+    assert_eq!(r.drops(0, DropReason::AclDeny), 0);
 }

@@ -1,0 +1,421 @@
+//! Access-control lists compiled for the datapath.
+//!
+//! [`Acl::compile`] turns validated [`AclRule`]s into flat records of
+//! integer masks and ranges (MACs as u64, IPv4 as u32, IPv6 as u128), and
+//! [`Acl::evaluate`] finds the first rule that matches a [`FlowKey`] — the
+//! same answer as reading the rules top to bottom (a property test holds the
+//! two together). No rule matching means deny, as on every switch. Each rule
+//! has a hit counter; so does the implicit deny.
+//!
+//! Direction is seen from the VM, as in vSphere's port filters: a port's `in`
+//! list filters traffic going into the VM, its `out` list traffic the VM
+//! sends.
+
+use std::net::IpAddr;
+
+use dvs_proto::acl::{AclRule, Action};
+use ipnetwork::IpNetwork;
+use serde::Serialize;
+
+use crate::wire::FlowKey;
+
+/// A compiled list with its counters.
+#[derive(Debug, Clone)]
+pub struct Acl {
+    rules: Vec<Compiled>,
+    source: Vec<AclRule>,
+    hits: Vec<u64>,
+    default_hits: u64,
+}
+
+/// The outcome of an evaluation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Decision {
+    pub action: Action,
+    /// The matching rule's index; `None` for the implicit deny.
+    pub rule: Option<usize>,
+    pub stateful: bool,
+}
+
+/// A rule's counter, for stats.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RuleHits {
+    /// The rule's position (`None`: the implicit deny at the end).
+    pub index: Option<usize>,
+    pub action: Action,
+    pub hits: u64,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Ip {
+    Any,
+    V4 { addr: u32, mask: u32 },
+    V6 { addr: u128, mask: u128 },
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Compiled {
+    action: Action,
+    stateful: bool,
+    src_mac: Option<u64>,
+    dst_mac: Option<u64>,
+    ethertype: Option<u16>,
+    vlan: Option<u16>,
+    src: Ip,
+    dst: Ip,
+    proto: Option<u8>,
+    src_port: (u16, u16),
+    dst_port: (u16, u16),
+    icmp_type: Option<u8>,
+    icmp_code: Option<u8>,
+    tcp: (u8, u8),
+    /// The rule names an L3/L4 field: it cannot match a non-IP frame.
+    needs_ip: bool,
+}
+
+impl Acl {
+    /// Compile `rules` (first match wins, no match denies).
+    pub fn compile(rules: &[AclRule]) -> Self {
+        Acl {
+            rules: rules.iter().map(compile_rule).collect(),
+            source: rules.to_vec(),
+            hits: vec![0; rules.len()],
+            default_hits: 0,
+        }
+    }
+
+    pub fn rules(&self) -> &[AclRule] {
+        &self.source
+    }
+
+    /// The first rule matching `key`, without counting.
+    pub fn evaluate(&self, key: &FlowKey) -> Decision {
+        match self.rules.iter().position(|r| r.matches(key)) {
+            Some(i) => Decision {
+                action: self.rules[i].action,
+                rule: Some(i),
+                stateful: self.rules[i].stateful,
+            },
+            None => Decision {
+                action: Action::Deny,
+                rule: None,
+                stateful: false,
+            },
+        }
+    }
+
+    /// [`Acl::evaluate`], counting the hit.
+    pub fn check(&mut self, key: &FlowKey) -> Decision {
+        let d = self.evaluate(key);
+        match d.rule {
+            Some(i) => self.hits[i] += 1,
+            None => self.default_hits += 1,
+        }
+        d
+    }
+
+    /// Hit counters, the implicit deny last.
+    pub fn hits(&self) -> Vec<RuleHits> {
+        self.rules
+            .iter()
+            .zip(&self.hits)
+            .enumerate()
+            .map(|(i, (r, h))| RuleHits {
+                index: Some(i),
+                action: r.action,
+                hits: *h,
+            })
+            .chain(std::iter::once(RuleHits {
+                index: None,
+                action: Action::Deny,
+                hits: self.default_hits,
+            }))
+            .collect()
+    }
+
+    /// The counters as a plain vector (implicit deny last), for saving.
+    pub fn save_hits(&self) -> Vec<u64> {
+        let mut v = self.hits.clone();
+        v.push(self.default_hits);
+        v
+    }
+
+    /// Restore counters saved from a list with the same rules; counters of
+    /// another list are ignored (the rules they counted are gone).
+    pub fn restore_hits(&mut self, saved: &[u64]) -> bool {
+        if saved.len() != self.hits.len() + 1 {
+            return false;
+        }
+        let n = self.hits.len();
+        self.hits.copy_from_slice(&saved[..n]);
+        self.default_hits = saved[n];
+        true
+    }
+}
+
+fn compile_rule(r: &AclRule) -> Compiled {
+    let ip = |n: &Option<IpNetwork>| match n {
+        None => Ip::Any,
+        Some(IpNetwork::V4(n)) => {
+            let mask = if n.prefix() == 0 {
+                0
+            } else {
+                u32::MAX << (32 - u32::from(n.prefix()))
+            };
+            Ip::V4 {
+                addr: u32::from(n.network()) & mask,
+                mask,
+            }
+        }
+        Some(IpNetwork::V6(n)) => {
+            let mask = if n.prefix() == 0 {
+                0
+            } else {
+                u128::MAX << (128 - u32::from(n.prefix()))
+            };
+            Ip::V6 {
+                addr: u128::from(n.network()) & mask,
+                mask,
+            }
+        }
+    };
+    let range = |p: Option<dvs_proto::acl::PortRange>| p.map_or((0, u16::MAX), |p| (p.lo, p.hi));
+    Compiled {
+        action: r.action,
+        stateful: r.stateful,
+        src_mac: r.src_mac.map(|m| m.to_u64()),
+        dst_mac: r.dst_mac.map(|m| m.to_u64()),
+        ethertype: r.ethertype,
+        vlan: r.vlan.map(|v| v.get()),
+        src: ip(&r.src),
+        dst: ip(&r.dst),
+        proto: r.proto.map(|p| p.0),
+        src_port: range(r.src_port),
+        dst_port: range(r.dst_port),
+        icmp_type: r.icmp_type,
+        icmp_code: r.icmp_code,
+        tcp: r.tcp_flags.map_or((0, 0), |f| (f.set, f.mask)),
+        needs_ip: r.src.is_some() || r.dst.is_some() || r.proto.is_some(),
+    }
+}
+
+impl Compiled {
+    fn matches(&self, k: &FlowKey) -> bool {
+        if self.needs_ip && k.proto.is_none() {
+            return false;
+        }
+        self.src_mac.is_none_or(|m| m == k.src_mac.to_u64())
+            && self.dst_mac.is_none_or(|m| m == k.dst_mac.to_u64())
+            && self.ethertype.is_none_or(|e| e == k.ethertype)
+            && self.vlan.is_none_or(|v| v == k.vlan)
+            && ip_matches(self.src, k.src_ip)
+            && ip_matches(self.dst, k.dst_ip)
+            && self.proto.is_none_or(|p| Some(p) == k.proto)
+            && (self.src_port.0..=self.src_port.1).contains(&k.src_port)
+            && (self.dst_port.0..=self.dst_port.1).contains(&k.dst_port)
+            && self.icmp_type.is_none_or(|t| u16::from(t) == k.src_port)
+            && self.icmp_code.is_none_or(|c| u16::from(c) == k.dst_port)
+            && k.tcp_flags & self.tcp.1 == self.tcp.0
+    }
+}
+
+fn ip_matches(rule: Ip, addr: Option<IpAddr>) -> bool {
+    match (rule, addr) {
+        (Ip::Any, _) => true,
+        (Ip::V4 { addr, mask }, Some(IpAddr::V4(a))) => u32::from(a) & mask == addr,
+        (Ip::V6 { addr, mask }, Some(IpAddr::V6(a))) => u128::from(a) & mask == addr,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use dvs_proto::acl::{IpProto, PortRange, TcpFlags};
+    use dvs_proto::{MacAddr, VlanId};
+    use proptest::prelude::*;
+
+    /// First-match evaluation straight from the rules' meaning.
+    fn naive(rules: &[AclRule], k: &FlowKey) -> Option<usize> {
+        rules.iter().position(|r| {
+            let l3 = r.src.is_some() || r.dst.is_some() || r.proto.is_some();
+            let is_icmp_key = matches!(k.proto, Some(1) | Some(58));
+            (!l3 || k.proto.is_some())
+                && r.src_mac.is_none_or(|m| m == k.src_mac)
+                && r.dst_mac.is_none_or(|m| m == k.dst_mac)
+                && r.ethertype.is_none_or(|e| e == k.ethertype)
+                && r.vlan.is_none_or(|v| v.get() == k.vlan)
+                && AclRule::net_contains(&r.src, k.src_ip)
+                && AclRule::net_contains(&r.dst, k.dst_ip)
+                && r.proto.is_none_or(|p| Some(p.0) == k.proto)
+                && r.src_port.is_none_or(|p| p.contains(k.src_port))
+                && r.dst_port.is_none_or(|p| p.contains(k.dst_port))
+                && r.icmp_type
+                    .is_none_or(|t| is_icmp_key && u16::from(t) == k.src_port)
+                && r.icmp_code
+                    .is_none_or(|c| is_icmp_key && u16::from(c) == k.dst_port)
+                && r.tcp_flags.is_none_or(|f| f.matches(k.tcp_flags))
+        })
+    }
+
+    fn key(proto: u8, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> FlowKey {
+        FlowKey {
+            src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+            dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+            ethertype: 0x0800,
+            vlan: 10,
+            src_ip: Some(IpAddr::from(src)),
+            dst_ip: Some(IpAddr::from(dst)),
+            proto: Some(proto),
+            src_port: sport,
+            dst_port: dport,
+            tcp_flags: if proto == 6 { TcpFlags::SYN } else { 0 },
+            dscp: 0,
+        }
+    }
+
+    fn tcp_to(port: u16) -> AclRule {
+        AclRule {
+            proto: Some(IpProto::TCP),
+            dst_port: Some(PortRange { lo: port, hi: port }),
+            ..AclRule::any(Action::Permit)
+        }
+    }
+
+    #[test]
+    fn first_match_wins_and_nothing_matching_denies() {
+        let mut acl = Acl::compile(&[
+            tcp_to(80),
+            AclRule {
+                proto: Some(IpProto::ICMP),
+                ..AclRule::any(Action::Permit)
+            },
+            AclRule {
+                dst: Some("10.0.0.0/8".parse().unwrap()),
+                ..AclRule::any(Action::Deny)
+            },
+            AclRule::any(Action::Permit),
+        ]);
+        let d = acl.check(&key(6, [1, 1, 1, 1], [10, 0, 0, 2], 4000, 80));
+        assert_eq!((d.action, d.rule), (Action::Permit, Some(0)));
+        let d = acl.check(&key(6, [1, 1, 1, 1], [10, 0, 0, 2], 4000, 22));
+        assert_eq!((d.action, d.rule), (Action::Deny, Some(2)));
+        let d = acl.check(&key(17, [1, 1, 1, 1], [192, 168, 0, 1], 4000, 22));
+        assert_eq!((d.action, d.rule), (Action::Permit, Some(3)));
+        let hits: Vec<u64> = acl.hits().iter().map(|h| h.hits).collect();
+        assert_eq!(hits, vec![1, 0, 1, 1, 0]);
+
+        let mut only_web = Acl::compile(&[tcp_to(80)]);
+        let d = only_web.check(&key(17, [1, 1, 1, 1], [10, 0, 0, 2], 4000, 80));
+        assert_eq!((d.action, d.rule), (Action::Deny, None));
+        assert_eq!(only_web.hits().last().unwrap().hits, 1);
+        let saved = only_web.save_hits();
+        let mut again = Acl::compile(&[tcp_to(80)]);
+        assert!(again.restore_hits(&saved));
+        assert_eq!(again.save_hits(), saved);
+        assert!(!Acl::compile(&[]).restore_hits(&saved));
+    }
+
+    #[test]
+    fn non_ip_frames_meet_only_l2_rules() {
+        let acl = Acl::compile(&[
+            AclRule {
+                proto: Some(IpProto::TCP),
+                ..AclRule::any(Action::Permit)
+            },
+            AclRule {
+                ethertype: Some(0x0806),
+                ..AclRule::any(Action::Permit)
+            },
+        ]);
+        let mut arp = key(0, [0; 4], [0; 4], 0, 0);
+        arp.ethertype = 0x0806;
+        arp.proto = None;
+        arp.src_ip = None;
+        arp.dst_ip = None;
+        assert_eq!(acl.evaluate(&arp).rule, Some(1));
+    }
+
+    fn arb_rule() -> impl Strategy<Value = AclRule> {
+        (
+            any::<bool>(),
+            proptest::option::of(0u8..3),
+            proptest::option::of((0u8..4, 0u8..=32)),
+            proptest::option::of((0u8..4, 0u8..=32)),
+            proptest::option::of((0u16..6, 0u16..6)),
+            proptest::option::of(0u16..6),
+            proptest::option::of(prop_oneof![Just(10u32), Just(20)]),
+            proptest::option::of((0u8..4, 0u8..4)),
+        )
+            .prop_map(|(permit, proto, src, dst, dport, sport, vlan, flags)| {
+                let proto = proto.map(|p| [IpProto::TCP, IpProto::UDP, IpProto::ICMP][p as usize]);
+                let net = |(a, len): (u8, u8)| {
+                    Some(IpNetwork::new(IpAddr::from([10, a, 0, 0]), len).unwrap())
+                };
+                let ports = proto.is_some_and(|p| p != IpProto::ICMP);
+                AclRule {
+                    src: src.and_then(net),
+                    dst: dst.and_then(net),
+                    proto,
+                    dst_port: dport.filter(|_| ports).map(|(a, b)| PortRange {
+                        lo: a.min(b),
+                        hi: a.max(b),
+                    }),
+                    src_port: sport.filter(|_| ports).map(|p| PortRange { lo: p, hi: p }),
+                    icmp_type: sport
+                        .filter(|_| proto == Some(IpProto::ICMP))
+                        .map(|t| t as u8),
+                    vlan: vlan.map(|v| VlanId::new(v).unwrap()),
+                    tcp_flags: flags.filter(|_| proto == Some(IpProto::TCP)).map(|(s, m)| {
+                        TcpFlags {
+                            set: s & m,
+                            mask: m,
+                        }
+                    }),
+                    ..AclRule::any(if permit { Action::Permit } else { Action::Deny })
+                }
+            })
+    }
+
+    fn arb_key() -> impl Strategy<Value = FlowKey> {
+        (
+            prop_oneof![Just(None), Just(Some(6u8)), Just(Some(17)), Just(Some(1))],
+            (0u8..4, 0u8..4, 0u8..4),
+            (0u8..4, 0u8..4, 0u8..4),
+            0u16..6,
+            0u16..6,
+            prop_oneof![Just(10u16), Just(20)],
+            0u8..4,
+        )
+            .prop_map(
+                |(proto, (s1, s2, s3), (d1, d2, d3), sp, dp, vlan, flags)| FlowKey {
+                    src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+                    dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+                    ethertype: if proto.is_some() { 0x0800 } else { 0x0806 },
+                    vlan,
+                    src_ip: proto.map(|_| IpAddr::from([10, s1, s2 * 64, s3])),
+                    dst_ip: proto.map(|_| IpAddr::from([10, d1, d2 * 64, d3])),
+                    proto,
+                    src_port: if proto.is_some() { sp } else { 0 },
+                    dst_port: if proto.is_some() { dp } else { 0 },
+                    tcp_flags: if proto == Some(6) { flags } else { 0 },
+                    dscp: 0,
+                },
+            )
+    }
+
+    proptest! {
+        /// The compiled classifier and first-match reading of the rules
+        /// agree on every key.
+        #[test]
+        fn compiled_equals_naive(
+            rules in proptest::collection::vec(arb_rule(), 0..20),
+            keys in proptest::collection::vec(arb_key(), 1..30),
+        ) {
+            let acl = Acl::compile(&rules);
+            for k in &keys {
+                prop_assert_eq!(acl.evaluate(k).rule, naive(&rules, k), "key {:?}", k);
+            }
+        }
+    }
+}
