@@ -270,6 +270,7 @@ mod tests {
             src_port: sport,
             dst_port: dport,
             tcp_flags: if proto == 6 { TcpFlags::SYN } else { 0 },
+            icmp_id: 0,
             dscp: 0,
         }
     }
@@ -399,6 +400,7 @@ mod tests {
                     src_port: if proto.is_some() { sp } else { 0 },
                     dst_port: if proto.is_some() { dp } else { 0 },
                     tcp_flags: if proto == Some(6) { flags } else { 0 },
+                    icmp_id: 0,
                     dscp: 0,
                 },
             )

@@ -266,12 +266,6 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
             outbound: AclRule::list_from_raw(&p.acl.outbound, &format!("{at}, acl.out"))
                 .map_err(|e| e.to_string())?,
         };
-        if let Some((dir, i)) = stateful_rule(&acl) {
-            return Err(format!(
-                "{at}, acl.{dir}[{i}], stateful: stateful rules need connection tracking, \
-                 which this agent does not have yet; use stateless rules for both directions"
-            ));
-        }
         ports.push(PortSpec {
             port: PortConfig {
                 id: p.id,
@@ -375,14 +369,6 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
     })
 }
 
-/// The first stateful rule of a port's lists, as (`in` | `out`, index).
-fn stateful_rule(acl: &PortAcl) -> Option<(&'static str, usize)> {
-    let find = |rules: &[AclRule]| rules.iter().position(|r| r.stateful);
-    find(&acl.inbound)
-        .map(|i| ("in", i))
-        .or_else(|| find(&acl.outbound).map(|i| ("out", i)))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -478,16 +464,12 @@ mac_table: { max_entries: 100, aging_s: 60 }
             e,
             "ports[0] (`web`), acl.in[1], dst_port: port 70000 is out of range 0..=65535"
         );
-        let e = err(
+        let c = AgentConfig::parse(
             "host: h\nports:\n  - { id: 1, name: web, tap: t1, vlan: { mode: access, id: 10 },\n      \
              acl: { out: [ { action: permit, stateful: true } ] } }\n",
-        );
-        assert!(
-            e.starts_with(
-                "ports[0] (`web`), acl.out[0], stateful: stateful rules need connection tracking"
-            ),
-            "{e}"
-        );
+        )
+        .unwrap();
+        assert!(c.ports[0].port.acl.outbound[0].stateful);
         let e = err(
             "host: h\nports:\n  - { id: 1, name: web, tap: t1, vlan: { mode: access, id: 10 }, acl: { inn: [] } }\n",
         );

@@ -548,6 +548,10 @@ impl<P: PortIo> Datapath<P> {
                     counters: c.clone(),
                     acl_in: sw.port_acl_hits(no).0,
                     acl_out: sw.port_acl_hits(no).1,
+                    conntrack: sw.port_conntrack(no).map(|ct| ConnStats {
+                        entries: ct.len(),
+                        counters: ct.counters().clone(),
+                    }),
                 })
                 .collect(),
             tunnel: sw.tunnel_counters().clone(),
@@ -600,4 +604,14 @@ pub struct PortStats {
     /// Hits per rule of the outbound list (from the VM), implicit deny last.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acl_out: Option<Vec<crate::acl::RuleHits>>,
+    /// The port's connection table, when its lists have stateful rules.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conntrack: Option<ConnStats>,
+}
+
+/// A connection table's size and counters.
+#[derive(Debug, Clone, Serialize)]
+pub struct ConnStats {
+    pub entries: usize,
+    pub counters: crate::conntrack::ConnCounters,
 }

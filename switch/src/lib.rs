@@ -21,6 +21,7 @@
 pub mod acl;
 pub mod agent;
 pub mod config;
+pub mod conntrack;
 pub mod counters;
 pub mod datapath;
 pub mod mactable;

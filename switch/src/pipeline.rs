@@ -33,6 +33,7 @@ use dvs_proto::{AclRule, Action, MacAddr, PortId, VlanId, VlanMode, Vni};
 use rustc_hash::FxHashMap;
 
 use crate::acl::{Acl, RuleHits};
+use crate::conntrack::{self, ConnTrack, Origin};
 use crate::counters::{DropReason, MacCounters, PortCounters, TunnelCounters};
 use crate::mactable::{Location, MacEntry, MacTable, MacTableConfig};
 use crate::wire::{self, vxlan, EthView, FlowKey};
@@ -147,17 +148,39 @@ struct Port {
     acl_in: Option<Acl>,
     /// Compiled `cfg.acl.outbound` (checked as frames come from the VM).
     acl_out: Option<Acl>,
+    /// Connections opened through stateful rules (when the lists have any).
+    conntrack: Option<ConnTrack>,
 }
 
 impl Port {
     fn new(cfg: PortConfig) -> Self {
         let compile = |rules: &[AclRule]| (!rules.is_empty()).then(|| Acl::compile(rules));
+        let stateful = cfg
+            .acl
+            .inbound
+            .iter()
+            .chain(&cfg.acl.outbound)
+            .any(|r| r.stateful);
         Port {
             acl_in: compile(&cfg.acl.inbound),
             acl_out: compile(&cfg.acl.outbound),
+            conntrack: stateful
+                .then(|| ConnTrack::new(conntrack::DEFAULT_MAX, conntrack::Timeouts::default())),
             cfg,
             counters: PortCounters::default(),
         }
+    }
+
+    /// Would the lists still open connection `first` in direction `origin`?
+    fn opens(&self, first: &FlowKey, origin: Origin) -> bool {
+        let acl = match origin {
+            Origin::FromVm => &self.acl_out,
+            Origin::ToVm => &self.acl_in,
+        };
+        acl.as_ref().is_some_and(|a| {
+            let d = a.evaluate(first);
+            d.action == Action::Permit && d.stateful
+        })
     }
 }
 
@@ -263,10 +286,17 @@ impl Switch {
     pub fn set_port_acl(&mut self, no: PortNo, acl: PortAcl) -> Result<(), Error> {
         let p = self.port_mut(no)?;
         let counters = std::mem::take(&mut p.counters);
+        let old_ct = p.conntrack.take();
         let mut cfg = p.cfg.clone();
         cfg.acl = acl;
         *p = Port::new(cfg);
         p.counters = counters;
+        // Tracked connections the new lists would still open live on.
+        if let (Some(mut ct), true) = (old_ct, p.conntrack.is_some()) {
+            let port = &*p;
+            ct.revalidate(|first, origin| port.opens(first, origin));
+            p.conntrack = Some(ct);
+        }
         self.generation += 1;
         Ok(())
     }
@@ -281,6 +311,15 @@ impl Switch {
             ),
             None => (None, None),
         }
+    }
+
+    /// A port's connection table, if its lists have stateful rules.
+    pub fn port_conntrack(&self, no: PortNo) -> Option<&ConnTrack> {
+        self.ports
+            .get(usize::from(no.0))?
+            .as_ref()?
+            .conntrack
+            .as_ref()
     }
 
     /// Stretch `seg.vlan` across hosts with `seg.vni` (replacing any earlier
@@ -393,6 +432,11 @@ impl Switch {
     pub fn handle_timeout(&mut self, now: Duration) {
         if now >= self.next_age {
             self.macs.age(now);
+            for p in self.ports.iter_mut().flatten() {
+                if let Some(ct) = p.conntrack.as_mut() {
+                    ct.expire(now);
+                }
+            }
             self.next_age = now + (self.cfg.mac_table.aging / 10).max(Duration::from_millis(100));
         }
     }
@@ -432,11 +476,11 @@ impl Switch {
         }
         let len = frame.len() as u64;
         let mut key = None;
-        let verdict = match self.check_outbound(ingress, &buf[frame.clone()], vlan, &mut key) {
+        let verdict = match self.check_outbound(now, ingress, &buf[frame.clone()], vlan, &mut key) {
             Some(reason) => Verdict::Drop(reason),
             None => {
                 let v = self.forward(now, ingress, vlan, &view, out);
-                self.check_inbound(&buf[frame.clone()], vlan, &mut key, out);
+                self.check_inbound(now, &buf[frame.clone()], vlan, &mut key, out);
                 match v {
                     Verdict::Forward if out.is_empty() => Verdict::Drop(DropReason::AclDeny),
                     v => v,
@@ -562,6 +606,7 @@ impl Switch {
     /// it denies the frame. `key` is filled on first use.
     fn check_outbound(
         &mut self,
+        now: Duration,
         ingress: Ingress,
         frame: &[u8],
         vlan: VlanId,
@@ -570,20 +615,32 @@ impl Switch {
         let Ingress::Port(no) = ingress else {
             return None;
         };
-        let acl = self
-            .ports
-            .get_mut(usize::from(no.0))?
-            .as_mut()?
-            .acl_out
-            .as_mut()?;
+        let port = self.ports.get_mut(usize::from(no.0))?.as_mut()?;
+        if port.acl_out.is_none() && port.conntrack.is_none() {
+            return None;
+        }
         let k = key.get_or_insert_with(|| FlowKey::parse(frame, vlan.get()));
-        (acl.check(k).action == Action::Deny).then_some(DropReason::AclDeny)
+        if port.conntrack.as_mut().is_some_and(|ct| ct.track(now, k)) {
+            return None;
+        }
+        let acl = port.acl_out.as_mut()?;
+        let d = acl.check(k);
+        if d.action == Action::Deny {
+            return Some(DropReason::AclDeny);
+        }
+        if d.stateful {
+            if let Some(ct) = port.conntrack.as_mut() {
+                ct.commit(now, k, Origin::FromVm);
+            }
+        }
+        None
     }
 
     /// Remove the outputs whose port's inbound list denies the frame,
     /// counting each on that port.
     fn check_inbound(
         &mut self,
+        now: Duration,
         frame: &[u8],
         vlan: VlanId,
         key: &mut Option<FlowKey>,
@@ -597,16 +654,27 @@ impl Switch {
             let Some(Some(port)) = ports.get_mut(usize::from(p.0)) else {
                 return true;
             };
+            if port.acl_in.is_none() && port.conntrack.is_none() {
+                return true;
+            }
+            let k = key.get_or_insert_with(|| FlowKey::parse(frame, vlan.get()));
+            if port.conntrack.as_mut().is_some_and(|ct| ct.track(now, k)) {
+                return true;
+            }
             let Some(acl) = port.acl_in.as_mut() else {
                 return true;
             };
-            let k = key.get_or_insert_with(|| FlowKey::parse(frame, vlan.get()));
-            if acl.check(k).action == Action::Deny {
+            let d = acl.check(k);
+            if d.action == Action::Deny {
                 port.counters.tx_drops.add(DropReason::AclDeny);
-                false
-            } else {
-                true
+                return false;
             }
+            if d.stateful {
+                if let Some(ct) = port.conntrack.as_mut() {
+                    ct.commit(now, k, Origin::ToVm);
+                }
+            }
+            true
         });
     }
 

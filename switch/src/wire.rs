@@ -720,6 +720,8 @@ pub struct FlowKey {
     pub src_port: u16,
     pub dst_port: u16,
     pub tcp_flags: u8,
+    /// The identifier of an ICMP/ICMPv6 echo request or reply (else 0).
+    pub icmp_id: u16,
     /// The DSCP of the IP header.
     pub dscp: u8,
 }
@@ -749,6 +751,7 @@ impl FlowKey {
             src_port: 0,
             dst_port: 0,
             tcp_flags: 0,
+            icmp_id: 0,
             dscp: 0,
         };
         let ip = frame.get(ETH_HLEN..).unwrap_or(&[]);
@@ -772,6 +775,9 @@ impl FlowKey {
                     if let Some(p) = l4.get(..2) {
                         k.src_port = u16::from(p[0]);
                         k.dst_port = u16::from(p[1]);
+                    }
+                    if matches!(k.src_port, 0 | 8 | 128 | 129) {
+                        k.icmp_id = l4.get(4..6).map_or(0, |b| u16::from_be_bytes([b[0], b[1]]));
                     }
                 }
                 _ => {}
@@ -1165,7 +1171,10 @@ mod tests {
             .write(&mut icmp, b"ping")
             .unwrap();
         let k = FlowKey::parse(&icmp, 1);
-        assert_eq!((k.proto, k.src_port, k.dst_port), (Some(1), 8, 0));
+        assert_eq!(
+            (k.proto, k.src_port, k.dst_port, k.icmp_id),
+            (Some(1), 8, 0, 7)
+        );
         let k = FlowKey::parse(&announce::rarp(MacAddr([2, 1, 1, 1, 1, 1])), 1);
         assert_eq!((k.ethertype, k.proto, k.src_ip), (0x8035, None, None));
     }

@@ -609,6 +609,75 @@ fn port_acls_permit_and_deny_real_traffic() {
 }
 
 #[test]
+fn stateful_rules_let_replies_in_but_not_new_connections() {
+    if !e2e_ready(TOOLS) {
+        return;
+    }
+    // vm may open TCP connections and ping; nothing may open one toward it.
+    let policy = "{ out: [ { action: permit, proto: tcp, stateful: true }, \
+                  { action: permit, proto: icmp, stateful: true }, { action: permit, ethertype: arp } ], \
+                  in: [ { action: permit, ethertype: arp }, { action: deny } ] }";
+    let mut f = Fabric::new(
+        2,
+        &[
+            VmSpec {
+                acl: Some(policy),
+                ..access(0, "vm", 10, "10.10.0.1/24")
+            },
+            access(1, "peer", 10, "10.10.0.2/24"),
+        ],
+        &[],
+    );
+    for (vm, port) in [("peer", 7000), ("vm", 7001)] {
+        let ns = f.vm(vm).ns.clone();
+        f.topo.spawn(
+            &ns,
+            &format!("listen-{port}"),
+            &["/usr/bin/python3", "-c", &format!(
+                "import socket\ns=socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)\n\
+                 s.bind(('0.0.0.0', {port})); s.listen(16)\nwhile True:\n    c,_=s.accept(); c.close()"
+            )],
+        );
+        let ns2 = ns.clone();
+        assert!(wait_for(Duration::from_secs(5), || f
+            .topo
+            .sh(&ns2, "ss -Hltn")
+            .contains(&format!(":{port}"))));
+    }
+    assert_eq!(
+        f.ping("vm", "10.10.0.2", 3).1,
+        3,
+        "vm's pings are answered\n{}",
+        f.topo.logs()
+    );
+    assert!(
+        tcp_connects(&f, "vm", "10.10.0.2", 7000),
+        "vm's outbound connection works"
+    );
+    let bytes = iperf_tcp(&mut f, "vm", "peer", 2);
+    assert!(
+        bytes > 10_000_000,
+        "a stateful TCP stream moved only {bytes} bytes"
+    );
+    assert_eq!(f.ping("peer", "10.10.0.1", 3).1, 0, "peer may not ping vm");
+    assert!(
+        !tcp_connects(&f, "peer", "10.10.0.1", 7001),
+        "peer may not connect to vm"
+    );
+    assert!(wait_for(Duration::from_secs(3), || {
+        f.port_counter(0, "vm", "tx_drops.acl_deny") >= 4
+    }));
+    let s = f.stats(0);
+    let ct = &s["ports"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["name"] == "vm")
+        .unwrap()["conntrack"];
+    assert!(ct["counters"]["created"].as_u64().unwrap() >= 3, "{ct}");
+}
+
+#[test]
 fn agent_stops_cleanly_on_sigterm_and_removes_its_taps() {
     if !e2e_ready(TOOLS) {
         return;

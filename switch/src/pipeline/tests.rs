@@ -534,3 +534,73 @@ fn a_flood_loses_only_the_copies_a_list_denies() {
     assert_eq!(r.egress(), vec![Egress::Port(PortNo(1))]);
     assert_eq!(r.drops(0, DropReason::AclDeny), 0);
 }
+
+fn tcp_frame(
+    dst: MacAddr,
+    src: MacAddr,
+    sip: u8,
+    dip: u8,
+    sport: u16,
+    dport: u16,
+    flags: u8,
+) -> Vec<u8> {
+    let mut f = ipv4_frame(dst, src, 6, dport);
+    f[14 + 15] = sip;
+    f[14 + 19] = dip;
+    f[14 + 20..14 + 22].copy_from_slice(&sport.to_be_bytes());
+    f[14 + 20 + 13] = flags;
+    f
+}
+
+#[test]
+fn stateful_rules_let_replies_back_but_not_new_connections() {
+    let mut r = Rig::new(vec![access(1, "vm", 10), access(2, "peer", 10)]);
+    let policy = || {
+        PortAcl {
+        inbound: rules("[ { action: permit, ethertype: arp }, { action: deny } ]"),
+        outbound: rules("[ { action: permit, proto: tcp, stateful: true }, { action: permit, ethertype: arp } ]"),
+    }
+    };
+    r.sw.set_port_acl(PortNo(0), policy()).unwrap();
+    // Both MACs learned.
+    r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    r.from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
+    // vm (10.0.0.1) opens a connection to peer (10.0.0.2):80.
+    let syn = tcp_frame(mac(2), mac(1), 1, 2, 40000, 80, 0x02);
+    assert_eq!(r.from_port(0, syn).verdict, Verdict::Forward);
+    let synack = tcp_frame(mac(1), mac(2), 2, 1, 80, 40000, 0x12);
+    assert_eq!(
+        r.from_port(1, synack.clone()).verdict,
+        Verdict::Forward,
+        "the reply comes back"
+    );
+    // A connection opened by peer toward vm is refused.
+    let inbound_syn = tcp_frame(mac(1), mac(2), 2, 1, 5555, 22, 0x02);
+    assert_eq!(
+        r.from_port(1, inbound_syn).verdict,
+        Verdict::Drop(DropReason::AclDeny)
+    );
+    let ct = r.sw.port_conntrack(PortNo(0)).unwrap();
+    assert_eq!((ct.len(), ct.counters().created), (1, 1));
+
+    // The same policy again keeps the connection; one without the stateful
+    // rule revokes it, and the reply is then refused.
+    r.sw.set_port_acl(PortNo(0), policy()).unwrap();
+    assert_eq!(r.from_port(1, synack.clone()).verdict, Verdict::Forward);
+    r.sw.set_port_acl(
+        PortNo(0),
+        PortAcl {
+            inbound: rules("[ { action: deny } ]"),
+            outbound: rules("[ { action: permit, proto: tcp, stateful: true, dst_port: 443 } ]"),
+        },
+    )
+    .unwrap();
+    assert_eq!(
+        r.sw.port_conntrack(PortNo(0)).unwrap().counters().revoked,
+        1
+    );
+    assert_eq!(
+        r.from_port(1, synack).verdict,
+        Verdict::Drop(DropReason::AclDeny)
+    );
+}
