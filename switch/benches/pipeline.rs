@@ -17,24 +17,30 @@ use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use dvs_proto::{MacAddr, PortId, VlanId, VlanMode, Vni};
 use dvs_switch::{wire, Ingress, PortAcl, PortConfig, PortNo, SegmentConfig, Switch, SwitchConfig};
 
-/// Counts every allocation, to prove the steady state allocates nothing.
+/// Counts every allocation (to prove the steady state allocates nothing)
+/// and the bytes live (to weigh a table entry).
 struct Counting;
 
 static ALLOCS: AtomicU64 = AtomicU64::new(0);
+static LIVE: AtomicU64 = AtomicU64::new(0);
 
-// SAFETY: forwards to the system allocator; only counts calls.
+// SAFETY: forwards to the system allocator; only counts calls and bytes.
 unsafe impl GlobalAlloc for Counting {
     unsafe fn alloc(&self, l: Layout) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_add(l.size() as u64, Ordering::Relaxed);
         // SAFETY: same contract as the caller's.
         unsafe { System.alloc(l) }
     }
     unsafe fn dealloc(&self, p: *mut u8, l: Layout) {
+        LIVE.fetch_sub(l.size() as u64, Ordering::Relaxed);
         // SAFETY: same contract as the caller's.
         unsafe { System.dealloc(p, l) }
     }
     unsafe fn realloc(&self, p: *mut u8, l: Layout, n: usize) -> *mut u8 {
         ALLOCS.fetch_add(1, Ordering::Relaxed);
+        LIVE.fetch_add(n as u64, Ordering::Relaxed);
+        LIVE.fetch_sub(l.size() as u64, Ordering::Relaxed);
         // SAFETY: same contract as the caller's.
         unsafe { System.realloc(p, l, n) }
     }
@@ -54,7 +60,11 @@ fn vlan(n: u32) -> VlanId {
 /// Four VLAN 10 ports (one a trunk), a segment with two remote hosts, and
 /// the MACs of ports 0 and 1 learned.
 fn switch() -> Switch {
-    let mut sw = Switch::new(SwitchConfig::default());
+    switch_with(SwitchConfig::default())
+}
+
+fn switch_with(cfg: SwitchConfig) -> Switch {
+    let mut sw = Switch::new(cfg);
     for i in 1..=4u32 {
         let mode = if i == 4 {
             VlanMode::trunk([vlan(10), vlan(20)].into_iter().collect(), None).unwrap()
@@ -148,6 +158,148 @@ fn allocations_per_frame() {
     println!();
 }
 
+/// A TCP/IPv4 frame from 10.0.<src>.1:<sport> to 10.1.0.1:80.
+fn tcp_frame(dst: MacAddr, src: MacAddr, src_net: u8, sport: u16, flags: u8) -> Vec<u8> {
+    let mut f = frame(dst, src, 64);
+    f[14..34].copy_from_slice(&[
+        0x45, 0, 0, 50, 0, 0, 0, 0, 64, 6, 0, 0, 10, 0, src_net, 1, 10, 1, 0, 1,
+    ]);
+    f[34..36].copy_from_slice(&sport.to_be_bytes());
+    f[36..38].copy_from_slice(&80u16.to_be_bytes());
+    f[34 + 13] = flags;
+    f[34 + 12] = 0x50;
+    f
+}
+
+/// `n` rules that the benchmark's traffic never matches, then the permit it
+/// does match: the worst case for a first-match scan.
+fn acl_rules(n: usize) -> Vec<dvs_proto::AclRule> {
+    use dvs_proto::acl::{IpProto, PortRange};
+    use dvs_proto::{AclRule, Action};
+    let mut v: Vec<AclRule> = (0..n)
+        .map(|i| AclRule {
+            proto: Some(IpProto::TCP),
+            dst_port: Some(PortRange {
+                lo: 1000 + i as u16,
+                hi: 1000 + i as u16,
+            }),
+            ..AclRule::any(Action::Deny)
+        })
+        .collect();
+    v.push(AclRule {
+        proto: Some(IpProto::TCP),
+        ..AclRule::any(Action::Permit)
+    });
+    v
+}
+
+fn policy_switch(acl: PortAcl) -> Switch {
+    let mut sw = switch_with(SwitchConfig {
+        conntrack_max: 1 << 17,
+        ..SwitchConfig::default()
+    });
+    sw.set_port_acl(PortNo(1), acl).unwrap();
+    sw
+}
+
+/// Frames/s through ACLs of growing length (one flow: the decision cache
+/// hits; 64k flows: it mostly misses and the rules are scanned), and
+/// through a stateful port that tracks 100k connections.
+fn bench_policy(c: &mut Criterion) {
+    let mut g = c.benchmark_group("policy");
+    g.throughput(Throughput::Elements(1));
+    for n in [0usize, 10, 100, 1000] {
+        let acl = if n == 0 {
+            PortAcl::default()
+        } else {
+            PortAcl {
+                inbound: acl_rules(n),
+                outbound: vec![],
+            }
+        };
+        for (label, flows) in [("1-flow", 1u32), ("64k-flows", 65_536)] {
+            let mut sw = policy_switch(acl.clone());
+            let mut out = Vec::with_capacity(16);
+            let frames: Vec<Vec<u8>> = (0..flows.min(4096))
+                .map(|i| tcp_frame(mac(2), mac(1), (i % 256) as u8, (i * 16 + 1) as u16, 0x10))
+                .collect();
+            let mut i = 0usize;
+            let mut buf = frames[0].clone();
+            let mut t = 1_000_000u64;
+            g.bench_function(format!("acl-{n}-rules/{label}"), |b| {
+                b.iter(|| {
+                    t += 1;
+                    i = (i + 1) % frames.len();
+                    buf.copy_from_slice(&frames[i]);
+                    if flows > 1 {
+                        // A fresh source port each frame: a new flow for the cache.
+                        buf[34..36].copy_from_slice(&((t as u16) | 1).to_be_bytes());
+                    }
+                    black_box(sw.process(
+                        Duration::from_micros(t),
+                        Ingress::Port(PortNo(0)),
+                        &mut buf,
+                        &mut out,
+                    ))
+                })
+            });
+        }
+    }
+
+    // Stateful: port 1 opens 100k connections (stateful outbound permit,
+    // inbound deny); the replies of all of them are then switched in turn.
+    let stateful = || PortAcl {
+        inbound: vec![dvs_proto::AclRule::any(dvs_proto::Action::Deny)],
+        outbound: vec![dvs_proto::AclRule {
+            stateful: true,
+            ..acl_rules(0).remove(0)
+        }],
+    };
+    let mut sw = policy_switch(stateful());
+    let mut out = Vec::new();
+    const CONNS: u32 = 100_000;
+    let live_before = LIVE.load(Ordering::Relaxed);
+    for i in 0..CONNS {
+        let mut syn = tcp_frame(mac(1), mac(2), (i >> 16) as u8, i as u16, 0x02);
+        // From port 1 (the stateful VM): swap the addresses' roles.
+        syn[26..30].copy_from_slice(&[10, 1, 0, 1]);
+        syn[30..34].copy_from_slice(&[10, 0, (i >> 16) as u8, 1]);
+        syn[34..36].copy_from_slice(&80u16.to_be_bytes());
+        syn[36..38].copy_from_slice(&(i as u16).to_be_bytes());
+        sw.process(
+            Duration::from_secs(1),
+            Ingress::Port(PortNo(1)),
+            &mut syn,
+            &mut out,
+        );
+    }
+    let entries = sw.port_conntrack(PortNo(1)).map_or(0, |c| c.len());
+    let bytes = LIVE.load(Ordering::Relaxed) - live_before;
+    println!(
+        "\nconntrack: {entries} connections tracked, {} bytes of heap each (table included)\n",
+        bytes / entries.max(1) as u64
+    );
+    let replies: Vec<Vec<u8>> = (0..CONNS)
+        .step_by(7)
+        .map(|i| tcp_frame(mac(2), mac(1), (i >> 16) as u8, i as u16, 0x10))
+        .collect();
+    let mut i = 0usize;
+    let mut buf = replies[0].clone();
+    g.bench_function("stateful-100k-conns/replies", |b| {
+        b.iter(|| {
+            i = (i + 1) % replies.len();
+            buf.copy_from_slice(&replies[i]);
+            black_box(sw.process(
+                Duration::from_secs(2),
+                Ingress::Port(PortNo(0)),
+                &mut buf,
+                &mut out,
+            ))
+        })
+    });
+    g.finish();
+}
+
 fn bench(c: &mut Criterion) {
     allocations_per_frame();
     let mut g = c.benchmark_group("pipeline");
@@ -172,6 +324,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = bench
+    targets = bench, bench_policy
 }
 criterion_main!(benches);

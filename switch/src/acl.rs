@@ -15,18 +15,32 @@ use std::net::IpAddr;
 
 use dvs_proto::acl::{AclRule, Action};
 use ipnetwork::IpNetwork;
+use rustc_hash::FxHashMap;
 use serde::Serialize;
 
 use crate::wire::FlowKey;
 
-/// A compiled list with its counters.
+/// A compiled list with its counters and its decision cache.
 #[derive(Debug, Clone)]
 pub struct Acl {
     rules: Vec<Compiled>,
+    /// Rules for one protocol and one destination port, by (proto, port):
+    /// a packet can only match those of its own pair, plus `others`.
+    by_port: FxHashMap<(u8, u16), Vec<u32>>,
+    /// Every other rule, in order.
+    others: Vec<u32>,
     source: Vec<AclRule>,
     hits: Vec<u64>,
     default_hits: u64,
+    /// Exact-match cache from a packet's key to the index of the rule that
+    /// decided it (`NO_RULE`: the implicit deny). A policy change builds a
+    /// new `Acl`, so the cache never outlives the rules it cached.
+    cache: FxHashMap<FlowKey, u32>,
 }
+
+/// Cache entries kept before the cache starts over.
+const CACHE_MAX: usize = 8192;
+const NO_RULE: u32 = u32::MAX;
 
 /// The outcome of an evaluation.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -76,11 +90,24 @@ struct Compiled {
 impl Acl {
     /// Compile `rules` (first match wins, no match denies).
     pub fn compile(rules: &[AclRule]) -> Self {
+        let mut by_port: FxHashMap<(u8, u16), Vec<u32>> = FxHashMap::default();
+        let mut others = Vec::new();
+        for (i, r) in rules.iter().enumerate() {
+            match (r.proto, r.dst_port) {
+                (Some(p), Some(d)) if d.lo == d.hi => {
+                    by_port.entry((p.0, d.lo)).or_default().push(i as u32)
+                }
+                _ => others.push(i as u32),
+            }
+        }
         Acl {
+            by_port,
+            others,
             rules: rules.iter().map(compile_rule).collect(),
             source: rules.to_vec(),
             hits: vec![0; rules.len()],
             default_hits: 0,
+            cache: FxHashMap::default(),
         }
     }
 
@@ -90,7 +117,29 @@ impl Acl {
 
     /// The first rule matching `key`, without counting.
     pub fn evaluate(&self, key: &FlowKey) -> Decision {
-        match self.rules.iter().position(|r| r.matches(key)) {
+        let exact: &[u32] = match key.proto {
+            Some(p) => self
+                .by_port
+                .get(&(p, key.dst_port))
+                .map_or(&[], Vec::as_slice),
+            None => &[],
+        };
+        // Walk both candidate lists in rule order; the first match decides.
+        let (mut a, mut b) = (exact.iter().peekable(), self.others.iter().peekable());
+        let first = loop {
+            let next = match (a.peek(), b.peek()) {
+                (Some(x), Some(y)) if x < y => a.next(),
+                (Some(_), Some(_)) | (None, Some(_)) => b.next(),
+                (Some(_), None) => a.next(),
+                (None, None) => break None,
+            };
+            if let Some(&i) = next {
+                if self.rules[i as usize].matches(key) {
+                    break Some(i as usize);
+                }
+            }
+        };
+        match first {
             Some(i) => Decision {
                 action: self.rules[i].action,
                 rule: Some(i),
@@ -104,14 +153,37 @@ impl Acl {
         }
     }
 
-    /// [`Acl::evaluate`], counting the hit.
+    /// [`Acl::evaluate`] through the decision cache, counting the hit.
     pub fn check(&mut self, key: &FlowKey) -> Decision {
-        let d = self.evaluate(key);
-        match d.rule {
-            Some(i) => self.hits[i] += 1,
-            None => self.default_hits += 1,
+        let idx = match self.cache.get(key) {
+            Some(i) => *i,
+            None => {
+                let i = self.evaluate(key).rule.map_or(NO_RULE, |i| i as u32);
+                if self.cache.len() >= CACHE_MAX {
+                    self.cache.clear();
+                }
+                self.cache.insert(*key, i);
+                i
+            }
+        };
+        match self.rules.get(idx as usize) {
+            Some(r) => {
+                self.hits[idx as usize] += 1;
+                Decision {
+                    action: r.action,
+                    rule: Some(idx as usize),
+                    stateful: r.stateful,
+                }
+            }
+            None => {
+                self.default_hits += 1;
+                Decision {
+                    action: Action::Deny,
+                    rule: None,
+                    stateful: false,
+                }
+            }
         }
-        d
     }
 
     /// Hit counters, the implicit deny last.
@@ -414,9 +486,12 @@ mod tests {
             rules in proptest::collection::vec(arb_rule(), 0..20),
             keys in proptest::collection::vec(arb_key(), 1..30),
         ) {
-            let acl = Acl::compile(&rules);
+            let mut acl = Acl::compile(&rules);
             for k in &keys {
                 prop_assert_eq!(acl.evaluate(k).rule, naive(&rules, k), "key {:?}", k);
+                // Twice through the cache: the same answer.
+                prop_assert_eq!(acl.check(k).rule, naive(&rules, k));
+                prop_assert_eq!(acl.check(k).rule, naive(&rules, k));
             }
         }
     }

@@ -129,6 +129,8 @@ pub struct SwitchConfig {
     /// VXLAN receivers GSO-aggregated datagrams, and TAP devices take them.
     pub max_frame: usize,
     pub mac_table: MacTableConfig,
+    /// The most connections one port tracks for its stateful rules.
+    pub conntrack_max: usize,
 }
 
 impl Default for SwitchConfig {
@@ -136,6 +138,7 @@ impl Default for SwitchConfig {
         Self {
             max_frame: 65_535 + 14 + 8,
             mac_table: MacTableConfig::default(),
+            conntrack_max: conntrack::DEFAULT_MAX,
         }
     }
 }
@@ -153,7 +156,7 @@ struct Port {
 }
 
 impl Port {
-    fn new(cfg: PortConfig) -> Self {
+    fn new(cfg: PortConfig, conntrack_max: usize) -> Self {
         let compile = |rules: &[AclRule]| (!rules.is_empty()).then(|| Acl::compile(rules));
         let stateful = cfg
             .acl
@@ -165,7 +168,7 @@ impl Port {
             acl_in: compile(&cfg.acl.inbound),
             acl_out: compile(&cfg.acl.outbound),
             conntrack: stateful
-                .then(|| ConnTrack::new(conntrack::DEFAULT_MAX, conntrack::Timeouts::default())),
+                .then(|| ConnTrack::new(conntrack_max, conntrack::Timeouts::default())),
             cfg,
             counters: PortCounters::default(),
         }
@@ -252,7 +255,7 @@ impl Switch {
             }
         };
         let no = PortNo(u16::try_from(slot).map_err(|_| Error::TooManyPorts)?);
-        self.ports[slot] = Some(Port::new(cfg));
+        self.ports[slot] = Some(Port::new(cfg, self.cfg.conntrack_max));
         self.rebuild();
         Ok(no)
     }
@@ -284,12 +287,13 @@ impl Switch {
     /// # Errors
     /// [`Error::UnknownPortNo`].
     pub fn set_port_acl(&mut self, no: PortNo, acl: PortAcl) -> Result<(), Error> {
+        let max = self.cfg.conntrack_max;
         let p = self.port_mut(no)?;
         let counters = std::mem::take(&mut p.counters);
         let old_ct = p.conntrack.take();
         let mut cfg = p.cfg.clone();
         cfg.acl = acl;
-        *p = Port::new(cfg);
+        *p = Port::new(cfg, max);
         p.counters = counters;
         // Tracked connections the new lists would still open live on.
         if let (Some(mut ct), true) = (old_ct, p.conntrack.is_some()) {
