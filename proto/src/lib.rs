@@ -14,10 +14,12 @@
 pub mod acl;
 pub mod ids;
 pub mod net;
+pub mod qos;
 
 pub use acl::{AclRule, Action};
 pub use ids::PortId;
 pub use net::{MacAddr, VlanId, VlanMode, VlanSet, Vni};
+pub use qos::RateLimit;
 
 /// Why a value offered at the edge (a file, a command line, a peer) is not valid.
 ///

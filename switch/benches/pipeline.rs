@@ -76,6 +76,7 @@ fn switch_with(cfg: SwitchConfig) -> Switch {
             name: format!("p{i}"),
             vlan: mode,
             acl: PortAcl::default(),
+            qos: Default::default(),
         })
         .unwrap();
     }

@@ -29,11 +29,12 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dvs_proto::acl::RawRule;
-use dvs_proto::{AclRule, MacAddr, PortId, VlanId, VlanMode, Vni};
+use dvs_proto::qos::RawRateLimit;
+use dvs_proto::{AclRule, MacAddr, PortId, RateLimit, VlanId, VlanMode, Vni};
 use serde::Deserialize;
 
 use crate::mactable::MacTableConfig;
-use crate::pipeline::{PortAcl, PortConfig, SegmentConfig};
+use crate::pipeline::{PortAcl, PortConfig, PortQos, SegmentConfig};
 use crate::Error;
 
 /// A validated agent file.
@@ -138,6 +139,18 @@ struct RawPort {
     vlan: VlanMode,
     #[serde(default)]
     acl: RawAcl,
+    #[serde(default)]
+    qos: RawQos,
+}
+
+/// A port's rate limits as written: `qos: { in: {avg_mbps, …}, out: … }`.
+#[derive(Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQos {
+    #[serde(default, rename = "in")]
+    inbound: Option<RawRateLimit>,
+    #[serde(default, rename = "out")]
+    outbound: Option<RawRateLimit>,
 }
 
 /// A port's access lists as written: `acl: { in: [rules], out: [rules] }`
@@ -266,12 +279,23 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
             outbound: AclRule::list_from_raw(&p.acl.outbound, &format!("{at}, acl.out"))
                 .map_err(|e| e.to_string())?,
         };
+        let limit = |raw: &Option<RawRateLimit>, dir: &str| {
+            raw.as_ref()
+                .map(|r| RateLimit::from_raw(r, &format!("{at}, qos.{dir}")))
+                .transpose()
+                .map_err(|e| e.to_string())
+        };
+        let qos = PortQos {
+            inbound: limit(&p.qos.inbound, "in")?,
+            outbound: limit(&p.qos.outbound, "out")?,
+        };
         ports.push(PortSpec {
             port: PortConfig {
                 id: p.id,
                 name: p.name,
                 vlan: p.vlan,
                 acl,
+                qos,
             },
             attach,
         });

@@ -59,6 +59,8 @@ drop_reasons! {
     /// An access list denied the frame (the sender's outbound list, or —
     /// when no copy was left — the receivers' inbound lists).
     AclDeny => "acl_deny",
+    /// Over the port's rate limit (its policer).
+    Policed => "policed",
 }
 
 /// A counter per [`DropReason`].

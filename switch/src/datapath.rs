@@ -548,6 +548,8 @@ impl<P: PortIo> Datapath<P> {
                     counters: c.clone(),
                     acl_in: sw.port_acl_hits(no).0,
                     acl_out: sw.port_acl_hits(no).1,
+                    police_in: sw.port_policers(no).0,
+                    police_out: sw.port_policers(no).1,
                     conntrack: sw.port_conntrack(no).map(|ct| ConnStats {
                         entries: ct.len(),
                         counters: ct.counters().clone(),
@@ -604,6 +606,12 @@ pub struct PortStats {
     /// Hits per rule of the outbound list (from the VM), implicit deny last.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acl_out: Option<Vec<crate::acl::RuleHits>>,
+    /// The inbound policer (into the VM), when the port has a limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub police_in: Option<crate::qos::PolicerCounters>,
+    /// The outbound policer (from the VM), when the port has a limit.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub police_out: Option<crate::qos::PolicerCounters>,
     /// The port's connection table, when its lists have stateful rules.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conntrack: Option<ConnStats>,

@@ -26,6 +26,7 @@ pub mod counters;
 pub mod datapath;
 pub mod mactable;
 pub mod pipeline;
+pub mod qos;
 pub mod sys;
 pub mod transmit;
 pub mod wire;
@@ -33,8 +34,8 @@ pub mod wire;
 pub use counters::{DropReason, PortCounters, TunnelCounters};
 pub use mactable::Location;
 pub use pipeline::{
-    Egress, Ingress, Output, PortAcl, PortConfig, PortNo, Processed, SegmentConfig, Switch,
-    SwitchConfig, Verdict,
+    Egress, Ingress, Output, PortAcl, PortConfig, PortNo, PortQos, Processed, SegmentConfig,
+    Switch, SwitchConfig, Verdict,
 };
 
 /// Errors of the datapath and the agent.

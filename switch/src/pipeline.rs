@@ -29,13 +29,14 @@ use std::net::IpAddr;
 use std::ops::Range;
 use std::time::Duration;
 
-use dvs_proto::{AclRule, Action, MacAddr, PortId, VlanId, VlanMode, Vni};
+use dvs_proto::{AclRule, Action, MacAddr, PortId, RateLimit, VlanId, VlanMode, Vni};
 use rustc_hash::FxHashMap;
 
 use crate::acl::{Acl, RuleHits};
 use crate::conntrack::{self, ConnTrack, Origin};
 use crate::counters::{DropReason, MacCounters, PortCounters, TunnelCounters};
 use crate::mactable::{Location, MacEntry, MacTable, MacTableConfig};
+use crate::qos::{Policer, PolicerCounters};
 use crate::wire::{self, vxlan, EthView, FlowKey};
 use crate::Error;
 
@@ -99,6 +100,16 @@ pub struct PortConfig {
     pub name: String,
     pub vlan: VlanMode,
     pub acl: PortAcl,
+    pub qos: PortQos,
+}
+
+/// A port's rate limits, seen from the VM like its access lists.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct PortQos {
+    /// Traffic going into the VM.
+    pub inbound: Option<RateLimit>,
+    /// Traffic the VM sends.
+    pub outbound: Option<RateLimit>,
 }
 
 /// A port's access lists, seen from the VM (as vSphere's port filters):
@@ -153,6 +164,10 @@ struct Port {
     acl_out: Option<Acl>,
     /// Connections opened through stateful rules (when the lists have any).
     conntrack: Option<ConnTrack>,
+    /// Policer of `cfg.qos.inbound`.
+    police_in: Option<Policer>,
+    /// Policer of `cfg.qos.outbound`.
+    police_out: Option<Policer>,
 }
 
 impl Port {
@@ -169,6 +184,8 @@ impl Port {
             acl_out: compile(&cfg.acl.outbound),
             conntrack: stateful
                 .then(|| ConnTrack::new(conntrack_max, conntrack::Timeouts::default())),
+            police_in: cfg.qos.inbound.map(|l| Policer::new(l, Duration::ZERO)),
+            police_out: cfg.qos.outbound.map(|l| Policer::new(l, Duration::ZERO)),
             cfg,
             counters: PortCounters::default(),
         }
@@ -312,6 +329,36 @@ impl Switch {
             Some(p) => (
                 p.acl_in.as_ref().map(Acl::hits),
                 p.acl_out.as_ref().map(Acl::hits),
+            ),
+            None => (None, None),
+        }
+    }
+
+    /// Replace a port's rate limits. A limit that did not change keeps its
+    /// bucket (and counters); a new one starts full.
+    ///
+    /// # Errors
+    /// [`Error::UnknownPortNo`].
+    pub fn set_port_qos(&mut self, no: PortNo, qos: PortQos) -> Result<(), Error> {
+        let p = self.port_mut(no)?;
+        let keep = |old: &mut Option<Policer>, new: Option<RateLimit>| match new {
+            Some(l) if old.as_ref().is_some_and(|p| p.limit() == l) => {}
+            Some(l) => *old = Some(Policer::new(l, Duration::ZERO)),
+            None => *old = None,
+        };
+        keep(&mut p.police_in, qos.inbound);
+        keep(&mut p.police_out, qos.outbound);
+        p.cfg.qos = qos;
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// A port's policer counters (inbound, outbound), where it has limits.
+    pub fn port_policers(&self, no: PortNo) -> (Option<PolicerCounters>, Option<PolicerCounters>) {
+        match self.ports.get(usize::from(no.0)).and_then(Option::as_ref) {
+            Some(p) => (
+                p.police_in.as_ref().map(|x| *x.counters()),
+                p.police_out.as_ref().map(|x| *x.counters()),
             ),
             None => (None, None),
         }
@@ -620,6 +667,11 @@ impl Switch {
             return None;
         };
         let port = self.ports.get_mut(usize::from(no.0))?.as_mut()?;
+        if let Some(p) = port.police_out.as_mut() {
+            if !p.admit(now, frame.len()) {
+                return Some(DropReason::Policed);
+            }
+        }
         if port.acl_out.is_none() && port.conntrack.is_none() {
             return None;
         }
@@ -659,11 +711,11 @@ impl Switch {
                 return true;
             };
             if port.acl_in.is_none() && port.conntrack.is_none() {
-                return true;
+                return admit(port, now, frame.len());
             }
             let k = key.get_or_insert_with(|| FlowKey::parse(frame, vlan.get()));
             if port.conntrack.as_mut().is_some_and(|ct| ct.track(now, k)) {
-                return true;
+                return admit(port, now, frame.len());
             }
             let Some(acl) = port.acl_in.as_mut() else {
                 return true;
@@ -678,7 +730,7 @@ impl Switch {
                     ct.commit(now, k, Origin::ToVm);
                 }
             }
-            true
+            admit(port, now, frame.len())
         });
     }
 
@@ -745,6 +797,16 @@ impl Switch {
             }
         }
     }
+}
+
+/// The inbound policer of `port`: does a frame of `len` bytes go to the VM?
+/// A refusal is counted on the port.
+fn admit(port: &mut Port, now: Duration, len: usize) -> bool {
+    let ok = port.police_in.as_mut().is_none_or(|p| p.admit(now, len));
+    if !ok {
+        port.counters.tx_drops.add(DropReason::Policed);
+    }
+    ok
 }
 
 fn parse_checked(frame: &[u8], max: usize) -> Result<EthView, DropReason> {

@@ -418,6 +418,7 @@ impl Lab {
                         name: vm_name.clone(),
                         vlan: VlanMode::Access(vid(*vlan)),
                         acl: dvs_switch::PortAcl::default(),
+                        qos: Default::default(),
                     })
                     .map_err(|e| LabError::Switch(name.clone(), e))?;
                 let wire = Rc::new(RefCell::new(Wire::default()));

@@ -282,6 +282,8 @@ pub struct VmSpec {
     pub veth: bool,
     /// The port's `acl:` as YAML (e.g. `{ in: [ ... ] }`), if any.
     pub acl: Option<&'static str>,
+    /// The port's `qos:` as YAML (e.g. `{ in: { avg_mbps: 50 } }`), if any.
+    pub qos: Option<&'static str>,
 }
 
 /// A VM that lives in a namespace, its NIC named `eth0`.
@@ -406,7 +408,8 @@ impl Fabric {
                 } else {
                     format!("tap: {}", fabric.topo.name(&format!("t{}", vm.name)))
                 };
-                let acl = vm.acl.map(|a| format!(", acl: {a}")).unwrap_or_default();
+                let acl = vm.acl.map(|a| format!(", acl: {a}")).unwrap_or_default()
+                    + &vm.qos.map(|q| format!(", qos: {q}")).unwrap_or_default();
                 let _ = writeln!(
                     y,
                     "  - {{ id: {}, name: {}, {dev}, vlan: {}{acl} }}",

@@ -30,6 +30,7 @@ fn access(host: usize, name: &'static str, vlan: u16, addr: &'static str) -> VmS
         addr: Some(addr),
         veth: false,
         acl: None,
+        qos: None,
     }
 }
 
@@ -283,6 +284,7 @@ fn trunk_port_carries_tags_on_the_wire() {
                 addr: Some("10.10.0.1/24"),
                 veth: false,
                 acl: None,
+                qos: None,
             },
             access(1, "a", 10, "10.10.0.2/24"),
             access(1, "b", 20, "10.20.0.2/24"),
@@ -459,6 +461,7 @@ fn vms_on_veth_attached_with_af_packet_carry_tcp_and_tags() {
                 addr: Some("10.10.0.5/24"),
                 veth: false,
                 acl: None,
+                qos: None,
             }),
             access(1, "b", 10, "10.10.0.2/24"),
             access(1, "c", 20, "10.20.0.2/24"),
@@ -675,6 +678,73 @@ fn stateful_rules_let_replies_in_but_not_new_connections() {
         .find(|p| p["name"] == "vm")
         .unwrap()["conntrack"];
     assert!(ct["counters"]["created"].as_u64().unwrap() >= 3, "{ct}");
+}
+
+/// iperf3 from `client` to `server`; returns the JSON report.
+fn iperf_json(f: &mut Fabric, client: &str, server: &str, args: &str) -> serde_json::Value {
+    let server_vm = f.vm(server).clone();
+    let ip = server_vm.ip.clone().expect("server has an address");
+    let label = format!("iperf3-{server}");
+    f.topo
+        .spawn(&server_vm.ns, &label, &["iperf3", "-s", "-p", "5201", "-1"]);
+    assert!(wait_for(Duration::from_secs(5), || f
+        .topo
+        .sh(&server_vm.ns, "ss -Hltn 'sport = :5201'")
+        .contains("5201")));
+    let out = f.topo.sh(
+        &f.vm(client).ns.clone(),
+        &format!("iperf3 -c {ip} -p 5201 {args} -J"),
+    );
+    f.topo.stop(&label);
+    serde_json::from_str(&out).expect("iperf3 -J prints JSON")
+}
+
+#[test]
+fn rate_limits_police_udp_floods_and_hold_tcp_near_the_rate() {
+    if !e2e_ready(TOOLS) {
+        return;
+    }
+    let mut f = Fabric::new(
+        2,
+        &[
+            VmSpec {
+                acl: None,
+                qos: Some("{ out: { avg_mbps: 20 }, in: { avg_mbps: 50 } }"),
+                ..access(0, "limited", 10, "10.10.0.1/24")
+            },
+            access(1, "peer", 10, "10.10.0.2/24"),
+        ],
+        &[],
+    );
+    assert_eq!(f.ping("limited", "10.10.0.2", 2).1, 2, "{}", f.topo.logs());
+    // A 200 Mbit/s UDP flood out of the VM is cut to 20 Mbit/s.
+    let v = iperf_json(&mut f, "limited", "peer", "-u -b 200M -l 1400 -t 3");
+    let s = &v["end"]["sum"];
+    let received =
+        (s["packets"].as_f64().unwrap() - s["lost_packets"].as_f64().unwrap()) * 1400.0 * 8.0
+            / s["seconds"].as_f64().unwrap();
+    eprintln!("policed UDP: {:.1} Mbit/s received", received / 1e6);
+    assert!(
+        (received / 20e6 - 1.0).abs() < 0.10,
+        "UDP through a 20 Mbit/s limit: {:.1} Mbit/s",
+        received / 1e6
+    );
+    assert!(wait_for(Duration::from_secs(3), || f.port_counter(
+        0,
+        "limited",
+        "drops.policed"
+    ) > 1000));
+    // TCP into the VM settles near its 50 Mbit/s limit.
+    let v = iperf_json(&mut f, "peer", "limited", "-t 4");
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap();
+    eprintln!("policed TCP: {:.1} Mbit/s", bps / 1e6);
+    assert!(
+        (bps / 50e6 - 1.0).abs() < 0.10,
+        "TCP through a 50 Mbit/s limit: {:.1} Mbit/s",
+        bps / 1e6
+    );
 }
 
 #[test]

@@ -19,6 +19,7 @@ fn access(id: u32, name: &str, vlan: u32) -> PortConfig {
         name: name.into(),
         vlan: VlanMode::Access(v(vlan)),
         acl: PortAcl::default(),
+        qos: Default::default(),
     }
 }
 
@@ -28,6 +29,7 @@ fn trunk(id: u32, name: &str, allowed: &[u32], native: Option<u32>) -> PortConfi
         name: name.into(),
         vlan: VlanMode::trunk(allowed.iter().map(|a| v(*a)).collect(), native.map(v)).unwrap(),
         acl: PortAcl::default(),
+        qos: Default::default(),
     }
 }
 

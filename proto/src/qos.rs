@@ -1,0 +1,136 @@
+//! Rate limits, as admins write them in port profiles, validated.
+//!
+//! ```yaml
+//! qos:
+//!   in:  { avg_mbps: 100, peak_mbps: 200, burst_kb: 512 }   # into the VM
+//!   out: { avg_mbps: 100 }                                  # from the VM
+//! ```
+//!
+//! The semantics are vSphere's traffic shaping: traffic may run at the
+//! average rate indefinitely; a port that stayed below it gathers a burst
+//! bonus of up to `burst_kb`, which it may spend at up to the peak rate.
+
+use serde::Deserialize;
+
+use crate::Error;
+
+/// A validated rate limit, in bits and bytes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct RateLimit {
+    /// Average rate, bits per second (> 0).
+    pub avg_bps: u64,
+    /// Peak rate, bits per second (≥ `avg_bps`); `None`: no peak limit.
+    pub peak_bps: Option<u64>,
+    /// Burst bonus, bytes.
+    pub burst_bytes: u64,
+}
+
+/// A rate limit as written in a file.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRateLimit {
+    pub avg_mbps: f64,
+    #[serde(default)]
+    pub peak_mbps: Option<f64>,
+    #[serde(default)]
+    pub burst_kb: Option<f64>,
+}
+
+/// Burst bonus when the file gives none: 100 ms at the average rate, at
+/// least 64 KB (one GSO frame).
+fn default_burst(avg_bps: u64) -> u64 {
+    (avg_bps / 8 / 10).max(64 * 1024)
+}
+
+impl RateLimit {
+    /// Validate `raw`; `at` names it in errors (e.g. "qos.in").
+    ///
+    /// # Errors
+    /// [`Error::Rule`] naming the field and what would be valid.
+    pub fn from_raw(raw: &RawRateLimit, at: &str) -> Result<Self, Error> {
+        let bad = |field: &str, msg: String| Error::Rule {
+            at: at.to_string(),
+            field: field.to_string(),
+            msg,
+        };
+        let mbps = |field: &str, v: f64| -> Result<u64, Error> {
+            if !v.is_finite() || v <= 0.0 || v > 1_000_000.0 {
+                return Err(bad(
+                    field,
+                    format!("{v} is not a rate: expected Mbit/s in (0, 1000000]"),
+                ));
+            }
+            Ok((v * 1e6).round() as u64)
+        };
+        let avg_bps = mbps("avg_mbps", raw.avg_mbps)?;
+        let peak_bps = raw.peak_mbps.map(|p| mbps("peak_mbps", p)).transpose()?;
+        if let Some(p) = peak_bps {
+            if p < avg_bps {
+                return Err(bad(
+                    "peak_mbps",
+                    format!(
+                        "peak {} Mbit/s is below the average {} Mbit/s: the peak must be at least the average",
+                        raw.peak_mbps.unwrap_or_default(),
+                        raw.avg_mbps
+                    ),
+                ));
+            }
+        }
+        let burst_bytes = match raw.burst_kb {
+            None => default_burst(avg_bps),
+            Some(kb) if kb.is_finite() && kb > 0.0 && kb <= 1_048_576.0 => (kb * 1024.0) as u64,
+            Some(kb) => {
+                return Err(bad(
+                    "burst_kb",
+                    format!("{kb} is not a burst size: expected KB in (0, 1048576]"),
+                ))
+            }
+        };
+        Ok(RateLimit {
+            avg_bps,
+            peak_bps,
+            burst_bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limit(yaml: &str) -> Result<RateLimit, Error> {
+        let raw: RawRateLimit = serde_norway::from_str(yaml).unwrap();
+        RateLimit::from_raw(&raw, "qos.in")
+    }
+
+    #[test]
+    fn limits_parse_with_vsphere_fields() {
+        let l = limit("{ avg_mbps: 100, peak_mbps: 200, burst_kb: 512 }").unwrap();
+        assert_eq!(
+            (l.avg_bps, l.peak_bps, l.burst_bytes),
+            (100_000_000, Some(200_000_000), 512 * 1024)
+        );
+        let l = limit("{ avg_mbps: 0.5 }").unwrap();
+        assert_eq!(
+            (l.avg_bps, l.peak_bps, l.burst_bytes),
+            (500_000, None, 64 * 1024)
+        );
+    }
+
+    #[test]
+    fn bad_limits_name_the_field() {
+        let e = limit("{ avg_mbps: 100, peak_mbps: 50 }")
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "qos.in, peak_mbps: peak 50 Mbit/s is below the average 100 Mbit/s: the peak must be at least the average"
+        );
+        let e = limit("{ avg_mbps: 0 }").unwrap_err().to_string();
+        assert!(e.starts_with("qos.in, avg_mbps: 0 is not a rate"), "{e}");
+        let e = limit("{ avg_mbps: 10, burst_kb: -1 }")
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("burst_kb: -1 is not a burst size"), "{e}");
+    }
+}
