@@ -43,7 +43,9 @@ enum Command {
         segments:\n  - { vlan: 10, vni: 5010, peers: [10.0.0.2] }\n\
         ports:\n  - { id: veth1, name: web1, tap: dvs-web1, vlan: { mode: access, id: 10 } }\n  \
         - { id: veth2, name: fw1, netdev: vnet3, vlan: { mode: trunk, allowed: [10, 20-30], native: 10 } }\n\n\
-        The whole file is checked before anything is opened. Logs go to stderr \
+        The whole file is checked before anything is opened. SIGHUP re-reads it and \
+        applies changed port policy (VLAN, acl, qos) and segments without a restart; \
+        a file that does not validate changes nothing. Logs go to stderr \
         (DVS_LOG=info for more); counters are rewritten to stats_file every second."
     )]
     Agent {
@@ -84,7 +86,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Agent { config } => {
             let cfg = dvs_switch::config::AgentConfig::load(&config)?;
-            dvs_switch::agent::run(&cfg)?;
+            dvs_switch::agent::run(&cfg, Some(&config))?;
             Ok(())
         }
     }

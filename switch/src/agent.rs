@@ -195,9 +195,10 @@ pub fn build(cfg: &AgentConfig) -> Result<Datapath<HostPort>, Error> {
 ///
 /// # Errors
 /// Startup errors (see [`build`]) and fatal device errors.
-pub fn run(cfg: &AgentConfig) -> Result<(), Error> {
-    sys::catch_terminate().map_err(|e| Error::io("installing signal handlers", e))?;
-    let mut dp = build(cfg)?;
+pub fn run(cfg: &AgentConfig, path: Option<&Path>) -> Result<(), Error> {
+    sys::catch_signals().map_err(|e| Error::io("installing signal handlers", e))?;
+    let mut cfg = cfg.clone();
+    let mut dp = build(&cfg)?;
     dp.spawn_transmit()
         .map_err(|e| Error::io("starting the transmit thread", e))?;
     let start = Instant::now();
@@ -241,6 +242,11 @@ pub fn run(cfg: &AgentConfig) -> Result<(), Error> {
             }
         }
         dp.handle_timeout(now);
+        if sys::take_reload_request() {
+            if let Some(path) = path {
+                reload(&mut dp, &mut cfg, path);
+            }
+        }
         if now >= next_stats {
             if let Some(path) = &cfg.stats_file {
                 write_stats(&dp, &cfg.host, now, path);
@@ -254,6 +260,91 @@ pub fn run(cfg: &AgentConfig) -> Result<(), Error> {
     }
     tracing::info!(host = %cfg.host, "agent stopped");
     Ok(())
+}
+
+/// Re-read the agent file after SIGHUP and apply what changed to the
+/// running switch: each port's VLAN, access lists and rate limits (frames
+/// see the old or the new policy, never a mix; traffic the change does not
+/// concern keeps flowing), and the segments. A file that does not validate
+/// changes nothing. Ports added or removed, or a new tunnel address, need a
+/// restart; the agent says so and keeps the rest.
+fn reload(dp: &mut Datapath<HostPort>, cfg: &mut AgentConfig, path: &Path) {
+    let new = match AgentConfig::load(path) {
+        Ok(c) => c,
+        Err(e) => {
+            tracing::error!(error = %e, "reload refused; the running configuration stays");
+            return;
+        }
+    };
+    let mut applied = 0;
+    for p in &new.ports {
+        let Some(old) = cfg.ports.iter().find(|o| o.port.name == p.port.name) else {
+            tracing::warn!(port = %p.port.name, "new port: restart the agent to add it");
+            continue;
+        };
+        if old.attach != p.attach || old.port.id != p.port.id {
+            tracing::warn!(port = %p.port.name, "device or ID changed: restart the agent to apply");
+            continue;
+        }
+        let Some(no) = dp.switch.port_by_name(&p.port.name) else {
+            continue;
+        };
+        let r = (|| {
+            if old.port.vlan != p.port.vlan {
+                dp.switch.set_port_vlan(no, p.port.vlan.clone())?;
+            }
+            if old.port.acl != p.port.acl {
+                dp.switch.set_port_acl(no, p.port.acl.clone())?;
+            }
+            if old.port.qos != p.port.qos {
+                dp.switch.set_port_qos(no, p.port.qos)?;
+            }
+            Ok::<(), Error>(())
+        })();
+        match r {
+            Ok(()) if old.port != p.port => applied += 1,
+            Ok(()) => {}
+            Err(e) => tracing::error!(port = %p.port.name, error = %e, "policy not applied"),
+        }
+    }
+    for o in &cfg.ports {
+        if !new.ports.iter().any(|p| p.port.name == o.port.name) {
+            tracing::warn!(port = %o.port.name, "port gone from the file: restart the agent to remove it");
+        }
+    }
+    if new.tunnel != cfg.tunnel {
+        tracing::warn!("tunnel address changed: restart the agent to apply");
+    }
+    for s in &new.segments {
+        if !cfg.segments.contains(s) {
+            if let Err(e) = dp.switch.set_segment(s.clone()) {
+                tracing::error!(vlan = %s.vlan, error = %e, "segment not applied");
+            }
+        }
+    }
+    for s in &cfg.segments {
+        if !new.segments.iter().any(|n| n.vlan == s.vlan) {
+            dp.switch.remove_segment(s.vlan);
+        }
+    }
+    tracing::info!(ports_changed = applied, "configuration reloaded");
+    // What runs now: the new file, but for what needs a restart.
+    let keep_ports = cfg.ports.clone();
+    let tunnel = cfg.tunnel;
+    *cfg = new;
+    cfg.tunnel = tunnel;
+    cfg.ports = keep_ports
+        .into_iter()
+        .map(|o| {
+            cfg.ports
+                .iter()
+                .find(|p| {
+                    p.port.name == o.port.name && p.attach == o.attach && p.port.id == o.port.id
+                })
+                .cloned()
+                .unwrap_or(o)
+        })
+        .collect();
 }
 
 /// Write the stats as JSON, atomically (temporary file, then rename).

@@ -480,20 +480,25 @@ pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
 }
 
 static TERMINATE: AtomicBool = AtomicBool::new(false);
+static RELOAD: AtomicBool = AtomicBool::new(false);
 
-extern "C" fn on_terminate(_: libc::c_int) {
-    TERMINATE.store(true, Ordering::SeqCst);
+extern "C" fn on_signal(sig: libc::c_int) {
+    if sig == libc::SIGHUP {
+        RELOAD.store(true, Ordering::SeqCst);
+    } else {
+        TERMINATE.store(true, Ordering::SeqCst);
+    }
 }
 
-/// Catch SIGTERM and SIGINT: after either, [`terminate_requested`] is true
-/// (and `poll` returns early).
-pub fn catch_terminate() -> io::Result<()> {
-    for sig in [libc::SIGTERM, libc::SIGINT] {
-        // SAFETY: sigaction is plain data; the handler only stores to an
-        // atomic, which is async-signal-safe. No SA_RESTART, so poll wakes.
+/// Catch SIGTERM and SIGINT (then [`terminate_requested`] is true) and
+/// SIGHUP (then [`take_reload_request`] is true once); `poll` returns early.
+pub fn catch_signals() -> io::Result<()> {
+    for sig in [libc::SIGTERM, libc::SIGINT, libc::SIGHUP] {
+        // SAFETY: sigaction is plain data; the handler only stores to
+        // atomics, which is async-signal-safe. No SA_RESTART, so poll wakes.
         unsafe {
             let mut sa: libc::sigaction = mem::zeroed();
-            sa.sa_sigaction = on_terminate as *const () as usize;
+            sa.sa_sigaction = on_signal as *const () as usize;
             libc::sigemptyset(&mut sa.sa_mask);
             cvt(libc::sigaction(sig, &sa, std::ptr::null_mut()))?;
         }
@@ -503,4 +508,9 @@ pub fn catch_terminate() -> io::Result<()> {
 
 pub fn terminate_requested() -> bool {
     TERMINATE.load(Ordering::SeqCst)
+}
+
+/// Whether SIGHUP arrived since the last call.
+pub fn take_reload_request() -> bool {
+    RELOAD.swap(false, Ordering::SeqCst)
 }

@@ -191,6 +191,14 @@ impl Topo {
         None
     }
 
+    /// The PID of process `label`.
+    pub fn pid(&self, label: &str) -> Option<u32> {
+        self.children
+            .iter()
+            .find(|(l, _)| l == label)
+            .map(|(_, c)| c.id())
+    }
+
     /// Is the process `label` still running?
     pub fn running(&mut self, label: &str) -> bool {
         self.children
@@ -300,6 +308,8 @@ pub struct Vm {
 pub struct Host {
     pub ns: String,
     pub label: String,
+    /// The agent's file (rewrite it, then [`Fabric::reload`]).
+    pub config: PathBuf,
     pub underlay: String,
     pub stats: PathBuf,
 }
@@ -433,6 +443,7 @@ impl Fabric {
             fabric.hosts.push(Host {
                 ns: ns.clone(),
                 label,
+                config: cfg.clone(),
                 underlay: underlay_ip(i),
                 stats,
             });
@@ -531,6 +542,19 @@ impl Fabric {
             .to_string();
         let ip = addr.map(|a| a.split('/').next().unwrap_or(a).to_string());
         self.vms.push((name, Vm { ns, mac, ip, host }));
+    }
+
+    /// Edit host `i`'s agent file with `edit` and send the agent SIGHUP.
+    pub fn reload(&self, i: usize, edit: impl FnOnce(String) -> String) {
+        let h = &self.hosts[i];
+        let text = std::fs::read_to_string(&h.config).expect("read the agent file");
+        std::fs::write(&h.config, edit(text)).expect("write the agent file");
+        let pid = self.topo.pid(&h.label).expect("the agent runs");
+        let ok = Command::new("/bin/kill")
+            .args(["-HUP", &pid.to_string()])
+            .status()
+            .is_ok_and(|s| s.success());
+        assert!(ok, "could not send SIGHUP to the agent");
     }
 
     pub fn vm(&self, name: &str) -> &Vm {

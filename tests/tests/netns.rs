@@ -748,6 +748,79 @@ fn rate_limits_police_udp_floods_and_hold_tcp_near_the_rate() {
 }
 
 #[test]
+fn a_policy_change_under_load_takes_effect_without_breaking_the_stream() {
+    if !e2e_ready(TOOLS) {
+        return;
+    }
+    let mut f = Fabric::new(
+        2,
+        &[
+            VmSpec {
+                qos: Some("{ in: { avg_mbps: 20 } }"),
+                ..access(0, "vm", 10, "10.10.0.1/24")
+            },
+            access(1, "peer", 10, "10.10.0.2/24"),
+        ],
+        &[],
+    );
+    let vm = f.vm("vm").clone();
+    let label = "iperf3-vm";
+    f.topo
+        .spawn(&vm.ns, label, &["iperf3", "-s", "-p", "5201", "-1"]);
+    assert!(wait_for(Duration::from_secs(5), || f
+        .topo
+        .sh(&vm.ns, "ss -Hltn 'sport = :5201'")
+        .contains("5201")));
+    let out_path = f.topo.dir.join("iperf-change.json");
+    let peer_ns = f.vm("peer").ns.clone();
+    f.topo.spawn(
+        &peer_ns,
+        "iperf3-client",
+        &[
+            "sh",
+            "-c",
+            &format!(
+                "iperf3 -c 10.10.0.1 -p 5201 -t 8 -J > {}",
+                out_path.display()
+            ),
+        ],
+    );
+    std::thread::sleep(Duration::from_secs(3));
+    // Raise the limit, and add an ACL that permits everything but SSH.
+    f.reload(0, |t| {
+        t.replace(
+            "qos: { in: { avg_mbps: 20 } }",
+            "qos: { in: { avg_mbps: 80 } }, acl: { in: [ { action: deny, proto: tcp, dst_port: 22 }, { action: permit } ] }",
+        )
+    });
+    assert!(wait_for(Duration::from_secs(15), || !f
+        .topo
+        .running("iperf3-client")));
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).expect("iperf3 JSON");
+    let rates: Vec<f64> = v["intervals"]
+        .as_array()
+        .expect("per-second intervals")
+        .iter()
+        .map(|i| i["sum"]["bits_per_second"].as_f64().unwrap() / 1e6)
+        .collect();
+    eprintln!("per-second Mbit/s across the change: {rates:.1?}");
+    assert!(
+        rates.iter().all(|r| *r > 5.0),
+        "the stream stalled: {rates:.1?}"
+    );
+    assert!(
+        rates[1] < 26.0,
+        "before the change the limit was 20: {rates:.1?}"
+    );
+    assert!(
+        rates[rates.len() - 2] > 60.0,
+        "after the change the limit is 80: {rates:.1?}"
+    );
+    assert!(f.topo.log("agent-h1").contains("configuration reloaded"));
+}
+
+#[test]
 fn agent_stops_cleanly_on_sigterm_and_removes_its_taps() {
     if !e2e_ready(TOOLS) {
         return;
