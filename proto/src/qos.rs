@@ -36,6 +36,50 @@ pub struct RawRateLimit {
     pub burst_kb: Option<f64>,
 }
 
+/// Priority marks set on what a VM sends: DSCP in its IP header, 802.1p PCP
+/// in the tag of tagged copies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Marking {
+    /// 0..=63.
+    pub dscp: Option<u8>,
+    /// 0..=7.
+    pub pcp: Option<u8>,
+}
+
+/// Marks as written: `mark: { dscp: 26, pcp: 3 }`.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawMarking {
+    #[serde(default)]
+    pub dscp: Option<u64>,
+    #[serde(default)]
+    pub pcp: Option<u64>,
+}
+
+impl Marking {
+    /// Validate `raw`; `at` names it in errors (e.g. "qos.mark").
+    ///
+    /// # Errors
+    /// [`Error::Rule`] naming the field and its valid range.
+    pub fn from_raw(raw: &RawMarking, at: &str) -> Result<Self, Error> {
+        let field = |name: &str, v: Option<u64>, max: u8| -> Result<Option<u8>, Error> {
+            match v {
+                None => Ok(None),
+                Some(v) if v <= u64::from(max) => Ok(Some(v as u8)),
+                Some(v) => Err(Error::Rule {
+                    at: at.to_string(),
+                    field: name.to_string(),
+                    msg: format!("{v} is out of range 0..={max}"),
+                }),
+            }
+        };
+        Ok(Marking {
+            dscp: field("dscp", raw.dscp, 63)?,
+            pcp: field("pcp", raw.pcp, 7)?,
+        })
+    }
+}
+
 /// Burst bonus when the file gives none: 100 ms at the average rate, at
 /// least 64 KB (one GSO frame).
 fn default_burst(avg_bps: u64) -> u64 {
@@ -114,6 +158,29 @@ mod tests {
         assert_eq!(
             (l.avg_bps, l.peak_bps, l.burst_bytes),
             (500_000, None, 64 * 1024)
+        );
+    }
+
+    #[test]
+    fn marks_are_checked() {
+        let m = |y: &str| {
+            let raw: RawMarking = serde_norway::from_str(y).unwrap();
+            Marking::from_raw(&raw, "qos.mark")
+        };
+        assert_eq!(
+            m("{ dscp: 26, pcp: 3 }").unwrap(),
+            Marking {
+                dscp: Some(26),
+                pcp: Some(3)
+            }
+        );
+        assert_eq!(
+            m("{ dscp: 64 }").unwrap_err().to_string(),
+            "qos.mark, dscp: 64 is out of range 0..=63"
+        );
+        assert_eq!(
+            m("{ pcp: 8 }").unwrap_err().to_string(),
+            "qos.mark, pcp: 8 is out of range 0..=7"
         );
     }
 

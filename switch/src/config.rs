@@ -29,7 +29,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dvs_proto::acl::RawRule;
-use dvs_proto::qos::RawRateLimit;
+use dvs_proto::qos::{Marking, RawMarking, RawRateLimit};
 use dvs_proto::{AclRule, MacAddr, PortId, RateLimit, VlanId, VlanMode, Vni};
 use serde::Deserialize;
 
@@ -151,6 +151,8 @@ struct RawQos {
     inbound: Option<RawRateLimit>,
     #[serde(default, rename = "out")]
     outbound: Option<RawRateLimit>,
+    #[serde(default)]
+    mark: Option<RawMarking>,
 }
 
 /// A port's access lists as written: `acl: { in: [rules], out: [rules] }`
@@ -288,6 +290,13 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
         let qos = PortQos {
             inbound: limit(&p.qos.inbound, "in")?,
             outbound: limit(&p.qos.outbound, "out")?,
+            mark: p
+                .qos
+                .mark
+                .as_ref()
+                .map(|m| Marking::from_raw(m, &format!("{at}, qos.mark")))
+                .transpose()
+                .map_err(|e| e.to_string())?,
         };
         ports.push(PortSpec {
             port: PortConfig {

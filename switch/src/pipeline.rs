@@ -29,6 +29,7 @@ use std::net::IpAddr;
 use std::ops::Range;
 use std::time::Duration;
 
+use dvs_proto::qos::Marking;
 use dvs_proto::{AclRule, Action, MacAddr, PortId, RateLimit, VlanId, VlanMode, Vni};
 use rustc_hash::FxHashMap;
 
@@ -110,6 +111,8 @@ pub struct PortQos {
     pub inbound: Option<RateLimit>,
     /// Traffic the VM sends.
     pub outbound: Option<RateLimit>,
+    /// Priority marks set on what the VM sends.
+    pub mark: Option<Marking>,
 }
 
 /// A port's access lists, seen from the VM (as vSphere's port filters):
@@ -530,7 +533,18 @@ impl Switch {
         let verdict = match self.check_outbound(now, ingress, &buf[frame.clone()], vlan, &mut key) {
             Some(reason) => Verdict::Drop(reason),
             None => {
+                let mark = self.mark_of(ingress);
+                if let Some(dscp) = mark.and_then(|m| m.dscp) {
+                    if wire::set_dscp(&mut buf[frame.clone()], dscp) {
+                        key = None;
+                    }
+                }
                 let v = self.forward(now, ingress, vlan, &view, out);
+                if let Some(pcp) = mark.and_then(|m| m.pcp) {
+                    for o in out.iter_mut() {
+                        o.tag = o.tag.map(|t| (t & 0x1fff) | u16::from(pcp) << 13);
+                    }
+                }
                 self.check_inbound(now, &buf[frame.clone()], vlan, &mut key, out);
                 match v {
                     Verdict::Forward if out.is_empty() => Verdict::Drop(DropReason::AclDeny),
@@ -651,6 +665,14 @@ impl Switch {
             }
         }
         Verdict::Flood
+    }
+
+    /// The marks of the port a frame came from.
+    fn mark_of(&self, ingress: Ingress) -> Option<Marking> {
+        let Ingress::Port(no) = ingress else {
+            return None;
+        };
+        self.ports.get(usize::from(no.0))?.as_ref()?.cfg.qos.mark
     }
 
     /// The outbound list of the port a frame came from; `Some(reason)` when

@@ -701,6 +701,43 @@ fn same_headers(a: &[u8], b: &[u8], v4: bool, l4: usize) -> bool {
         && a[l4 + 18..] == b[l4 + 18..]
 }
 
+/// Set the DSCP of the IPv4 or IPv6 packet in the untagged `frame` (the
+/// IPv4 header checksum is updated); returns whether it did.
+pub fn set_dscp(frame: &mut [u8], dscp: u8) -> bool {
+    let et = frame.get(12..14).map(|b| u16::from_be_bytes([b[0], b[1]]));
+    match et {
+        Some(0x0800) => {
+            let Some(h) = frame.get_mut(ETH_HLEN..ETH_HLEN + 20) else {
+                return false;
+            };
+            if h[0] >> 4 != 4 {
+                return false;
+            }
+            let old = u16::from_be_bytes([h[0], h[1]]);
+            h[1] = (dscp << 2) | (h[1] & 0x03);
+            let new = u16::from_be_bytes([h[0], h[1]]);
+            // RFC 1624: HC' = ~(~HC + ~m + m')
+            let hc = u16::from_be_bytes([h[10], h[11]]);
+            let sum = u32::from(!hc) + u32::from(!old) + u32::from(new);
+            let c = !fold(sum);
+            h[10..12].copy_from_slice(&c.to_be_bytes());
+            true
+        }
+        Some(0x86dd) => {
+            let Some(h) = frame.get_mut(ETH_HLEN..ETH_HLEN + 2) else {
+                return false;
+            };
+            if h[0] >> 4 != 6 {
+                return false;
+            }
+            h[0] = (h[0] & 0xf0) | (dscp >> 2);
+            h[1] = ((dscp & 0x03) << 6) | (h[1] & 0x3f);
+            true
+        }
+        _ => false,
+    }
+}
+
 /// The header fields that ACLs (and later flow accounting and QoS) look at.
 ///
 /// For ICMP and ICMPv6, `src_port` holds the type and `dst_port` the code.
@@ -1148,6 +1185,23 @@ mod tests {
         let (m, h) = c.take().unwrap();
         assert!(m == &seg(0)[..]);
         assert_eq!(h, VnetHdr::default());
+    }
+
+    #[test]
+    fn dscp_marks_keep_the_ipv4_checksum_right() {
+        let mut f = udp_frame(b"mark me");
+        assert!(set_dscp(&mut f, 26));
+        let k = FlowKey::parse(&f, 1);
+        assert_eq!(k.dscp, 26);
+        let ip = etherparse::Ipv4HeaderSlice::from_slice(&f[14..]).unwrap();
+        assert_eq!(ip.to_header().calc_header_checksum(), ip.header_checksum());
+        let mut f = tcp6_frame(b"x");
+        assert!(set_dscp(&mut f, 46));
+        assert_eq!(FlowKey::parse(&f, 1).dscp, 46);
+        assert!(!set_dscp(
+            &mut announce::rarp(MacAddr([2, 0, 0, 0, 0, 1])),
+            1
+        ));
     }
 
     #[test]

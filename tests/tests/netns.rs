@@ -821,6 +821,65 @@ fn a_policy_change_under_load_takes_effect_without_breaking_the_stream() {
 }
 
 #[test]
+fn dscp_and_pcp_marks_are_seen_by_the_receivers() {
+    if !e2e_ready(TOOLS) {
+        return;
+    }
+    let f = Fabric::new(
+        2,
+        &[
+            VmSpec {
+                qos: Some("{ mark: { dscp: 26, pcp: 3 } }"),
+                ..access(0, "m", 20, "10.20.0.1/24")
+            },
+            VmSpec {
+                host: 0,
+                name: "t",
+                vlan: "{ mode: trunk, allowed: [20] }",
+                addr: None,
+                veth: false,
+                acl: None,
+                qos: None,
+            },
+            access(1, "p", 20, "10.20.0.2/24"),
+        ],
+        &[],
+    );
+    f.topo.sh(
+        &f.vm("p").ns,
+        "nft add table netdev dvs && \
+         nft add chain netdev dvs in '{ type filter hook ingress device eth0 priority 0; }' && \
+         nft add rule netdev dvs in ip dscp 26 counter && \
+         nft add rule netdev dvs in ip dscp 0 counter",
+    );
+    f.topo.sh(
+        &f.vm("t").ns,
+        "nft add table netdev dvs && \
+         nft add chain netdev dvs in '{ type filter hook ingress device eth0 priority 0; }' && \
+         nft add rule netdev dvs in vlan id 20 vlan pcp 3 counter && \
+         nft add rule netdev dvs in vlan id 20 vlan pcp 0 counter",
+    );
+    // m's pings cross to p over VXLAN (DSCP kept in the IP header); its
+    // ARP broadcasts reach the trunk t on the same host, tagged with PCP 3.
+    assert_eq!(f.ping("m", "10.20.0.2", 3).1, 3, "{}", f.topo.logs());
+    // nft prints DSCP 26 by its name, AF31.
+    assert!(
+        nft_count(&f, "p", "dscp af31") >= 3,
+        "p did not see DSCP 26"
+    );
+    assert_eq!(
+        nft_count(&f, "p", "dscp cs0"),
+        0,
+        "an IP packet arrived unmarked"
+    );
+    assert!(
+        nft_count(&f, "t", "pcp 3") >= 1,
+        "no PCP 3 tags on the trunk"
+    );
+    assert_eq!(nft_count(&f, "t", "pcp 0"), 0, "a copy left unmarked");
+}
+
+#[test]
 fn agent_stops_cleanly_on_sigterm_and_removes_its_taps() {
     if !e2e_ready(TOOLS) {
         return;
