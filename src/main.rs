@@ -44,7 +44,7 @@ enum Command {
         ports:\n  - { id: veth1, name: web1, tap: dvs-web1, vlan: { mode: access, id: 10 } }\n  \
         - { id: veth2, name: fw1, netdev: vnet3, vlan: { mode: trunk, allowed: [10, 20-30], native: 10 } }\n\n\
         The whole file is checked before anything is opened. SIGHUP re-reads it and \
-        applies changed port policy (VLAN, acl, qos) and segments without a restart; \
+        applies changed port policy (VLAN, acl, qos, security) and segments without a restart; \
         a file that does not validate changes nothing. Logs go to stderr \
         (DVS_LOG=info for more); counters are rewritten to stats_file every second."
     )]

@@ -15,11 +15,13 @@ pub mod acl;
 pub mod ids;
 pub mod net;
 pub mod qos;
+pub mod security;
 
 pub use acl::{AclRule, Action};
 pub use ids::PortId;
 pub use net::{MacAddr, VlanId, VlanMode, VlanSet, Vni};
 pub use qos::RateLimit;
+pub use security::Security;
 
 /// Why a value offered at the edge (a file, a command line, a peer) is not valid.
 ///

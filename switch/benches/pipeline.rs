@@ -77,6 +77,7 @@ fn switch_with(cfg: SwitchConfig) -> Switch {
             vlan: mode,
             acl: PortAcl::default(),
             qos: Default::default(),
+            security: Default::default(),
         })
         .unwrap();
     }

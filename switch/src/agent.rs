@@ -299,6 +299,9 @@ fn reload(dp: &mut Datapath<HostPort>, cfg: &mut AgentConfig, path: &Path) {
             if old.port.qos != p.port.qos {
                 dp.switch.set_port_qos(no, p.port.qos)?;
             }
+            if old.port.security != p.port.security {
+                dp.switch.set_port_security(no, p.port.security.clone())?;
+            }
             Ok::<(), Error>(())
         })();
         match r {

@@ -30,7 +30,8 @@ use std::time::Duration;
 
 use dvs_proto::acl::RawRule;
 use dvs_proto::qos::{Marking, RawMarking, RawRateLimit};
-use dvs_proto::{AclRule, MacAddr, PortId, RateLimit, VlanId, VlanMode, Vni};
+use dvs_proto::security::RawSecurity;
+use dvs_proto::{AclRule, MacAddr, PortId, RateLimit, Security, VlanId, VlanMode, Vni};
 use serde::Deserialize;
 
 use crate::mactable::MacTableConfig;
@@ -141,6 +142,11 @@ struct RawPort {
     acl: RawAcl,
     #[serde(default)]
     qos: RawQos,
+    /// The VM's MAC (the default allowed source of port security).
+    #[serde(default)]
+    mac: Option<MacAddr>,
+    #[serde(default)]
+    security: Option<RawSecurity>,
 }
 
 /// A port's rate limits as written: `qos: { in: {avg_mbps, …}, out: … }`.
@@ -298,6 +304,11 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
                 .transpose()
                 .map_err(|e| e.to_string())?,
         };
+        let security = match &p.security {
+            Some(raw) => Security::from_raw(raw, p.mac, &format!("{at}, security"))
+                .map_err(|e| e.to_string())?,
+            None => Security::default(),
+        };
         ports.push(PortSpec {
             port: PortConfig {
                 id: p.id,
@@ -305,6 +316,7 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
                 vlan: p.vlan,
                 acl,
                 qos,
+                security,
             },
             attach,
         });

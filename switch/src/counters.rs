@@ -61,6 +61,16 @@ drop_reasons! {
     AclDeny => "acl_deny",
     /// Over the port's rate limit (its policer).
     Policed => "policed",
+    /// A source MAC the port may not use.
+    SpoofedMac => "spoofed_mac",
+    /// A source IP address the port may not use (IP source guard).
+    SpoofedIp => "spoofed_ip",
+    /// An ARP or neighbour advertisement whose sender is not the VM's.
+    ArpNdSpoof => "arp_nd_spoof",
+    /// A source MAC beyond the port's MAC limit.
+    MacLimit => "mac_limit",
+    /// Broadcast or multicast over the port's storm-control rate.
+    Storm => "storm",
 }
 
 /// A counter per [`DropReason`].

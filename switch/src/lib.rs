@@ -27,6 +27,7 @@ pub mod datapath;
 pub mod mactable;
 pub mod pipeline;
 pub mod qos;
+pub mod security;
 pub mod sys;
 pub mod transmit;
 pub mod wire;

@@ -30,7 +30,7 @@ use std::ops::Range;
 use std::time::Duration;
 
 use dvs_proto::qos::Marking;
-use dvs_proto::{AclRule, Action, MacAddr, PortId, RateLimit, VlanId, VlanMode, Vni};
+use dvs_proto::{AclRule, Action, MacAddr, PortId, RateLimit, Security, VlanId, VlanMode, Vni};
 use rustc_hash::FxHashMap;
 
 use crate::acl::{Acl, RuleHits};
@@ -38,6 +38,7 @@ use crate::conntrack::{self, ConnTrack, Origin};
 use crate::counters::{DropReason, MacCounters, PortCounters, TunnelCounters};
 use crate::mactable::{Location, MacEntry, MacTable, MacTableConfig};
 use crate::qos::{Policer, PolicerCounters};
+use crate::security::PortGuard;
 use crate::wire::{self, vxlan, EthView, FlowKey};
 use crate::Error;
 
@@ -102,6 +103,7 @@ pub struct PortConfig {
     pub vlan: VlanMode,
     pub acl: PortAcl,
     pub qos: PortQos,
+    pub security: Security,
 }
 
 /// A port's rate limits, seen from the VM like its access lists.
@@ -171,6 +173,8 @@ struct Port {
     police_in: Option<Policer>,
     /// Policer of `cfg.qos.outbound`.
     police_out: Option<Policer>,
+    /// Port security of `cfg.security`, when it checks anything.
+    guard: Option<PortGuard>,
 }
 
 impl Port {
@@ -189,6 +193,7 @@ impl Port {
                 .then(|| ConnTrack::new(conntrack_max, conntrack::Timeouts::default())),
             police_in: cfg.qos.inbound.map(|l| Policer::new(l, Duration::ZERO)),
             police_out: cfg.qos.outbound.map(|l| Policer::new(l, Duration::ZERO)),
+            guard: PortGuard::new(&cfg.security),
             cfg,
             counters: PortCounters::default(),
         }
@@ -352,6 +357,19 @@ impl Switch {
         keep(&mut p.police_in, qos.inbound);
         keep(&mut p.police_out, qos.outbound);
         p.cfg.qos = qos;
+        self.generation += 1;
+        Ok(())
+    }
+
+    /// Replace a port's security policy (a new MAC limit starts counting
+    /// afresh).
+    ///
+    /// # Errors
+    /// [`Error::UnknownPortNo`].
+    pub fn set_port_security(&mut self, no: PortNo, security: Security) -> Result<(), Error> {
+        let p = self.port_mut(no)?;
+        p.guard = PortGuard::new(&security);
+        p.cfg.security = security;
         self.generation += 1;
         Ok(())
     }
@@ -529,6 +547,20 @@ impl Switch {
             frame.start = wire::pop_tag(buf, frame.start);
         }
         let len = frame.len() as u64;
+        if let Ingress::Port(no) = ingress {
+            if let Some(Some(port)) = self.ports.get_mut(usize::from(no.0)) {
+                if let Some(g) = port.guard.as_mut() {
+                    if let Err(reason) = g.check(now, &view, &buf[frame.clone()], vlan.get()) {
+                        self.count_drop(ingress, reason);
+                        return Processed {
+                            verdict: Verdict::Drop(reason),
+                            frame,
+                            vlan: Some(vlan),
+                        };
+                    }
+                }
+            }
+        }
         let mut key = None;
         let verdict = match self.check_outbound(now, ingress, &buf[frame.clone()], vlan, &mut key) {
             Some(reason) => Verdict::Drop(reason),

@@ -419,6 +419,7 @@ impl Lab {
                         vlan: VlanMode::Access(vid(*vlan)),
                         acl: dvs_switch::PortAcl::default(),
                         qos: Default::default(),
+                        security: Default::default(),
                     })
                     .map_err(|e| LabError::Switch(name.clone(), e))?;
                 let wire = Rc::new(RefCell::new(Wire::default()));

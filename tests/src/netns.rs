@@ -292,6 +292,8 @@ pub struct VmSpec {
     pub acl: Option<&'static str>,
     /// The port's `qos:` as YAML (e.g. `{ in: { avg_mbps: 50 } }`), if any.
     pub qos: Option<&'static str>,
+    /// The port's `security:` as YAML, if any.
+    pub security: Option<&'static str>,
 }
 
 /// A VM that lives in a namespace, its NIC named `eth0`.
@@ -419,7 +421,11 @@ impl Fabric {
                     format!("tap: {}", fabric.topo.name(&format!("t{}", vm.name)))
                 };
                 let acl = vm.acl.map(|a| format!(", acl: {a}")).unwrap_or_default()
-                    + &vm.qos.map(|q| format!(", qos: {q}")).unwrap_or_default();
+                    + &vm.qos.map(|q| format!(", qos: {q}")).unwrap_or_default()
+                    + &vm
+                        .security
+                        .map(|s| format!(", security: {s}"))
+                        .unwrap_or_default();
                 let _ = writeln!(
                     y,
                     "  - {{ id: {}, name: {}, {dev}, vlan: {}{acl} }}",

@@ -31,6 +31,7 @@ fn access(host: usize, name: &'static str, vlan: u16, addr: &'static str) -> VmS
         veth: false,
         acl: None,
         qos: None,
+        security: None,
     }
 }
 
@@ -285,6 +286,7 @@ fn trunk_port_carries_tags_on_the_wire() {
                 veth: false,
                 acl: None,
                 qos: None,
+                security: None,
             },
             access(1, "a", 10, "10.10.0.2/24"),
             access(1, "b", 20, "10.20.0.2/24"),
@@ -462,6 +464,7 @@ fn vms_on_veth_attached_with_af_packet_carry_tcp_and_tags() {
                 veth: false,
                 acl: None,
                 qos: None,
+                security: None,
             }),
             access(1, "b", 10, "10.10.0.2/24"),
             access(1, "c", 20, "10.20.0.2/24"),
@@ -840,6 +843,7 @@ fn dscp_and_pcp_marks_are_seen_by_the_receivers() {
                 veth: false,
                 acl: None,
                 qos: None,
+                security: None,
             },
             access(1, "p", 20, "10.20.0.2/24"),
         ],
@@ -877,6 +881,104 @@ fn dscp_and_pcp_marks_are_seen_by_the_receivers() {
         "no PCP 3 tags on the trunk"
     );
     assert_eq!(nft_count(&f, "t", "pcp 0"), 0, "a copy left unmarked");
+}
+
+#[test]
+fn port_security_drops_spoofing_forged_arp_and_storms() {
+    if !e2e_ready(TOOLS) {
+        return;
+    }
+    const MAC: &str = "02:aa:00:00:00:01";
+    let mut f = Fabric::new(
+        2,
+        &[
+            VmSpec {
+                security: Some(
+                    "{ allowed_macs: [\"02:aa:00:00:00:01\"], allowed_ips: [10.10.0.1], \
+                     ip_source_guard: true, storm_control: { broadcast_pps: 50 } }",
+                ),
+                ..access(0, "s", 10, "10.10.0.1/24")
+            },
+            access(1, "p", 10, "10.10.0.2/24"),
+        ],
+        &[],
+    );
+    f.topo.sh(
+        &f.vm("s").ns,
+        &format!("ip link set eth0 down && ip link set eth0 address {MAC} && ip link set eth0 up"),
+    );
+    if let Some((_, vm)) = f.vms.iter_mut().find(|(n, _)| *n == "s") {
+        vm.mac = MAC.to_string();
+    }
+    let p_ns = f.vm("p").ns.clone();
+    f.topo.sh(
+        &p_ns,
+        &format!(
+            "nft add table netdev dvs && \
+             nft add chain netdev dvs in '{{ type filter hook ingress device eth0 priority 0; }}' && \
+             nft add rule netdev dvs in ether saddr 02:aa:00:00:00:66 counter && \
+             nft add rule netdev dvs in ether saddr {MAC} ether daddr ff:ff:ff:ff:ff:ff counter"
+        ),
+    );
+    // The VM as it is configured works.
+    assert_eq!(f.ping("s", "10.10.0.2", 3).1, 3, "{}", f.topo.logs());
+    let p_mac = f.vm("p").mac.clone();
+    // Another source MAC: dropped, never seen by p.
+    let spoofed_src = |f: &Fabric| {
+        let script = format!(
+            "/usr/bin/python3 -c '
+import socket
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW)
+s.bind((\"eth0\", 0))
+f = bytes.fromhex(\"{}\" + \"02aa00000066\" + \"0800\") + bytes(46)
+for _ in range(5):
+    s.send(f)
+'",
+            p_mac.replace(':', "")
+        );
+        f.topo.sh(&f.vm("s").ns, &script);
+    };
+    spoofed_src(&f);
+    // Another source IP: dropped.
+    let mut udp = vec![
+        0x45, 0, 0, 28, 0, 0, 0, 0, 64, 17, 0, 0, 10, 10, 0, 66, 10, 10, 0, 2,
+    ];
+    udp.extend_from_slice(&[0x30, 0x39, 0x30, 0x39, 0, 8, 0, 0]);
+    send_raw(&f, "s", &p_mac, &[], 0x0800, &udp, 4);
+    // A forged ARP reply claiming p's neighbour 10.10.0.9: dropped, and p
+    // learns nothing.
+    let forged = {
+        let mut a = arp_request(MAC, "10.10.0.9", "10.10.0.2");
+        a[7] = 2;
+        a
+    };
+    send_raw(&f, "s", &p_mac, &[], 0x0806, &forged, 3);
+    // A broadcast storm: 2,000 ARP probes at once, clipped to 50/s.
+    let probe = arp_request(MAC, "0.0.0.0", "10.10.0.2");
+    send_raw(&f, "s", "ff:ff:ff:ff:ff:ff", &[], 0x0806, &probe, 2000);
+    assert!(
+        wait_for(Duration::from_secs(3), || {
+            f.port_counter(0, "s", "drops.spoofed_mac") == 5
+                && f.port_counter(0, "s", "drops.spoofed_ip") == 4
+                && f.port_counter(0, "s", "drops.arp_nd_spoof") == 3
+                && f.port_counter(0, "s", "drops.storm") > 1500
+        }),
+        "{}",
+        f.stats(0)
+    );
+    assert_eq!(
+        nft_count(&f, "p", "02:aa:00:00:00:66"),
+        0,
+        "a spoofed MAC got through"
+    );
+    assert!(
+        !f.topo.sh(&p_ns, "ip neigh show 10.10.0.9").contains(MAC),
+        "p believed the forged ARP"
+    );
+    let storm = nft_count(&f, "p", "ether daddr ff:ff:ff:ff:ff:ff");
+    assert!(storm <= 100, "{storm} broadcasts of the storm reached p");
+    // The VM still works.
+    assert_eq!(f.ping("s", "10.10.0.2", 2).1, 2);
 }
 
 #[test]

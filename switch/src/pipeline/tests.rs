@@ -20,6 +20,7 @@ fn access(id: u32, name: &str, vlan: u32) -> PortConfig {
         vlan: VlanMode::Access(v(vlan)),
         acl: PortAcl::default(),
         qos: Default::default(),
+        security: Default::default(),
     }
 }
 
@@ -30,6 +31,7 @@ fn trunk(id: u32, name: &str, allowed: &[u32], native: Option<u32>) -> PortConfi
         vlan: VlanMode::trunk(allowed.iter().map(|a| v(*a)).collect(), native.map(v)).unwrap(),
         acl: PortAcl::default(),
         qos: Default::default(),
+        security: Default::default(),
     }
 }
 
