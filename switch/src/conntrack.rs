@@ -89,7 +89,7 @@ fn icmp_echo(k: &FlowKey) -> Option<bool> {
 }
 
 /// Which way a connection was opened, seen from the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Origin {
     /// The VM opened it (permitted by a stateful outbound rule).
@@ -99,7 +99,7 @@ pub enum Origin {
 }
 
 /// Where a connection stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConnState {
     /// TCP: only the opener has spoken (SYN).
@@ -184,6 +184,17 @@ pub struct ConnTrack {
     max: usize,
     timeouts: Timeouts,
     counters: ConnCounters,
+}
+
+/// A connection as saved: enough to carry it to another host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SavedConn {
+    pub origin: Origin,
+    pub state: ConnState,
+    /// Time since its last packet (clocks differ between hosts).
+    pub idle: Duration,
+    pub fin: (bool, bool),
+    pub first: FlowKey,
 }
 
 /// A tracked connection, as views and snapshots show it.
@@ -280,6 +291,44 @@ impl ConnTrack {
             },
         );
         self.counters.created += 1;
+    }
+
+    /// Every live connection, to carry the table elsewhere.
+    pub fn save(&self, now: Duration) -> Vec<SavedConn> {
+        self.map
+            .values()
+            .map(|e| SavedConn {
+                origin: e.origin,
+                state: e.state,
+                idle: now.saturating_sub(e.last_seen),
+                fin: e.fin,
+                first: e.first,
+            })
+            .collect()
+    }
+
+    /// Add saved connections (up to the table's bound, counted when not)
+    /// as of `now` on this host's clock.
+    pub fn restore(&mut self, saved: &[SavedConn], now: Duration) {
+        for c in saved {
+            let Some(key) = ConnKey::of(&c.first) else {
+                continue;
+            };
+            if self.map.len() >= self.max && !self.map.contains_key(&key) {
+                self.counters.table_full += 1;
+                continue;
+            }
+            self.map.insert(
+                key,
+                Entry {
+                    origin: c.origin,
+                    state: c.state,
+                    last_seen: now.saturating_sub(c.idle),
+                    fin: c.fin,
+                    first: c.first,
+                },
+            );
+        }
     }
 
     /// Remove entries idle past their state's timeout.
@@ -465,6 +514,22 @@ mod tests {
         // Expired entries make room.
         ct.commit(S * 100, &tcp(VM, 2000, PEER, 80, 0x02), Origin::FromVm);
         assert_eq!((ct.len(), ct.counters().expired), (1, 2));
+    }
+
+    #[test]
+    fn a_saved_table_works_on_another_clock() {
+        let mut ct = ConnTrack::new(16, Timeouts::default());
+        ct.commit(S, &tcp(VM, 1, PEER, 80, 0x02), Origin::FromVm);
+        ct.track(S * 2, &tcp(PEER, 80, VM, 1, 0x12));
+        let saved = ct.save(S * 3);
+        assert_eq!(saved[0].idle, S);
+        let mut other = ConnTrack::new(16, Timeouts::default());
+        other.restore(&saved, S * 1000);
+        assert!(
+            other.track(S * 1000, &tcp(PEER, 80, VM, 1, 0x10)),
+            "the reply passes there"
+        );
+        assert_eq!(other.records(S * 1000)[0].state, ConnState::Established);
     }
 
     #[test]

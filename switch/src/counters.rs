@@ -105,8 +105,23 @@ impl Serialize for DropCounters {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for DropCounters {
+    /// From the map of names [`Serialize`] writes; names this version does
+    /// not know are ignored (counters of a reason that no longer exists).
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let map: std::collections::BTreeMap<String, u64> = serde::Deserialize::deserialize(d)?;
+        let mut c = DropCounters::default();
+        for r in DropReason::ALL {
+            if let Some(n) = map.get(r.name()) {
+                c.0[*r as usize] = *n;
+            }
+        }
+        Ok(c)
+    }
+}
+
 /// What one port saw and did.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct PortCounters {
     /// Frames received from the VM (all, including dropped ones).
     pub rx_frames: u64,

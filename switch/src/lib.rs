@@ -35,8 +35,8 @@ pub mod wire;
 pub use counters::{DropReason, PortCounters, TunnelCounters};
 pub use mactable::Location;
 pub use pipeline::{
-    Egress, Ingress, Output, PortAcl, PortConfig, PortNo, PortQos, Processed, SegmentConfig,
-    Switch, SwitchConfig, Verdict,
+    Egress, Ingress, Output, PortAcl, PortConfig, PortNo, PortQos, PortState, Processed,
+    SegmentConfig, Switch, SwitchConfig, Verdict,
 };
 
 /// Errors of the datapath and the agent.

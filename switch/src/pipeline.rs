@@ -34,10 +34,11 @@ use dvs_proto::{AclRule, Action, MacAddr, PortId, RateLimit, Security, VlanId, V
 use rustc_hash::FxHashMap;
 
 use crate::acl::{Acl, RuleHits};
+use crate::conntrack::SavedConn;
 use crate::conntrack::{self, ConnTrack, Origin};
 use crate::counters::{DropReason, MacCounters, PortCounters, TunnelCounters};
 use crate::mactable::{Location, MacEntry, MacTable, MacTableConfig};
-use crate::qos::{Policer, PolicerCounters};
+use crate::qos::{Policer, PolicerCounters, PolicerState};
 use crate::security::PortGuard;
 use crate::wire::{self, vxlan, EthView, FlowKey};
 use crate::Error;
@@ -125,6 +126,18 @@ pub struct PortQos {
 pub struct PortAcl {
     pub inbound: Vec<AclRule>,
     pub outbound: Vec<AclRule>,
+}
+
+/// The runtime state behind a port's policy (see [`Switch::save_port`]).
+#[derive(Debug, Clone, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PortState {
+    pub counters: PortCounters,
+    pub acl_in_hits: Option<Vec<u64>>,
+    pub acl_out_hits: Option<Vec<u64>>,
+    pub police_in: Option<PolicerState>,
+    pub police_out: Option<PolicerState>,
+    pub conntrack: Vec<SavedConn>,
+    pub sticky_macs: Vec<MacAddr>,
 }
 
 /// A VLAN segment stretched across hosts by VXLAN.
@@ -371,6 +384,65 @@ impl Switch {
         p.guard = PortGuard::new(&security);
         p.cfg.security = security;
         self.generation += 1;
+        Ok(())
+    }
+
+    /// The runtime state behind a port's policy — counters, rule hits,
+    /// policer buckets, tracked connections, sticky MACs — as of `now`, to
+    /// carry it to another switch.
+    pub fn save_port(&mut self, no: PortNo, now: Duration) -> Option<PortState> {
+        let p = self.ports.get_mut(usize::from(no.0))?.as_mut()?;
+        Some(PortState {
+            counters: p.counters.clone(),
+            acl_in_hits: p.acl_in.as_ref().map(Acl::save_hits),
+            acl_out_hits: p.acl_out.as_ref().map(Acl::save_hits),
+            police_in: p.police_in.as_mut().map(|x| x.save(now)),
+            police_out: p.police_out.as_mut().map(|x| x.save(now)),
+            conntrack: p
+                .conntrack
+                .as_ref()
+                .map(|c| c.save(now))
+                .unwrap_or_default(),
+            sticky_macs: p
+                .guard
+                .as_ref()
+                .map(PortGuard::sticky_macs)
+                .unwrap_or_default(),
+        })
+    }
+
+    /// Continue a port from `state` (saved by [`Switch::save_port`] for the
+    /// same policy) at `now` on this switch's clock. Pieces the port's policy
+    /// does not have are ignored; rule counters of other lists too.
+    ///
+    /// # Errors
+    /// [`Error::UnknownPortNo`].
+    pub fn restore_port(
+        &mut self,
+        no: PortNo,
+        state: &PortState,
+        now: Duration,
+    ) -> Result<(), Error> {
+        let p = self.port_mut(no)?;
+        p.counters = state.counters.clone();
+        if let (Some(a), Some(h)) = (p.acl_in.as_mut(), &state.acl_in_hits) {
+            a.restore_hits(h);
+        }
+        if let (Some(a), Some(h)) = (p.acl_out.as_mut(), &state.acl_out_hits) {
+            a.restore_hits(h);
+        }
+        if let (Some(x), Some(s)) = (p.police_in.as_mut(), &state.police_in) {
+            x.restore(s, now);
+        }
+        if let (Some(x), Some(s)) = (p.police_out.as_mut(), &state.police_out) {
+            x.restore(s, now);
+        }
+        if let Some(ct) = p.conntrack.as_mut() {
+            ct.restore(&state.conntrack, now);
+        }
+        if let Some(g) = p.guard.as_mut() {
+            g.restore_sticky_macs(&state.sticky_macs);
+        }
         Ok(())
     }
 

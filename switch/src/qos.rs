@@ -52,7 +52,7 @@ impl TokenBucket {
 }
 
 /// What a policer did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct PolicerCounters {
     pub passed_frames: u64,
     pub passed_bytes: u64,
@@ -67,6 +67,15 @@ pub struct Policer {
     avg: TokenBucket,
     peak: Option<TokenBucket>,
     counters: PolicerCounters,
+}
+
+/// A policer's saved runtime state.
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct PolicerState {
+    /// Bytes in the average bucket (negative: debt).
+    pub avg_tokens: f64,
+    pub peak_tokens: Option<f64>,
+    pub counters: PolicerCounters,
 }
 
 /// The peak bucket holds one GSO frame.
@@ -90,6 +99,27 @@ impl Policer {
 
     pub fn counters(&self) -> &PolicerCounters {
         &self.counters
+    }
+
+    /// The policer's runtime state, to carry it elsewhere (another host's
+    /// clock: token levels are saved as of `now`).
+    pub fn save(&mut self, now: Duration) -> PolicerState {
+        PolicerState {
+            avg_tokens: self.avg.tokens(now),
+            peak_tokens: self.peak.as_mut().map(|p| p.tokens(now)),
+            counters: self.counters,
+        }
+    }
+
+    /// Continue from `state` at `now` (on this host's clock).
+    pub fn restore(&mut self, state: &PolicerState, now: Duration) {
+        self.avg.tokens = state.avg_tokens.min(self.avg.size);
+        self.avg.last = now;
+        if let (Some(p), Some(t)) = (self.peak.as_mut(), state.peak_tokens) {
+            p.tokens = t.min(p.size);
+            p.last = now;
+        }
+        self.counters = state.counters;
     }
 
     /// Does a frame of `len` bytes pass at `now`? Charges it when it does.
@@ -173,6 +203,21 @@ mod tests {
             "then the debt is paid first"
         );
         assert!(p.admit(Duration::from_millis(600), 1500));
+    }
+
+    #[test]
+    fn a_restored_policer_continues_where_it_stopped() {
+        let mut p = Policer::new(limit(1, None, 100_000), Duration::ZERO);
+        assert!(p.admit(Duration::ZERO, 150_000), "one big frame into debt");
+        let state = p.save(Duration::from_millis(10));
+        // Elsewhere, on a clock that reads 500 s.
+        let mut q = Policer::new(limit(1, None, 100_000), Duration::from_secs(500));
+        q.restore(&state, Duration::from_secs(500));
+        assert!(
+            !q.admit(Duration::from_secs(500), 1500),
+            "the debt came along"
+        );
+        assert_eq!(q.counters().passed_bytes, 150_000);
     }
 
     proptest! {

@@ -77,6 +77,30 @@ impl PortGuard {
         &self.policy
     }
 
+    /// The source MACs the MAC limit has admitted (to carry them along).
+    pub fn sticky_macs(&self) -> Vec<dvs_proto::MacAddr> {
+        let mut v: Vec<dvs_proto::MacAddr> = self
+            .macs
+            .iter()
+            .map(|m| {
+                let b = m.to_be_bytes();
+                dvs_proto::MacAddr([b[2], b[3], b[4], b[5], b[6], b[7]])
+            })
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Admit `macs` again (up to the limit).
+    pub fn restore_sticky_macs(&mut self, macs: &[dvs_proto::MacAddr]) {
+        let limit = self.policy.mac_limit.map_or(usize::MAX, |l| l as usize);
+        for m in macs {
+            if self.macs.len() < limit {
+                self.macs.insert(m.to_u64());
+            }
+        }
+    }
+
     /// Check an (untagged) frame the VM sends on `vlan`.
     ///
     /// # Errors

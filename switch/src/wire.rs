@@ -743,7 +743,7 @@ pub fn set_dscp(frame: &mut [u8], dscp: u8) -> bool {
 /// For ICMP and ICMPv6, `src_port` holds the type and `dst_port` the code.
 /// Fields a frame does not have are `None` or zero: a non-IP frame has no
 /// addresses; a non-first fragment has no ports.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
 pub struct FlowKey {
     pub src_mac: MacAddr,
     pub dst_mac: MacAddr,

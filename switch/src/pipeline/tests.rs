@@ -1,6 +1,7 @@
 use super::*;
+use crate::pipeline::PortState;
 use crate::wire::vlan_tag;
-use dvs_proto::AclRule;
+use dvs_proto::{AclRule, RateLimit};
 use proptest::prelude::*;
 
 const T: Duration = Duration::from_secs(1);
@@ -607,4 +608,54 @@ fn stateful_rules_let_replies_back_but_not_new_connections() {
         r.from_port(1, synack).verdict,
         Verdict::Drop(DropReason::AclDeny)
     );
+}
+
+#[test]
+fn a_port_saved_on_one_switch_continues_on_another() {
+    let policy = || PortAcl {
+        inbound: rules("[ { action: permit, ethertype: arp }, { action: deny } ]"),
+        outbound: rules("[ { action: permit, proto: tcp, stateful: true }, { action: permit } ]"),
+    };
+    let qos = PortQos {
+        outbound: Some(RateLimit {
+            avg_bps: 8_000_000,
+            peak_bps: None,
+            burst_bytes: 100_000,
+        }),
+        ..PortQos::default()
+    };
+    let rig = || {
+        let mut r = Rig::new(vec![access(1, "vm", 10), access(2, "peer", 10)]);
+        r.sw.set_port_acl(PortNo(0), policy()).unwrap();
+        r.sw.set_port_qos(PortNo(0), qos).unwrap();
+        r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+        r.from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
+        r
+    };
+    let mut a = rig();
+    assert_eq!(
+        a.from_port(0, tcp_frame(mac(2), mac(1), 1, 2, 40000, 80, 0x02))
+            .verdict,
+        Verdict::Forward
+    );
+    let state = a.sw.save_port(PortNo(0), T).unwrap();
+    assert_eq!(state.conntrack.len(), 1);
+    // The state survives a trip through its serialised form.
+    let json = serde_json::to_string(&state).unwrap();
+    let state: PortState = serde_json::from_str(&json).unwrap();
+
+    let mut b = rig();
+    b.sw.restore_port(PortNo(0), &state, T * 100).unwrap();
+    let (_, c) = b.sw.port(PortNo(0)).unwrap();
+    assert_eq!(c.rx_frames, 2, "counters continue");
+    let mut synack = tcp_frame(mac(1), mac(2), 2, 1, 80, 40000, 0x12);
+    let p =
+        b.sw.process(T * 100, Ingress::Port(PortNo(1)), &mut synack, &mut b.out);
+    assert_eq!(
+        p.verdict,
+        Verdict::Forward,
+        "the tracked connection's reply passes on b"
+    );
+    let hits = b.sw.port_acl_hits(PortNo(0)).1.unwrap();
+    assert_eq!(hits[0].hits, 1, "rule hits continue");
 }
