@@ -14,6 +14,7 @@
 pub mod acl;
 pub mod ids;
 pub mod net;
+pub mod profile;
 pub mod qos;
 pub mod security;
 

@@ -56,12 +56,13 @@ pub struct RawStorm {
 }
 
 impl Security {
-    /// Validate `raw` for a port whose VM has MAC `port_mac` (the default
-    /// allowed MAC); `at` names it in errors (e.g. "security").
+    /// Validate `raw`; `at` names it in errors (e.g. "security"). With no
+    /// `allowed_macs`, a port later allows its VM's own MAC
+    /// ([`crate::profile::Policy::security_for`]).
     ///
     /// # Errors
     /// [`Error::Rule`] naming the field and what would be valid.
-    pub fn from_raw(raw: &RawSecurity, port_mac: Option<MacAddr>, at: &str) -> Result<Self, Error> {
+    pub fn from_raw(raw: &RawSecurity, at: &str) -> Result<Self, Error> {
         let bad = |field: &str, msg: String| Error::Rule {
             at: at.to_string(),
             field: field.to_string(),
@@ -79,9 +80,6 @@ impl Security {
                 ));
             }
             allowed_macs.push(mac);
-        }
-        if allowed_macs.is_empty() {
-            allowed_macs.extend(port_mac);
         }
         let mut allowed_ips = Vec::new();
         for (i, s) in raw.allowed_ips.iter().enumerate() {
@@ -132,7 +130,12 @@ mod tests {
 
     fn sec(yaml: &str, mac: Option<MacAddr>) -> Result<Security, Error> {
         let raw: RawSecurity = serde_norway::from_str(yaml).unwrap();
-        Security::from_raw(&raw, mac, "security")
+        let s = Security::from_raw(&raw, "security")?;
+        Ok(crate::profile::Policy {
+            security: Some(s),
+            ..Default::default()
+        }
+        .security_for(mac))
     }
 
     #[test]

@@ -28,10 +28,10 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use dvs_proto::acl::RawRule;
-use dvs_proto::qos::{Marking, RawMarking, RawRateLimit};
+use dvs_proto::net::VlanModeRepr;
+use dvs_proto::profile::{self, Policy, RawAcl, RawPolicy, RawProfile, RawQos};
 use dvs_proto::security::RawSecurity;
-use dvs_proto::{AclRule, MacAddr, PortId, RateLimit, Security, VlanId, VlanMode, Vni};
+use dvs_proto::{MacAddr, PortId, VlanId, Vni};
 use serde::Deserialize;
 
 use crate::mactable::MacTableConfig;
@@ -115,6 +115,9 @@ struct Raw {
     mac_table: Option<RawMacTable>,
     #[serde(default)]
     stats_file: Option<PathBuf>,
+    /// Port profiles (`kind: PortProfile` documents) that ports may name.
+    #[serde(default)]
+    profiles: Vec<RawProfile>,
 }
 
 #[derive(Deserialize)]
@@ -137,39 +140,20 @@ struct RawPort {
     netdev: Option<String>,
     #[serde(default)]
     offloads: Option<bool>,
-    vlan: VlanMode,
+    /// A port profile whose policy the port takes (its own lines win).
     #[serde(default)]
-    acl: RawAcl,
+    profile: Option<String>,
     #[serde(default)]
-    qos: RawQos,
+    vlan: Option<VlanModeRepr>,
+    #[serde(default)]
+    acl: Option<RawAcl>,
+    #[serde(default)]
+    qos: Option<RawQos>,
     /// The VM's MAC (the default allowed source of port security).
     #[serde(default)]
     mac: Option<MacAddr>,
     #[serde(default)]
     security: Option<RawSecurity>,
-}
-
-/// A port's rate limits as written: `qos: { in: {avg_mbps, …}, out: … }`.
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawQos {
-    #[serde(default, rename = "in")]
-    inbound: Option<RawRateLimit>,
-    #[serde(default, rename = "out")]
-    outbound: Option<RawRateLimit>,
-    #[serde(default)]
-    mark: Option<RawMarking>,
-}
-
-/// A port's access lists as written: `acl: { in: [rules], out: [rules] }`
-/// (`in`: traffic into the VM, `out`: traffic the VM sends).
-#[derive(Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct RawAcl {
-    #[serde(default, rename = "in")]
-    inbound: Vec<RawRule>,
-    #[serde(default, rename = "out")]
-    outbound: Vec<RawRule>,
 }
 
 #[derive(Deserialize)]
@@ -237,6 +221,7 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
         }
     }
 
+    let profiles = profile::resolve(&raw.profiles).map_err(|e| e.to_string())?;
     let mut ports = Vec::new();
     let mut names = HashSet::new();
     let mut ids = HashSet::new();
@@ -281,39 +266,53 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
         if !devs.insert(dev.clone()) {
             return Err(format!("{at}: interface `{dev}` is used by another port"));
         }
-        let acl = PortAcl {
-            inbound: AclRule::list_from_raw(&p.acl.inbound, &format!("{at}, acl.in"))
-                .map_err(|e| e.to_string())?,
-            outbound: AclRule::list_from_raw(&p.acl.outbound, &format!("{at}, acl.out"))
-                .map_err(|e| e.to_string())?,
+        let own = Policy::from_raw(
+            &RawPolicy {
+                vlan: p.vlan.clone(),
+                acl: p.acl.clone(),
+                qos: p.qos.clone(),
+                security: p.security.clone(),
+            },
+            &at,
+        )
+        .map_err(|e| e.to_string())?;
+        let policy = match &p.profile {
+            None => own,
+            Some(name) => match profiles.get(name) {
+                Some(base) => own.over(base),
+                None => {
+                    let known: Vec<&str> = profiles.keys().map(String::as_str).collect();
+                    return Err(format!(
+                        "{at}: unknown profile `{name}`; profiles in this file: {}",
+                        if known.is_empty() {
+                            "none".into()
+                        } else {
+                            known.join(", ")
+                        }
+                    ));
+                }
+            },
         };
-        let limit = |raw: &Option<RawRateLimit>, dir: &str| {
-            raw.as_ref()
-                .map(|r| RateLimit::from_raw(r, &format!("{at}, qos.{dir}")))
-                .transpose()
-                .map_err(|e| e.to_string())
+        let Some(vlan) = policy.vlan.clone() else {
+            return Err(format!(
+                "{at}: no VLAN: give the port `vlan:` or a `profile:` that sets one"
+            ));
+        };
+        let acl = PortAcl {
+            inbound: policy.acl_in.clone().unwrap_or_default(),
+            outbound: policy.acl_out.clone().unwrap_or_default(),
         };
         let qos = PortQos {
-            inbound: limit(&p.qos.inbound, "in")?,
-            outbound: limit(&p.qos.outbound, "out")?,
-            mark: p
-                .qos
-                .mark
-                .as_ref()
-                .map(|m| Marking::from_raw(m, &format!("{at}, qos.mark")))
-                .transpose()
-                .map_err(|e| e.to_string())?,
+            inbound: policy.qos_in,
+            outbound: policy.qos_out,
+            mark: policy.mark,
         };
-        let security = match &p.security {
-            Some(raw) => Security::from_raw(raw, p.mac, &format!("{at}, security"))
-                .map_err(|e| e.to_string())?,
-            None => Security::default(),
-        };
+        let security = policy.security_for(p.mac);
         ports.push(PortSpec {
             port: PortConfig {
                 id: p.id,
                 name: p.name,
-                vlan: p.vlan,
+                vlan,
                 acl,
                 qos,
                 security,
@@ -417,6 +416,7 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dvs_proto::VlanMode;
 
     const GOOD: &str = r#"
 host: h1
@@ -519,6 +519,69 @@ mac_table: { max_entries: 100, aging_s: 60 }
             "host: h\nports:\n  - { id: 1, name: web, tap: t1, vlan: { mode: access, id: 10 }, acl: { inn: [] } }\n",
         );
         assert!(e.contains("unknown field `inn`"), "{e}");
+    }
+
+    #[test]
+    fn ports_take_profiles_and_override_them() {
+        let c = AgentConfig::parse(
+            r#"
+host: h
+profiles:
+  - kind: PortProfile
+    name: base
+    vlan: { mode: access, id: 10 }
+    security: { mac_limit: 1, storm_control: { broadcast_pps: 100 } }
+  - kind: PortProfile
+    name: web
+    inherit: base
+    acl:
+      in:
+        - { action: permit, proto: tcp, dst_port: 80, stateful: true }
+        - { action: permit, proto: icmp }
+        - { action: deny }
+    qos:
+      in:  { avg_mbps: 100, peak_mbps: 200, burst_kb: 512 }
+      out: { avg_mbps: 100 }
+      mark: { dscp: 26, pcp: 3 }
+ports:
+  - { id: 1, name: a, tap: t1, profile: web, mac: "02:00:00:00:00:0a" }
+  - { id: 2, name: b, tap: t2, profile: web, vlan: { mode: access, id: 20 } }
+"#,
+        )
+        .unwrap();
+        let (a, b) = (&c.ports[0].port, &c.ports[1].port);
+        assert_eq!(a.vlan, VlanMode::Access(VlanId::new(10).unwrap()));
+        assert_eq!(
+            b.vlan,
+            VlanMode::Access(VlanId::new(20).unwrap()),
+            "the port's line wins"
+        );
+        assert_eq!(a.acl.inbound.len(), 3);
+        assert_eq!(a.qos.mark.unwrap().dscp, Some(26));
+        assert_eq!(
+            a.security.allowed_macs,
+            vec!["02:00:00:00:00:0a".parse().unwrap()]
+        );
+        assert!(
+            b.security.allowed_macs.is_empty(),
+            "no MAC known: any, within the limit"
+        );
+        assert_eq!(b.security.mac_limit, Some(1));
+
+        let e = err("host: h\nports:\n  - { id: 1, name: a, tap: t1, profile: nope }\n");
+        assert_eq!(
+            e,
+            "ports[0] (`a`): unknown profile `nope`; profiles in this file: none"
+        );
+        let e = err("host: h\nports:\n  - { id: 1, name: a, tap: t1 }\n");
+        assert!(e.contains("no VLAN"), "{e}");
+        let e = err(
+            "host: h\nprofiles:\n  - { kind: PortProfile, name: web, acl: { in: [ { action: permit, proto: tcp, dst_port: 70000 } ] } }\n",
+        );
+        assert_eq!(
+            e,
+            "profile `web`, acl.in[0], dst_port: port 70000 is out of range 0..=65535"
+        );
     }
 
     #[test]
