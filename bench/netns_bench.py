@@ -88,16 +88,46 @@ def underlay(hosts):
     return out
 
 
-def dvs_agent(dvs, host_ns, name, local, peers, taps, workdir):
+# The policy of the "dvs + policy" path: 100 ACL rules before a stateful
+# permit on both ports, and a rate limit far above what the path carries (so
+# that the cost of the checks shows, not the limit).
+POLICY_PROFILE = """profiles:
+  - kind: PortProfile
+    name: guarded
+    vlan: { mode: access, id: 10 }
+    acl:
+      out:
+%s
+        - { action: permit, proto: tcp, stateful: true }
+        - { action: permit, proto: udp, stateful: true }
+        - { action: permit, proto: icmp, stateful: true }
+        - { action: permit, ethertype: arp }
+        - { action: deny }
+      in:
+%s
+        - { action: permit, proto: tcp, stateful: true }
+        - { action: permit, proto: udp, stateful: true }
+        - { action: permit, proto: icmp, stateful: true }
+        - { action: permit, ethertype: arp }
+        - { action: deny }
+    qos: { in: { avg_mbps: 40000 }, out: { avg_mbps: 40000 } }
+""" % tuple("\n".join(f"        - {{ action: deny, proto: tcp, dst_port: {1000 + i} }}" for i in range(100))
+            for _ in range(2))
+
+
+def dvs_agent(dvs, host_ns, name, local, peers, taps, workdir, profile=None):
     cfg = os.path.join(workdir, f"{name}.yaml")
     lines = [f"host: {name}"]
+    if profile:
+        lines.append(POLICY_PROFILE)
     if local:
         lines.append(f"tunnel: {{ local: {local} }}")
         lines.append("segments:")
         lines.append(f"  - {{ vlan: 10, vni: 5010, peers: [{', '.join(peers)}] }}")
     lines.append("ports:")
     for i, tap in enumerate(taps):
-        lines.append(f"  - {{ id: {i + 1}, name: p{i}, tap: {tap}, offloads: {OFFLOADS}, vlan: {{ mode: access, id: 10 }} }}")
+        policy = f"profile: {profile}" if profile else "vlan: { mode: access, id: 10 }"
+        lines.append(f"  - {{ id: {i + 1}, name: p{i}, tap: {tap}, offloads: {OFFLOADS}, {policy} }}")
     open(cfg, "w").write("\n".join(lines) + "\n")
     p = spawn([dvs, "agent", "--config", cfg], host_ns, os.path.join(workdir, f"{name}.log"))
     for t in taps:
@@ -105,12 +135,13 @@ def dvs_agent(dvs, host_ns, name, local, peers, taps, workdir):
     return p.pid
 
 
-def build_dvs_same(dvs, workdir):
-    h = add_ns("dvs1")
-    taps = [f"{PREFIX}da", f"{PREFIX}db"]
-    pid = dvs_agent(dvs, h, "dvs-same", None, [], taps, workdir)
-    a = vm_from_link(h, taps[0], "dvs1a", "10.10.0.1")
-    b = vm_from_link(h, taps[1], "dvs1b", "10.10.0.2")
+def build_dvs_same(dvs, workdir, profile=None):
+    tag = "dvsp" if profile else "dvs1"
+    h = add_ns(tag)
+    taps = [f"{PREFIX}{tag[-1]}a", f"{PREFIX}{tag[-1]}b"]
+    pid = dvs_agent(dvs, h, f"{tag}-same", None, [], taps, workdir, profile)
+    a = vm_from_link(h, taps[0], f"{tag}a", "10.10.0.1")
+    b = vm_from_link(h, taps[1], f"{tag}b", "10.10.0.2")
     SWITCH_PIDS[a] = [pid]
     return a, b, "10.10.0.2"
 
@@ -295,6 +326,8 @@ def measure_rtt(a, _b, ip, _secs):
 
 PATHS = [
     ("dvs, same host", build_dvs_same),
+    ("dvs + policy (200 ACL rules, stateful, rate limit), same host",
+     lambda d, w: build_dvs_same(d, w, "guarded")),
     ("Linux bridge, same host", build_bridge_same),
     ("OVS userspace, same host", lambda d, w: build_ovs(False, w)),
     ("OVS userspace + TSO, same host", lambda d, w: build_ovs(True, w)),
@@ -369,11 +402,14 @@ def main():
                  (f"{cs[c]:.2f}" if "Gbit" in c else f"{cs[c]:.0f}") for c in COLUMNS]
         print(f"| {n} | " + " | ".join(cells) + " |")
     print("\nratios dvs / reference (above 1 is better for dvs; RTT inverted):")
-    for d in ("dvs, same host", "dvs, across hosts (VXLAN)"):
+    for d in ("dvs, same host", "dvs, across hosts (VXLAN)",
+              "dvs + policy (200 ACL rules, stateful, rate limit), same host"):
         if d not in med:
             continue
         for ref in med:
-            if ref.startswith("dvs") or ("across" in ref) != ("across" in d):
+            if ref == d or ("across" in ref) != ("across" in d):
+                continue
+            if ref.startswith("dvs") and "policy" not in d:
                 continue
             parts = []
             for c in COLUMNS:
