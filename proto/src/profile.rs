@@ -143,7 +143,9 @@ pub struct RawQos {
     pub mark: Option<RawMarking>,
 }
 
-/// A profile document as written.
+/// A profile document as written. (Its policy fields repeat [`RawPolicy`]'s:
+/// serde cannot flatten a struct and still refuse unknown fields, and a
+/// misspelt field must not pass unnoticed.)
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RawProfile {

@@ -331,20 +331,8 @@ mod tests {
     }
 
     fn key(proto: u8, src: [u8; 4], dst: [u8; 4], sport: u16, dport: u16) -> FlowKey {
-        FlowKey {
-            src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
-            dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
-            ethertype: 0x0800,
-            vlan: 10,
-            src_ip: Some(IpAddr::from(src)),
-            dst_ip: Some(IpAddr::from(dst)),
-            proto: Some(proto),
-            src_port: sport,
-            dst_port: dport,
-            tcp_flags: if proto == 6 { TcpFlags::SYN } else { 0 },
-            icmp_id: 0,
-            dscp: 0,
-        }
+        let flags = if proto == 6 { TcpFlags::SYN } else { 0 };
+        crate::wire::ipv4_key(proto, (src, sport), (dst, dport), flags)
     }
 
     fn tcp_to(port: u16) -> AclRule {

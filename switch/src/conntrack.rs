@@ -401,25 +401,11 @@ fn next_state(e: &mut Entry, reply: bool, proto: u8, flags: u8) -> ConnState {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use dvs_proto::MacAddr;
 
     const S: Duration = Duration::from_secs(1);
 
     fn tcp(src: [u8; 4], sport: u16, dst: [u8; 4], dport: u16, flags: u8) -> FlowKey {
-        FlowKey {
-            src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
-            dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
-            ethertype: 0x0800,
-            vlan: 10,
-            src_ip: Some(IpAddr::from(src)),
-            dst_ip: Some(IpAddr::from(dst)),
-            proto: Some(6),
-            src_port: sport,
-            dst_port: dport,
-            tcp_flags: flags,
-            icmp_id: 0,
-            dscp: 0,
-        }
+        crate::wire::ipv4_key(6, (src, sport), (dst, dport), flags)
     }
 
     const VM: [u8; 4] = [10, 0, 0, 1];

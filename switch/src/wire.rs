@@ -824,6 +824,25 @@ impl FlowKey {
     }
 }
 
+/// A key for an IPv4 packet between two fixed MACs on VLAN 10 (tests).
+#[cfg(test)]
+pub(crate) fn ipv4_key(proto: u8, src: ([u8; 4], u16), dst: ([u8; 4], u16), flags: u8) -> FlowKey {
+    FlowKey {
+        src_mac: MacAddr([2, 0, 0, 0, 0, 1]),
+        dst_mac: MacAddr([2, 0, 0, 0, 0, 2]),
+        ethertype: 0x0800,
+        vlan: 10,
+        src_ip: Some(std::net::IpAddr::from(src.0)),
+        dst_ip: Some(std::net::IpAddr::from(dst.0)),
+        proto: Some(proto),
+        src_port: src.1,
+        dst_port: dst.1,
+        tcp_flags: flags,
+        icmp_id: 0,
+        dscp: 0,
+    }
+}
+
 /// Fill the IPv4 fields; returns the L4 bytes unless this is a non-first
 /// fragment.
 fn parse_ipv4<'a>(ip: &'a [u8], k: &mut FlowKey) -> Option<&'a [u8]> {
