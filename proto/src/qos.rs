@@ -23,6 +23,10 @@ pub struct RateLimit {
     pub peak_bps: Option<u64>,
     /// Burst bonus, bytes.
     pub burst_bytes: u64,
+    /// Shape instead of police: hold frames back until they conform rather
+    /// than drop them (for what a VM sends: the switch stops reading its
+    /// NIC, and the VM's own queue waits).
+    pub shape: bool,
 }
 
 /// A rate limit as written in a file.
@@ -34,6 +38,8 @@ pub struct RawRateLimit {
     pub peak_mbps: Option<f64>,
     #[serde(default)]
     pub burst_kb: Option<f64>,
+    #[serde(default)]
+    pub shape: bool,
 }
 
 /// Priority marks set on what a VM sends: DSCP in its IP header, 802.1p PCP
@@ -134,6 +140,7 @@ impl RateLimit {
             avg_bps,
             peak_bps,
             burst_bytes,
+            shape: raw.shape,
         })
     }
 }

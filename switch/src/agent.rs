@@ -221,8 +221,20 @@ pub fn run(cfg: &AgentConfig, path: Option<&Path>) -> Result<(), Error> {
             .min(next_stats)
             .saturating_sub(now)
             .min(Duration::from_millis(200));
-        sys::poll(&mut pollfds, wait.as_millis() as i32)
-            .map_err(|e| Error::io("waiting for frames", e))?;
+        // A shaped port whose frames must wait is not read until then.
+        let mut wait = wait;
+        for (pfd, (port, _)) in pollfds.iter_mut().zip(&fds) {
+            pfd.events = libc::POLLIN;
+            if let Some(no) = port {
+                if let Some(w) = dp.switch.port_wait(*no, now) {
+                    pfd.events = 0;
+                    wait = wait.min(w);
+                }
+            }
+        }
+        // Round up: waking a little late keeps the shaper from spinning.
+        let ms = wait.as_micros().div_ceil(1000) as i32;
+        sys::poll(&mut pollfds, ms).map_err(|e| Error::io("waiting for frames", e))?;
         let now = start.elapsed();
         for (pfd, (port, _)) in pollfds.iter_mut().zip(&fds) {
             if pfd.revents == 0 {

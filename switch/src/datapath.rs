@@ -266,6 +266,10 @@ impl<P: PortIo> Datapath<P> {
     fn switch_port_batch(&mut self, now: Duration, no: PortNo) -> io::Result<usize> {
         let mut n = 0;
         while n < BATCH {
+            // A shaped port's frames wait in its device until they conform.
+            if self.switch.port_wait(no, now).is_some() {
+                return Ok(n);
+            }
             let Some(Some(io)) = self.ports.get_mut(usize::from(no.0)) else {
                 return Ok(n);
             };

@@ -446,6 +446,14 @@ impl Switch {
         Ok(())
     }
 
+    /// How long the driver should leave port `no`'s frames waiting in its
+    /// device (`None`: read now) — the outbound shaper's verdict.
+    pub fn port_wait(&mut self, no: PortNo, now: Duration) -> Option<Duration> {
+        let p = self.ports.get_mut(usize::from(no.0))?.as_mut()?;
+        let s = p.police_out.as_mut().filter(|s| s.limit().shape)?;
+        s.wait(now)
+    }
+
     /// A port's policer counters (inbound, outbound), where it has limits.
     pub fn port_policers(&self, no: PortNo) -> (Option<PolicerCounters>, Option<PolicerCounters>) {
         match self.ports.get(usize::from(no.0)).and_then(Option::as_ref) {
@@ -794,7 +802,10 @@ impl Switch {
         };
         let port = self.ports.get_mut(usize::from(no.0))?.as_mut()?;
         if let Some(p) = port.police_out.as_mut() {
-            if !p.admit(now, frame.len()) {
+            if p.limit().shape {
+                // The driver read this frame only because the shaper let it.
+                p.charge(now, frame.len());
+            } else if !p.admit(now, frame.len()) {
                 return Some(DropReason::Policed);
             }
         }

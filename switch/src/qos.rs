@@ -122,6 +122,31 @@ impl Policer {
         self.counters = state.counters;
     }
 
+    /// As a shaper: how long until a frame may be taken at `now` (`None`:
+    /// now). The buckets are out of debt by then.
+    pub fn wait(&mut self, now: Duration) -> Option<Duration> {
+        let need = |b: &mut TokenBucket| {
+            let t = b.tokens(now);
+            (t <= 0.0).then(|| Duration::from_secs_f64((1.0 - t) / b.rate))
+        };
+        let a = need(&mut self.avg);
+        let p = self.peak.as_mut().and_then(need);
+        a.max(p)
+    }
+
+    /// As a shaper: charge a frame that was taken (it may put the buckets
+    /// into debt by one frame).
+    pub fn charge(&mut self, now: Duration, len: usize) {
+        self.avg.refill(now);
+        self.avg.charge(len);
+        if let Some(p) = self.peak.as_mut() {
+            p.refill(now);
+            p.charge(len);
+        }
+        self.counters.passed_frames += 1;
+        self.counters.passed_bytes += len as u64;
+    }
+
     /// Does a frame of `len` bytes pass at `now`? Charges it when it does.
     pub fn admit(&mut self, now: Duration, len: usize) -> bool {
         let ok =
@@ -151,6 +176,7 @@ mod tests {
             avg_bps: avg_mbps * 1_000_000,
             peak_bps: peak_mbps.map(|p| p * 1_000_000),
             burst_bytes: burst,
+            shape: false,
         }
     }
 
@@ -203,6 +229,31 @@ mod tests {
             "then the debt is paid first"
         );
         assert!(p.admit(Duration::from_millis(600), 1500));
+    }
+
+    #[test]
+    fn a_shaper_says_when_to_take_the_next_frame() {
+        // 8 Mbit/s = 1 MB/s, 10 kB burst.
+        let mut s = Policer::new(limit(8, None, 10_000), Duration::ZERO);
+        assert_eq!(s.wait(Duration::ZERO), None);
+        s.charge(Duration::ZERO, 30_000);
+        let w = s.wait(Duration::ZERO).unwrap();
+        assert!((w.as_secs_f64() - 0.020).abs() < 0.001, "{w:?}");
+        assert_eq!(s.wait(Duration::from_millis(21)), None);
+        // Taken at that pace, frames leave at the average rate.
+        let mut t = Duration::from_millis(21);
+        let mut sent = 0u64;
+        while t < Duration::from_secs(2) {
+            match s.wait(t) {
+                None => {
+                    s.charge(t, 1500);
+                    sent += 1500;
+                }
+                Some(w) => t += w,
+            }
+        }
+        let rate = sent as f64 / (2.0 - 0.021);
+        assert!((rate / 1e6 - 1.0).abs() < 0.02, "{rate} B/s");
     }
 
     #[test]

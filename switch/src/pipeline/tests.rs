@@ -621,6 +621,7 @@ fn a_port_saved_on_one_switch_continues_on_another() {
             avg_bps: 8_000_000,
             peak_bps: None,
             burst_bytes: 100_000,
+            shape: false,
         }),
         ..PortQos::default()
     };
