@@ -66,16 +66,7 @@ impl Policy {
             let l = r
                 .map(|r| RateLimit::from_raw(r, &format!("{at}, qos.{dir}")))
                 .transpose()?;
-            if dir == "in" && l.is_some_and(|l| l.shape) {
-                return Err(Error::Rule {
-                    at: format!("{at}, qos.in"),
-                    field: "shape".into(),
-                    msg: "shaping holds back what a VM sends (`qos.out`); traffic into the VM \
-                          (`qos.in`) is policed"
-                        .into(),
-                });
-            }
-            Ok(l)
+            Ok::<_, Error>(l)
         };
         let vlan = raw
             .vlan

@@ -25,8 +25,11 @@ pub struct RateLimit {
     pub burst_bytes: u64,
     /// Shape instead of police: hold frames back until they conform rather
     /// than drop them (for what a VM sends: the switch stops reading its
-    /// NIC, and the VM's own queue waits).
+    /// NIC, and the VM's own queue waits; into a VM, frames wait in a
+    /// queue of `queue_bytes` in the switch).
     pub shape: bool,
+    /// The most bytes a shaper into a VM holds back.
+    pub queue_bytes: u64,
 }
 
 /// A rate limit as written in a file.
@@ -40,6 +43,8 @@ pub struct RawRateLimit {
     pub burst_kb: Option<f64>,
     #[serde(default)]
     pub shape: bool,
+    #[serde(default)]
+    pub queue_kb: Option<f64>,
 }
 
 /// Priority marks set on what a VM sends: DSCP in its IP header, 802.1p PCP
@@ -136,11 +141,25 @@ impl RateLimit {
                 ))
             }
         };
+        let queue_bytes = match raw.queue_kb {
+            None => 512 * 1024,
+            Some(kb) if raw.shape && (64.0..=65_536.0).contains(&kb) => (kb * 1024.0) as u64,
+            Some(_) if !raw.shape => {
+                return Err(bad("queue_kb", "a queue needs `shape: true`".into()))
+            }
+            Some(kb) => {
+                return Err(bad(
+                    "queue_kb",
+                    format!("{kb} is not a queue size: expected KB in [64, 65536]"),
+                ))
+            }
+        };
         Ok(RateLimit {
             avg_bps,
             peak_bps,
             burst_bytes,
             shape: raw.shape,
+            queue_bytes,
         })
     }
 }

@@ -199,9 +199,9 @@ pub fn run(cfg: &AgentConfig, path: Option<&Path>) -> Result<(), Error> {
     sys::catch_signals().map_err(|e| Error::io("installing signal handlers", e))?;
     let mut cfg = cfg.clone();
     let mut dp = build(&cfg)?;
-    dp.spawn_transmit()
-        .map_err(|e| Error::io("starting the transmit thread", e))?;
     let start = Instant::now();
+    dp.spawn_transmit(start)
+        .map_err(|e| Error::io("starting the transmit thread", e))?;
     tracing::info!(host = %cfg.host, ports = cfg.ports.len(), segments = cfg.segments.len(), "agent running");
     let fds = dp.fds();
     let mut pollfds: Vec<libc::pollfd> = fds
@@ -256,7 +256,7 @@ pub fn run(cfg: &AgentConfig, path: Option<&Path>) -> Result<(), Error> {
         dp.handle_timeout(now);
         if sys::take_reload_request() {
             if let Some(path) = path {
-                reload(&mut dp, &mut cfg, path);
+                reload(&mut dp, &mut cfg, path, now);
             }
         }
         if now >= next_stats {
@@ -280,7 +280,7 @@ pub fn run(cfg: &AgentConfig, path: Option<&Path>) -> Result<(), Error> {
 /// concern keeps flowing), and the segments. A file that does not validate
 /// changes nothing. Ports added or removed, or a new tunnel address, need a
 /// restart; the agent says so and keeps the rest.
-fn reload(dp: &mut Datapath<HostPort>, cfg: &mut AgentConfig, path: &Path) {
+fn reload(dp: &mut Datapath<HostPort>, cfg: &mut AgentConfig, path: &Path, now: Duration) {
     let new = match AgentConfig::load(path) {
         Ok(c) => c,
         Err(e) => {
@@ -309,7 +309,7 @@ fn reload(dp: &mut Datapath<HostPort>, cfg: &mut AgentConfig, path: &Path) {
                 dp.switch.set_port_acl(no, p.port.acl.clone())?;
             }
             if old.port.qos != p.port.qos {
-                dp.switch.set_port_qos(no, p.port.qos)?;
+                dp.set_port_qos(no, p.port.qos, now)?;
             }
             if old.port.security != p.port.security {
                 dp.switch.set_port_security(no, p.port.security.clone())?;

@@ -71,6 +71,8 @@ drop_reasons! {
     MacLimit => "mac_limit",
     /// Broadcast or multicast over the port's storm-control rate.
     Storm => "storm",
+    /// The queue of the port's shaper was full.
+    ShaperQueueFull => "shaper_queue_full",
 }
 
 /// A counter per [`DropReason`].

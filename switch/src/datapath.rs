@@ -24,6 +24,7 @@ use crate::pipeline::{Egress, Ingress, PortNo, Switch};
 use crate::sys::{self, StrippedTag};
 use crate::transmit::{Job, Msg, Transmit, TxFailure};
 use crate::wire::{self, VnetHdr};
+use dvs_proto::RateLimit;
 
 /// Bytes kept free before every received frame: room to re-insert a tag the
 /// kernel stripped and to write a VXLAN header in place.
@@ -145,6 +146,8 @@ pub struct Datapath<P> {
     tx: Tx<P>,
     /// Frames switched in the current batch.
     batch_pos: usize,
+    /// The shaper of the traffic into each port, when it has one.
+    shaped: Vec<Option<RateLimit>>,
 }
 
 impl<P: PortIo> Datapath<P> {
@@ -171,6 +174,7 @@ impl<P: PortIo> Datapath<P> {
             spare: None,
             tx: Tx::Inline(Transmit::new(tx_uplink)),
             batch_pos: 0,
+            shaped: Vec::new(),
         })
     }
 
@@ -196,7 +200,48 @@ impl<P: PortIo> Datapath<P> {
             }
             Tx::Switching => {}
         }
+        self.sync_shaper(no, Duration::ZERO);
         Ok(())
+    }
+
+    /// Change a port's rate limits (see [`Switch::set_port_qos`]) and its
+    /// shaper on the transmit side.
+    ///
+    /// # Errors
+    /// [`crate::Error::UnknownPortNo`].
+    pub fn set_port_qos(
+        &mut self,
+        no: PortNo,
+        qos: crate::PortQos,
+        now: Duration,
+    ) -> Result<(), crate::Error> {
+        self.switch.set_port_qos(no, qos)?;
+        self.sync_shaper(no, now);
+        Ok(())
+    }
+
+    /// Give the transmit side the shaper the switch has for traffic into
+    /// port `no`.
+    fn sync_shaper(&mut self, no: PortNo, now: Duration) {
+        let limit = self.switch.port_inbound_shaper(no);
+        let i = usize::from(no.0);
+        if self.shaped.len() <= i {
+            self.shaped.resize(i + 1, None);
+        }
+        self.shaped[i] = limit;
+        match &mut self.tx {
+            Tx::Inline(t) => t.set_shaper(no, limit, now),
+            Tx::Thread { jobs, .. } => {
+                let _ = jobs.send(Msg::Shaper(no, limit, now));
+            }
+            Tx::Switching => {}
+        }
+    }
+
+    fn is_shaped(&self, no: PortNo) -> bool {
+        self.shaped
+            .get(usize::from(no.0))
+            .is_some_and(Option::is_some)
     }
 
     /// Detach and return the device of port `no`.
@@ -237,6 +282,9 @@ impl<P: PortIo> Datapath<P> {
     /// into the switch's counters.
     pub fn handle_timeout(&mut self, now: Duration) {
         self.switch.handle_timeout(now);
+        if let Tx::Inline(t) = &mut self.tx {
+            t.release(now);
+        }
         let failures: Vec<TxFailure> = match &mut self.tx {
             Tx::Inline(t) => t.errors.drain(..).collect(),
             Tx::Thread { errors, inline, .. } => {
@@ -248,6 +296,9 @@ impl<P: PortIo> Datapath<P> {
             match f {
                 TxFailure::Port(no) => self.switch.note_tx_error(Egress::Port(no)),
                 TxFailure::Tunnel => self.switch.note_tunnel_tx_error(),
+                TxFailure::QueueFull(no) => self
+                    .switch
+                    .note_tx_drop(no, crate::DropReason::ShaperQueueFull),
             }
         }
     }
@@ -395,7 +446,14 @@ impl<P: PortIo> Datapath<P> {
             }
         }
         job.frame = frame;
+        job.now = now;
         job.from_tunnel = matches!(ingress, Ingress::Tunnel { .. });
+        // Copies for a shaped port always go through the transmit thread,
+        // whose queue keeps them in order.
+        let shaped = self.job.out.iter().any(|o| match o.egress {
+            Egress::Port(p) => self.is_shaped(p),
+            Egress::Tunnel { .. } => false,
+        });
         let first = self.batch_pos == 0;
         self.batch_pos += 1;
         match &mut self.tx {
@@ -405,7 +463,7 @@ impl<P: PortIo> Datapath<P> {
             }
             Tx::Thread {
                 inline, in_flight, ..
-            } if first && in_flight.load(Ordering::Acquire) == 0 => {
+            } if first && !shaped && in_flight.load(Ordering::Acquire) == 0 => {
                 inline.send(&mut self.job);
                 self.job.out.clear();
             }
@@ -487,7 +545,8 @@ impl<P: PortIo> Datapath<P> {
     ///
     /// # Errors
     /// The thread could not be started.
-    pub fn spawn_transmit(&mut self) -> io::Result<()>
+    /// `clock` is the instant the caller's `now` counts from.
+    pub fn spawn_transmit(&mut self, clock: std::time::Instant) -> io::Result<()>
     where
         P: Send + 'static,
     {
@@ -505,7 +564,7 @@ impl<P: PortIo> Datapath<P> {
         let stash: Vec<Job> = (1..JOBS_IN_FLIGHT).map(|_| Job::new()).collect();
         let handle = std::thread::Builder::new()
             .name("dvs-transmit".into())
-            .spawn(move || t.serve(jobs_rx, free_tx, err_tx, counter))?;
+            .spawn(move || t.serve(jobs_rx, free_tx, err_tx, counter, clock))?;
         self.tx = Tx::Thread {
             jobs: jobs_tx,
             free: free_rx,
@@ -516,6 +575,15 @@ impl<P: PortIo> Datapath<P> {
             inline,
             handle: Some(handle),
         };
+        // The inline side shapes nothing from now on; the thread does.
+        for i in 0..self.shaped.len() {
+            let no = PortNo(i as u16);
+            let limit = self.shaped[i];
+            if let Tx::Thread { jobs, inline, .. } = &mut self.tx {
+                inline.set_shaper(no, None, clock.elapsed());
+                let _ = jobs.send(Msg::Shaper(no, limit, clock.elapsed()));
+            }
+        }
         Ok(())
     }
 

@@ -446,6 +446,21 @@ impl Switch {
         Ok(())
     }
 
+    /// The limit of traffic into port `no` when it is to be shaped (by the
+    /// transmit side, which holds the frames) rather than policed here.
+    pub fn port_inbound_shaper(&self, no: PortNo) -> Option<RateLimit> {
+        let p = self.ports.get(usize::from(no.0))?.as_ref()?;
+        p.cfg.qos.inbound.filter(|l| l.shape)
+    }
+
+    /// The driver dropped a frame for port `no` (e.g. its shaper's queue was
+    /// full); counted among the port's `tx_drops`.
+    pub fn note_tx_drop(&mut self, no: PortNo, reason: DropReason) {
+        if let Ok(p) = self.port_mut(no) {
+            p.counters.tx_drops.add(reason);
+        }
+    }
+
     /// How long the driver should leave port `no`'s frames waiting in its
     /// device (`None`: read now) — the outbound shaper's verdict.
     pub fn port_wait(&mut self, no: PortNo, now: Duration) -> Option<Duration> {
@@ -939,7 +954,11 @@ impl Switch {
 /// The inbound policer of `port`: does a frame of `len` bytes go to the VM?
 /// A refusal is counted on the port.
 fn admit(port: &mut Port, now: Duration, len: usize) -> bool {
-    let ok = port.police_in.as_mut().is_none_or(|p| p.admit(now, len));
+    // A shaped port's limit is kept by the transmit side's queue.
+    let ok = port
+        .police_in
+        .as_mut()
+        .is_none_or(|p| p.limit().shape || p.admit(now, len));
     if !ok {
         port.counters.tx_drops.add(DropReason::Policed);
     }

@@ -177,6 +177,7 @@ mod tests {
             peak_bps: peak_mbps.map(|p| p * 1_000_000),
             burst_bytes: burst,
             shape: false,
+            queue_bytes: 0,
         }
     }
 

@@ -9,12 +9,18 @@
 //! and hands the buffers back for reuse, so that reading, switching and
 //! the kernel's receive work for the destination VM run on two cores.
 
+use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::ops::Range;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, SyncSender, TryRecvError};
+use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
+use std::time::{Duration, Instant};
+
+use dvs_proto::RateLimit;
+
+use crate::qos::Policer;
 use std::sync::Arc;
 
 use crate::datapath::{PortIo, Uplink, HEADROOM, MAX_READ};
@@ -30,6 +36,8 @@ const GSO_MAX_BYTES: usize = 65_000;
 /// the frame lies in it, its offload state and its outputs.
 #[derive(Debug)]
 pub struct Job {
+    /// When it was switched (the shapers' clock).
+    pub now: Duration,
     pub buf: Vec<u8>,
     pub frame: Range<usize>,
     pub vnet: Option<VnetHdr>,
@@ -41,6 +49,7 @@ pub struct Job {
 impl Job {
     pub fn new() -> Self {
         Job {
+            now: Duration::ZERO,
             buf: vec![0; HEADROOM + MAX_READ],
             frame: 0..0,
             vnet: None,
@@ -59,6 +68,8 @@ impl Default for Job {
 /// What the receive side tells the transmit thread.
 #[derive(Debug)]
 pub enum Msg<P> {
+    /// Shape the traffic into a port (`None`: stop), at the given time.
+    Shaper(PortNo, Option<RateLimit>, Duration),
     /// Switched frames, in order. The vector comes back on the free channel
     /// holding the sent jobs, so that neither jobs nor vectors are allocated
     /// in steady state.
@@ -82,6 +93,52 @@ pub struct Transmit<P> {
     txq: TxQueue,
     /// Sends that failed, for the switch's counters.
     pub errors: Vec<TxFailure>,
+    /// Shapers of traffic into VMs, by port number.
+    shapers: Vec<Option<InShaper>>,
+}
+
+/// A shaper of the traffic into one VM: the port's buckets and a
+/// byte-bounded queue of the frames that wait for them.
+#[derive(Debug)]
+struct InShaper {
+    bucket: Policer,
+    queue: VecDeque<Held>,
+    bytes: usize,
+    max_bytes: usize,
+    /// Buffers of frames already sent, for the next ones to wait in.
+    pool: Vec<Vec<u8>>,
+}
+
+impl InShaper {
+    /// The head of the queue, when its time has come (charged to the
+    /// buckets).
+    fn take(&mut self, now: Duration) -> Option<Held> {
+        let len = self.queue.front()?.buf.len();
+        if self.bucket.wait(now).is_some() {
+            return None;
+        }
+        self.bucket.charge(now, len);
+        self.bytes -= len;
+        self.queue.pop_front()
+    }
+
+    fn new(limit: RateLimit, now: Duration) -> Self {
+        InShaper {
+            bucket: Policer::new(limit, now),
+            queue: VecDeque::new(),
+            bytes: 0,
+            max_bytes: limit.queue_bytes as usize,
+            pool: Vec::new(),
+        }
+    }
+}
+
+/// A frame waiting for its port's shaper.
+#[derive(Debug)]
+struct Held {
+    buf: Vec<u8>,
+    vnet: Option<VnetHdr>,
+    tag: Option<u16>,
 }
 
 /// Where a send failed.
@@ -89,6 +146,8 @@ pub struct Transmit<P> {
 pub enum TxFailure {
     Port(PortNo),
     Tunnel,
+    /// A frame for a shaped port found its queue full.
+    QueueFull(PortNo),
 }
 
 impl From<Egress> for TxFailure {
@@ -125,6 +184,7 @@ impl<P: PortIo> Transmit<P> {
                 ..TxQueue::default()
             },
             errors: Vec::new(),
+            shapers: Vec::new(),
         }
     }
 
@@ -175,16 +235,25 @@ impl<P: PortIo> Transmit<P> {
         free: SyncSender<Vec<Job>>,
         errors: SyncSender<TxFailure>,
         in_flight: Arc<AtomicUsize>,
+        clock: Instant,
     ) {
         loop {
             let msg = match jobs.try_recv() {
                 Ok(m) => m,
                 Err(TryRecvError::Empty) => {
                     self.flush();
+                    let now = clock.elapsed();
+                    self.release(now);
                     self.report(&errors);
-                    match jobs.recv() {
+                    // Wake for the next held frame, or sleep until a job.
+                    let next = match self.next_release(now) {
+                        Some(w) => jobs.recv_timeout(w.max(Duration::from_micros(50))),
+                        None => jobs.recv().map_err(|_| RecvTimeoutError::Disconnected),
+                    };
+                    match next {
                         Ok(m) => m,
-                        Err(_) => return,
+                        Err(RecvTimeoutError::Timeout) => continue,
+                        Err(RecvTimeoutError::Disconnected) => return,
                     }
                 }
                 Err(TryRecvError::Disconnected) => return,
@@ -202,8 +271,10 @@ impl<P: PortIo> Transmit<P> {
                     in_flight.fetch_sub(n, Ordering::Release);
                     // The receive side may be gone; the buffers are then dropped.
                     let _ = free.try_send(batch);
+                    self.release(clock.elapsed());
                 }
                 Msg::Attach(no, io) => self.attach(no, io),
+                Msg::Shaper(no, limit, now) => self.set_shaper(no, limit, now),
                 Msg::Detach(no) => {
                     self.flush();
                     self.detach(no);
@@ -227,9 +298,123 @@ impl<P: PortIo> Transmit<P> {
         let mut segments = None;
         for i in 0..job.out.len() {
             let o = job.out[i];
-            if let Err(e) = self.send_one(o, job, &mut vnet, &mut segments) {
+            if let Egress::Port(no) = o.egress {
+                if self.shaper_of(no).is_some() && !self.shaper_admits(no, job.now, job.frame.len())
+                {
+                    self.hold(no, o.tag, &job.buf[job.frame.clone()], vnet);
+                    continue;
+                }
+            }
+            let frame = job.frame.clone();
+            if let Err(e) = self.send_one(o, &mut job.buf, frame, &mut vnet, &mut segments) {
                 tracing::debug!(error = %e, egress = ?o.egress, "send failed");
                 self.errors.push(o.egress.into());
+            }
+        }
+    }
+
+    /// Shape what goes to port `no` with `limit` (`None`: no shaping); what
+    /// waits is sent first.
+    pub fn set_shaper(&mut self, no: PortNo, limit: Option<RateLimit>, now: Duration) {
+        self.release(now);
+        let i = usize::from(no.0);
+        if self.shapers.len() <= i {
+            self.shapers.resize_with(i + 1, || None);
+        }
+        match (limit, self.shapers[i].as_mut()) {
+            (Some(l), Some(s)) if s.bucket.limit() == l => {}
+            (Some(l), _) => {
+                let held = self.shapers[i].take().map(|s| s.queue).unwrap_or_default();
+                let mut s = InShaper::new(l, now);
+                for h in held {
+                    s.bytes += h.buf.len();
+                    s.queue.push_back(h);
+                }
+                self.shapers[i] = Some(s);
+            }
+            (None, _) => {
+                // Nothing may stay held: send what waits.
+                if let Some(mut s) = self.shapers[i].take() {
+                    while let Some(h) = s.queue.pop_front() {
+                        self.send_held(no, h);
+                    }
+                }
+            }
+        }
+    }
+
+    fn shaper_of(&mut self, no: PortNo) -> Option<&mut InShaper> {
+        self.shapers.get_mut(usize::from(no.0))?.as_mut()
+    }
+
+    /// May a frame of `len` bytes to shaped port `no` go now? Charges it if
+    /// so (nothing may overtake what waits).
+    fn shaper_admits(&mut self, no: PortNo, now: Duration, len: usize) -> bool {
+        let Some(s) = self.shaper_of(no) else {
+            return true;
+        };
+        if !s.queue.is_empty() || s.bucket.wait(now).is_some() {
+            return false;
+        }
+        s.bucket.charge(now, len);
+        true
+    }
+
+    /// Keep a copy of a frame for shaped port `no`, or count it dropped when
+    /// the queue is full.
+    fn hold(&mut self, no: PortNo, tag: Option<u16>, frame: &[u8], vnet: Option<VnetHdr>) {
+        let Some(s) = self
+            .shapers
+            .get_mut(usize::from(no.0))
+            .and_then(Option::as_mut)
+        else {
+            return;
+        };
+        if s.bytes + frame.len() > s.max_bytes {
+            self.errors.push(TxFailure::QueueFull(no));
+            return;
+        }
+        let mut buf = s.pool.pop().unwrap_or_default();
+        buf.clear();
+        buf.extend_from_slice(frame);
+        s.bytes += buf.len();
+        s.queue.push_back(Held { buf, vnet, tag });
+    }
+
+    /// Send the held frames whose time has come.
+    pub fn release(&mut self, now: Duration) {
+        for i in 0..self.shapers.len() {
+            let no = PortNo(i as u16);
+            while let Some(h) = self.shapers[i].as_mut().and_then(|s| s.take(now)) {
+                self.send_held(no, h);
+            }
+        }
+    }
+
+    /// How long until held frames may go (`None`: nothing is held).
+    pub fn next_release(&mut self, now: Duration) -> Option<Duration> {
+        self.shapers
+            .iter_mut()
+            .flatten()
+            .filter(|s| !s.queue.is_empty())
+            .map(|s| s.bucket.wait(now).unwrap_or(Duration::ZERO))
+            .min()
+    }
+
+    fn send_held(&mut self, no: PortNo, mut h: Held) {
+        let o = Output {
+            egress: Egress::Port(no),
+            tag: h.tag,
+        };
+        let len = h.buf.len();
+        let mut vnet = h.vnet;
+        if let Err(e) = self.send_one(o, &mut h.buf, 0..len, &mut vnet, &mut None) {
+            tracing::debug!(error = %e, port = no.0, "send of a held frame failed");
+            self.errors.push(o.egress.into());
+        }
+        if let Some(Some(s)) = self.shapers.get_mut(usize::from(no.0)) {
+            if s.pool.len() < 64 {
+                s.pool.push(h.buf);
             }
         }
     }
@@ -259,7 +444,17 @@ impl<P: PortIo> Transmit<P> {
     /// else first flushes what is held, so that frames stay in order.
     fn coalesce(&mut self, job: &Job) -> bool {
         let dest = match job.out.as_slice() {
-            [o] if matches!(o.egress, Egress::Port(_)) && self.offloads(o.egress) => *o,
+            [o @ Output {
+                egress: Egress::Port(no),
+                ..
+            }] if self.offloads(o.egress)
+                && self
+                    .shapers
+                    .get(usize::from(no.0))
+                    .is_none_or(Option::is_none) =>
+            {
+                *o
+            }
             _ => {
                 self.flush_gro();
                 return false;
@@ -308,18 +503,18 @@ impl<P: PortIo> Transmit<P> {
     fn send_one(
         &mut self,
         o: Output,
-        job: &mut Job,
+        buf: &mut [u8],
+        frame: Range<usize>,
         vnet: &mut Option<VnetHdr>,
         segments: &mut Option<Segments>,
     ) -> io::Result<()> {
-        let frame = job.frame.clone();
         let to_offload_port = self.offloads(o.egress);
         if !to_offload_port {
             if let Some(h) = *vnet {
                 if h.is_gso() {
                     if segments.is_none() {
                         let seg = wire::segment_tcp(
-                            &job.buf[frame.clone()],
+                            &buf[frame.clone()],
                             usize::from(h.gso_size),
                             vxlan::HEADER_LEN,
                             &mut self.segs,
@@ -331,7 +526,7 @@ impl<P: PortIo> Transmit<P> {
                 }
                 if h.needs_csum() {
                     wire::complete_checksum_at(
-                        &mut job.buf[frame.clone()],
+                        &mut buf[frame.clone()],
                         usize::from(h.csum_start),
                         usize::from(h.csum_offset),
                     );
@@ -355,14 +550,14 @@ impl<P: PortIo> Transmit<P> {
                         h
                     }
                 });
-                send_tagged(io, hdr.as_ref(), &job.buf[frame], o.tag)
+                send_tagged(io, hdr.as_ref(), &buf[frame], o.tag)
             }
             Egress::Tunnel { dst, vni } => {
                 let Some(u) = &self.uplink else {
                     return Err(io::Error::from(io::ErrorKind::NotConnected));
                 };
                 let dst = SocketAddr::new(dst, u.remote_port);
-                self.queue_tunnel(dst, &vxlan::encode(vni), &job.buf[frame])
+                self.queue_tunnel(dst, &vxlan::encode(vni), &buf[frame])
             }
         }
     }
@@ -492,5 +687,99 @@ fn send_tagged<P: PortIo>(
                 ],
             )
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::datapath::RxMeta;
+    use std::cell::RefCell;
+    use std::rc::Rc;
+
+    /// A port that records what it is sent.
+    #[derive(Debug, Clone, Default)]
+    struct Recorder(Rc<RefCell<Vec<usize>>>);
+
+    impl PortIo for Recorder {
+        fn recv(&mut self, _: &mut [u8]) -> io::Result<RxMeta> {
+            Err(io::ErrorKind::WouldBlock.into())
+        }
+        fn send(&mut self, _: Option<&VnetHdr>, parts: &[IoSlice<'_>]) -> io::Result<()> {
+            self.0
+                .borrow_mut()
+                .push(parts.iter().map(|p| p.len()).sum());
+            Ok(())
+        }
+        fn raw_fd(&self) -> Option<std::os::fd::RawFd> {
+            None
+        }
+        fn try_clone(&self) -> io::Result<Self> {
+            Ok(self.clone())
+        }
+    }
+
+    fn job(now: Duration, len: usize) -> Job {
+        let mut j = Job::new();
+        j.now = now;
+        j.frame = HEADROOM..HEADROOM + len;
+        j.out.push(Output {
+            egress: Egress::Port(PortNo(0)),
+            tag: None,
+        });
+        j
+    }
+
+    #[test]
+    fn a_shaped_port_gets_its_frames_at_the_rate_and_overflow_is_counted() {
+        let port = Recorder::default();
+        let mut t = Transmit::new(None);
+        t.attach(PortNo(0), port.clone());
+        // 1.2 Mbit/s = 150 kB/s, 3 kB burst, 15 kB queue.
+        let limit = RateLimit {
+            avg_bps: 1_200_000,
+            peak_bps: None,
+            burst_bytes: 3000,
+            shape: true,
+            queue_bytes: 15_000,
+        };
+        t.set_shaper(PortNo(0), Some(limit), Duration::ZERO);
+        // Twenty 1500-byte frames at once: the burst lets two leave, ten
+        // wait (15 kB), eight overflow.
+        for _ in 0..20 {
+            t.send(&mut job(Duration::ZERO, 1500));
+        }
+        assert_eq!(port.0.borrow().len(), 2, "the burst");
+        let full = t
+            .errors
+            .iter()
+            .filter(|e| **e == TxFailure::QueueFull(PortNo(0)))
+            .count();
+        assert_eq!(full, 8);
+        // The rest leaves at 150 kB/s: one 1500-byte frame per 10 ms.
+        assert!(t.next_release(Duration::ZERO).is_some());
+        // Released whenever it says so, as the transmit thread does.
+        let mut now = Duration::ZERO;
+        while now < Duration::from_millis(50) {
+            now += t.next_release(now).unwrap_or(Duration::from_millis(1));
+            t.release(now);
+        }
+        let after_50ms = port.0.borrow().len();
+        assert!(
+            (6..=8).contains(&after_50ms),
+            "{after_50ms} frames after 50 ms"
+        );
+        while let Some(w) = t.next_release(now) {
+            now += w;
+            t.release(now);
+        }
+        assert_eq!(port.0.borrow().len(), 12);
+        let now = now.max(Duration::from_secs(1));
+        assert_eq!(t.next_release(now), None);
+        // Removing the shaper sends nothing twice and holds nothing back.
+        t.send(&mut job(now, 1500));
+        t.set_shaper(PortNo(0), None, now);
+        t.send(&mut job(now, 1500));
+        assert_eq!(port.0.borrow().len(), 14);
     }
 }

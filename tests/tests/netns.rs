@@ -1040,6 +1040,51 @@ fn a_shaped_port_holds_tcp_at_the_rate_without_loss() {
 }
 
 #[test]
+fn a_port_shaped_inbound_queues_tcp_to_the_rate() {
+    if !e2e_ready(TOOLS) {
+        return;
+    }
+    let mut f = Fabric::new(
+        2,
+        &[
+            VmSpec {
+                qos: Some("{ in: { avg_mbps: 20, shape: true, queue_kb: 1024 } }"),
+                ..access(0, "shaped", 10, "10.10.0.1/24")
+            },
+            access(1, "peer", 10, "10.10.0.2/24"),
+        ],
+        &[],
+    );
+    assert_eq!(f.ping("shaped", "10.10.0.2", 2).1, 2, "{}", f.topo.logs());
+    // TCP from another host into the shaped VM: held in the switch's queue.
+    let v = iperf_json(&mut f, "peer", "shaped", "-t 6");
+    let rates: Vec<f64> = v["intervals"]
+        .as_array()
+        .expect("per-second intervals")
+        .iter()
+        .map(|i| i["sum"]["bits_per_second"].as_f64().unwrap() / 1e6)
+        .collect();
+    let steady = &rates[1..];
+    let mean = steady.iter().sum::<f64>() / steady.len() as f64;
+    eprintln!("inbound-shaped TCP: {mean:.1} Mbit/s ({rates:.1?})");
+    assert!(
+        (mean / 20.0 - 1.0).abs() < 0.10,
+        "TCP into a port shaped to 20 Mbit/s: {mean:.1} Mbit/s ({rates:.1?})"
+    );
+    // A flood overflows the queue: the overflow is dropped and counted.
+    let _ = iperf_json(&mut f, "peer", "shaped", "-u -b 200M -l 1400 -t 2");
+    assert!(
+        wait_for(Duration::from_secs(3), || f.port_counter(
+            0,
+            "shaped",
+            "tx_drops.shaper_queue_full"
+        ) > 100),
+        "{}",
+        f.stats(0)
+    );
+}
+
+#[test]
 fn agent_stops_cleanly_on_sigterm_and_removes_its_taps() {
     if !e2e_ready(TOOLS) {
         return;

@@ -622,6 +622,7 @@ fn a_port_saved_on_one_switch_continues_on_another() {
             peak_bps: None,
             burst_bytes: 100_000,
             shape: false,
+            queue_bytes: 0,
         }),
         ..PortQos::default()
     };
