@@ -24,6 +24,7 @@ pub mod config;
 pub mod conntrack;
 pub mod counters;
 pub mod datapath;
+pub mod flow;
 pub mod mactable;
 pub mod pipeline;
 pub mod qos;

@@ -9,6 +9,8 @@
 //! Untrusted input: every function here that takes bytes is safe on any
 //! input — it returns an error for short or malformed bytes and never panics.
 
+pub mod ipfix;
+
 use dvs_proto::{MacAddr, Vni};
 use etherparse::{EtherType, Ethernet2HeaderSlice, SingleVlanHeaderSlice};
 

@@ -1,0 +1,378 @@
+//! Flow accounting: the datapath's flow table, sans-IO.
+//!
+//! A flow is keyed by port, direction, VLAN, IP addresses, protocol, L4
+//! ports (ICMP: type·256+code in the destination port, as NetFlow does) and
+//! ToS. Each record counts packets and L3 octets (IP total length), first
+//! and last time, TCP flags. A record ends on its active timeout (exported
+//! and counting on afresh), its inactive timeout, a FIN or RST, eviction
+//! from a full table (the oldest goes, counted) or a flush of its port.
+//! With 1-in-N sampling, only every Nth packet of a port is counted.
+
+use std::collections::VecDeque;
+use std::net::IpAddr;
+use std::time::Duration;
+
+use rustc_hash::FxHashMap;
+use serde::Serialize;
+
+/// Which way a packet crossed its port, seen from the VM.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    /// Sent by the VM (the port's ingress into the switch).
+    FromVm,
+    /// Delivered to the VM.
+    ToVm,
+}
+
+/// A flow's identity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+pub struct FlowId {
+    /// The port's chassis-wide number (NetFlow's interface index).
+    pub port: u32,
+    pub dir: Direction,
+    pub vlan: u16,
+    pub src: IpAddr,
+    pub dst: IpAddr,
+    pub proto: u8,
+    pub src_port: u16,
+    pub dst_port: u16,
+    pub tos: u8,
+}
+
+/// Why a record was exported.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EndReason {
+    /// No packet for the inactive timeout (IPFIX flowEndReason 1).
+    Idle,
+    /// Open for the active timeout; the flow goes on (2).
+    Active,
+    /// FIN or RST seen (3).
+    EndOfFlow,
+    /// Forced out: a full table or a flushed port (4/5).
+    Forced,
+}
+
+impl EndReason {
+    /// The IPFIX flowEndReason code (RFC 5102).
+    pub fn code(self) -> u8 {
+        match self {
+            EndReason::Idle => 1,
+            EndReason::Active => 2,
+            EndReason::EndOfFlow => 3,
+            EndReason::Forced => 4,
+        }
+    }
+}
+
+/// An exported record.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct FlowRecord {
+    pub id: FlowId,
+    pub packets: u64,
+    pub octets: u64,
+    pub first: Duration,
+    pub last: Duration,
+    pub tcp_flags: u8,
+    pub end: EndReason,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Open {
+    packets: u64,
+    octets: u64,
+    first: Duration,
+    last: Duration,
+    tcp_flags: u8,
+    /// Start of the current active-timeout interval.
+    since: Duration,
+}
+
+/// Timeouts, bound and sampling of a flow table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FlowConfig {
+    pub active: Duration,
+    pub inactive: Duration,
+    pub max_flows: usize,
+    /// Count 1 packet in `sampling` (1: all).
+    pub sampling: u32,
+}
+
+impl Default for FlowConfig {
+    fn default() -> Self {
+        FlowConfig {
+            active: Duration::from_secs(60),
+            inactive: Duration::from_secs(15),
+            max_flows: 65_536,
+            sampling: 1,
+        }
+    }
+}
+
+/// What the table counted.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
+pub struct FlowCounters {
+    pub created: u64,
+    pub exported: u64,
+    /// Records forced out because the table was full.
+    pub evicted: u64,
+    /// Packets passed over by sampling.
+    pub unsampled: u64,
+}
+
+/// The flow table.
+#[derive(Debug, Clone)]
+pub struct FlowTable {
+    cfg: FlowConfig,
+    open: FxHashMap<FlowId, Open>,
+    /// Flows in creation order (entries of flows gone since are skipped).
+    order: VecDeque<FlowId>,
+    seen: u64,
+    counters: FlowCounters,
+}
+
+impl FlowTable {
+    pub fn new(cfg: FlowConfig) -> Self {
+        FlowTable {
+            cfg,
+            open: FxHashMap::default(),
+            order: VecDeque::new(),
+            seen: 0,
+            counters: FlowCounters::default(),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.open.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.open.is_empty()
+    }
+
+    pub fn counters(&self) -> &FlowCounters {
+        &self.counters
+    }
+
+    pub fn config(&self) -> FlowConfig {
+        self.cfg
+    }
+
+    /// Count `packets` packets of `octets` L3 bytes (a GSO frame counts as
+    /// its segments) of flow `id` at `now`; records that end go to `out`.
+    pub fn account(
+        &mut self,
+        now: Duration,
+        id: FlowId,
+        packets: u64,
+        octets: u64,
+        tcp_flags: u8,
+        out: &mut Vec<FlowRecord>,
+    ) {
+        if self.cfg.sampling > 1 {
+            self.seen += 1;
+            if self.seen % u64::from(self.cfg.sampling) != 0 {
+                self.counters.unsampled += packets;
+                return;
+            }
+        }
+        if !self.open.contains_key(&id) {
+            if self.open.len() >= self.cfg.max_flows {
+                self.evict_oldest(out);
+            }
+            self.open.insert(
+                id,
+                Open {
+                    packets: 0,
+                    octets: 0,
+                    first: now,
+                    last: now,
+                    tcp_flags: 0,
+                    since: now,
+                },
+            );
+            self.order.push_back(id);
+            self.counters.created += 1;
+        }
+        let Some(f) = self.open.get_mut(&id) else {
+            return;
+        };
+        f.packets += packets;
+        f.octets += octets;
+        f.last = now;
+        f.tcp_flags |= tcp_flags;
+        if id.proto == 6 && tcp_flags & 0x05 != 0 {
+            // FIN or RST: the flow is over.
+            let f = *f;
+            self.open.remove(&id);
+            self.emit(id, f, EndReason::EndOfFlow, out);
+        }
+    }
+
+    /// Export what the timeouts end at `now`.
+    pub fn expire(&mut self, now: Duration, out: &mut Vec<FlowRecord>) {
+        let (active, inactive) = (self.cfg.active, self.cfg.inactive);
+        let mut ended = Vec::new();
+        for (id, f) in self.open.iter_mut() {
+            if now.saturating_sub(f.last) >= inactive {
+                ended.push((*id, *f, EndReason::Idle));
+            } else if now.saturating_sub(f.since) >= active {
+                ended.push((*id, *f, EndReason::Active));
+                // The flow goes on: counting restarts.
+                f.packets = 0;
+                f.octets = 0;
+                f.tcp_flags = 0;
+                f.since = now;
+                f.first = now;
+            }
+        }
+        for (id, f, why) in ended {
+            if why == EndReason::Idle {
+                self.open.remove(&id);
+            }
+            if f.packets > 0 {
+                self.emit(id, f, why, out);
+            }
+        }
+        // Forget order entries of flows that are gone.
+        while let Some(id) = self.order.front() {
+            if self.open.contains_key(id) {
+                break;
+            }
+            self.order.pop_front();
+        }
+    }
+
+    /// Export and forget every record of `port` (it leaves the host).
+    pub fn flush_port(&mut self, port: u32, out: &mut Vec<FlowRecord>) {
+        let ids: Vec<FlowId> = self
+            .open
+            .keys()
+            .filter(|k| k.port == port)
+            .copied()
+            .collect();
+        for id in ids {
+            if let Some(f) = self.open.remove(&id) {
+                self.emit(id, f, EndReason::Forced, out);
+            }
+        }
+    }
+
+    fn evict_oldest(&mut self, out: &mut Vec<FlowRecord>) {
+        while let Some(id) = self.order.pop_front() {
+            if let Some(f) = self.open.remove(&id) {
+                self.counters.evicted += 1;
+                self.emit(id, f, EndReason::Forced, out);
+                return;
+            }
+        }
+    }
+
+    fn emit(&mut self, id: FlowId, f: Open, end: EndReason, out: &mut Vec<FlowRecord>) {
+        self.counters.exported += 1;
+        out.push(FlowRecord {
+            id,
+            packets: f.packets,
+            octets: f.octets,
+            first: f.first,
+            last: f.last,
+            tcp_flags: f.tcp_flags,
+            end,
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn id(port: u32, src_port: u16, proto: u8) -> FlowId {
+        FlowId {
+            port,
+            dir: Direction::FromVm,
+            vlan: 10,
+            src: "10.0.0.1".parse().unwrap(),
+            dst: "10.0.0.2".parse().unwrap(),
+            proto,
+            src_port,
+            dst_port: 80,
+            tos: 0,
+        }
+    }
+
+    #[test]
+    fn flows_end_on_fin_idle_and_active_timeouts() {
+        let mut t = FlowTable::new(FlowConfig {
+            active: 10 * S,
+            inactive: 3 * S,
+            ..FlowConfig::default()
+        });
+        let mut out = Vec::new();
+        t.account(S, id(1, 1000, 6), 1, 60, 0x02, &mut out);
+        t.account(2 * S, id(1, 1000, 6), 10, 15_000, 0x10, &mut out);
+        t.account(2 * S, id(1, 1000, 6), 1, 52, 0x11, &mut out);
+        assert_eq!(out.len(), 1);
+        let r = out[0];
+        assert_eq!(
+            (r.packets, r.octets, r.end, r.tcp_flags),
+            (12, 15_112, EndReason::EndOfFlow, 0x13)
+        );
+        assert_eq!((r.first, r.last), (S, 2 * S));
+        out.clear();
+        // UDP: idle after 3 s.
+        t.account(S, id(1, 53, 17), 1, 100, 0, &mut out);
+        t.expire(3 * S, &mut out);
+        assert!(out.is_empty());
+        t.expire(4 * S, &mut out);
+        assert_eq!((out.len(), out[0].end), (1, EndReason::Idle));
+        out.clear();
+        // A long flow: exported every active timeout, the parts add up.
+        let mut sent = 0;
+        for s in 0..35u64 {
+            t.account(S * s as u32, id(2, 7, 17), 1, 1000, 0, &mut out);
+            sent += 1000;
+            t.expire(S * s as u32, &mut out);
+        }
+        t.expire(100 * S, &mut out);
+        assert!(out.len() >= 4, "{out:?}");
+        assert_eq!(out.iter().map(|r| r.octets).sum::<u64>(), sent);
+        assert!(out.iter().any(|r| r.end == EndReason::Active));
+    }
+
+    #[test]
+    fn a_full_table_evicts_the_oldest_and_counts_it() {
+        let mut t = FlowTable::new(FlowConfig {
+            max_flows: 2,
+            ..FlowConfig::default()
+        });
+        let mut out = Vec::new();
+        for p in 0..3 {
+            t.account(S * p, id(1, p as u16, 17), 1, 100, 0, &mut out);
+        }
+        assert_eq!(t.len(), 2);
+        assert_eq!(
+            (out.len(), out[0].id.src_port, out[0].end),
+            (1, 0, EndReason::Forced)
+        );
+        assert_eq!(t.counters().evicted, 1);
+    }
+
+    #[test]
+    fn sampling_counts_one_in_n_and_flush_exports_a_port() {
+        let mut t = FlowTable::new(FlowConfig {
+            sampling: 10,
+            ..FlowConfig::default()
+        });
+        let mut out = Vec::new();
+        for _ in 0..100 {
+            t.account(S, id(3, 1, 17), 1, 100, 0, &mut out);
+        }
+        t.flush_port(3, &mut out);
+        assert_eq!((out.len(), out[0].packets), (1, 10));
+        assert_eq!(t.counters().unsampled, 90);
+        assert!(t.is_empty());
+    }
+}
