@@ -5,6 +5,10 @@
 //! - [`pipeline`]: the sans-IO switch core ([`Switch`]): VLAN handling, MAC
 //!   learning, forwarding and flooding, VXLAN segments, counters;
 //! - [`mactable`], [`counters`]: its tables and counters;
+//! - [`acl`], [`conntrack`], [`qos`], [`security`]: port policy in the
+//!   pipeline;
+//! - [`flow`]: the flow table for NetFlow/IPFIX (with `wire::ipfix`; not yet
+//!   fed by the pipeline);
 //! - [`config`]: the static agent file (`dvs agent --config`), validated whole;
 //! - [`sys`]: the system calls (TAP devices, AF_PACKET sockets, UDP batching)
 //!   — the only module allowed `unsafe`;
