@@ -290,7 +290,7 @@ fn reload(dp: &mut Datapath<HostPort>, cfg: &mut AgentConfig, path: &Path, now: 
     };
     let mut applied = 0;
     for p in &new.ports {
-        let Some(old) = cfg.ports.iter().find(|o| o.port.name == p.port.name) else {
+        let Some(old) = cfg.ports.iter_mut().find(|o| o.port.name == p.port.name) else {
             tracing::warn!(port = %p.port.name, "new port: restart the agent to add it");
             continue;
         };
@@ -317,7 +317,10 @@ fn reload(dp: &mut Datapath<HostPort>, cfg: &mut AgentConfig, path: &Path, now: 
             Ok::<(), Error>(())
         })();
         match r {
-            Ok(()) if old.port != p.port => applied += 1,
+            Ok(()) if old.port != p.port => {
+                applied += 1;
+                old.port = p.port.clone();
+            }
             Ok(()) => {}
             Err(e) => tracing::error!(port = %p.port.name, error = %e, "policy not applied"),
         }
@@ -343,23 +346,15 @@ fn reload(dp: &mut Datapath<HostPort>, cfg: &mut AgentConfig, path: &Path, now: 
         }
     }
     tracing::info!(ports_changed = applied, "configuration reloaded");
-    // What runs now: the new file, but for what needs a restart.
-    let keep_ports = cfg.ports.clone();
+    // What runs now: the new file, but for the ports and the tunnel, which
+    // hold what was applied (the rest needs a restart).
+    let ports = std::mem::take(&mut cfg.ports);
     let tunnel = cfg.tunnel;
-    *cfg = new;
-    cfg.tunnel = tunnel;
-    cfg.ports = keep_ports
-        .into_iter()
-        .map(|o| {
-            cfg.ports
-                .iter()
-                .find(|p| {
-                    p.port.name == o.port.name && p.attach == o.attach && p.port.id == o.port.id
-                })
-                .cloned()
-                .unwrap_or(o)
-        })
-        .collect();
+    *cfg = AgentConfig {
+        ports,
+        tunnel,
+        ..new
+    };
 }
 
 /// Write the stats as JSON, atomically (temporary file, then rename).

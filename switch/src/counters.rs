@@ -133,9 +133,6 @@ pub struct PortCounters {
     pub rx_broadcast: u64,
     /// Received frames with a multicast (non-broadcast) destination.
     pub rx_multicast: u64,
-    /// Received frames whose TCP/UDP checksum the sender's offload had left
-    /// unfinished, completed by the switch.
-    pub rx_csum_completed: u64,
     /// Frames handed to the port for the VM.
     pub tx_frames: u64,
     /// Bytes of those frames, as sent (tags included).

@@ -55,12 +55,6 @@ pub trait PortIo {
     fn send(&mut self, vnet: Option<&VnetHdr>, parts: &[IoSlice<'_>]) -> io::Result<()>;
     /// The fd to wait on, when the port has one.
     fn raw_fd(&self) -> Option<RawFd>;
-    /// Whether received frames may carry checksums a sender's offload left
-    /// unfinished without saying so (a raw socket without virtio-net
-    /// headers on a veth would; TAPs and our AF_PACKET sockets do not).
-    fn partial_checksums(&self) -> bool {
-        false
-    }
     /// Whether the port takes and gives virtio-net headers: checksum-partial
     /// and 64 KB GSO frames pass through it whole.
     fn offloads(&self) -> bool {
@@ -238,10 +232,18 @@ impl<P: PortIo> Datapath<P> {
         }
     }
 
-    fn is_shaped(&self, no: PortNo) -> bool {
-        self.shaped
-            .get(usize::from(no.0))
-            .is_some_and(Option::is_some)
+    /// Does a copy of the current job go to a shaped port?
+    fn to_shaped_port(&self) -> bool {
+        let shaped = |no: PortNo| {
+            self.shaped
+                .get(usize::from(no.0))
+                .is_some_and(Option::is_some)
+        };
+        self.shaped.iter().any(Option::is_some)
+            && self.job.out.iter().any(|o| match o.egress {
+                Egress::Port(p) => shaped(p),
+                Egress::Tunnel { .. } => false,
+            })
     }
 
     /// Detach and return the device of port `no`.
@@ -432,29 +434,21 @@ impl<P: PortIo> Datapath<P> {
         // Offsets in the virtio-net header follow the tags the pipeline removed.
         let removed = (end - start) - frame.len();
         job.vnet = vnet.map(|h| h.shifted(-(removed as i32)));
-        if job.vnet.is_none() {
-            let partial = match ingress {
-                Ingress::Tunnel { .. } => true,
-                Ingress::Port(no) => self
-                    .ports
-                    .get(usize::from(no.0))
-                    .and_then(Option::as_ref)
-                    .is_some_and(PortIo::partial_checksums),
-            };
-            if partial && wire::complete_partial_checksum(&mut job.buf[frame.clone()]) {
-                self.switch.note_csum_completed(ingress);
-            }
+        // Ports say what their sender left unfinished (virtio-net headers);
+        // a kernel on a virtual underlay may hand VXLAN payloads over with
+        // checksums left partial and say nothing.
+        if matches!(ingress, Ingress::Tunnel { .. })
+            && wire::complete_partial_checksum(&mut job.buf[frame.clone()])
+        {
+            self.switch.note_tunnel_csum_completed();
         }
         job.frame = frame;
         job.now = now;
         job.from_tunnel = matches!(ingress, Ingress::Tunnel { .. });
-        // Copies for a shaped port always go through the transmit thread,
-        // whose queue keeps them in order.
-        let shaped = self.job.out.iter().any(|o| match o.egress {
-            Egress::Port(p) => self.is_shaped(p),
-            Egress::Tunnel { .. } => false,
-        });
-        let first = self.batch_pos == 0;
+        // A lone frame may be sent inline, unless a copy is for a shaped
+        // port: those always go through the transmit thread, whose queue
+        // keeps them in order.
+        let lone = self.batch_pos == 0 && !self.to_shaped_port();
         self.batch_pos += 1;
         match &mut self.tx {
             Tx::Inline(t) => {
@@ -463,7 +457,7 @@ impl<P: PortIo> Datapath<P> {
             }
             Tx::Thread {
                 inline, in_flight, ..
-            } if first && !shaped && in_flight.load(Ordering::Acquire) == 0 => {
+            } if lone && in_flight.load(Ordering::Acquire) == 0 => {
                 inline.send(&mut self.job);
                 self.job.out.clear();
             }

@@ -577,17 +577,10 @@ impl Switch {
         self.tunnel.tx_errors += 1;
     }
 
-    /// The driver completed a checksum the sender had left unfinished on a
-    /// frame from `ingress`.
-    pub fn note_csum_completed(&mut self, ingress: Ingress) {
-        match ingress {
-            Ingress::Port(no) => {
-                if let Ok(p) = self.port_mut(no) {
-                    p.counters.rx_csum_completed += 1;
-                }
-            }
-            Ingress::Tunnel { .. } => self.tunnel.rx_csum_completed += 1,
-        }
+    /// The driver completed an inner checksum a tunnel peer had left
+    /// unfinished.
+    pub fn note_tunnel_csum_completed(&mut self) {
+        self.tunnel.rx_csum_completed += 1;
     }
 
     /// When [`Switch::handle_timeout`] wants to run next.

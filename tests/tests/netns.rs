@@ -44,6 +44,24 @@ fn on_veth(mut vm: VmSpec) -> VmSpec {
 /// Run an iperf3 TCP test from VM `client` to VM `server` for `secs`;
 /// returns the bytes the server received.
 fn iperf_tcp(f: &mut Fabric, client: &str, server: &str, secs: u32) -> u64 {
+    let v = iperf_json(f, client, server, &format!("-t {secs}"));
+    let bytes = v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
+    let bps = v["end"]["sum_received"]["bits_per_second"]
+        .as_f64()
+        .unwrap_or(0.0);
+    eprintln!(
+        "iperf3 {client} -> {server}: {:.2} Gbit/s, {bytes} bytes",
+        bps / 1e9
+    );
+    if bytes == 0 {
+        eprintln!("iperf3 {client} -> {server} moved nothing:\n{v}");
+    }
+    bytes
+}
+
+/// Run iperf3 from VM `client` to VM `server` with `args` (retrying while
+/// the server is not yet reachable); returns the JSON report.
+fn iperf_json(f: &mut Fabric, client: &str, server: &str, args: &str) -> serde_json::Value {
     let server_vm = f.vm(server).clone();
     let ip = server_vm.ip.clone().expect("server has an address");
     let label = format!("iperf3-{server}");
@@ -60,7 +78,7 @@ fn iperf_tcp(f: &mut Fabric, client: &str, server: &str, secs: u32) -> u64 {
     let ok = wait_for(Duration::from_secs(10), || {
         let o = f
             .topo
-            .try_sh(&client_ns, &format!("iperf3 -c {ip} -p 5201 -t {secs} -J"));
+            .try_sh(&client_ns, &format!("iperf3 -c {ip} -p 5201 {args} -J"));
         out = String::from_utf8_lossy(&o.stdout).into_owned();
         o.status.success()
     });
@@ -69,23 +87,32 @@ fn iperf_tcp(f: &mut Fabric, client: &str, server: &str, secs: u32) -> u64 {
         "iperf3 {client} -> {server} failed:\n{out}\n{}",
         f.topo.logs()
     );
-    let v: serde_json::Value = serde_json::from_str(&out).expect("iperf3 -J prints JSON");
-    let bytes = v["end"]["sum_received"]["bytes"].as_u64().unwrap_or(0);
-    if bytes == 0 {
-        eprintln!(
-            "iperf3 {client} -> {server} moved nothing:\n{out}\n{}",
-            f.topo.log(&label)
-        );
-    }
-    let bps = v["end"]["sum_received"]["bits_per_second"]
-        .as_f64()
-        .unwrap_or(0.0);
-    eprintln!(
-        "iperf3 {client} -> {server}: {:.2} Gbit/s, {bytes} bytes",
-        bps / 1e9
-    );
     f.topo.stop(&label);
-    bytes
+    serde_json::from_str(&out).expect("iperf3 -J prints JSON")
+}
+
+/// Per-second receive rates of an iperf3 report, in Mbit/s.
+fn per_second_mbps(v: &serde_json::Value) -> Vec<f64> {
+    v["intervals"]
+        .as_array()
+        .expect("per-second intervals")
+        .iter()
+        .map(|i| i["sum"]["bits_per_second"].as_f64().unwrap() / 1e6)
+        .collect()
+}
+
+/// The mean of per-second rates after the first (which spends the burst).
+fn steady_mean(rates: &[f64]) -> f64 {
+    let steady = &rates[1..];
+    steady.iter().sum::<f64>() / steady.len() as f64
+}
+
+/// What the receiver of an iperf3 UDP test of `len`-byte datagrams got, in
+/// bit/s.
+fn udp_received_bps(v: &serde_json::Value, len: f64) -> f64 {
+    let s = &v["end"]["sum"];
+    (s["packets"].as_f64().unwrap() - s["lost_packets"].as_f64().unwrap()) * len * 8.0
+        / s["seconds"].as_f64().unwrap()
 }
 
 /// Send `count` raw frames from VM `vm`'s eth0: `tags` are (TPID, TCI)
@@ -677,25 +704,6 @@ fn stateful_rules_let_replies_in_but_not_new_connections() {
     assert!(ct["counters"]["created"].as_u64().unwrap() >= 3, "{ct}");
 }
 
-/// iperf3 from `client` to `server`; returns the JSON report.
-fn iperf_json(f: &mut Fabric, client: &str, server: &str, args: &str) -> serde_json::Value {
-    let server_vm = f.vm(server).clone();
-    let ip = server_vm.ip.clone().expect("server has an address");
-    let label = format!("iperf3-{server}");
-    f.topo
-        .spawn(&server_vm.ns, &label, &["iperf3", "-s", "-p", "5201", "-1"]);
-    assert!(wait_for(Duration::from_secs(5), || f
-        .topo
-        .sh(&server_vm.ns, "ss -Hltn 'sport = :5201'")
-        .contains("5201")));
-    let out = f.topo.sh(
-        &f.vm(client).ns.clone(),
-        &format!("iperf3 -c {ip} -p 5201 {args} -J"),
-    );
-    f.topo.stop(&label);
-    serde_json::from_str(&out).expect("iperf3 -J prints JSON")
-}
-
 #[test]
 fn rate_limits_police_udp_floods_and_hold_tcp_near_the_rate() {
     if !e2e_ready(TOOLS) {
@@ -716,10 +724,7 @@ fn rate_limits_police_udp_floods_and_hold_tcp_near_the_rate() {
     assert_eq!(f.ping("limited", "10.10.0.2", 2).1, 2, "{}", f.topo.logs());
     // A 200 Mbit/s UDP flood out of the VM is cut to 20 Mbit/s.
     let v = iperf_json(&mut f, "limited", "peer", "-u -b 200M -l 1400 -t 3");
-    let s = &v["end"]["sum"];
-    let received =
-        (s["packets"].as_f64().unwrap() - s["lost_packets"].as_f64().unwrap()) * 1400.0 * 8.0
-            / s["seconds"].as_f64().unwrap();
+    let received = udp_received_bps(&v, 1400.0);
     eprintln!("policed UDP: {:.1} Mbit/s received", received / 1e6);
     assert!(
         (received / 20e6 - 1.0).abs() < 0.10,
@@ -731,18 +736,11 @@ fn rate_limits_police_udp_floods_and_hold_tcp_near_the_rate() {
         "limited",
         "drops.policed"
     ) > 1000));
-    // TCP into the VM settles near its 50 Mbit/s limit.
     // TCP into the VM settles near its 50 Mbit/s limit: the mean of the
     // per-second rates after the first (which spends the burst bonus).
     let v = iperf_json(&mut f, "peer", "limited", "-t 6");
-    let rates: Vec<f64> = v["intervals"]
-        .as_array()
-        .expect("per-second intervals")
-        .iter()
-        .map(|i| i["sum"]["bits_per_second"].as_f64().unwrap() / 1e6)
-        .collect();
-    let steady = &rates[1..];
-    let mean = steady.iter().sum::<f64>() / steady.len() as f64;
+    let rates = per_second_mbps(&v);
+    let mean = steady_mean(&rates);
     eprintln!("policed TCP: {mean:.1} Mbit/s (per second: {rates:.1?})");
     // Measured here at 46.8–48.1 (−4…−6 %); the lower bound leaves room for
     // a loaded machine, since a policer costs TCP a little below the rate.
@@ -803,12 +801,7 @@ fn a_policy_change_under_load_takes_effect_without_breaking_the_stream() {
         .running("iperf3-client")));
     let v: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(&out_path).unwrap()).expect("iperf3 JSON");
-    let rates: Vec<f64> = v["intervals"]
-        .as_array()
-        .expect("per-second intervals")
-        .iter()
-        .map(|i| i["sum"]["bits_per_second"].as_f64().unwrap() / 1e6)
-        .collect();
+    let rates = per_second_mbps(&v);
     eprintln!("per-second Mbit/s across the change: {rates:.1?}");
     assert!(
         rates.iter().all(|r| *r > 5.0),
@@ -1006,14 +999,8 @@ fn a_shaped_port_holds_tcp_at_the_rate_without_loss() {
     );
     assert_eq!(f.ping("shaped", "10.10.0.2", 2).1, 2, "{}", f.topo.logs());
     let v = iperf_json(&mut f, "shaped", "peer", "-t 6");
-    let rates: Vec<f64> = v["intervals"]
-        .as_array()
-        .expect("per-second intervals")
-        .iter()
-        .map(|i| i["sum"]["bits_per_second"].as_f64().unwrap() / 1e6)
-        .collect();
-    let steady = &rates[1..];
-    let mean = steady.iter().sum::<f64>() / steady.len() as f64;
+    let rates = per_second_mbps(&v);
+    let mean = steady_mean(&rates);
     let retransmits = v["end"]["sum_sent"]["retransmits"].as_u64().unwrap_or(0);
     eprintln!("shaped TCP: {mean:.1} Mbit/s, {retransmits} retransmits ({rates:.1?})");
     assert!(
@@ -1022,10 +1009,7 @@ fn a_shaped_port_holds_tcp_at_the_rate_without_loss() {
     );
     // A UDP flood waits in the VM's own queue, which drops what overflows.
     let v = iperf_json(&mut f, "shaped", "peer", "-u -b 100M -l 1400 -t 3");
-    let s = &v["end"]["sum"];
-    let received =
-        (s["packets"].as_f64().unwrap() - s["lost_packets"].as_f64().unwrap()) * 1400.0 * 8.0
-            / s["seconds"].as_f64().unwrap();
+    let received = udp_received_bps(&v, 1400.0);
     eprintln!("shaped UDP: {:.1} Mbit/s received", received / 1e6);
     assert!(
         (received / 20e6 - 1.0).abs() < 0.15,
@@ -1058,14 +1042,8 @@ fn a_port_shaped_inbound_queues_tcp_to_the_rate() {
     assert_eq!(f.ping("shaped", "10.10.0.2", 2).1, 2, "{}", f.topo.logs());
     // TCP from another host into the shaped VM: held in the switch's queue.
     let v = iperf_json(&mut f, "peer", "shaped", "-t 6");
-    let rates: Vec<f64> = v["intervals"]
-        .as_array()
-        .expect("per-second intervals")
-        .iter()
-        .map(|i| i["sum"]["bits_per_second"].as_f64().unwrap() / 1e6)
-        .collect();
-    let steady = &rates[1..];
-    let mean = steady.iter().sum::<f64>() / steady.len() as f64;
+    let rates = per_second_mbps(&v);
+    let mean = steady_mean(&rates);
     eprintln!("inbound-shaped TCP: {mean:.1} Mbit/s ({rates:.1?})");
     assert!(
         (mean / 20.0 - 1.0).abs() < 0.10,
