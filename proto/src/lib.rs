@@ -14,6 +14,7 @@
 pub mod acl;
 pub mod ids;
 pub mod net;
+pub mod netflow;
 pub mod profile;
 pub mod qos;
 pub mod security;
@@ -21,6 +22,7 @@ pub mod security;
 pub use acl::{AclRule, Action};
 pub use ids::PortId;
 pub use net::{MacAddr, VlanId, VlanMode, VlanSet, Vni};
+pub use netflow::{FlowDirection, FlowVersion, NetflowBinding, NetflowMonitor};
 pub use qos::RateLimit;
 pub use security::Security;
 

@@ -8,6 +8,7 @@
 //! acl: { in: [ ... ], out: [ ... ] }  # see `acl`
 //! qos: { in: { avg_mbps: 100 }, out: { avg_mbps: 100 }, mark: { dscp: 26 } }
 //! security: { mac_limit: 1 }          # see `security`
+//! netflow: { monitor: default }       # see `netflow`
 //! ```
 //!
 //! A profile sets some fields; the ones it leaves out come from the profile
@@ -21,6 +22,7 @@ use serde::Deserialize;
 
 use crate::acl::RawRule;
 use crate::net::VlanModeRepr;
+use crate::netflow::{NetflowBinding, NetflowMonitor, RawNetflow};
 use crate::qos::{Marking, RawMarking, RawRateLimit};
 use crate::security::RawSecurity;
 use crate::{AclRule, Error, MacAddr, RateLimit, Security, VlanMode};
@@ -35,6 +37,7 @@ pub struct Policy {
     pub qos_out: Option<RateLimit>,
     pub mark: Option<Marking>,
     pub security: Option<Security>,
+    pub netflow: Option<NetflowBinding>,
 }
 
 impl Policy {
@@ -48,6 +51,7 @@ impl Policy {
             qos_out: self.qos_out.or(base.qos_out),
             mark: self.mark.or(base.mark),
             security: self.security.or_else(|| base.security.clone()),
+            netflow: self.netflow.or_else(|| base.netflow.clone()),
         }
     }
 
@@ -94,6 +98,11 @@ impl Policy {
                 .as_ref()
                 .map(|s| Security::from_raw(s, &format!("{at}, security")))
                 .transpose()?,
+            netflow: raw
+                .netflow
+                .as_ref()
+                .map(|n| NetflowBinding::from_raw(n, at))
+                .transpose()?,
         })
     }
 
@@ -120,6 +129,8 @@ pub struct RawPolicy {
     pub qos: Option<RawQos>,
     #[serde(default)]
     pub security: Option<RawSecurity>,
+    #[serde(default)]
+    pub netflow: Option<RawNetflow>,
 }
 
 /// Access lists as written: `acl: { in: [rules], out: [rules] }` (`in`:
@@ -164,7 +175,7 @@ pub struct RawProfile {
     #[serde(default)]
     pub security: Option<RawSecurity>,
     #[serde(default)]
-    pub netflow: Option<serde::de::IgnoredAny>,
+    pub netflow: Option<RawNetflow>,
 }
 
 /// Check a set of profiles whole and resolve their inheritance: each name
@@ -194,19 +205,12 @@ pub fn resolve(raws: &[RawProfile]) -> Result<BTreeMap<String, Policy>, Error> {
         if r.name.is_empty() {
             return Err(bad(&r.name, "name", "the profile name is empty".into()));
         }
-        if r.netflow.is_some() {
-            return Err(bad(
-                &r.name,
-                "netflow",
-                "NetFlow monitors are not supported by this version of dvs yet; remove the field"
-                    .into(),
-            ));
-        }
         let raw = RawPolicy {
             vlan: r.vlan.clone(),
             acl: r.acl.clone(),
             qos: r.qos.clone(),
             security: r.security.clone(),
+            netflow: r.netflow.clone(),
         };
         let policy = Policy::from_raw(&raw, &format!("profile `{}`", r.name))?;
         if own
@@ -251,6 +255,41 @@ pub fn resolve(raws: &[RawProfile]) -> Result<BTreeMap<String, Policy>, Error> {
         done.insert(name.clone(), policy);
     }
     Ok(done)
+}
+
+/// Check that every monitor the profiles name exists among `monitors`.
+///
+/// # Errors
+/// The first profile naming an unknown monitor, with the known ones.
+pub fn check_monitors(
+    profiles: &BTreeMap<String, Policy>,
+    monitors: &BTreeMap<String, NetflowMonitor>,
+) -> Result<(), Error> {
+    for (name, p) in profiles {
+        if let Some(n) = &p.netflow {
+            if !monitors.contains_key(&n.monitor) {
+                return Err(Error::Rule {
+                    at: format!("profile `{name}`"),
+                    field: "netflow.monitor".into(),
+                    msg: unknown_monitor(&n.monitor, monitors),
+                });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// "unknown monitor `x`; monitors here: a, b".
+pub fn unknown_monitor(name: &str, monitors: &BTreeMap<String, NetflowMonitor>) -> String {
+    let known: Vec<&str> = monitors.keys().map(String::as_str).collect();
+    format!(
+        "unknown monitor `{name}`; monitors here: {}",
+        if known.is_empty() {
+            "none".to_string()
+        } else {
+            known.join(", ")
+        }
+    )
 }
 
 #[cfg(test)]

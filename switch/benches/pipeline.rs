@@ -78,6 +78,7 @@ fn switch_with(cfg: SwitchConfig) -> Switch {
             acl: PortAcl::default(),
             qos: Default::default(),
             security: Default::default(),
+            netflow: None,
         })
         .unwrap();
     }

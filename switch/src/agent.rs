@@ -180,6 +180,7 @@ pub fn build(cfg: &AgentConfig) -> Result<Datapath<HostPort>, Error> {
         None => None,
     };
     let mut dp = Datapath::new(sw, uplink).map_err(|e| Error::io("cloning the VXLAN socket", e))?;
+    dp.set_flow_identity(cfg.chassis_id, flow_source(cfg));
     for (p, no) in cfg.ports.iter().zip(nos) {
         let name = match &p.attach {
             Attachment::Tap { name, .. } | Attachment::Netdev(name) => name,
@@ -189,6 +190,15 @@ pub fn build(cfg: &AgentConfig) -> Result<Datapath<HostPort>, Error> {
         tracing::info!(port = %p.port.id, name = %p.port.name, attach = ?p.attach, vlan = ?p.port.vlan, "port up");
     }
     Ok(dp)
+}
+
+/// Flow exports leave from the tunnel address (the host's address on the
+/// fabric), as a switch's exports leave from its source interface.
+fn flow_source(cfg: &AgentConfig) -> std::net::IpAddr {
+    cfg.tunnel
+        .map_or(std::net::IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED), |t| {
+            t.local
+        })
 }
 
 /// Run the agent of `cfg` until SIGTERM or SIGINT.
@@ -267,6 +277,8 @@ pub fn run(cfg: &AgentConfig, path: Option<&Path>) -> Result<(), Error> {
         }
     }
     let now = start.elapsed();
+    // Open flow records end with the agent: collectors get them now.
+    dp.flush_flows(now);
     if let Some(path) = &cfg.stats_file {
         write_stats(&dp, &cfg.host, now, path);
     }
@@ -275,9 +287,10 @@ pub fn run(cfg: &AgentConfig, path: Option<&Path>) -> Result<(), Error> {
 }
 
 /// Re-read the agent file after SIGHUP and apply what changed to the
-/// running switch: each port's VLAN, access lists and rate limits (frames
-/// see the old or the new policy, never a mix; traffic the change does not
-/// concern keeps flowing), and the segments. A file that does not validate
+/// running switch: each port's VLAN, access lists, rate limits, security
+/// and NetFlow monitor (frames see the old or the new policy, never a mix;
+/// traffic the change does not concern keeps flowing), the segments and the
+/// chassis number of flow exports. A file that does not validate
 /// changes nothing. Ports added or removed, or a new tunnel address, need a
 /// restart; the agent says so and keeps the rest.
 fn reload(dp: &mut Datapath<HostPort>, cfg: &mut AgentConfig, path: &Path, now: Duration) {
@@ -314,6 +327,9 @@ fn reload(dp: &mut Datapath<HostPort>, cfg: &mut AgentConfig, path: &Path, now: 
             if old.port.security != p.port.security {
                 dp.switch.set_port_security(no, p.port.security.clone())?;
             }
+            if old.port.netflow != p.port.netflow {
+                dp.switch.set_port_netflow(no, p.port.netflow.clone())?;
+            }
             Ok::<(), Error>(())
         })();
         match r {
@@ -332,6 +348,9 @@ fn reload(dp: &mut Datapath<HostPort>, cfg: &mut AgentConfig, path: &Path, now: 
     }
     if new.tunnel != cfg.tunnel {
         tracing::warn!("tunnel address changed: restart the agent to apply");
+    }
+    if new.chassis_id != cfg.chassis_id {
+        dp.set_flow_identity(new.chassis_id, flow_source(cfg));
     }
     for s in &new.segments {
         if !cfg.segments.contains(s) {

@@ -17,25 +17,32 @@
 //!   - { vlan: 10, mac: "02:00:00:00:00:01", port: vm1 }
 //! mac_table: { max_entries: 16384, aging_s: 300 }   # optional
 //! stats_file: /run/dvs/h1-stats.json                 # optional
+//! chassis_id: 1          # NetFlow source ID / IPFIX observation domain
+//! monitors:              # NetFlow monitors ports and profiles may name
+//!   - { name: default, version: ipfix, collectors: ["10.0.0.100:4739"] }
 //! ```
+//!
+//! Ports (and `profiles:`) take a monitor with
+//! `netflow: { monitor: default, direction: both }`.
 //!
 //! The file is checked whole before anything is opened: a wrong file changes
 //! nothing and the error names the field (with its line) or the item at fault
 //! and what would be valid.
 
-use std::collections::HashSet;
+use std::collections::{BTreeMap, HashSet};
 use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use dvs_proto::net::VlanModeRepr;
+use dvs_proto::netflow::{NetflowMonitor, RawMonitor, RawNetflow};
 use dvs_proto::profile::{self, Policy, RawAcl, RawPolicy, RawProfile, RawQos};
 use dvs_proto::security::RawSecurity;
 use dvs_proto::{MacAddr, PortId, VlanId, Vni};
 use serde::Deserialize;
 
 use crate::mactable::MacTableConfig;
-use crate::pipeline::{PortAcl, PortConfig, PortQos, SegmentConfig};
+use crate::pipeline::{PortAcl, PortConfig, PortNetflow, PortQos, SegmentConfig};
 use crate::Error;
 
 /// A validated agent file.
@@ -48,6 +55,10 @@ pub struct AgentConfig {
     pub static_macs: Vec<StaticMac>,
     pub mac_table: MacTableConfig,
     pub stats_file: Option<PathBuf>,
+    /// The chassis's number in flow exports (v9 source ID, IPFIX
+    /// observation domain, v5 engine ID's low byte).
+    pub chassis_id: u32,
+    pub monitors: BTreeMap<String, NetflowMonitor>,
 }
 
 /// The host's VXLAN tunnel endpoint.
@@ -118,6 +129,11 @@ struct Raw {
     /// Port profiles (`kind: PortProfile` documents) that ports may name.
     #[serde(default)]
     profiles: Vec<RawProfile>,
+    #[serde(default)]
+    chassis_id: Option<u32>,
+    /// NetFlow monitors (`kind: NetflowMonitor` documents).
+    #[serde(default)]
+    monitors: Vec<RawMonitor>,
 }
 
 #[derive(Deserialize)]
@@ -154,6 +170,8 @@ struct RawPort {
     mac: Option<MacAddr>,
     #[serde(default)]
     security: Option<RawSecurity>,
+    #[serde(default)]
+    netflow: Option<RawNetflow>,
 }
 
 #[derive(Deserialize)]
@@ -221,7 +239,9 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
         }
     }
 
+    let monitors = NetflowMonitor::set_from_raw(&raw.monitors).map_err(|e| e.to_string())?;
     let profiles = profile::resolve(&raw.profiles).map_err(|e| e.to_string())?;
+    profile::check_monitors(&profiles, &monitors).map_err(|e| e.to_string())?;
     let mut ports = Vec::new();
     let mut names = HashSet::new();
     let mut ids = HashSet::new();
@@ -272,6 +292,7 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
                 acl: p.acl.clone(),
                 qos: p.qos.clone(),
                 security: p.security.clone(),
+                netflow: p.netflow.clone(),
             },
             &at,
         )
@@ -308,6 +329,21 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
             mark: policy.mark,
         };
         let security = policy.security_for(p.mac);
+        let netflow = match &policy.netflow {
+            None => None,
+            Some(b) => match monitors.get(&b.monitor) {
+                Some(m) => Some(PortNetflow {
+                    monitor: m.clone(),
+                    direction: b.direction,
+                }),
+                None => {
+                    return Err(format!(
+                        "{at}, netflow.monitor: {}",
+                        profile::unknown_monitor(&b.monitor, &monitors)
+                    ))
+                }
+            },
+        };
         ports.push(PortSpec {
             port: PortConfig {
                 id: p.id,
@@ -316,6 +352,7 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
                 acl,
                 qos,
                 security,
+                netflow,
             },
             attach,
         });
@@ -410,6 +447,8 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
         static_macs,
         mac_table,
         stats_file: raw.stats_file,
+        chassis_id: raw.chassis_id.unwrap_or(1),
+        monitors,
     })
 }
 
@@ -581,6 +620,62 @@ ports:
         assert_eq!(
             e,
             "profile `web`, acl.in[0], dst_port: port 70000 is out of range 0..=65535"
+        );
+    }
+
+    #[test]
+    fn ports_take_netflow_monitors_from_profiles_or_their_own_line() {
+        let c = AgentConfig::parse(
+            r#"
+host: h
+chassis_id: 7
+monitors:
+  - { kind: NetflowMonitor, name: m, version: v9, collectors: ["127.0.0.1:2055", "[::1]:2055"], inactive_timeout_s: 5 }
+  - { name: n, version: 5, collectors: ["127.0.0.1:9995"] }
+profiles:
+  - { kind: PortProfile, name: web, vlan: { mode: access, id: 10 }, netflow: { monitor: m } }
+ports:
+  - { id: 1, name: a, tap: t1, profile: web }
+  - { id: 2, name: b, tap: t2, profile: web, netflow: { monitor: n, direction: out } }
+  - { id: 3, name: c, tap: t3, vlan: { mode: access, id: 10 } }
+"#,
+        )
+        .unwrap();
+        assert_eq!(c.chassis_id, 7);
+        let nf = |i: usize| c.ports[i].port.netflow.clone();
+        let a = nf(0).unwrap();
+        assert_eq!(
+            (a.monitor.name.as_str(), a.monitor.collectors.len()),
+            ("m", 2)
+        );
+        assert_eq!(a.monitor.inactive_timeout, Duration::from_secs(5));
+        let b = nf(1).unwrap();
+        assert_eq!(b.monitor.version, dvs_proto::FlowVersion::V5);
+        assert_eq!(b.direction, dvs_proto::FlowDirection::Out);
+        assert!(nf(2).is_none());
+
+        assert_eq!(
+            err("host: h
+profiles:
+  - { kind: PortProfile, name: web, netflow: { monitor: x } }
+"),
+            "profile `web`, netflow.monitor: unknown monitor `x`; monitors here: none"
+        );
+        assert_eq!(
+            err("host: h
+monitors:
+  - { name: m, version: v9, collectors: [\"127.0.0.1:2055\"] }
+ports:
+  - { id: 1, name: a, tap: t1, vlan: { mode: access, id: 10 }, netflow: { monitor: y } }
+"),
+            "ports[0] (`a`), netflow.monitor: unknown monitor `y`; monitors here: m"
+        );
+        assert_eq!(
+            err("host: h
+monitors:
+  - { name: m, version: 7, collectors: [\"127.0.0.1:2055\"] }
+"),
+            "monitor `m`, version: `7` is not an export format dvs speaks: expected v5, v9 or ipfix"
         );
     }
 

@@ -8,7 +8,7 @@
 //! sockets in the agent, in-memory queues in the lab.
 
 use std::io::{self, IoSlice};
-use std::net::{SocketAddr, UdpSocket};
+use std::net::{IpAddr, SocketAddr, UdpSocket};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -20,9 +20,11 @@ use std::time::Duration;
 use serde::Serialize;
 
 use crate::counters::{MacCounters, PortCounters, TunnelCounters};
+use crate::export::{Collectors, Exporter};
 use crate::pipeline::{Egress, Ingress, PortNo, Switch};
 use crate::sys::{self, StrippedTag};
 use crate::transmit::{Job, Msg, Transmit, TxFailure};
+use crate::wire::netflow::ExportClock;
 use crate::wire::{self, VnetHdr};
 use dvs_proto::RateLimit;
 
@@ -142,7 +144,16 @@ pub struct Datapath<P> {
     batch_pos: usize,
     /// The shaper of the traffic into each port, when it has one.
     shaped: Vec<Option<RateLimit>>,
+    /// An exporter per NetFlow monitor the ports use.
+    exporters: Vec<(Exporter, Collectors)>,
+    /// The chassis number in exports and the address they come from.
+    flow_domain: u32,
+    flow_source: IpAddr,
+    next_export: Duration,
 }
+
+/// How often ended flow records are exported.
+const EXPORT_TICK: Duration = Duration::from_millis(200);
 
 impl<P: PortIo> Datapath<P> {
     /// A datapath that sends on the calling thread.
@@ -169,6 +180,10 @@ impl<P: PortIo> Datapath<P> {
             tx: Tx::Inline(Transmit::new(tx_uplink)),
             batch_pos: 0,
             shaped: Vec::new(),
+            exporters: Vec::new(),
+            flow_domain: 1,
+            flow_source: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
+            next_export: Duration::ZERO,
         })
     }
 
@@ -280,10 +295,68 @@ impl<P: PortIo> Datapath<P> {
         v
     }
 
+    /// Set what flow exports say about their origin: the chassis number
+    /// (v9 source ID, IPFIX observation domain) and the address they are
+    /// sent from (the host's tunnel address; unspecified: the kernel picks).
+    pub fn set_flow_identity(&mut self, domain: u32, source: IpAddr) {
+        self.flow_domain = domain;
+        self.flow_source = source;
+        self.exporters.clear();
+    }
+
+    /// Export the flow records the switch ended (and templates when due).
+    fn export_flows(&mut self, now: Duration) {
+        let unix_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        let clock = ExportClock {
+            uptime_ms: now.as_millis() as u64,
+            unix_ms,
+        };
+        let (domain, source) = (self.flow_domain, self.flow_source);
+        for t in self.switch.monitors_mut().tables_mut() {
+            let i = match self
+                .exporters
+                .iter()
+                .position(|(x, _)| x.monitor().name == t.monitor.name)
+            {
+                Some(i) if *self.exporters[i].0.monitor() == t.monitor => i,
+                found => {
+                    // New, or its settings changed: start afresh (templates first).
+                    let x = Exporter::new(&t.monitor, domain, source);
+                    let c = Collectors::new(&t.monitor.collectors, source);
+                    match found {
+                        Some(i) => {
+                            self.exporters[i] = (x, c);
+                            i
+                        }
+                        None => {
+                            self.exporters.push((x, c));
+                            self.exporters.len() - 1
+                        }
+                    }
+                }
+            };
+            let (x, c) = &mut self.exporters[i];
+            x.export(now, clock, &t.pending, |m| c.send(m));
+            t.pending.clear();
+        }
+    }
+
+    /// End every open flow record and export it (the datapath stops).
+    pub fn flush_flows(&mut self, now: Duration) {
+        self.switch.monitors_mut().flush_all();
+        self.export_flows(now);
+    }
+
     /// Run timers due at `now` and collect the transmit side's failures
     /// into the switch's counters.
     pub fn handle_timeout(&mut self, now: Duration) {
         self.switch.handle_timeout(now);
+        if now >= self.next_export && !self.switch.monitors().tables().is_empty() {
+            self.export_flows(now);
+            self.next_export = now + EXPORT_TICK;
+        }
         if let Tx::Inline(t) = &mut self.tx {
             t.release(now);
         }
@@ -421,9 +494,13 @@ impl<P: PortIo> Datapath<P> {
     ) {
         let (start, end) = (range.start, range.end);
         let job = &mut self.job;
+        // A TSO frame's segments are what flow records count.
+        let gso = vnet
+            .filter(|h| h.gso_type & !VnetHdr::GSO_ECN != VnetHdr::GSO_NONE)
+            .map_or(0, |h| h.gso_size);
         let p = self
             .switch
-            .process(now, ingress, &mut job.buf[start..end], &mut job.out);
+            .process_gso(now, ingress, &mut job.buf[start..end], gso, &mut job.out);
         let frame = start + p.frame.start..start + p.frame.end;
         if let crate::pipeline::Verdict::Drop(reason) = p.verdict {
             tracing::debug!(?ingress, ?reason, len = end - start, "drop");
@@ -625,6 +702,25 @@ impl<P: PortIo> Datapath<P> {
             tunnel: sw.tunnel_counters().clone(),
             mac: sw.mac_counters().clone(),
             mac_entries: sw.mac_entries(now).len(),
+            netflow: sw
+                .monitors()
+                .tables()
+                .iter()
+                .map(|t| {
+                    let x = self
+                        .exporters
+                        .iter()
+                        .find(|(x, _)| x.monitor().name == t.monitor.name);
+                    MonitorStats {
+                        name: t.monitor.name.clone(),
+                        version: t.monitor.version.to_string(),
+                        collectors: x.map(|(_, c)| c.status()).unwrap_or_default(),
+                        open_flows: t.table.len(),
+                        flows: *t.table.counters(),
+                        export: x.map(|(x, _)| x.counters().clone()).unwrap_or_default(),
+                    }
+                })
+                .collect(),
         }
     }
 }
@@ -656,6 +752,21 @@ pub struct Stats {
     pub mac: MacCounters,
     /// Entries in the MAC table now.
     pub mac_entries: usize,
+    /// Each NetFlow monitor's table and exporter.
+    pub netflow: Vec<MonitorStats>,
+}
+
+/// A NetFlow monitor's line of [`Stats`].
+#[derive(Debug, Clone, Serialize)]
+pub struct MonitorStats {
+    pub name: String,
+    pub version: String,
+    pub collectors: Vec<crate::export::CollectorStatus>,
+    /// Records open now.
+    pub open_flows: usize,
+    /// Records created, ended, evicted; packets passed over by sampling.
+    pub flows: crate::flow::FlowCounters,
+    pub export: crate::export::ExportCounters,
 }
 
 /// One port's line of [`Stats`].

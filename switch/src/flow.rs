@@ -12,11 +12,12 @@ use std::collections::VecDeque;
 use std::net::IpAddr;
 use std::time::Duration;
 
+use dvs_proto::NetflowMonitor;
 use rustc_hash::FxHashMap;
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 /// Which way a packet crossed its port, seen from the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     /// Sent by the VM (the port's ingress into the switch).
@@ -26,7 +27,7 @@ pub enum Direction {
 }
 
 /// A flow's identity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
 pub struct FlowId {
     /// The port's chassis-wide number (NetFlow's interface index).
     pub port: u32,
@@ -87,6 +88,19 @@ struct Open {
     tcp_flags: u8,
     /// Start of the current active-timeout interval.
     since: Duration,
+}
+
+/// An open record carried to another table (a port's migration); times are
+/// ages at the moment of saving, so clocks need not agree.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedFlow {
+    pub id: FlowId,
+    pub packets: u64,
+    pub octets: u64,
+    pub first_ago_ms: u64,
+    pub last_ago_ms: u64,
+    pub since_ago_ms: u64,
+    pub tcp_flags: u8,
 }
 
 /// Timeouts, bound and sampling of a flow table.
@@ -177,26 +191,23 @@ impl FlowTable {
                 return;
             }
         }
-        if !self.open.contains_key(&id) {
-            if self.open.len() >= self.cfg.max_flows {
-                self.evict_oldest(out);
-            }
-            self.open.insert(
-                id,
-                Open {
+        let f = match self.open.get_mut(&id) {
+            Some(f) => f,
+            None => {
+                if self.open.len() >= self.cfg.max_flows {
+                    self.evict_oldest(out);
+                }
+                self.order.push_back(id);
+                self.counters.created += 1;
+                self.open.entry(id).or_insert(Open {
                     packets: 0,
                     octets: 0,
                     first: now,
                     last: now,
                     tcp_flags: 0,
                     since: now,
-                },
-            );
-            self.order.push_back(id);
-            self.counters.created += 1;
-        }
-        let Some(f) = self.open.get_mut(&id) else {
-            return;
+                })
+            }
         };
         f.packets += packets;
         f.octets += octets;
@@ -235,12 +246,101 @@ impl FlowTable {
                 self.emit(id, f, why, out);
             }
         }
-        // Forget order entries of flows that are gone.
+        // Forget order entries of flows that are gone: at the front as they
+        // come, all at once when gone ones pile up behind a long flow.
         while let Some(id) = self.order.front() {
             if self.open.contains_key(id) {
                 break;
             }
             self.order.pop_front();
+        }
+        if self.order.len() > 2 * self.open.len() + 1024 {
+            let open = &self.open;
+            let mut seen = rustc_hash::FxHashSet::default();
+            self.order
+                .retain(|id| open.contains_key(id) && seen.insert(*id));
+        }
+    }
+
+    /// Change timeouts, bound and sampling; open records stay (a smaller
+    /// bound evicts on the next new flow).
+    pub fn set_config(&mut self, cfg: FlowConfig) {
+        self.cfg = cfg;
+    }
+
+    /// Export and forget every open record (the datapath stops).
+    pub fn flush_all(&mut self, out: &mut Vec<FlowRecord>) {
+        let open = std::mem::take(&mut self.open);
+        self.order.clear();
+        for (id, f) in open {
+            self.emit(id, f, EndReason::Forced, out);
+        }
+    }
+
+    /// The open records of `port` as of `now`, to continue them elsewhere
+    /// ([`FlowTable::restore`]). With `take` they leave this table without
+    /// being exported: the flow is counted once, where it continues.
+    pub fn save_port(&mut self, port: u32, now: Duration, take: bool) -> Vec<SavedFlow> {
+        let ids: Vec<FlowId> = self
+            .open
+            .keys()
+            .filter(|k| k.port == port)
+            .copied()
+            .collect();
+        let mut saved = Vec::with_capacity(ids.len());
+        for id in ids {
+            let f = if take {
+                self.open.remove(&id)
+            } else {
+                self.open.get(&id).copied()
+            };
+            if let Some(f) = f {
+                let ago = |t: Duration| now.saturating_sub(t).as_millis() as u64;
+                saved.push(SavedFlow {
+                    id,
+                    packets: f.packets,
+                    octets: f.octets,
+                    first_ago_ms: ago(f.first),
+                    last_ago_ms: ago(f.last),
+                    since_ago_ms: ago(f.since),
+                    tcp_flags: f.tcp_flags,
+                });
+            }
+        }
+        saved
+    }
+
+    /// Continue records saved by [`FlowTable::save_port`] at `now` on this
+    /// table's clock; `port` replaces the saved port number (the same
+    /// port ID everywhere, so normally equal). A record of an open flow
+    /// adds to it.
+    pub fn restore(&mut self, saved: &[SavedFlow], now: Duration, out: &mut Vec<FlowRecord>) {
+        for s in saved {
+            let at = |ms: u64| now.saturating_sub(Duration::from_millis(ms));
+            let f = match self.open.get_mut(&s.id) {
+                Some(f) => f,
+                None => {
+                    if self.open.len() >= self.cfg.max_flows {
+                        self.evict_oldest(out);
+                    }
+                    self.order.push_back(s.id);
+                    self.counters.created += 1;
+                    self.open.entry(s.id).or_insert(Open {
+                        packets: 0,
+                        octets: 0,
+                        first: at(s.first_ago_ms),
+                        last: at(s.last_ago_ms),
+                        tcp_flags: 0,
+                        since: at(s.since_ago_ms),
+                    })
+                }
+            };
+            f.packets += s.packets;
+            f.octets += s.octets;
+            f.tcp_flags |= s.tcp_flags;
+            f.first = f.first.min(at(s.first_ago_ms));
+            f.last = f.last.max(at(s.last_ago_ms));
+            f.since = f.since.min(at(s.since_ago_ms));
         }
     }
 
@@ -280,6 +380,116 @@ impl FlowTable {
             tcp_flags: f.tcp_flags,
             end,
         });
+    }
+}
+
+/// A monitor's table and the records it ended, waiting for the exporter.
+#[derive(Debug, Clone)]
+pub struct MonitorTable {
+    pub monitor: NetflowMonitor,
+    pub table: FlowTable,
+    pub pending: Vec<FlowRecord>,
+}
+
+/// The flow tables of a switch: one per monitor its ports take.
+#[derive(Debug, Clone, Default)]
+pub struct Monitors {
+    tables: Vec<MonitorTable>,
+}
+
+impl Monitors {
+    /// The table of `monitor` (found by name; its settings updated), made
+    /// when new.
+    pub fn bind(&mut self, monitor: &NetflowMonitor) -> usize {
+        let cfg = FlowConfig {
+            active: monitor.active_timeout,
+            inactive: monitor.inactive_timeout,
+            max_flows: monitor.max_flows,
+            sampling: monitor.sampling,
+        };
+        if let Some(i) = self
+            .tables
+            .iter()
+            .position(|t| t.monitor.name == monitor.name)
+        {
+            let t = &mut self.tables[i];
+            t.table.set_config(cfg);
+            t.monitor = monitor.clone();
+            return i;
+        }
+        self.tables.push(MonitorTable {
+            monitor: monitor.clone(),
+            table: FlowTable::new(cfg),
+            pending: Vec::new(),
+        });
+        self.tables.len() - 1
+    }
+
+    /// Count packets of flow `id` in table `i`.
+    #[inline]
+    pub fn account(
+        &mut self,
+        i: usize,
+        now: Duration,
+        id: FlowId,
+        packets: u64,
+        octets: u64,
+        tcp_flags: u8,
+    ) {
+        if let Some(t) = self.tables.get_mut(i) {
+            t.table
+                .account(now, id, packets, octets, tcp_flags, &mut t.pending);
+        }
+    }
+
+    /// Run every table's timeouts.
+    pub fn expire(&mut self, now: Duration) {
+        for t in &mut self.tables {
+            t.table.expire(now, &mut t.pending);
+        }
+    }
+
+    /// End the records of `port` in table `i`.
+    pub fn flush_port(&mut self, i: usize, port: u32) {
+        if let Some(t) = self.tables.get_mut(i) {
+            t.table.flush_port(port, &mut t.pending);
+        }
+    }
+
+    /// End every record of every table.
+    pub fn flush_all(&mut self) {
+        for t in &mut self.tables {
+            t.table.flush_all(&mut t.pending);
+        }
+    }
+
+    /// The open records of `port` in table `i` (see [`FlowTable::save_port`]).
+    pub fn save_port(&mut self, i: usize, port: u32, now: Duration, take: bool) -> Vec<SavedFlow> {
+        self.tables
+            .get_mut(i)
+            .map(|t| t.table.save_port(port, now, take))
+            .unwrap_or_default()
+    }
+
+    /// Continue saved records in table `i`.
+    pub fn restore(&mut self, i: usize, saved: &[SavedFlow], now: Duration) {
+        if let Some(t) = self.tables.get_mut(i) {
+            t.table.restore(saved, now, &mut t.pending);
+        }
+    }
+
+    /// Whether a table has records waiting.
+    pub fn has_pending(&self) -> bool {
+        self.tables.iter().any(|t| !t.pending.is_empty())
+    }
+
+    pub fn tables(&self) -> &[MonitorTable] {
+        &self.tables
+    }
+
+    /// The tables, to take their pending records.
+    pub fn tables_mut(&mut self) -> &mut [MonitorTable] {
+        &mut self.tables
     }
 }
 
@@ -374,5 +584,42 @@ mod tests {
         assert_eq!((out.len(), out[0].packets), (1, 10));
         assert_eq!(t.counters().unsampled, 90);
         assert!(t.is_empty());
+    }
+
+    #[test]
+    fn a_taken_port_continues_elsewhere_and_is_counted_once() {
+        let mut a = FlowTable::new(FlowConfig::default());
+        let mut b = FlowTable::new(FlowConfig::default());
+        let mut out = Vec::new();
+        a.account(10 * S, id(4, 1, 17), 5, 500, 0, &mut out);
+        a.account(10 * S, id(5, 1, 17), 1, 100, 0, &mut out);
+        let saved = a.save_port(4, 12 * S, true);
+        assert_eq!((saved.len(), a.len()), (1, 1));
+        // b's clock reads 100 s when a's reads 12 s.
+        b.restore(&saved, 100 * S, &mut out);
+        b.account(101 * S, id(4, 1, 17), 2, 200, 0, &mut out);
+        a.flush_all(&mut out);
+        b.flush_all(&mut out);
+        let port4: Vec<_> = out.iter().filter(|r| r.id.port == 4).collect();
+        assert_eq!(port4.len(), 1);
+        assert_eq!((port4[0].packets, port4[0].octets), (7, 700));
+        assert_eq!((port4[0].first, port4[0].last), (98 * S, 101 * S));
+    }
+
+    #[test]
+    fn order_entries_of_ended_flows_do_not_pile_up_behind_a_long_flow() {
+        let mut t = FlowTable::new(FlowConfig {
+            inactive: S,
+            active: 1000 * S,
+            ..FlowConfig::default()
+        });
+        let mut out = Vec::new();
+        for i in 0..20_000u32 {
+            let now = Duration::from_millis(u64::from(i) * 10);
+            t.account(now, id(1, 1, 17), 1, 100, 0, &mut out);
+            t.account(now, id(2, (i % 60_000) as u16, 17), 1, 100, 0, &mut out);
+            t.expire(now, &mut out);
+        }
+        assert!(t.order.len() <= 2 * t.len() + 1024, "{}", t.order.len());
     }
 }

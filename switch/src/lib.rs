@@ -7,8 +7,9 @@
 //! - [`mactable`], [`counters`]: its tables and counters;
 //! - [`acl`], [`conntrack`], [`qos`], [`security`]: port policy in the
 //!   pipeline;
-//! - [`flow`]: the flow table for NetFlow/IPFIX (with `wire::ipfix`; not yet
-//!   fed by the pipeline);
+//! - [`flow`]: the flow tables the pipeline feeds for NetFlow/IPFIX, and
+//!   [`export`], which turns their records into v5/v9/IPFIX messages
+//!   (`wire::netflow`) for the collectors;
 //! - [`config`]: the static agent file (`dvs agent --config`), validated whole;
 //! - [`sys`]: the system calls (TAP devices, AF_PACKET sockets, UDP batching)
 //!   — the only module allowed `unsafe`;
@@ -28,6 +29,7 @@ pub mod config;
 pub mod conntrack;
 pub mod counters;
 pub mod datapath;
+pub mod export;
 pub mod flow;
 pub mod mactable;
 pub mod pipeline;
@@ -40,8 +42,8 @@ pub mod wire;
 pub use counters::{DropReason, PortCounters, TunnelCounters};
 pub use mactable::Location;
 pub use pipeline::{
-    Egress, Ingress, Output, PortAcl, PortConfig, PortNo, PortQos, PortState, Processed,
-    SegmentConfig, Switch, SwitchConfig, Verdict,
+    Egress, Ingress, Output, PortAcl, PortConfig, PortNetflow, PortNo, PortQos, PortState,
+    Processed, SegmentConfig, Switch, SwitchConfig, Verdict,
 };
 
 /// Errors of the datapath and the agent.

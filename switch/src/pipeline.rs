@@ -30,13 +30,17 @@ use std::ops::Range;
 use std::time::Duration;
 
 use dvs_proto::qos::Marking;
-use dvs_proto::{AclRule, Action, MacAddr, PortId, RateLimit, Security, VlanId, VlanMode, Vni};
+use dvs_proto::{
+    AclRule, Action, FlowDirection, MacAddr, NetflowMonitor, PortId, RateLimit, Security, VlanId,
+    VlanMode, Vni,
+};
 use rustc_hash::FxHashMap;
 
 use crate::acl::{Acl, RuleHits};
 use crate::conntrack::SavedConn;
 use crate::conntrack::{self, ConnTrack, Origin};
 use crate::counters::{DropReason, MacCounters, PortCounters, TunnelCounters};
+use crate::flow::{Direction, FlowId, Monitors, SavedFlow};
 use crate::mactable::{Location, MacEntry, MacTable, MacTableConfig};
 use crate::qos::{Policer, PolicerCounters, PolicerState};
 use crate::security::PortGuard;
@@ -105,6 +109,15 @@ pub struct PortConfig {
     pub acl: PortAcl,
     pub qos: PortQos,
     pub security: Security,
+    /// The NetFlow monitor that records the port's flows.
+    pub netflow: Option<PortNetflow>,
+}
+
+/// A port's NetFlow monitor and which of its traffic it records.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PortNetflow {
+    pub monitor: NetflowMonitor,
+    pub direction: FlowDirection,
 }
 
 /// A port's rate limits, seen from the VM like its access lists.
@@ -138,6 +151,9 @@ pub struct PortState {
     pub police_out: Option<PolicerState>,
     pub conntrack: Vec<SavedConn>,
     pub sticky_macs: Vec<MacAddr>,
+    /// Open flow records (of the port's monitor).
+    #[serde(default)]
+    pub flows: Vec<SavedFlow>,
 }
 
 /// A VLAN segment stretched across hosts by VXLAN.
@@ -188,6 +204,8 @@ struct Port {
     police_out: Option<Policer>,
     /// Port security of `cfg.security`, when it checks anything.
     guard: Option<PortGuard>,
+    /// The flow table of `cfg.netflow` and what it records.
+    flow: Option<(usize, FlowDirection)>,
 }
 
 impl Port {
@@ -207,6 +225,7 @@ impl Port {
             police_in: cfg.qos.inbound.map(|l| Policer::new(l, Duration::ZERO)),
             police_out: cfg.qos.outbound.map(|l| Policer::new(l, Duration::ZERO)),
             guard: PortGuard::new(&cfg.security),
+            flow: None,
             cfg,
             counters: PortCounters::default(),
         }
@@ -246,7 +265,15 @@ pub struct Switch {
     tunnel: TunnelCounters,
     generation: u64,
     next_age: Duration,
+    /// Flow tables of the ports' NetFlow monitors.
+    monitors: Monitors,
+    /// Some port has a monitor.
+    flows_on: bool,
+    next_flow_expiry: Duration,
 }
+
+/// How often flow tables run their timeouts.
+const FLOW_TICK: Duration = Duration::from_millis(500);
 
 impl Switch {
     pub fn new(cfg: SwitchConfig) -> Self {
@@ -260,6 +287,9 @@ impl Switch {
             tunnel: TunnelCounters::default(),
             generation: 0,
             next_age: Duration::ZERO,
+            monitors: Monitors::default(),
+            flows_on: false,
+            next_flow_expiry: Duration::ZERO,
         }
     }
 
@@ -293,18 +323,71 @@ impl Switch {
             }
         };
         let no = PortNo(u16::try_from(slot).map_err(|_| Error::TooManyPorts)?);
+        let netflow = cfg.netflow.clone();
         self.ports[slot] = Some(Port::new(cfg, self.cfg.conntrack_max));
+        self.set_port_netflow(no, netflow)?;
         self.rebuild();
         Ok(no)
     }
 
     /// Remove a port and the MAC entries pointing at it; returns its last
-    /// counters.
+    /// counters. Its open flow records end (exported as forced out).
     pub fn remove_port(&mut self, no: PortNo) -> Option<PortCounters> {
+        let _ = self.set_port_netflow(no, None);
         let p = self.ports.get_mut(usize::from(no.0))?.take()?;
         self.macs.flush_port(no);
         self.rebuild();
         Some(p.counters)
+    }
+
+    /// Change the NetFlow monitor of a port. Its open records end when the
+    /// monitor changes or goes; a monitor of the same name with new settings
+    /// (timeouts, sampling, bound) keeps them.
+    ///
+    /// # Errors
+    /// [`Error::UnknownPortNo`].
+    pub fn set_port_netflow(
+        &mut self,
+        no: PortNo,
+        netflow: Option<PortNetflow>,
+    ) -> Result<(), Error> {
+        let p = self.port_mut(no)?;
+        let old = p.flow;
+        let id = p.cfg.id.number();
+        let next = netflow
+            .as_ref()
+            .map(|n| (self.monitors.bind(&n.monitor), n.direction));
+        if let Some((i, _)) = old {
+            if next.map(|(j, _)| j) != Some(i) {
+                self.monitors.flush_port(i, id);
+            }
+        }
+        let p = self.port_mut(no)?;
+        p.flow = next;
+        p.cfg.netflow = netflow;
+        self.flows_on = self.ports.iter().flatten().any(|p| p.flow.is_some());
+        Ok(())
+    }
+
+    /// Take the open flow records of port `no` out of its table without
+    /// exporting them: they continue where the port goes (migration).
+    pub fn take_port_flows(&mut self, no: PortNo, now: Duration) -> Vec<SavedFlow> {
+        let Ok(p) = self.port_mut(no) else {
+            return Vec::new();
+        };
+        let (Some((i, _)), id) = (p.flow, p.cfg.id.number()) else {
+            return Vec::new();
+        };
+        self.monitors.save_port(i, id, now, true)
+    }
+
+    /// The flow tables and the records they ended, for the exporter.
+    pub fn monitors_mut(&mut self) -> &mut Monitors {
+        &mut self.monitors
+    }
+
+    pub fn monitors(&self) -> &Monitors {
+        &self.monitors
     }
 
     /// Change a port's VLAN mode; entries learned on it are forgotten.
@@ -327,12 +410,16 @@ impl Switch {
     pub fn set_port_acl(&mut self, no: PortNo, acl: PortAcl) -> Result<(), Error> {
         let max = self.cfg.conntrack_max;
         let p = self.port_mut(no)?;
-        let counters = std::mem::take(&mut p.counters);
         let old_ct = p.conntrack.take();
         let mut cfg = p.cfg.clone();
         cfg.acl = acl;
-        *p = Port::new(cfg, max);
-        p.counters = counters;
+        // Only the lists and the connection table change: counters,
+        // buckets, sticky MACs and flow records stay.
+        let fresh = Port::new(cfg, max);
+        p.acl_in = fresh.acl_in;
+        p.acl_out = fresh.acl_out;
+        p.conntrack = fresh.conntrack;
+        p.cfg = fresh.cfg;
         // Tracked connections the new lists would still open live on.
         if let (Some(mut ct), true) = (old_ct, p.conntrack.is_some()) {
             let port = &*p;
@@ -392,7 +479,12 @@ impl Switch {
     /// carry it to another switch.
     pub fn save_port(&mut self, no: PortNo, now: Duration) -> Option<PortState> {
         let p = self.ports.get_mut(usize::from(no.0))?.as_mut()?;
+        let flows = match p.flow {
+            Some((i, _)) => self.monitors.save_port(i, p.cfg.id.number(), now, false),
+            None => Vec::new(),
+        };
         Some(PortState {
+            flows,
             counters: p.counters.clone(),
             acl_in_hits: p.acl_in.as_ref().map(Acl::save_hits),
             acl_out_hits: p.acl_out.as_ref().map(Acl::save_hits),
@@ -442,6 +534,9 @@ impl Switch {
         }
         if let Some(g) = p.guard.as_mut() {
             g.restore_sticky_macs(&state.sticky_macs);
+        }
+        if let Some((i, _)) = p.flow {
+            self.monitors.restore(i, &state.flows, now);
         }
         Ok(())
     }
@@ -585,11 +680,19 @@ impl Switch {
 
     /// When [`Switch::handle_timeout`] wants to run next.
     pub fn poll_timeout(&self) -> Duration {
-        self.next_age
+        if self.flows_on {
+            self.next_age.min(self.next_flow_expiry)
+        } else {
+            self.next_age
+        }
     }
 
-    /// Run timers due at `now` (MAC aging).
+    /// Run timers due at `now` (MAC aging, connection and flow timeouts).
     pub fn handle_timeout(&mut self, now: Duration) {
+        if self.flows_on && now >= self.next_flow_expiry {
+            self.monitors.expire(now);
+            self.next_flow_expiry = now + FLOW_TICK;
+        }
         if now >= self.next_age {
             self.macs.age(now);
             for p in self.ports.iter_mut().flatten() {
@@ -612,6 +715,20 @@ impl Switch {
         now: Duration,
         ingress: Ingress,
         buf: &mut [u8],
+        out: &mut Vec<Output>,
+    ) -> Processed {
+        self.process_gso(now, ingress, buf, 0, out)
+    }
+
+    /// [`Switch::process`] for a frame that the wire will see as segments
+    /// of `gso_size` bytes of TCP payload (a VM's TSO frame): flow records
+    /// count those segments. 0: the frame is one packet.
+    pub fn process_gso(
+        &mut self,
+        now: Duration,
+        ingress: Ingress,
+        buf: &mut [u8],
+        gso_size: u16,
         out: &mut Vec<Output>,
     ) -> Processed {
         out.clear();
@@ -666,6 +783,9 @@ impl Switch {
                     }
                 }
                 self.check_inbound(now, &buf[frame.clone()], vlan, &mut key, out);
+                if self.flows_on {
+                    self.account_flows(now, ingress, &buf[frame.clone()], vlan, gso_size, out);
+                }
                 match v {
                     Verdict::Forward if out.is_empty() => Verdict::Drop(DropReason::AclDeny),
                     v => v,
@@ -877,6 +997,76 @@ impl Switch {
             }
             admit(port, now, frame.len())
         });
+    }
+
+    /// Add a frame that passed its port's policy to the flow records of
+    /// the ports that record it: the sender's (from the VM) and each
+    /// receiving port's (into the VM).
+    fn account_flows(
+        &mut self,
+        now: Duration,
+        ingress: Ingress,
+        frame: &[u8],
+        vlan: VlanId,
+        gso_size: u16,
+        out: &[Output],
+    ) {
+        let port_flow = |ports: &[Option<Port>], no: PortNo| {
+            let p = ports.get(usize::from(no.0))?.as_ref()?;
+            p.flow.map(|(i, d)| (i, d, p.cfg.id.number()))
+        };
+        let from = match ingress {
+            Ingress::Port(no) => port_flow(&self.ports, no).filter(|f| f.1.records_out()),
+            Ingress::Tunnel { .. } => None,
+        };
+        let to_any = out.iter().any(|o| match o.egress {
+            Egress::Port(p) => port_flow(&self.ports, p).is_some_and(|f| f.1.records_in()),
+            Egress::Tunnel { .. } => false,
+        });
+        if from.is_none() && !to_any {
+            return;
+        }
+        let Some(m) = wire::l3_meter(frame, gso_size) else {
+            return;
+        };
+        let k = FlowKey::parse(frame, vlan.get());
+        let (Some(src), Some(dst), Some(proto)) = (k.src_ip, k.dst_ip, k.proto) else {
+            return;
+        };
+        // NetFlow's convention: ICMP type·256 + code in the destination port.
+        let (src_port, dst_port) = match proto {
+            1 | 58 => (0, k.src_port << 8 | k.dst_port),
+            _ => (k.src_port, k.dst_port),
+        };
+        let mut id = FlowId {
+            port: 0,
+            dir: Direction::FromVm,
+            vlan: vlan.get(),
+            src,
+            dst,
+            proto,
+            src_port,
+            dst_port,
+            tos: m.tos,
+        };
+        if let Some((i, _, port)) = from {
+            id.port = port;
+            self.monitors
+                .account(i, now, id, m.packets, m.octets, k.tcp_flags);
+        }
+        if to_any {
+            id.dir = Direction::ToVm;
+            for o in out {
+                let Egress::Port(p) = o.egress else { continue };
+                if let Some((i, d, port)) = port_flow(&self.ports, p) {
+                    if d.records_in() {
+                        id.port = port;
+                        self.monitors
+                            .account(i, now, id, m.packets, m.octets, k.tcp_flags);
+                    }
+                }
+            }
+        }
     }
 
     fn count_tx(&mut self, out: &[Output], len: u64) {

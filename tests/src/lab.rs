@@ -420,6 +420,7 @@ impl Lab {
                         acl: dvs_switch::PortAcl::default(),
                         qos: Default::default(),
                         security: Default::default(),
+                        netflow: None,
                     })
                     .map_err(|e| LabError::Switch(name.clone(), e))?;
                 let wire = Rc::new(RefCell::new(Wire::default()));

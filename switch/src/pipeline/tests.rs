@@ -22,6 +22,7 @@ fn access(id: u32, name: &str, vlan: u32) -> PortConfig {
         acl: PortAcl::default(),
         qos: Default::default(),
         security: Default::default(),
+        netflow: None,
     }
 }
 
@@ -33,6 +34,7 @@ fn trunk(id: u32, name: &str, allowed: &[u32], native: Option<u32>) -> PortConfi
         acl: PortAcl::default(),
         qos: Default::default(),
         security: Default::default(),
+        netflow: None,
     }
 }
 
@@ -660,4 +662,124 @@ fn a_port_saved_on_one_switch_continues_on_another() {
     );
     let hits = b.sw.port_acl_hits(PortNo(0)).1.unwrap();
     assert_eq!(hits[0].hits, 1, "rule hits continue");
+}
+
+fn monitored(id: u32, name: &str, direction: dvs_proto::FlowDirection) -> PortConfig {
+    PortConfig {
+        netflow: Some(PortNetflow {
+            monitor: dvs_proto::NetflowMonitor {
+                name: "m".into(),
+                version: dvs_proto::FlowVersion::Ipfix,
+                collectors: vec!["127.0.0.1:4739".parse().unwrap()],
+                active_timeout: Duration::from_secs(60),
+                inactive_timeout: Duration::from_secs(15),
+                sampling: 1,
+                max_flows: 1000,
+                template_refresh: Duration::from_secs(30),
+            },
+            direction,
+        }),
+        ..access(id, name, 10)
+    }
+}
+
+fn ended(r: &mut Rig) -> Vec<crate::flow::FlowRecord> {
+    r.sw.monitors_mut()
+        .tables_mut()
+        .iter_mut()
+        .flat_map(|t| std::mem::take(&mut t.pending))
+        .collect()
+}
+
+#[test]
+fn flows_are_recorded_where_the_ports_say_and_only_past_their_policy() {
+    use crate::flow::{Direction, EndReason};
+    use dvs_proto::FlowDirection;
+    let mut r = Rig::new(vec![
+        monitored(7, "a", FlowDirection::Both),
+        monitored(8, "b", FlowDirection::In),
+        access(9, "c", 10),
+    ]);
+    r.from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
+    r.from_port(2, frame(MacAddr::BROADCAST, mac(3), &[]));
+    ended(&mut r);
+    r.sw.handle_timeout(T * 100);
+    ended(&mut r);
+    // Three UDP packets a → b, one ICMP echo (type 8) a → c.
+    for _ in 0..3 {
+        r.from_port(0, ipv4_frame(mac(2), mac(1), 17, 53));
+    }
+    let mut echo = ipv4_frame(mac(3), mac(1), 1, 0);
+    echo[14 + 20] = 8;
+    echo[14 + 21] = 0;
+    r.from_port(0, echo);
+    // b only records what comes in: its UDP reply is not counted.
+    r.from_port(1, ipv4_frame(mac(1), mac(2), 17, 40000));
+    // A denied frame from a is not counted.
+    r.sw.set_port_acl(
+        PortNo(0),
+        PortAcl {
+            outbound: rules("[ { action: deny, proto: tcp } , { action: permit } ]"),
+            ..PortAcl::default()
+        },
+    )
+    .unwrap();
+    r.from_port(0, tcp_frame(mac(2), mac(1), 1, 2, 1000, 80, 0x02));
+    r.sw.handle_timeout(T * 200);
+    let mut recs = ended(&mut r);
+    recs.sort_by_key(|x| (x.id.port, x.id.dir == Direction::ToVm, x.id.proto));
+    let got: Vec<_> = recs
+        .iter()
+        .map(|x| {
+            (
+                x.id.port,
+                x.id.dir,
+                x.id.proto,
+                x.id.dst_port,
+                x.packets,
+                x.octets,
+                x.end,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (7, Direction::FromVm, 1, 8 << 8, 1, 46, EndReason::Idle),
+            (7, Direction::FromVm, 17, 53, 3, 138, EndReason::Idle),
+            (7, Direction::ToVm, 17, 40000, 1, 46, EndReason::Idle),
+            (8, Direction::ToVm, 17, 53, 3, 138, EndReason::Idle),
+        ]
+    );
+    // A port that goes takes its open records with it, exported.
+    r.from_port(0, ipv4_frame(mac(2), mac(1), 17, 53));
+    r.sw.remove_port(PortNo(0));
+    let recs = ended(&mut r);
+    assert!(recs
+        .iter()
+        .any(|x| x.id.port == 7 && x.end == EndReason::Forced));
+}
+
+#[test]
+fn a_tso_frame_counts_as_the_segments_it_becomes() {
+    let mut r = Rig::new(vec![
+        monitored(7, "a", dvs_proto::FlowDirection::Both),
+        access(8, "b", 10),
+    ]);
+    r.from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
+    // 20 + 20 bytes of headers and 10,000 bytes of payload, MSS 1448.
+    let mut f = tcp_frame(mac(2), mac(1), 1, 2, 40000, 80, 0x10);
+    f.truncate(14 + 40);
+    f[14 + 20 + 12] = 0x50;
+    f.extend(std::iter::repeat_n(0u8, 10_000));
+    f[16..18].copy_from_slice(&10_040u16.to_be_bytes());
+    r.sw.process_gso(T, Ingress::Port(PortNo(0)), &mut f, 1448, &mut r.out);
+    r.sw.handle_timeout(T * 100);
+    let recs: Vec<_> = ended(&mut r)
+        .into_iter()
+        .filter(|x| x.id.proto == 6)
+        .collect();
+    assert_eq!(recs.len(), 1);
+    // ceil(10000 / 1448) = 7 segments, each with its 40 bytes of headers.
+    assert_eq!((recs[0].packets, recs[0].octets), (7, 10_000 + 7 * 40));
 }

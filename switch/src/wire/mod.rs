@@ -9,7 +9,7 @@
 //! Untrusted input: every function here that takes bytes is safe on any
 //! input — it returns an error for short or malformed bytes and never panics.
 
-pub mod ipfix;
+pub mod netflow;
 
 use dvs_proto::{MacAddr, Vni};
 use etherparse::{EtherType, Ethernet2HeaderSlice, SingleVlanHeaderSlice};
@@ -824,6 +824,62 @@ impl FlowKey {
         }
         k
     }
+}
+
+/// What a frame adds to its flow record: packets, L3 octets (IP total
+/// length, as NetFlow counts), and the IP ToS / traffic class byte.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct L3Meter {
+    pub packets: u64,
+    pub octets: u64,
+    pub tos: u8,
+}
+
+/// Measure the untagged IP `frame` for flow accounting; `None` for non-IP.
+/// A TCP frame with `gso_size` > 0 (a 64 KB TSO frame from a VM) counts as
+/// the segments it becomes on the wire, each with its own headers.
+pub fn l3_meter(frame: &[u8], gso_size: u16) -> Option<L3Meter> {
+    let ip = frame.get(ETH_HLEN..)?;
+    let ethertype = u16::from_be_bytes([*frame.get(12)?, *frame.get(13)?]);
+    let (tos, iph, l3, proto) = match ethertype {
+        0x0800 => {
+            let h = ip.get(..20)?;
+            let ihl = usize::from(h[0] & 0x0f) * 4;
+            let total = usize::from(u16::from_be_bytes([h[2], h[3]]));
+            // 0 (BIG TCP) or more than arrived: count what arrived.
+            let l3 = if total < ihl || total > ip.len() {
+                ip.len()
+            } else {
+                total
+            };
+            (h[1], ihl, l3, h[9])
+        }
+        0x86dd => {
+            let h = ip.get(..40)?;
+            let payload = usize::from(u16::from_be_bytes([h[4], h[5]]));
+            let l3 = if payload == 0 || 40 + payload > ip.len() {
+                ip.len()
+            } else {
+                40 + payload
+            };
+            ((h[0] << 4) | (h[1] >> 4), 40, l3, h[6])
+        }
+        _ => return None,
+    };
+    let mut m = L3Meter {
+        packets: 1,
+        octets: l3 as u64,
+        tos,
+    };
+    if gso_size > 0 && proto == 6 {
+        let doff = usize::from(ip.get(iph + 12).copied().unwrap_or(0x50) >> 4) * 4;
+        let hdrs = iph + doff;
+        let payload = l3.saturating_sub(hdrs);
+        let segs = payload.div_ceil(usize::from(gso_size)).max(1);
+        m.packets = segs as u64;
+        m.octets += ((segs - 1) * hdrs) as u64;
+    }
+    Some(m)
 }
 
 /// A key for an IPv4 packet between two fixed MACs on VLAN 10 (tests).
