@@ -89,12 +89,19 @@ impl Uplink {
             .map_err(|e| crate::Error::io("setting the VXLAN socket non-blocking", e))?;
         sys::enable_udp_gro(socket.as_raw_fd())
             .map_err(|e| crate::Error::io("enabling UDP GRO on the VXLAN socket", e))?;
+        // A burst of segmented 64 KB frames from a peer must not overflow
+        // the default ~200 KB while the switch thread is busy.
+        sys::set_recv_buffer(socket.as_raw_fd(), UPLINK_RCVBUF)
+            .map_err(|e| crate::Error::io("sizing the VXLAN socket's receive buffer", e))?;
         Ok(Self {
             socket,
             remote_port,
         })
     }
 }
+
+/// The VXLAN socket's receive buffer.
+const UPLINK_RCVBUF: i32 = 4 << 20;
 
 /// Buffers in flight between the receive and transmit sides.
 const JOBS_IN_FLIGHT: usize = 64;

@@ -115,6 +115,13 @@ const SOL_UDP: libc::c_int = 17;
 const UDP_SEGMENT: libc::c_int = 103;
 const UDP_GRO: libc::c_int = 104;
 
+/// Give a socket a receive buffer of `bytes`: beyond `net.core.rmem_max`
+/// when privileged (SO_RCVBUFFORCE), else as much as that allows.
+pub fn set_recv_buffer(fd: RawFd, bytes: i32) -> io::Result<()> {
+    setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUFFORCE, &bytes)
+        .or_else(|_| setsockopt(fd, libc::SOL_SOCKET, libc::SO_RCVBUF, &bytes))
+}
+
 /// Ask the kernel to coalesce received datagrams of one flow (UDP GRO);
 /// [`recv_gro`] then reports the segment size.
 pub fn enable_udp_gro(fd: RawFd) -> io::Result<()> {

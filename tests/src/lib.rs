@@ -5,9 +5,12 @@
 //!   by `cargo test` and by `dvs lab`.
 //! - `tests/netns.rs`: the end-to-end suite on real kernels (network
 //!   namespaces, TAP devices, the Linux vxlan device as a peer); needs root,
-//!   and uses [`netns`] to build and clean up its topologies.
+//!   and uses [`netns`] to build and clean up its topologies;
+//!   `tests/netflow.rs` checks flow exports with real collectors
+//!   ([`collector`]: nfcapd/nfdump and tshark).
 
 #![forbid(unsafe_code)]
 
+pub mod collector;
 pub mod lab;
 pub mod netns;

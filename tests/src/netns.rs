@@ -294,6 +294,8 @@ pub struct VmSpec {
     pub qos: Option<&'static str>,
     /// The port's `security:` as YAML, if any.
     pub security: Option<&'static str>,
+    /// The port's `netflow:` as YAML (e.g. `{ monitor: m }`), if any.
+    pub netflow: Option<&'static str>,
 }
 
 /// A VM that lives in a namespace, its NIC named `eth0`.
@@ -330,6 +332,10 @@ pub struct Fabric {
 /// The segments every fabric has: VLAN → VNI.
 pub const SEGMENTS: [(u16, u32); 2] = [(10, 5010), (20, 5020)];
 
+/// The core namespace's own address on the underlay: where a fabric's
+/// collectors (nfcapd, …) listen, as on a management network.
+pub const CORE_IP: &str = "10.99.0.100";
+
 fn underlay_ip(i: usize) -> String {
     format!("10.99.0.{}", i + 1)
 }
@@ -342,9 +348,26 @@ impl Fabric {
         vms: &[VmSpec],
         kernel_vms: &[(&'static str, u16, &'static str)],
     ) -> Self {
+        Self::new_with(hosts, vms, kernel_vms, "", |_, _| ()).0
+    }
+
+    /// [`Fabric::new`] with `host_yaml` added to every agent's file (e.g.
+    /// `monitors:`) and `before_agents` run in the core namespace (bridge
+    /// `br0`, address [`CORE_IP`]) before any agent starts — to start a
+    /// collector, say; what it returns comes back with the fabric.
+    pub fn new_with<T>(
+        hosts: usize,
+        vms: &[VmSpec],
+        kernel_vms: &[(&'static str, u16, &'static str)],
+        host_yaml: &str,
+        before_agents: impl FnOnce(&mut Topo, &str) -> T,
+    ) -> (Self, T) {
         let mut topo = Topo::new();
         let core = topo.add_ns("core");
-        topo.sh(&core, "ip link add br0 type bridge && ip link set br0 up");
+        topo.sh(
+            &core,
+            &format!("ip link add br0 type bridge && ip addr add {CORE_IP}/24 dev br0 && ip link set br0 up"),
+        );
         let n_all = hosts + usize::from(!kernel_vms.is_empty());
         let mut host_ns = Vec::new();
         for i in 0..n_all {
@@ -397,6 +420,7 @@ impl Fabric {
             fabric.topo.sh(host, &format!("ip link set {h} up"));
             fabric.adopt_nic(vm.name, vm.host, ns, &v, vm.addr);
         }
+        let before = before_agents(&mut fabric.topo, &core);
         for (i, ns) in host_ns.iter().take(hosts).enumerate() {
             let label = format!("agent-h{}", i + 1);
             let stats = fabric.topo.dir.join(format!("h{}-stats.json", i + 1));
@@ -406,6 +430,7 @@ impl Fabric {
                 underlay_ip(i),
                 stats.display()
             );
+            y.insert_str(0, host_yaml);
             for (vlan, vni) in SEGMENTS {
                 let _ = writeln!(
                     y,
@@ -425,6 +450,10 @@ impl Fabric {
                     + &vm
                         .security
                         .map(|s| format!(", security: {s}"))
+                        .unwrap_or_default()
+                    + &vm
+                        .netflow
+                        .map(|n| format!(", netflow: {n}"))
                         .unwrap_or_default();
                 let _ = writeln!(
                     y,
@@ -476,7 +505,7 @@ impl Fabric {
                 .sh(&host.ns, &format!("ip link set {tap} netns {ns}"));
             fabric.adopt_nic(vm.name, vm.host, ns, &tap, vm.addr);
         }
-        fabric
+        (fabric, before)
     }
 
     fn build_kernel_host(

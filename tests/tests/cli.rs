@@ -50,6 +50,22 @@ fn agent_rejects_bad_files_with_one_line_that_names_the_problem() {
             "unknown port `ghost`; ports in this file: a",
         ),
         ("host: h\nbogus: 1\n", "unknown field `bogus`"),
+        (
+            "host: h\nmonitors:\n  - { name: m, version: 7, collectors: [\"127.0.0.1:2055\"] }\n",
+            "monitor `m`, version: `7` is not an export format dvs speaks: expected v5, v9 or ipfix",
+        ),
+        (
+            "host: h\nmonitors:\n  - { name: m, version: ipfix, collectors: [\"127.0.0.1\"] }\n",
+            "monitor `m`, collectors[0]: `127.0.0.1` is not a collector address: expected IP:PORT",
+        ),
+        (
+            "host: h\nmonitors:\n  - { name: m, version: v9, collectors: [\"127.0.0.1:2055\"], active_timeout_s: 0 }\n",
+            "monitor `m`, active_timeout_s: 0 is not valid: use 1..=86400 seconds",
+        ),
+        (
+            "host: h\nmonitors:\n  - { name: m, version: v9, collectors: [\"127.0.0.1:2055\"], inactive_timeout_s: 0 }\n",
+            "monitor `m`, inactive_timeout_s: 0 is not valid",
+        ),
     ];
     for (yaml, want) in cases {
         let (code, err) = agent_with(yaml);

@@ -32,6 +32,7 @@ fn access(host: usize, name: &'static str, vlan: u16, addr: &'static str) -> VmS
         acl: None,
         qos: None,
         security: None,
+        netflow: None,
     }
 }
 
@@ -314,6 +315,7 @@ fn trunk_port_carries_tags_on_the_wire() {
                 acl: None,
                 qos: None,
                 security: None,
+                netflow: None,
             },
             access(1, "a", 10, "10.10.0.2/24"),
             access(1, "b", 20, "10.20.0.2/24"),
@@ -492,6 +494,7 @@ fn vms_on_veth_attached_with_af_packet_carry_tcp_and_tags() {
                 acl: None,
                 qos: None,
                 security: None,
+                netflow: None,
             }),
             access(1, "b", 10, "10.10.0.2/24"),
             access(1, "c", 20, "10.20.0.2/24"),
@@ -839,6 +842,7 @@ fn dscp_and_pcp_marks_are_seen_by_the_receivers() {
                 acl: None,
                 qos: None,
                 security: None,
+                netflow: None,
             },
             access(1, "p", 20, "10.20.0.2/24"),
         ],

@@ -14,7 +14,8 @@
 //!   IPFIX sends flowStart/EndMilliseconds (IE 152/153) — nfdump 1.7 misreads
 //!   IPFIX's sysUpTime forms;
 //! - **sequence**: v5 counts flows sent before the message, v9 export
-//!   packets, IPFIX data records — each per source ID / observation domain;
+//!   packets, IPFIX data records (options records included, as RFC 7011
+//!   says and Wireshark checks) — each per source ID / observation domain;
 //! - **v9 header count** is every record in the packet, template and option
 //!   records included (softflowd counts data records only and tshark stops
 //!   reading its packets early);
@@ -273,7 +274,9 @@ impl Encoder {
             h[4..8].copy_from_slice(&((clock.unix_ms / 1000) as u32).to_be_bytes());
             h[8..12].copy_from_slice(&self.sequence.to_be_bytes());
             h[12..16].copy_from_slice(&self.domain.to_be_bytes());
-            self.sequence = self.sequence.wrapping_add(e.records as u32);
+            // Options data records are data records too (RFC 7011 §3.1).
+            let options = u32::from(templates);
+            self.sequence = self.sequence.wrapping_add(e.records as u32 + options);
         }
         e
     }
@@ -286,9 +289,10 @@ impl Encoder {
         let start = out.len();
         put16(out, if v9 { 0 } else { 2 });
         put16(out, 0);
+        // Addresses, then ICMP type·256+code (nfdump reads v9 ICMP from it).
         for (id, addrs) in [
-            (TEMPLATE_V4, [(8, 4), (12, 4)]),
-            (TEMPLATE_V6, [(27, 16), (28, 16)]),
+            (TEMPLATE_V4, [(8, 4), (12, 4), (32, 2)]),
+            (TEMPLATE_V6, [(27, 16), (28, 16), (139, 2)]),
         ] {
             put16(out, id);
             put16(out, (addrs.len() + tail.len()) as u16);
@@ -355,6 +359,12 @@ impl Encoder {
                 out.extend_from_slice(&v6(d));
             }
         }
+        let icmp = if matches!(r.id.proto, 1 | 58) {
+            r.id.dst_port
+        } else {
+            0
+        };
+        out.extend_from_slice(&icmp.to_be_bytes());
         out.push(r.id.proto);
         out.extend_from_slice(&r.id.src_port.to_be_bytes());
         out.extend_from_slice(&r.id.dst_port.to_be_bytes());
@@ -384,7 +394,7 @@ impl Encoder {
 
 fn record_len(v9: bool, v6: bool) -> usize {
     let tail = if v9 { V9_TAIL } else { IPFIX_TAIL };
-    let addrs = if v6 { 32 } else { 8 };
+    let addrs = if v6 { 32 + 2 } else { 8 + 2 };
     addrs + tail.iter().map(|(_, l)| usize::from(*l)).sum::<usize>()
 }
 
@@ -540,12 +550,14 @@ mod tests {
         let mut want = vec![
             ("SourceIpv4address", r#"{"Ip4Addr":"10.0.0.1"}"#),
             ("DestinationIpv4address", r#"{"Ip4Addr":"10.0.0.2"}"#),
+            ("IcmpTypeCodeIpv4", r#"{"DataNumber":{"U16":0}}"#),
         ];
         want.extend(tail(n7, n0, d0));
         expect(&data[0], &want);
         let mut want = vec![
             ("SourceIpv6address", r#"{"Ip6Addr":"2001:db8::1"}"#),
             ("DestinationIpv6address", r#"{"Ip6Addr":"2001:db8::2"}"#),
+            ("IcmpTypeCodeIpv6", r#"{"DataNumber":{"U16":0}}"#),
         ];
         want.extend(tail(n0, n7, d1));
         expect(&data[1], &want);
@@ -560,9 +572,10 @@ mod tests {
                 ("SamplingPacketSpace", r#"{"DataNumber":{"U32":0}}"#),
             ],
         );
-        // The next message continues the sequence: 2 data records sent.
+        // The next message continues the sequence: 2 data records and the
+        // options record sent.
         enc.encode(CLOCK, false, &recs[..1], &mut msg);
-        assert_eq!(u32::from_be_bytes([msg[8], msg[9], msg[10], msg[11]]), 2);
+        assert_eq!(u32::from_be_bytes([msg[8], msg[9], msg[10], msg[11]]), 3);
     }
 
     #[test]
@@ -588,6 +601,7 @@ mod tests {
             &[
                 ("Ipv4SrcAddr", r#"{"Ip4Addr":"10.0.0.2"}"#),
                 ("Ipv4DstAddr", r#"{"Ip4Addr":"10.0.0.1"}"#),
+                ("IcmpType", r#"{"DataNumber":{"U16":0}}"#),
                 ("Protocol", r#"{"ProtocolType":"Udp"}"#),
                 ("L4SrcPort", r#"{"DataNumber":{"U16":5000}}"#),
                 ("L4DstPort", r#"{"DataNumber":{"U16":53}}"#),
