@@ -4,8 +4,13 @@
 //! and 1500-byte frames on the known-unicast (hit) path, the flood path and
 //! the VXLAN decapsulation path, and the heap allocations each frame costs.
 //!
+//! Also: policy (ACLs, connection tracking), flow accounting at 1k–1M open
+//! flows with the heap cost of a flow record, and NetFlow/IPFIX export
+//! records/s.
+//!
 //! Run: `cargo bench -p dvs-switch --bench pipeline` (criterion prints
-//! `thrpt` in elements/s = frames/s; the allocation table prints first).
+//! `thrpt` in elements/s = frames/s or records/s; the allocation table
+//! prints first). One group: `… -- flows`, `… -- export`.
 
 use std::alloc::{GlobalAlloc, Layout, System};
 use std::hint::black_box;
@@ -303,6 +308,177 @@ fn bench_policy(c: &mut Criterion) {
     g.finish();
 }
 
+fn monitor(version: dvs_proto::FlowVersion, max_flows: usize) -> dvs_proto::NetflowMonitor {
+    dvs_proto::NetflowMonitor {
+        name: "m".into(),
+        version,
+        collectors: vec!["127.0.0.1:9".parse().unwrap()],
+        active_timeout: Duration::from_secs(60),
+        inactive_timeout: Duration::from_secs(15),
+        sampling: 1,
+        max_flows,
+        template_refresh: Duration::from_secs(30),
+    }
+}
+
+/// The TCP frame of flow `i` (source 10.0.<i/65536>.1, source port i).
+fn flow_frame(base: &[u8], i: u32, buf: &mut [u8]) {
+    buf.copy_from_slice(base);
+    buf[28] = (i >> 16) as u8;
+    buf[34..36].copy_from_slice(&(i as u16).to_be_bytes());
+}
+
+/// Frames/s with flow accounting off, then on — every port monitored, so a
+/// frame between two VMs updates two records: the sender's (from the VM)
+/// and the receiver's (into the VM) — with 1k, 100k and 1M flows open;
+/// the heap bytes per open record; and export records/s per version.
+fn bench_flows(c: &mut Criterion) {
+    use dvs_proto::{FlowDirection, FlowVersion};
+    use dvs_switch::export::{Collectors, Exporter};
+    use dvs_switch::wire::netflow::ExportClock;
+    use dvs_switch::PortNetflow;
+
+    let mut g = c.benchmark_group("flows");
+    g.throughput(Throughput::Elements(1));
+    let base = tcp_frame(mac(2), mac(1), 0, 1, 0x10);
+    for (label, n, on) in [
+        ("off/1k-flows", 1_000u32, false),
+        ("on/1k-flows", 1_000, true),
+        ("off/1M-flows", 1 << 20, false),
+        ("on/100k-flows", 100_000, true),
+        ("on/1M-flows", 1 << 20, true),
+    ] {
+        let mut sw = switch();
+        if on {
+            for p in [0, 1] {
+                sw.set_port_netflow(
+                    PortNo(p),
+                    Some(PortNetflow {
+                        monitor: monitor(FlowVersion::Ipfix, 4 << 20),
+                        direction: FlowDirection::Both,
+                    }),
+                )
+                .unwrap();
+            }
+        }
+        let mut out = Vec::with_capacity(16);
+        let mut buf = base.clone();
+        let live_before = LIVE.load(Ordering::Relaxed);
+        for i in 0..n {
+            flow_frame(&base, i, &mut buf);
+            sw.process(
+                Duration::from_secs(1),
+                Ingress::Port(PortNo(0)),
+                &mut buf,
+                &mut out,
+            );
+        }
+        let open: usize = sw.monitors().tables().iter().map(|t| t.table.len()).sum();
+        if on {
+            let bytes = LIVE.load(Ordering::Relaxed) - live_before;
+            println!(
+                "\nflows: {n} flows open as {open} records, {} bytes of heap per record (table included)\n",
+                bytes / open.max(1) as u64,
+            );
+        }
+        let mut i = 0u32;
+        let mut t = 1_000_000u64;
+        g.bench_function(label, |b| {
+            b.iter(|| {
+                t += 1;
+                i = (i + 7919) % n;
+                flow_frame(&base, i, &mut buf);
+                black_box(sw.process(
+                    Duration::from_micros(t),
+                    Ingress::Port(PortNo(0)),
+                    &mut buf,
+                    &mut out,
+                ))
+            })
+        });
+        if on {
+            // Every record idle at once: the longest a timer pass holds the
+            // switching thread, and the whole expiry (clearing the ended
+            // records between passes included, as the exporter would).
+            let t0 = std::time::Instant::now();
+            let mut passes = 1;
+            let mut longest = Duration::ZERO;
+            let mut last = t0;
+            while sw.monitors_mut().expire(Duration::from_secs(1000)) {
+                longest = longest.max(last.elapsed());
+                // The exporter takes the ended records between passes.
+                for t in sw.monitors_mut().tables_mut() {
+                    t.pending.clear();
+                }
+                last = std::time::Instant::now();
+                passes += 1;
+            }
+            longest = longest.max(last.elapsed());
+            println!(
+                "\nflows: {open} idle records expired in {passes} timer passes, {:.1} ms in all, {:.2} ms the longest pass\n",
+                t0.elapsed().as_secs_f64() * 1e3,
+                longest.as_secs_f64() * 1e3
+            );
+        }
+    }
+    g.finish();
+
+    // Export: records/s encoded into messages, and sent on a real UDP
+    // socket to a local collector port.
+    let mut sw = switch();
+    sw.set_port_netflow(
+        PortNo(0),
+        Some(PortNetflow {
+            monitor: monitor(FlowVersion::Ipfix, 1 << 20),
+            direction: FlowDirection::Out,
+        }),
+    )
+    .unwrap();
+    let mut out = Vec::new();
+    let mut buf = base.clone();
+    for i in 0..10_000 {
+        flow_frame(&base, i, &mut buf);
+        sw.process(
+            Duration::from_secs(1),
+            Ingress::Port(PortNo(0)),
+            &mut buf,
+            &mut out,
+        );
+    }
+    sw.monitors_mut().flush_all();
+    let records = std::mem::take(&mut sw.monitors_mut().tables_mut()[0].pending);
+    let mut g = c.benchmark_group("export");
+    g.throughput(Throughput::Elements(records.len() as u64));
+    let clock = ExportClock {
+        uptime_ms: 2_000,
+        unix_ms: 1_700_000_000_000,
+    };
+    let sink = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let to = sink.local_addr().unwrap();
+    for version in [FlowVersion::V5, FlowVersion::V9, FlowVersion::Ipfix] {
+        let m = monitor(version, 1 << 20);
+        let mut x = Exporter::new(&m, 1, "127.0.0.1".parse().unwrap());
+        let mut now = Duration::ZERO;
+        g.bench_function(format!("{version}/encode"), |b| {
+            b.iter(|| {
+                now += Duration::from_millis(1);
+                x.export(now, clock, &records, |m| {
+                    black_box(m);
+                    dvs_switch::export::SendResult { sent: 1, failed: 0 }
+                });
+            })
+        });
+        let mut cs = Collectors::new(&[to], "127.0.0.1".parse().unwrap());
+        g.bench_function(format!("{version}/encode+send"), |b| {
+            b.iter(|| {
+                now += Duration::from_millis(1);
+                x.export(now, clock, &records, |m| cs.send(m));
+            })
+        });
+    }
+    g.finish();
+}
+
 fn bench(c: &mut Criterion) {
     allocations_per_frame();
     let mut g = c.benchmark_group("pipeline");
@@ -327,6 +503,6 @@ criterion_group! {
     config = Criterion::default()
         .warm_up_time(Duration::from_millis(500))
         .measurement_time(Duration::from_secs(2));
-    targets = bench, bench_policy
+    targets = bench, bench_policy, bench_flows
 }
 criterion_main!(benches);

@@ -8,7 +8,8 @@
 //! from a full table (the oldest goes, counted) or a flush of its port.
 //! With 1-in-N sampling, only every Nth packet of a port is counted.
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::BinaryHeap;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use rustc_hash::FxHashMap;
 use serde::{Deserialize, Serialize};
 
 /// Which way a packet crossed its port, seen from the VM.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum Direction {
     /// Sent by the VM (the port's ingress into the switch).
@@ -27,7 +28,7 @@ pub enum Direction {
 }
 
 /// A flow's identity.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
 pub struct FlowId {
     /// The port's chassis-wide number (NetFlow's interface index).
     pub port: u32,
@@ -83,11 +84,19 @@ pub struct FlowRecord {
 struct Open {
     packets: u64,
     octets: u64,
-    first: Duration,
-    last: Duration,
+    /// Times in ms of the table's clock (smaller than `Duration`s: a
+    /// table may hold millions of records).
+    first: u64,
+    last: u64,
     tcp_flags: u8,
     /// Start of the current active-timeout interval.
-    since: Duration,
+    since: u64,
+    /// Which timeout check belongs to this record.
+    token: u32,
+}
+
+fn ms(d: Duration) -> u64 {
+    d.as_millis() as u64
 }
 
 /// An open record carried to another table (a port's migration); times are
@@ -136,22 +145,36 @@ pub struct FlowCounters {
 }
 
 /// The flow table.
+///
+/// Timeouts are kept by a heap of checks: each open record has one entry,
+/// due when the record could next time out (`min(last + inactive, since +
+/// active)`); a due check ends the record or schedules the next one. A
+/// timer pass handles at most [`EXPIRE_BUDGET`] checks, so that a table of
+/// millions of records never stalls the switching thread for long. A full
+/// table evicts the record whose check is due first — the one nearest its
+/// timeout, which among equally busy flows is the oldest.
 #[derive(Debug, Clone)]
 pub struct FlowTable {
     cfg: FlowConfig,
     open: FxHashMap<FlowId, Open>,
-    /// Flows in creation order (entries of flows gone since are skipped).
-    order: VecDeque<FlowId>,
+    /// (due ms, record token, flow): the next timeout check of each record;
+    /// entries whose token no longer matches are stale and skipped.
+    checks: BinaryHeap<Reverse<(u64, u32, FlowId)>>,
+    next_token: u32,
     seen: u64,
     counters: FlowCounters,
 }
+
+/// The most timeout checks one [`FlowTable::expire`] call runs.
+pub const EXPIRE_BUDGET: usize = 1024;
 
 impl FlowTable {
     pub fn new(cfg: FlowConfig) -> Self {
         FlowTable {
             cfg,
             open: FxHashMap::default(),
-            order: VecDeque::new(),
+            checks: BinaryHeap::new(),
+            next_token: 0,
             seen: 0,
             counters: FlowCounters::default(),
         }
@@ -173,6 +196,26 @@ impl FlowTable {
         self.cfg
     }
 
+    /// When record `f` could next time out.
+    fn due(&self, f: &Open) -> u64 {
+        (f.last + ms(self.cfg.inactive)).min(f.since + ms(self.cfg.active))
+    }
+
+    /// Open a record for `id`, evicting when full.
+    fn insert(&mut self, id: FlowId, f: Open, out: &mut Vec<FlowRecord>) -> &mut Open {
+        if self.open.len() >= self.cfg.max_flows {
+            self.evict(out);
+        }
+        self.counters.created += 1;
+        self.next_token = self.next_token.wrapping_add(1);
+        let f = Open {
+            token: self.next_token,
+            ..f
+        };
+        self.checks.push(Reverse((self.due(&f), f.token, id)));
+        self.open.entry(id).or_insert(f)
+    }
+
     /// Count `packets` packets of `octets` L3 bytes (a GSO frame counts as
     /// its segments) of flow `id` at `now`; records that end go to `out`.
     pub fn account(
@@ -191,27 +234,26 @@ impl FlowTable {
                 return;
             }
         }
+        let t = ms(now);
         let f = match self.open.get_mut(&id) {
             Some(f) => f,
-            None => {
-                if self.open.len() >= self.cfg.max_flows {
-                    self.evict_oldest(out);
-                }
-                self.order.push_back(id);
-                self.counters.created += 1;
-                self.open.entry(id).or_insert(Open {
+            None => self.insert(
+                id,
+                Open {
                     packets: 0,
                     octets: 0,
-                    first: now,
-                    last: now,
+                    first: t,
+                    last: t,
                     tcp_flags: 0,
-                    since: now,
-                })
-            }
+                    since: t,
+                    token: 0,
+                },
+                out,
+            ),
         };
         f.packets += packets;
         f.octets += octets;
-        f.last = now;
+        f.last = t;
         f.tcp_flags |= tcp_flags;
         if id.proto == 6 && tcp_flags & 0x05 != 0 {
             // FIN or RST: the flow is over.
@@ -221,45 +263,62 @@ impl FlowTable {
         }
     }
 
-    /// Export what the timeouts end at `now`.
-    pub fn expire(&mut self, now: Duration, out: &mut Vec<FlowRecord>) {
-        let (active, inactive) = (self.cfg.active, self.cfg.inactive);
-        let mut ended = Vec::new();
-        for (id, f) in self.open.iter_mut() {
-            if now.saturating_sub(f.last) >= inactive {
-                ended.push((*id, *f, EndReason::Idle));
-            } else if now.saturating_sub(f.since) >= active {
-                ended.push((*id, *f, EndReason::Active));
+    /// Export what the timeouts end at `now`, running at most
+    /// [`EXPIRE_BUDGET`] checks; returns whether due checks remain (call
+    /// again soon).
+    pub fn expire(&mut self, now: Duration, out: &mut Vec<FlowRecord>) -> bool {
+        let t = ms(now);
+        let (active, inactive) = (ms(self.cfg.active), ms(self.cfg.inactive));
+        let mut budget = EXPIRE_BUDGET;
+        while let Some(Reverse((due, token, id))) = self.checks.peek().copied() {
+            if due > t {
+                break;
+            }
+            if budget == 0 {
+                return true;
+            }
+            budget -= 1;
+            self.checks.pop();
+            let Some(f) = self.open.get_mut(&id) else {
+                continue;
+            };
+            if f.token != token {
+                continue;
+            }
+            if t.saturating_sub(f.last) >= inactive {
+                let f = *f;
+                self.open.remove(&id);
+                if f.packets > 0 {
+                    self.emit(id, f, EndReason::Idle, out);
+                }
+                continue;
+            }
+            if t.saturating_sub(f.since) >= active {
+                let part = *f;
                 // The flow goes on: counting restarts.
                 f.packets = 0;
                 f.octets = 0;
                 f.tcp_flags = 0;
-                f.since = now;
-                f.first = now;
+                f.since = t;
+                f.first = t;
+                if part.packets > 0 {
+                    self.emit(id, part, EndReason::Active, out);
+                }
             }
+            let Some(f) = self.open.get(&id) else {
+                continue;
+            };
+            let next = self.due(f).max(t + 1);
+            self.checks.push(Reverse((next, token, id)));
         }
-        for (id, f, why) in ended {
-            if why == EndReason::Idle {
-                self.open.remove(&id);
-            }
-            if f.packets > 0 {
-                self.emit(id, f, why, out);
-            }
-        }
-        // Forget order entries of flows that are gone: at the front as they
-        // come, all at once when gone ones pile up behind a long flow.
-        while let Some(id) = self.order.front() {
-            if self.open.contains_key(id) {
-                break;
-            }
-            self.order.pop_front();
-        }
-        if self.order.len() > 2 * self.open.len() + 1024 {
+        // Checks of records gone since (FIN, flush, eviction) leave with
+        // their due time; when they pile up, all at once.
+        if self.checks.len() > 2 * self.open.len() + 1024 {
             let open = &self.open;
-            let mut seen = rustc_hash::FxHashSet::default();
-            self.order
-                .retain(|id| open.contains_key(id) && seen.insert(*id));
+            self.checks
+                .retain(|Reverse((_, token, id))| open.get(id).is_some_and(|f| f.token == *token));
         }
+        false
     }
 
     /// Change timeouts, bound and sampling; open records stay (a smaller
@@ -271,7 +330,7 @@ impl FlowTable {
     /// Export and forget every open record (the datapath stops).
     pub fn flush_all(&mut self, out: &mut Vec<FlowRecord>) {
         let open = std::mem::take(&mut self.open);
-        self.order.clear();
+        self.checks.clear();
         for (id, f) in open {
             self.emit(id, f, EndReason::Forced, out);
         }
@@ -295,7 +354,7 @@ impl FlowTable {
                 self.open.get(&id).copied()
             };
             if let Some(f) = f {
-                let ago = |t: Duration| now.saturating_sub(t).as_millis() as u64;
+                let ago = |t: u64| ms(now).saturating_sub(t);
                 saved.push(SavedFlow {
                     id,
                     packets: f.packets,
@@ -316,24 +375,22 @@ impl FlowTable {
     /// adds to it.
     pub fn restore(&mut self, saved: &[SavedFlow], now: Duration, out: &mut Vec<FlowRecord>) {
         for s in saved {
-            let at = |ms: u64| now.saturating_sub(Duration::from_millis(ms));
+            let at = |ago: u64| ms(now).saturating_sub(ago);
             let f = match self.open.get_mut(&s.id) {
                 Some(f) => f,
-                None => {
-                    if self.open.len() >= self.cfg.max_flows {
-                        self.evict_oldest(out);
-                    }
-                    self.order.push_back(s.id);
-                    self.counters.created += 1;
-                    self.open.entry(s.id).or_insert(Open {
+                None => self.insert(
+                    s.id,
+                    Open {
                         packets: 0,
                         octets: 0,
                         first: at(s.first_ago_ms),
                         last: at(s.last_ago_ms),
                         tcp_flags: 0,
                         since: at(s.since_ago_ms),
-                    })
-                }
+                        token: 0,
+                    },
+                    out,
+                ),
             };
             f.packets += s.packets;
             f.octets += s.octets;
@@ -359,11 +416,14 @@ impl FlowTable {
         }
     }
 
-    fn evict_oldest(&mut self, out: &mut Vec<FlowRecord>) {
-        while let Some(id) = self.order.pop_front() {
-            if let Some(f) = self.open.remove(&id) {
-                self.counters.evicted += 1;
-                self.emit(id, f, EndReason::Forced, out);
+    /// Force out the record whose timeout check is due first.
+    fn evict(&mut self, out: &mut Vec<FlowRecord>) {
+        while let Some(Reverse((_, token, id))) = self.checks.pop() {
+            if self.open.get(&id).is_some_and(|f| f.token == token) {
+                if let Some(f) = self.open.remove(&id) {
+                    self.counters.evicted += 1;
+                    self.emit(id, f, EndReason::Forced, out);
+                }
                 return;
             }
         }
@@ -375,8 +435,8 @@ impl FlowTable {
             id,
             packets: f.packets,
             octets: f.octets,
-            first: f.first,
-            last: f.last,
+            first: Duration::from_millis(f.first),
+            last: Duration::from_millis(f.last),
             tcp_flags: f.tcp_flags,
             end,
         });
@@ -442,11 +502,13 @@ impl Monitors {
         }
     }
 
-    /// Run every table's timeouts.
-    pub fn expire(&mut self, now: Duration) {
+    /// Run every table's timeouts; returns whether due checks remain.
+    pub fn expire(&mut self, now: Duration) -> bool {
+        let mut more = false;
         for t in &mut self.tables {
-            t.table.expire(now, &mut t.pending);
+            more |= t.table.expire(now, &mut t.pending);
         }
+        more
     }
 
     /// End the records of `port` in table `i`.
@@ -607,7 +669,30 @@ mod tests {
     }
 
     #[test]
-    fn order_entries_of_ended_flows_do_not_pile_up_behind_a_long_flow() {
+    fn a_big_expiry_is_worked_off_in_slices() {
+        let mut t = FlowTable::new(FlowConfig {
+            max_flows: 1 << 20,
+            ..FlowConfig::default()
+        });
+        let mut out = Vec::new();
+        let n = 3 * EXPIRE_BUDGET as u32 + 5;
+        for i in 0..n {
+            let mut f = id(1, i as u16, 17);
+            f.port = i;
+            t.account(S, f, 1, 100, 0, &mut out);
+        }
+        let mut calls = 0;
+        while t.expire(100 * S, &mut out) {
+            calls += 1;
+            assert!(out.len() <= calls * EXPIRE_BUDGET);
+        }
+        assert_eq!(calls, 3);
+        assert_eq!(out.len(), n as usize);
+        assert!(t.is_empty());
+    }
+
+    #[test]
+    fn checks_of_ended_flows_do_not_pile_up() {
         let mut t = FlowTable::new(FlowConfig {
             inactive: S,
             active: 1000 * S,
@@ -620,6 +705,6 @@ mod tests {
             t.account(now, id(2, (i % 60_000) as u16, 17), 1, 100, 0, &mut out);
             t.expire(now, &mut out);
         }
-        assert!(t.order.len() <= 2 * t.len() + 1024, "{}", t.order.len());
+        assert!(t.checks.len() <= 2 * t.len() + 1024, "{}", t.checks.len());
     }
 }
