@@ -115,10 +115,24 @@ POLICY_PROFILE = """profiles:
             for _ in range(2))
 
 
+# The "dvs + NetFlow" path: both ports recorded both ways by an IPFIX
+# monitor exporting to nfcapd in the host's namespace.
+NETFLOW_MONITOR = """monitors:
+  - { name: m, version: ipfix, collectors: ["127.0.0.1:2055"], active_timeout_s: 10, inactive_timeout_s: 5 }
+"""
+
+
 def dvs_agent(dvs, host_ns, name, local, peers, taps, workdir, profile=None):
     cfg = os.path.join(workdir, f"{name}.yaml")
     lines = [f"host: {name}"]
-    if profile:
+    if profile == "netflow":
+        lines.append(NETFLOW_MONITOR)
+        if shutil.which("nfcapd"):
+            nfdir = os.path.join(workdir, "nfcapd")
+            os.makedirs(nfdir, exist_ok=True)
+            spawn(["nfcapd", "-w", nfdir, "-b", "127.0.0.1", "-p", "2055"], host_ns,
+                  os.path.join(workdir, "nfcapd.log"))
+    elif profile:
         lines.append(POLICY_PROFILE)
     if local:
         lines.append(f"tunnel: {{ local: {local} }}")
@@ -126,7 +140,11 @@ def dvs_agent(dvs, host_ns, name, local, peers, taps, workdir, profile=None):
         lines.append(f"  - {{ vlan: 10, vni: 5010, peers: [{', '.join(peers)}] }}")
     lines.append("ports:")
     for i, tap in enumerate(taps):
-        policy = f"profile: {profile}" if profile else "vlan: { mode: access, id: 10 }"
+        policy = "vlan: { mode: access, id: 10 }"
+        if profile == "netflow":
+            policy += ", netflow: { monitor: m }"
+        elif profile:
+            policy = f"profile: {profile}"
         lines.append(f"  - {{ id: {i + 1}, name: p{i}, tap: {tap}, offloads: {OFFLOADS}, {policy} }}")
     open(cfg, "w").write("\n".join(lines) + "\n")
     p = spawn([dvs, "agent", "--config", cfg], host_ns, os.path.join(workdir, f"{name}.log"))
@@ -136,7 +154,7 @@ def dvs_agent(dvs, host_ns, name, local, peers, taps, workdir, profile=None):
 
 
 def build_dvs_same(dvs, workdir, profile=None):
-    tag = "dvsp" if profile else "dvs1"
+    tag = {"guarded": "dvsp", "netflow": "dvsn"}.get(profile, "dvs1")
     h = add_ns(tag)
     taps = [f"{PREFIX}{tag[-1]}a", f"{PREFIX}{tag[-1]}b"]
     pid = dvs_agent(dvs, h, f"{tag}-same", None, [], taps, workdir, profile)
@@ -328,6 +346,8 @@ PATHS = [
     ("dvs, same host", build_dvs_same),
     ("dvs + policy (200 ACL rules, stateful, rate limit), same host",
      lambda d, w: build_dvs_same(d, w, "guarded")),
+    ("dvs + NetFlow (IPFIX, both ports both ways), same host",
+     lambda d, w: build_dvs_same(d, w, "netflow")),
     ("Linux bridge, same host", build_bridge_same),
     ("OVS userspace, same host", lambda d, w: build_ovs(False, w)),
     ("OVS userspace + TSO, same host", lambda d, w: build_ovs(True, w)),
@@ -402,14 +422,15 @@ def main():
                  (f"{cs[c]:.2f}" if "Gbit" in c else f"{cs[c]:.0f}") for c in COLUMNS]
         print(f"| {n} | " + " | ".join(cells) + " |")
     print("\nratios dvs / reference (above 1 is better for dvs; RTT inverted):")
-    for d in ("dvs, same host", "dvs, across hosts (VXLAN)",
-              "dvs + policy (200 ACL rules, stateful, rate limit), same host"):
+    variants = ("dvs + policy (200 ACL rules, stateful, rate limit), same host",
+                "dvs + NetFlow (IPFIX, both ports both ways), same host")
+    for d in ("dvs, same host", "dvs, across hosts (VXLAN)") + variants:
         if d not in med:
             continue
         for ref in med:
             if ref == d or ("across" in ref) != ("across" in d):
                 continue
-            if ref.startswith("dvs") and "policy" not in d:
+            if ref.startswith("dvs") and (d not in variants or ref in variants):
                 continue
             parts = []
             for c in COLUMNS:

@@ -41,12 +41,16 @@ enum Command {
         tunnel: { local: 10.0.0.1 }\n\
         stats_file: /run/dvs/h1-stats.json\n\
         segments:\n  - { vlan: 10, vni: 5010, peers: [10.0.0.2] }\n\
-        ports:\n  - { id: veth1, name: web1, tap: dvs-web1, vlan: { mode: access, id: 10 } }\n  \
+        monitors:\n  - { name: flows, version: ipfix, collectors: [\"10.0.0.100:4739\"] }\n\
+        ports:\n  - { id: veth1, name: web1, tap: dvs-web1, vlan: { mode: access, id: 10 }, netflow: { monitor: flows } }\n  \
         - { id: veth2, name: fw1, netdev: vnet3, vlan: { mode: trunk, allowed: [10, 20-30], native: 10 } }\n\n\
+        Ports may also take port profiles from `profiles:` (kind: PortProfile) by name, \
+        and NetFlow monitors (v5, v9 or ipfix) from `monitors:`. \
         The whole file is checked before anything is opened. SIGHUP re-reads it and \
-        applies changed port policy (VLAN, acl, qos, security) and segments without a restart; \
+        applies changed port policy (VLAN, acl, qos, security, netflow) and segments without a restart; \
         a file that does not validate changes nothing. Logs go to stderr \
-        (DVS_LOG=info for more); counters are rewritten to stats_file every second."
+        (DVS_LOG=info for more); counters are rewritten to stats_file every second. \
+        On SIGTERM the open flow records are exported before the agent exits."
     )]
     Agent {
         /// The host's static YAML file (no controller).
