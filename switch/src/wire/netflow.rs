@@ -640,6 +640,31 @@ mod tests {
     }
 
     #[test]
+    fn v5_fields_read_back_exactly() {
+        let mut r = record("10.0.0.1", "10.0.0.2", Direction::ToVm);
+        r.id.proto = 6;
+        r.tcp_flags = 0x12;
+        let mut enc = Encoder::new(FlowVersion::V5, 9, "192.0.2.1".parse().unwrap(), 10);
+        let mut msg = Vec::new();
+        enc.encode(CLOCK, true, &[r], &mut msg);
+        let (packets, _) = json(&msg);
+        let got = serde_json::to_value(&packets).unwrap();
+        // Sampling: mode 01 (deterministic) in the top bits, interval 10.
+        let want = serde_json::json!([{"V5": {
+            "header": {"version": 5, "count": 1, "sys_up_time": 10000,
+                "unix_secs": 1700000010, "unix_nsecs": 250000000, "flow_sequence": 0,
+                "engine_type": 0, "engine_id": 9, "sampling_interval": 0x4000 | 10},
+            "flowsets": [{"src_addr": "10.0.0.1", "dst_addr": "10.0.0.2",
+                "next_hop": "0.0.0.0", "input": 0, "output": 7, "d_pkts": 3,
+                "d_octets": 300, "first": 1500, "last": 2500, "src_port": 5000,
+                "dst_port": 53, "pad1": 0, "tcp_flags": 18, "protocol_number": 6,
+                "protocol_type": "Tcp", "tos": 104, "src_as": 0, "dst_as": 0,
+                "src_mask": 0, "dst_mask": 0, "pad2": 0}]
+        }}]);
+        assert_eq!(got, want);
+    }
+
+    #[test]
     fn v5_skips_ipv6_and_fits_thirty_records() {
         let mut enc = Encoder::new(FlowVersion::V5, 9, "192.0.2.1".parse().unwrap(), 1);
         let mut msg = Vec::new();
