@@ -328,6 +328,21 @@ fn flow_frame(base: &[u8], i: u32, buf: &mut [u8]) {
     buf[34..36].copy_from_slice(&(i as u16).to_be_bytes());
 }
 
+/// Send one frame of each of flows 0..n from port 0.
+fn open_flows(sw: &mut Switch, base: &[u8], n: u32) {
+    let mut out = Vec::new();
+    let mut buf = base.to_vec();
+    for i in 0..n {
+        flow_frame(base, i, &mut buf);
+        sw.process(
+            Duration::from_secs(1),
+            Ingress::Port(PortNo(0)),
+            &mut buf,
+            &mut out,
+        );
+    }
+}
+
 /// Frames/s with flow accounting off, then on — every port monitored, so a
 /// frame between two VMs updates two records: the sender's (from the VM)
 /// and the receiver's (into the VM) — with 1k, 100k and 1M flows open;
@@ -364,15 +379,7 @@ fn bench_flows(c: &mut Criterion) {
         let mut out = Vec::with_capacity(16);
         let mut buf = base.clone();
         let live_before = LIVE.load(Ordering::Relaxed);
-        for i in 0..n {
-            flow_frame(&base, i, &mut buf);
-            sw.process(
-                Duration::from_secs(1),
-                Ingress::Port(PortNo(0)),
-                &mut buf,
-                &mut out,
-            );
-        }
+        open_flows(&mut sw, &base, n);
         let open: usize = sw.monitors().tables().iter().map(|t| t.table.len()).sum();
         if on {
             let bytes = LIVE.load(Ordering::Relaxed) - live_before;
@@ -434,17 +441,7 @@ fn bench_flows(c: &mut Criterion) {
         }),
     )
     .unwrap();
-    let mut out = Vec::new();
-    let mut buf = base.clone();
-    for i in 0..10_000 {
-        flow_frame(&base, i, &mut buf);
-        sw.process(
-            Duration::from_secs(1),
-            Ingress::Port(PortNo(0)),
-            &mut buf,
-            &mut out,
-        );
-    }
+    open_flows(&mut sw, &base, 10_000);
     sw.monitors_mut().flush_all();
     let records = std::mem::take(&mut sw.monitors_mut().tables_mut()[0].pending);
     let mut g = c.benchmark_group("export");

@@ -340,12 +340,7 @@ impl FlowTable {
     /// ([`FlowTable::restore`]). With `take` they leave this table without
     /// being exported: the flow is counted once, where it continues.
     pub fn save_port(&mut self, port: u32, now: Duration, take: bool) -> Vec<SavedFlow> {
-        let ids: Vec<FlowId> = self
-            .open
-            .keys()
-            .filter(|k| k.port == port)
-            .copied()
-            .collect();
+        let ids = self.ids_of(port);
         let mut saved = Vec::with_capacity(ids.len());
         for id in ids {
             let f = if take {
@@ -403,17 +398,20 @@ impl FlowTable {
 
     /// Export and forget every record of `port` (it leaves the host).
     pub fn flush_port(&mut self, port: u32, out: &mut Vec<FlowRecord>) {
-        let ids: Vec<FlowId> = self
-            .open
-            .keys()
-            .filter(|k| k.port == port)
-            .copied()
-            .collect();
-        for id in ids {
+        for id in self.ids_of(port) {
             if let Some(f) = self.open.remove(&id) {
                 self.emit(id, f, EndReason::Forced, out);
             }
         }
+    }
+
+    /// The flows of `port` open now.
+    fn ids_of(&self, port: u32) -> Vec<FlowId> {
+        self.open
+            .keys()
+            .filter(|k| k.port == port)
+            .copied()
+            .collect()
     }
 
     /// Force out the record whose timeout check is due first.

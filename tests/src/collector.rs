@@ -147,9 +147,14 @@ pub struct Decoded {
     pub problems: Vec<String>,
 }
 
+/// The UDP port of the probes that show a capture has started.
+const PROBE_PORT: u16 = 9;
+
 impl Capture {
-    /// Capture UDP to `port` on `iface` in `ns`.
-    pub fn start(topo: &mut Topo, ns: &str, iface: &str, port: u16) -> Self {
+    /// Capture UDP to `port` on `iface` in `ns`; returns once a probe sent
+    /// from `ns` to `probe_to` (an address reached through `iface`) shows in
+    /// the capture — "Capturing on" is printed before packets are.
+    pub fn start(topo: &mut Topo, ns: &str, iface: &str, port: u16, probe_to: &str) -> Self {
         let file = topo.dir.join(format!("exports-{port}.pcap"));
         let label = format!("tshark-{port}");
         let f = file.to_string_lossy().into_owned();
@@ -162,7 +167,7 @@ impl Capture {
                 "-i",
                 iface,
                 "-f",
-                &format!("udp dst port {port}"),
+                &format!("udp dst port {port} or udp dst port {PROBE_PORT}"),
                 "-w",
                 &f,
             ],
@@ -171,6 +176,19 @@ impl Capture {
             topo.log(&label).contains("Capturing on")
         });
         assert!(up, "tshark never started:\n{}", topo.log(&label));
+        let probe = format!(
+            "/usr/bin/python3 -c 'import socket; socket.socket(socket.AF_INET, socket.SOCK_DGRAM).sendto(b\"probe\", (\"{probe_to}\", {PROBE_PORT}))'"
+        );
+        let live = wait_for(Duration::from_secs(20), || {
+            topo.sh(ns, &probe);
+            std::thread::sleep(Duration::from_millis(200));
+            let seen = topo.try_sh(
+                "",
+                &format!("tshark -r {f} -Y udp.dstport=={PROBE_PORT} 2>/dev/null | wc -l"),
+            );
+            String::from_utf8_lossy(&seen.stdout).trim() != "0"
+        });
+        assert!(live, "tshark captured no probe:\n{}", topo.log(&label));
         Capture { label, file, port }
     }
 
@@ -184,7 +202,7 @@ impl Capture {
         let fields = topo.sh(
             "",
             &format!(
-                "tshark -r {f} -d udp.port=={p},cflow -T fields -e frame.number -e cflow.version -e _ws.malformed"
+                "tshark -r {f} -d udp.port=={p},cflow -Y udp.dstport=={p} -T fields -e frame.number -e cflow.version -e _ws.malformed"
             ),
         );
         let lines: Vec<&str> = fields.lines().filter(|l| !l.trim().is_empty()).collect();
@@ -198,7 +216,7 @@ impl Capture {
             .count();
         let expert = topo.sh(
             "",
-            &format!("tshark -r {f} -d udp.port=={p},cflow -q -z expert,warn"),
+            &format!("tshark -r {f} -d udp.port=={p},cflow -q -z expert,warn,udp.dstport=={p}"),
         );
         let problems = expert
             .lines()

@@ -336,7 +336,8 @@ pub const SEGMENTS: [(u16, u32); 2] = [(10, 5010), (20, 5020)];
 /// collectors (nfcapd, …) listen, as on a management network.
 pub const CORE_IP: &str = "10.99.0.100";
 
-fn underlay_ip(i: usize) -> String {
+/// Host `i`'s address on the underlay (0-based).
+pub fn underlay_ip(i: usize) -> String {
     format!("10.99.0.{}", i + 1)
 }
 

@@ -9,7 +9,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use dvs_tests::collector::{sequence_failures, Capture, NfRecord, Nfcapd};
-use dvs_tests::netns::{e2e_ready, wait_for, Fabric, VmSpec, CORE_IP};
+use dvs_tests::netns::{e2e_ready, underlay_ip, wait_for, Fabric, VmSpec, CORE_IP};
 
 const TOOLS: &[&str] = &[
     "ip",
@@ -160,7 +160,7 @@ fn exports_to_nfdump(version: &str) {
         &monitors,
         |topo, core| {
             let n = Nfcapd::start(topo, core, CORE_IP, COLLECTOR);
-            let c = Capture::start(topo, core, "br0", COLLECTOR);
+            let c = Capture::start(topo, core, "br0", COLLECTOR, &underlay_ip(0));
             (n, c)
         },
     );
