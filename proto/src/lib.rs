@@ -7,11 +7,13 @@
 //! same checks), so a value that exists is valid: code past the edge never
 //! re-checks a VLAN range.
 //!
-//! This crate does no I/O. The gRPC schema joins it with the controller issue.
+//! [`api`] is the gRPC schema (`proto/dvs/v1/dvs.proto`), generated at build
+//! time without `protoc`. This crate does no I/O.
 
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 pub mod acl;
+pub mod api;
 pub mod ids;
 pub mod net;
 pub mod netflow;

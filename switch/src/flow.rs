@@ -229,7 +229,7 @@ impl FlowTable {
     ) {
         if self.cfg.sampling > 1 {
             self.seen += 1;
-            if self.seen % u64::from(self.cfg.sampling) != 0 {
+            if !self.seen.is_multiple_of(u64::from(self.cfg.sampling)) {
                 self.counters.unsampled += packets;
                 return;
             }

@@ -410,7 +410,7 @@ fn put16(out: &mut Vec<u8>, v: u16) {
 /// §5.3), then its length is written.
 fn end_set(out: &mut Vec<u8>, start: usize, v9: bool) {
     if v9 {
-        while (out.len() - start) % 4 != 0 {
+        while !(out.len() - start).is_multiple_of(4) {
             out.push(0);
         }
     }

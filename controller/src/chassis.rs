@@ -1,0 +1,1096 @@
+//! The logical chassis, sans-IO: port profiles and NetFlow monitors
+//! (versioned documents), VM ports with IDs that never change, hosts
+//! (modules), and what each host must run.
+//!
+//! Every operation checks everything first and changes nothing when it
+//! fails; a successful change bumps the chassis revision and marks what the
+//! store must write ([`Chassis::take_dirty`]). Documents are kept as the
+//! JSON of what users wrote and validated with the datapath's own types
+//! (`dvs_proto::profile`, `dvs_proto::netflow`), so the controller and the
+//! agents can never disagree on what a document means.
+//!
+//! A host's desired state is an agent file (the same schema as `dvs agent
+//! --config`), cut into keyed items ([`Chassis::host_items`]) so that a
+//! session can send deltas: its ports, the profiles and monitors they use,
+//! the VLAN segments (VNI = 10000 + VLAN, peers = the other hosts with ports
+//! in the VLAN) and the location of every VM of those VLANs on other hosts.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+
+use dvs_proto::netflow::{NetflowMonitor, RawMonitor};
+use dvs_proto::profile::{self, Policy, RawProfile};
+use dvs_proto::{MacAddr, PortId, VlanMode};
+use serde::{Deserialize, Serialize};
+use serde_json::{json, Value};
+
+use crate::Error;
+
+/// The largest multi-document file `apply` takes.
+pub const MAX_APPLY_BYTES: usize = 1 << 20;
+/// VNI of a VLAN's segment.
+pub const VNI_BASE: u32 = 10_000;
+
+/// The kinds of document the chassis keeps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Kind {
+    PortProfile,
+    NetflowMonitor,
+}
+
+impl Kind {
+    fn label(self) -> &'static str {
+        match self {
+            Kind::PortProfile => "profile",
+            Kind::NetflowMonitor => "monitor",
+        }
+    }
+}
+
+/// A stored document and its version (1 on creation, +1 per change).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Doc {
+    pub kind: Kind,
+    pub name: String,
+    pub version: u64,
+    /// The document as applied (JSON of the user's YAML).
+    pub body: Value,
+}
+
+/// How a port meets its VM on its host.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Attach {
+    /// A TAP the agent creates.
+    Tap(String),
+    /// An interface the VMM made.
+    Netdev(String),
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Binding {
+    pub host: String,
+    pub attach: Attach,
+}
+
+/// A VM port.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortRec {
+    pub id: PortId,
+    pub vm: String,
+    pub mac: MacAddr,
+    pub profile: String,
+    pub binding: Option<Binding>,
+}
+
+/// A host (a module of the chassis).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct HostRec {
+    pub name: String,
+    pub module: u32,
+    /// Known once the host's agent registered.
+    pub tunnel_ip: Option<IpAddr>,
+    /// The last revision the agent said it applied.
+    pub acked: u64,
+    /// The revision of the last change to what the host must run.
+    pub desired: u64,
+}
+
+/// Counters and numbering kept with the records.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Meta {
+    pub revision: u64,
+    pub next_port: u32,
+    pub next_module: u32,
+    /// v9 source ID / IPFIX observation domain of every host's exports.
+    pub chassis_id: u32,
+}
+
+impl Default for Meta {
+    fn default() -> Self {
+        Meta {
+            revision: 0,
+            next_port: 1,
+            next_module: 3,
+            chassis_id: 1,
+        }
+    }
+}
+
+/// What changed since the last [`Chassis::take_dirty`]: names and IDs whose
+/// records the store must write (or delete, when gone).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Dirty {
+    pub meta: bool,
+    pub docs: BTreeSet<(String, String)>,
+    pub ports: BTreeSet<u32>,
+    pub hosts: BTreeSet<String>,
+}
+
+impl Dirty {
+    pub fn is_empty(&self) -> bool {
+        !self.meta && self.docs.is_empty() && self.ports.is_empty() && self.hosts.is_empty()
+    }
+}
+
+/// The chassis state.
+#[derive(Debug, Clone, Default)]
+pub struct Chassis {
+    pub meta: Meta,
+    profiles: BTreeMap<String, Doc>,
+    monitors: BTreeMap<String, Doc>,
+    ports: BTreeMap<u32, PortRec>,
+    hosts: BTreeMap<String, HostRec>,
+    /// Each profile resolved (inheritance applied), rebuilt on change.
+    resolved: BTreeMap<String, Policy>,
+    dirty: Dirty,
+}
+
+/// One line of what an apply or delete did (or would do).
+pub type Change = String;
+
+impl Chassis {
+    /// A chassis from stored records (checked as a whole).
+    ///
+    /// # Errors
+    /// The stored documents no longer validate (a store written by another
+    /// version, or edited by hand).
+    pub fn from_records(
+        meta: Meta,
+        docs: Vec<Doc>,
+        ports: Vec<PortRec>,
+        hosts: Vec<HostRec>,
+    ) -> Result<Self, Error> {
+        let mut c = Chassis {
+            meta,
+            ..Chassis::default()
+        };
+        for d in docs {
+            let map = match d.kind {
+                Kind::PortProfile => &mut c.profiles,
+                Kind::NetflowMonitor => &mut c.monitors,
+            };
+            map.insert(d.name.clone(), d);
+        }
+        c.ports = ports.into_iter().map(|p| (p.id.number(), p)).collect();
+        c.hosts = hosts.into_iter().map(|h| (h.name.clone(), h)).collect();
+        c.resolved = validate(&c.profiles, &c.monitors)?;
+        Ok(c)
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.meta.revision
+    }
+
+    /// What the store must write; cleared.
+    pub fn take_dirty(&mut self) -> Dirty {
+        std::mem::take(&mut self.dirty)
+    }
+
+    pub fn doc(&self, kind: Kind, name: &str) -> Option<&Doc> {
+        match kind {
+            Kind::PortProfile => self.profiles.get(name),
+            Kind::NetflowMonitor => self.monitors.get(name),
+        }
+    }
+
+    pub fn docs(&self) -> impl Iterator<Item = &Doc> {
+        self.profiles.values().chain(self.monitors.values())
+    }
+
+    pub fn port(&self, id: PortId) -> Option<&PortRec> {
+        self.ports.get(&id.number())
+    }
+
+    pub fn ports(&self) -> impl Iterator<Item = &PortRec> {
+        self.ports.values()
+    }
+
+    pub fn host(&self, name: &str) -> Option<&HostRec> {
+        self.hosts.get(name)
+    }
+
+    pub fn hosts(&self) -> impl Iterator<Item = &HostRec> {
+        self.hosts.values()
+    }
+
+    /// The resolved policy of profile `name`.
+    pub fn policy(&self, name: &str) -> Option<&Policy> {
+        self.resolved.get(name)
+    }
+
+    fn bump(&mut self) {
+        self.meta.revision += 1;
+        self.dirty.meta = true;
+    }
+
+    /// Apply a multi-document YAML file of `PortProfile` and
+    /// `NetflowMonitor` documents, all or nothing; with `dry_run` only say
+    /// what would change.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] naming the document and field at fault: bad YAML,
+    /// an unknown kind, a bad field, an unknown parent, a cycle, an unknown
+    /// monitor, a port left without a VLAN, a file over 1 MiB.
+    pub fn apply(&mut self, yaml: &str, dry_run: bool) -> Result<Vec<Change>, Error> {
+        if yaml.len() > MAX_APPLY_BYTES {
+            return Err(Error::Invalid(format!(
+                "the file has {} bytes: apply at most {MAX_APPLY_BYTES} at once",
+                yaml.len()
+            )));
+        }
+        let mut profiles = self.profiles.clone();
+        let mut monitors = self.monitors.clone();
+        let mut incoming: Vec<(Kind, String, Value)> = Vec::new();
+        for (i, de) in serde_norway::Deserializer::from_str(yaml).enumerate() {
+            let at = format!("document {}", i + 1);
+            let v = Value::deserialize(de).map_err(|e| Error::Invalid(format!("{at}: {e}")))?;
+            if v.is_null() {
+                continue;
+            }
+            let kind = match v.get("kind").and_then(Value::as_str) {
+                Some("PortProfile") => Kind::PortProfile,
+                Some("NetflowMonitor") => Kind::NetflowMonitor,
+                Some(k) => {
+                    return Err(Error::Invalid(format!(
+                        "{at}: kind `{k}` is not one this file may hold: expected PortProfile or NetflowMonitor"
+                    )))
+                }
+                None => {
+                    return Err(Error::Invalid(format!(
+                        "{at}: no `kind:` — say PortProfile or NetflowMonitor"
+                    )))
+                }
+            };
+            let name = v
+                .get("name")
+                .and_then(Value::as_str)
+                .filter(|n| !n.trim().is_empty())
+                .ok_or_else(|| Error::Invalid(format!("{at}: no `name:`")))?
+                .to_string();
+            if incoming.iter().any(|(k, n, _)| *k == kind && *n == name) {
+                return Err(Error::Invalid(format!(
+                    "{at}: {} `{name}` appears twice in the file",
+                    kind.label()
+                )));
+            }
+            incoming.push((kind, name, v));
+        }
+        if incoming.is_empty() {
+            return Err(Error::Invalid("the file holds no document".into()));
+        }
+        let mut changes = Vec::new();
+        for (kind, name, body) in incoming {
+            let map = match kind {
+                Kind::PortProfile => &mut profiles,
+                Kind::NetflowMonitor => &mut monitors,
+            };
+            match map.get(&name) {
+                Some(d) if d.body == body => {}
+                Some(d) => {
+                    changes.push(format!(
+                        "{} {name}: version {} → {} ({})",
+                        kind.label(),
+                        d.version,
+                        d.version + 1,
+                        changed_fields(&d.body, &body).join(", ")
+                    ));
+                    let version = d.version + 1;
+                    map.insert(
+                        name.clone(),
+                        Doc {
+                            kind,
+                            name,
+                            version,
+                            body,
+                        },
+                    );
+                }
+                None => {
+                    changes.push(format!("{} {name}: created (version 1)", kind.label()));
+                    map.insert(
+                        name.clone(),
+                        Doc {
+                            kind,
+                            name,
+                            version: 1,
+                            body,
+                        },
+                    );
+                }
+            }
+        }
+        let resolved = validate(&profiles, &monitors)?;
+        for p in self.ports.values() {
+            check_port_policy(p, &resolved)?;
+        }
+        if dry_run || changes.is_empty() {
+            return Ok(changes);
+        }
+        for (name, d) in &profiles {
+            if self.profiles.get(name) != Some(d) {
+                self.dirty.docs.insert(("PortProfile".into(), name.clone()));
+            }
+        }
+        for (name, d) in &monitors {
+            if self.monitors.get(name) != Some(d) {
+                self.dirty
+                    .docs
+                    .insert(("NetflowMonitor".into(), name.clone()));
+            }
+        }
+        self.profiles = profiles;
+        self.monitors = monitors;
+        self.resolved = resolved;
+        self.bump();
+        Ok(changes)
+    }
+
+    /// Delete a profile or monitor that nothing uses.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`]; [`Error::Conflict`] naming the ports that take
+    /// the profile, the profiles that inherit it or take the monitor.
+    pub fn delete_doc(&mut self, kind: Kind, name: &str) -> Result<Vec<Change>, Error> {
+        if self.doc(kind, name).is_none() {
+            return Err(Error::NotFound(format!(
+                "no {} `{name}`; {}s: {}",
+                kind.label(),
+                kind.label(),
+                list(
+                    self.docs()
+                        .filter(|d| d.kind == kind)
+                        .map(|d| d.name.as_str())
+                )
+            )));
+        }
+        match kind {
+            Kind::PortProfile => {
+                let users: Vec<String> = self
+                    .ports
+                    .values()
+                    .filter(|p| p.profile == name)
+                    .map(|p| p.id.to_string())
+                    .collect();
+                if !users.is_empty() {
+                    return Err(Error::Conflict(format!(
+                        "profile `{name}` is in use by port{} {}: give them another profile first",
+                        if users.len() > 1 { "s" } else { "" },
+                        users.join(", ")
+                    )));
+                }
+                let heirs: Vec<&str> = self
+                    .profiles
+                    .values()
+                    .filter(|d| d.body.get("inherit").and_then(Value::as_str) == Some(name))
+                    .map(|d| d.name.as_str())
+                    .collect();
+                if !heirs.is_empty() {
+                    return Err(Error::Conflict(format!(
+                        "profile `{name}` is inherited by {}: change them first",
+                        heirs.join(", ")
+                    )));
+                }
+                self.profiles.remove(name);
+                self.resolved.remove(name);
+            }
+            Kind::NetflowMonitor => {
+                let users: Vec<&str> = self
+                    .profiles
+                    .values()
+                    .filter(|d| {
+                        d.body
+                            .get("netflow")
+                            .and_then(|n| n.get("monitor"))
+                            .and_then(Value::as_str)
+                            == Some(name)
+                    })
+                    .map(|d| d.name.as_str())
+                    .collect();
+                if !users.is_empty() {
+                    return Err(Error::Conflict(format!(
+                        "monitor `{name}` is taken by profile{} {}: change them first",
+                        if users.len() > 1 { "s" } else { "" },
+                        users.join(", ")
+                    )));
+                }
+                self.monitors.remove(name);
+            }
+        }
+        let k = match kind {
+            Kind::PortProfile => "PortProfile",
+            Kind::NetflowMonitor => "NetflowMonitor",
+        };
+        self.dirty.docs.insert((k.into(), name.to_string()));
+        self.bump();
+        Ok(vec![format!("{} {name}: deleted", kind.label())])
+    }
+
+    /// Define a VM port; returns its new ID (never reused).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for an empty VM name or a bad MAC, [`Error::NotFound`]
+    /// for an unknown profile, [`Error::Conflict`] for a MAC another port has.
+    pub fn create_port(&mut self, vm: &str, mac: &str, profile: &str) -> Result<PortId, Error> {
+        if vm.trim().is_empty() {
+            return Err(Error::Invalid("--vm: the VM name is empty".into()));
+        }
+        let mac: MacAddr = mac
+            .parse()
+            .map_err(|e: dvs_proto::Error| Error::Invalid(format!("--mac: {e}")))?;
+        if mac.is_multicast() || mac.is_zero() {
+            return Err(Error::Invalid(format!(
+                "--mac: {mac} is not a unicast address a VM can have"
+            )));
+        }
+        if let Some(p) = self.ports.values().find(|p| p.mac == mac) {
+            return Err(Error::Conflict(format!(
+                "MAC {mac} belongs to port {} (VM `{}`)",
+                p.id, p.vm
+            )));
+        }
+        let id = PortId::new(self.meta.next_port)
+            .ok_or_else(|| Error::Invalid("the chassis ran out of port IDs".into()))?;
+        let rec = PortRec {
+            id,
+            vm: vm.to_string(),
+            mac,
+            profile: profile.to_string(),
+            binding: None,
+        };
+        self.known_profile(profile)?;
+        check_port_policy(&rec, &self.resolved)?;
+        self.meta.next_port += 1;
+        self.ports.insert(id.number(), rec);
+        self.dirty.ports.insert(id.number());
+        self.bump();
+        Ok(id)
+    }
+
+    fn known_profile(&self, profile: &str) -> Result<(), Error> {
+        if self.profiles.contains_key(profile) {
+            return Ok(());
+        }
+        Err(Error::NotFound(format!(
+            "no profile `{profile}`; profiles: {}",
+            list(self.profiles.keys().map(String::as_str))
+        )))
+    }
+
+    /// Change the profile a port takes.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown port or profile.
+    pub fn set_port_profile(&mut self, id: PortId, profile: &str) -> Result<(), Error> {
+        self.known_profile(profile)?;
+        let mut rec = self.port_rec(id)?.clone();
+        rec.profile = profile.to_string();
+        check_port_policy(&rec, &self.resolved)?;
+        self.ports.insert(id.number(), rec);
+        self.dirty.ports.insert(id.number());
+        self.bump();
+        Ok(())
+    }
+
+    fn port_rec(&self, id: PortId) -> Result<&PortRec, Error> {
+        self.ports
+            .get(&id.number())
+            .ok_or_else(|| Error::NotFound(format!("no port {id}")))
+    }
+
+    /// Put port `id` on `host` (a host not seen yet gets a module number
+    /// now; its agent may register later).
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown port, [`Error::Invalid`] for a bad
+    /// host or interface name, [`Error::Conflict`] when the interface is
+    /// another port's on that host.
+    pub fn bind_port(&mut self, id: PortId, host: &str, attach: Attach) -> Result<(), Error> {
+        self.port_rec(id)?;
+        check_host_name(host)?;
+        let dev = match &attach {
+            Attach::Tap(n) | Attach::Netdev(n) => n,
+        };
+        if dev.is_empty() || dev.len() > 15 || dev.contains(['/', ' ']) {
+            return Err(Error::Invalid(format!(
+                "interface name `{dev}` is not valid: 1 to 15 characters, no '/' or spaces"
+            )));
+        }
+        if let Some(other) = self.ports.values().find(|p| {
+            p.id != id
+                && p.binding.as_ref().is_some_and(|b| {
+                    b.host == host
+                        && matches!(&b.attach, Attach::Tap(n) | Attach::Netdev(n) if n == dev)
+                })
+        }) {
+            return Err(Error::Conflict(format!(
+                "interface `{dev}` on host {host} belongs to port {}",
+                other.id
+            )));
+        }
+        self.ensure_host(host);
+        if let Some(p) = self.ports.get_mut(&id.number()) {
+            p.binding = Some(Binding {
+                host: host.to_string(),
+                attach,
+            });
+        }
+        self.dirty.ports.insert(id.number());
+        self.bump();
+        Ok(())
+    }
+
+    /// Take port `id` off its host.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`].
+    pub fn unbind_port(&mut self, id: PortId) -> Result<(), Error> {
+        self.port_rec(id)?;
+        if let Some(p) = self.ports.get_mut(&id.number()) {
+            p.binding = None;
+        }
+        self.dirty.ports.insert(id.number());
+        self.bump();
+        Ok(())
+    }
+
+    /// Delete port `id` (its ID is never given again).
+    ///
+    /// # Errors
+    /// [`Error::NotFound`].
+    pub fn delete_port(&mut self, id: PortId) -> Result<(), Error> {
+        self.port_rec(id)?;
+        self.ports.remove(&id.number());
+        self.dirty.ports.insert(id.number());
+        self.bump();
+        Ok(())
+    }
+
+    fn ensure_host(&mut self, host: &str) -> &mut HostRec {
+        if !self.hosts.contains_key(host) {
+            let module = self.meta.next_module;
+            self.meta.next_module += 1;
+            self.dirty.meta = true;
+            self.hosts.insert(
+                host.to_string(),
+                HostRec {
+                    name: host.to_string(),
+                    module,
+                    tunnel_ip: None,
+                    acked: 0,
+                    desired: 0,
+                },
+            );
+        }
+        self.dirty.hosts.insert(host.to_string());
+        self.hosts
+            .get_mut(host)
+            .unwrap_or_else(|| unreachable!("inserted above"))
+    }
+
+    /// An agent registers: the host gets (or keeps) its module number and
+    /// its tunnel address is recorded. Returns the module.
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a bad host name, [`Error::Conflict`] when
+    /// another host already uses the tunnel address.
+    pub fn register(&mut self, host: &str, tunnel_ip: IpAddr) -> Result<u32, Error> {
+        check_host_name(host)?;
+        if let Some(other) = self
+            .hosts
+            .values()
+            .find(|h| h.name != host && h.tunnel_ip == Some(tunnel_ip))
+        {
+            return Err(Error::Conflict(format!(
+                "tunnel address {tunnel_ip} is host {}'s",
+                other.name
+            )));
+        }
+        let changed = self.hosts.get(host).map(|h| h.tunnel_ip) != Some(Some(tunnel_ip));
+        let h = self.ensure_host(host);
+        h.tunnel_ip = Some(tunnel_ip);
+        let module = h.module;
+        if changed {
+            // Other hosts' segments and MAC locations name this address.
+            self.bump();
+        }
+        Ok(module)
+    }
+
+    /// The agent of `host` applied `revision`.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown host, [`Error::Invalid`] for a
+    /// revision the chassis has not reached.
+    pub fn ack(&mut self, host: &str, revision: u64) -> Result<(), Error> {
+        if revision > self.meta.revision {
+            return Err(Error::Invalid(format!(
+                "ack of revision {revision} from the future: the chassis is at {}",
+                self.meta.revision
+            )));
+        }
+        let h = self
+            .hosts
+            .get_mut(host)
+            .ok_or_else(|| Error::NotFound(format!("no host `{host}`")))?;
+        if revision > h.acked {
+            h.acked = revision;
+            self.dirty.hosts.insert(host.to_string());
+        }
+        Ok(())
+    }
+
+    /// Record that what `host` must run last changed at `revision`.
+    pub fn note_desired(&mut self, host: &str, revision: u64) {
+        if let Some(h) = self.hosts.get_mut(host) {
+            if h.desired != revision {
+                h.desired = revision;
+                self.dirty.hosts.insert(host.to_string());
+            }
+        }
+    }
+
+    /// The VLAN whose MAC table holds port `p`'s VM (access VLAN or trunk
+    /// native VLAN).
+    pub fn port_vlan(&self, p: &PortRec) -> Option<u16> {
+        match self.resolved.get(&p.profile)?.vlan.as_ref()? {
+            VlanMode::Access(v) => Some(v.get()),
+            VlanMode::Trunk { native, .. } => native.map(|v| v.get()),
+        }
+    }
+
+    /// The VLANs a port carries.
+    fn port_vlans(&self, p: &PortRec) -> Vec<u16> {
+        match self.resolved.get(&p.profile).and_then(|x| x.vlan.as_ref()) {
+            Some(VlanMode::Access(v)) => vec![v.get()],
+            Some(VlanMode::Trunk { allowed, .. }) => allowed.iter().map(|v| v.get()).collect(),
+            None => Vec::new(),
+        }
+    }
+
+    /// What `host` must run, as keyed items of an agent file: `chassis`,
+    /// `segments`, `profile/NAME`, `monitor/NAME`, `port/vethN` and
+    /// `mac/VLAN/MAC` (see [`assemble`]).
+    pub fn host_items(&self, host: &str) -> BTreeMap<String, Value> {
+        let mut items = BTreeMap::new();
+        items.insert("chassis".to_string(), json!(self.meta.chassis_id));
+        let mine: Vec<&PortRec> = self
+            .ports
+            .values()
+            .filter(|p| p.binding.as_ref().is_some_and(|b| b.host == host))
+            .collect();
+        // Profiles used here, with their parents, and their monitors.
+        let mut wanted: Vec<String> = mine.iter().map(|p| p.profile.clone()).collect();
+        let mut profiles = BTreeSet::new();
+        while let Some(name) = wanted.pop() {
+            if !profiles.insert(name.clone()) {
+                continue;
+            }
+            if let Some(parent) = self
+                .profiles
+                .get(&name)
+                .and_then(|d| d.body.get("inherit"))
+                .and_then(Value::as_str)
+            {
+                wanted.push(parent.to_string());
+            }
+        }
+        let mut monitors = BTreeSet::new();
+        for name in &profiles {
+            if let Some(d) = self.profiles.get(name) {
+                items.insert(format!("profile/{name}"), d.body.clone());
+                if let Some(m) = d
+                    .body
+                    .get("netflow")
+                    .and_then(|n| n.get("monitor"))
+                    .and_then(Value::as_str)
+                {
+                    monitors.insert(m.to_string());
+                }
+            }
+        }
+        for name in monitors {
+            if let Some(d) = self.monitors.get(&name) {
+                items.insert(format!("monitor/{name}"), d.body.clone());
+            }
+        }
+        let mut vlans = BTreeSet::new();
+        for p in &mine {
+            let Some(b) = &p.binding else { continue };
+            let mut item = json!({
+                "id": p.id.to_string(),
+                "name": p.id.to_string(),
+                "profile": p.profile,
+                "mac": p.mac.to_string(),
+            });
+            match &b.attach {
+                Attach::Tap(n) => item["tap"] = json!(n),
+                Attach::Netdev(n) => item["netdev"] = json!(n),
+            }
+            items.insert(format!("port/{}", p.id), item);
+            vlans.extend(self.port_vlans(p));
+        }
+        // Segments: each VLAN here that other hosts (with a known tunnel
+        // address) also have, and where those VLANs' VMs live.
+        let mut peers: BTreeMap<u16, BTreeSet<IpAddr>> = BTreeMap::new();
+        for p in self.ports.values() {
+            let Some(b) = &p.binding else { continue };
+            if b.host == host {
+                continue;
+            }
+            let Some(ip) = self.hosts.get(&b.host).and_then(|h| h.tunnel_ip) else {
+                continue;
+            };
+            for v in self.port_vlans(p) {
+                if vlans.contains(&v) {
+                    peers.entry(v).or_default().insert(ip);
+                }
+            }
+            if let Some(v) = self.port_vlan(p).filter(|v| vlans.contains(v)) {
+                items.insert(
+                    format!("mac/{v}/{}", p.mac),
+                    json!({ "vlan": v, "mac": p.mac.to_string(), "remote": ip.to_string() }),
+                );
+            }
+        }
+        let segments: Vec<Value> = vlans
+            .iter()
+            .map(|v| {
+                json!({
+                    "vlan": v,
+                    "vni": VNI_BASE + u32::from(*v),
+                    "peers": peers.get(v).map(|s| s.iter().map(ToString::to_string).collect::<Vec<_>>()).unwrap_or_default(),
+                })
+            })
+            .collect();
+        items.insert("segments".to_string(), Value::Array(segments));
+        items
+    }
+}
+
+/// An agent file (JSON) from a host's items, for `host` with its own
+/// settings (`tunnel`, `stats_file`, …) in `local`.
+pub fn assemble(host: &str, items: &BTreeMap<String, Value>, local: &Value) -> Value {
+    let mut doc = match local {
+        Value::Object(m) => Value::Object(m.clone()),
+        _ => json!({}),
+    };
+    doc["host"] = json!(host);
+    let mut profiles = Vec::new();
+    let mut monitors = Vec::new();
+    let mut ports = Vec::new();
+    let mut macs = Vec::new();
+    for (k, v) in items {
+        match k.split_once('/').map_or(k.as_str(), |(a, _)| a) {
+            "chassis" => doc["chassis_id"] = v.clone(),
+            "segments" => doc["segments"] = v.clone(),
+            "profile" => profiles.push(v.clone()),
+            "monitor" => monitors.push(v.clone()),
+            "port" => ports.push(v.clone()),
+            "mac" => macs.push(v.clone()),
+            _ => {}
+        }
+    }
+    doc["profiles"] = Value::Array(profiles);
+    doc["monitors"] = Value::Array(monitors);
+    doc["ports"] = Value::Array(ports);
+    doc["static_macs"] = Value::Array(macs);
+    doc
+}
+
+fn check_host_name(host: &str) -> Result<(), Error> {
+    if host.is_empty()
+        || host.len() > 63
+        || !host
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
+    {
+        return Err(Error::Invalid(format!(
+            "host name `{host}` is not valid: 1 to 63 letters, digits, '-', '_' or '.'"
+        )));
+    }
+    Ok(())
+}
+
+/// Check a set of documents whole; returns each profile resolved.
+fn validate(
+    profiles: &BTreeMap<String, Doc>,
+    monitors: &BTreeMap<String, Doc>,
+) -> Result<BTreeMap<String, Policy>, Error> {
+    let raw_profiles = profiles
+        .values()
+        .map(|d| {
+            serde_json::from_value::<RawProfile>(d.body.clone())
+                .map_err(|e| Error::Invalid(format!("profile `{}`: {e}", d.name)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let raw_monitors = monitors
+        .values()
+        .map(|d| {
+            serde_json::from_value::<RawMonitor>(d.body.clone())
+                .map_err(|e| Error::Invalid(format!("monitor `{}`: {e}", d.name)))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let monitors =
+        NetflowMonitor::set_from_raw(&raw_monitors).map_err(|e| Error::Invalid(e.to_string()))?;
+    let resolved = profile::resolve(&raw_profiles).map_err(|e| Error::Invalid(e.to_string()))?;
+    profile::check_monitors(&resolved, &monitors).map_err(|e| Error::Invalid(e.to_string()))?;
+    Ok(resolved)
+}
+
+/// A port needs its profile to exist and to give it a VLAN.
+fn check_port_policy(p: &PortRec, resolved: &BTreeMap<String, Policy>) -> Result<(), Error> {
+    match resolved.get(&p.profile) {
+        None => Err(Error::Invalid(format!(
+            "port {} takes profile `{}`, which would not exist",
+            p.id, p.profile
+        ))),
+        Some(policy) if policy.vlan.is_none() => Err(Error::Invalid(format!(
+            "port {} would have no VLAN: profile `{}` (or one it inherits) must set `vlan:`",
+            p.id, p.profile
+        ))),
+        Some(_) => Ok(()),
+    }
+}
+
+/// The top-level fields that differ between two documents.
+fn changed_fields(old: &Value, new: &Value) -> Vec<String> {
+    let keys: BTreeSet<&String> = old
+        .as_object()
+        .into_iter()
+        .flat_map(|m| m.keys())
+        .chain(new.as_object().into_iter().flat_map(|m| m.keys()))
+        .collect();
+    keys.into_iter()
+        .filter(|k| old.get(k.as_str()) != new.get(k.as_str()))
+        .cloned()
+        .collect()
+}
+
+fn list<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let v: Vec<&str> = names.collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const BASE: &str = "kind: PortProfile\nname: base\nvlan: { mode: access, id: 10 }\n---\n\
+        kind: PortProfile\nname: web\ninherit: base\nacl:\n  in:\n    - { action: permit, proto: tcp, dst_port: 80 }\n    - { action: deny }\n";
+
+    fn chassis() -> Chassis {
+        let mut c = Chassis::default();
+        c.apply(BASE, false).unwrap();
+        c
+    }
+
+    #[test]
+    fn apply_is_versioned_and_a_dry_run_changes_nothing() {
+        let mut c = Chassis::default();
+        let ch = c.apply(BASE, false).unwrap();
+        assert_eq!(
+            ch,
+            vec![
+                "profile base: created (version 1)",
+                "profile web: created (version 1)"
+            ]
+        );
+        assert_eq!(c.revision(), 1);
+        // The same file again changes nothing.
+        assert!(c.apply(BASE, false).unwrap().is_empty());
+        assert_eq!(c.revision(), 1);
+        let edit = "kind: PortProfile\nname: web\ninherit: base\nqos: { in: { avg_mbps: 10 } }\n";
+        let ch = c.apply(edit, true).unwrap();
+        assert_eq!(ch, vec!["profile web: version 1 → 2 (acl, qos)"]);
+        assert_eq!(c.doc(Kind::PortProfile, "web").unwrap().version, 1);
+        c.apply(edit, false).unwrap();
+        assert_eq!(c.doc(Kind::PortProfile, "web").unwrap().version, 2);
+        assert_eq!(c.revision(), 2);
+        let d = c.take_dirty();
+        assert!(d
+            .docs
+            .contains(&("PortProfile".to_string(), "web".to_string())));
+    }
+
+    #[test]
+    fn bad_applies_are_rejected_whole_with_the_message_users_see() {
+        let mut c = chassis();
+        let before = c.revision();
+        let e = |c: &mut Chassis, y: &str| c.apply(y, false).unwrap_err().to_string();
+        assert_eq!(
+            e(&mut c, "kind: PortProfile\nname: a\nvlan: { mode: access, id: 10 }\n---\nkind: PortProfile\nname: b\nacl: { in: [ { action: permit, proto: tcp, dst_port: 70000 } ] }\n"),
+            "profile `b`, acl.in[0], dst_port: port 70000 is out of range 0..=65535"
+        );
+        assert!(c.doc(Kind::PortProfile, "a").is_none(), "all or nothing");
+        assert_eq!(
+            e(&mut c, "kind: PortProfile\nname: x\ninherit: nope\n"),
+            "profile `x`, inherit: unknown profile `nope`; profiles here: base, web, x"
+        );
+        assert!(e(
+            &mut c,
+            "kind: PortProfile\nname: base\ninherit: web\nvlan: { mode: access, id: 10 }\n"
+        )
+        .contains("inherit in a cycle"));
+        assert_eq!(
+            e(&mut c, "kind: Portprofile\nname: x\n"),
+            "document 1: kind `Portprofile` is not one this file may hold: expected PortProfile or NetflowMonitor"
+        );
+        assert!(e(
+            &mut c,
+            "kind: PortProfile\nname: x\nnetflow: { monitor: m }\n"
+        )
+        .contains("unknown monitor `m`"));
+        assert!(e(
+            &mut c,
+            "kind: NetflowMonitor\nname: m\nversion: 7\ncollectors: [\"127.0.0.1:2055\"]\n"
+        )
+        .contains("version: `7` is not an export format"));
+        let big = "#".repeat(MAX_APPLY_BYTES + 1);
+        assert!(e(&mut c, &big).contains("apply at most"));
+        assert_eq!(c.revision(), before);
+    }
+
+    #[test]
+    fn profiles_in_use_cannot_be_deleted_or_lose_their_vlan() {
+        let mut c = chassis();
+        let id = c.create_port("vm1", "02:00:00:00:00:01", "web").unwrap();
+        assert_eq!(id.to_string(), "veth1");
+        assert_eq!(
+            c.delete_doc(Kind::PortProfile, "web")
+                .unwrap_err()
+                .to_string(),
+            "profile `web` is in use by port veth1: give them another profile first"
+        );
+        assert_eq!(
+            c.delete_doc(Kind::PortProfile, "base")
+                .unwrap_err()
+                .to_string(),
+            "profile `base` is inherited by web: change them first"
+        );
+        let e = c
+            .apply("kind: PortProfile\nname: base\nmtu: 9000\n", false)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("unknown field `mtu`"), "{e}");
+        let e = c
+            .apply("kind: PortProfile\nname: base\n", false)
+            .unwrap_err()
+            .to_string();
+        assert_eq!(
+            e,
+            "port veth1 would have no VLAN: profile `web` (or one it inherits) must set `vlan:`"
+        );
+        assert!(c
+            .delete_doc(Kind::PortProfile, "nope")
+            .unwrap_err()
+            .to_string()
+            .starts_with("no profile `nope`"));
+        c.delete_port(id).unwrap();
+        c.delete_doc(Kind::PortProfile, "web").unwrap();
+        // IDs are never given twice.
+        assert_eq!(
+            c.create_port("vm2", "02:00:00:00:00:02", "base")
+                .unwrap()
+                .to_string(),
+            "veth2"
+        );
+    }
+
+    #[test]
+    fn ports_are_checked() {
+        let mut c = chassis();
+        assert!(c.create_port("", "02:00:00:00:00:01", "web").is_err());
+        assert!(c
+            .create_port("vm", "02:00:00:00:00", "web")
+            .unwrap_err()
+            .to_string()
+            .starts_with("--mac: MAC address `02:00:00:00:00` is not valid"));
+        assert!(c.create_port("vm", "01:00:00:00:00:01", "web").is_err());
+        assert!(c
+            .create_port("vm", "02:00:00:00:00:01", "nope")
+            .unwrap_err()
+            .to_string()
+            .starts_with("no profile `nope`; profiles: base, web"));
+        let a = c.create_port("vm", "02:00:00:00:00:01", "web").unwrap();
+        assert!(c
+            .create_port("vm", "02:00:00:00:00:01", "web")
+            .unwrap_err()
+            .to_string()
+            .contains("belongs to port veth1"));
+        let b = c.create_port("vm", "02:00:00:00:00:02", "web").unwrap();
+        c.bind_port(a, "h1", Attach::Tap("tap-a".into())).unwrap();
+        assert!(c
+            .bind_port(b, "h1", Attach::Tap("tap-a".into()))
+            .unwrap_err()
+            .to_string()
+            .contains("belongs to port veth1"));
+        assert!(c.bind_port(b, "h 1", Attach::Tap("tap-b".into())).is_err());
+        assert_eq!(c.host("h1").unwrap().module, 3);
+    }
+
+    #[test]
+    fn a_host_gets_its_ports_their_policy_segments_and_remote_macs() {
+        let mut c = chassis();
+        c.apply(
+            "kind: NetflowMonitor\nname: m\nversion: ipfix\ncollectors: [\"10.0.0.100:4739\"]\n---\n\
+             kind: PortProfile\nname: db\nvlan: { mode: access, id: 20 }\nnetflow: { monitor: m }\n",
+            false,
+        )
+        .unwrap();
+        let a = c.create_port("vm-a", "02:00:00:00:00:0a", "web").unwrap();
+        let b = c.create_port("vm-b", "02:00:00:00:00:0b", "web").unwrap();
+        let d = c.create_port("vm-d", "02:00:00:00:00:0d", "db").unwrap();
+        c.bind_port(a, "h1", Attach::Tap("ta".into())).unwrap();
+        c.bind_port(b, "h2", Attach::Tap("tb".into())).unwrap();
+        c.bind_port(d, "h2", Attach::Netdev("vnet0".into()))
+            .unwrap();
+        c.register("h1", "10.0.0.1".parse().unwrap()).unwrap();
+        c.register("h2", "10.0.0.2".parse().unwrap()).unwrap();
+        assert!(c
+            .register("h3", "10.0.0.2".parse().unwrap())
+            .unwrap_err()
+            .to_string()
+            .contains("is host h2's"));
+        let items = c.host_items("h1");
+        let keys: Vec<&str> = items.keys().map(String::as_str).collect();
+        assert_eq!(
+            keys,
+            vec![
+                "chassis",
+                "mac/10/02:00:00:00:00:0b",
+                "port/veth1",
+                "profile/base",
+                "profile/web",
+                "segments"
+            ]
+        );
+        assert_eq!(
+            items["segments"],
+            json!([{ "vlan": 10, "vni": 10010, "peers": ["10.0.0.2"] }])
+        );
+        let items2 = c.host_items("h2");
+        assert!(items2.contains_key("monitor/m"));
+        assert!(items2.contains_key("mac/10/02:00:00:00:00:0a"));
+        assert_eq!(items2["port/veth3"]["netdev"], "vnet0");
+        // The assembled file is a valid agent file.
+        let doc = assemble("h2", &items2, &json!({ "tunnel": { "local": "10.0.0.2" } }));
+        let cfg = dvs_switch::config::AgentConfig::parse(&doc.to_string()).unwrap();
+        assert_eq!(cfg.ports.len(), 2);
+        assert_eq!(cfg.static_macs.len(), 1);
+        assert!(cfg.ports[1].port.netflow.is_some());
+        // Acks from the future are refused.
+        let r = c.revision();
+        assert!(c
+            .ack("h1", r + 1)
+            .unwrap_err()
+            .to_string()
+            .contains("from the future"));
+        c.ack("h1", r).unwrap();
+        assert_eq!(c.host("h1").unwrap().acked, r);
+    }
+}
