@@ -15,8 +15,25 @@ use clap::{Parser, Subcommand};
                   Start with `dvs lab`: the whole system on one machine, no setup."
 )]
 struct Cli {
+    /// The controller's URL, for admin commands.
+    #[arg(
+        long,
+        global = true,
+        env = "DVS_CONTROLLER",
+        default_value = "http://127.0.0.1:7700"
+    )]
+    controller: String,
+    /// How admin commands print their views.
+    #[arg(long, global = true, value_enum, default_value_t = OutputArg::Table)]
+    output: OutputArg,
     #[command(subcommand)]
     command: Command,
+}
+
+#[derive(Debug, Clone, Copy, clap::ValueEnum)]
+enum OutputArg {
+    Table,
+    Json,
 }
 
 #[derive(Subcommand, Debug)]
@@ -54,9 +71,115 @@ enum Command {
     )]
     Agent {
         /// The host's static YAML file (no controller).
+        #[arg(long, value_name = "FILE", conflicts_with_all = ["host", "tunnel_ip", "state_dir"])]
+        config: Option<PathBuf>,
+        /// Under a controller (`--controller URL`): this host's name.
+        #[arg(long, requires_all = ["tunnel_ip", "state_dir"])]
+        host: Option<String>,
+        /// This host's VXLAN address.
+        #[arg(long, value_name = "IP")]
+        tunnel_ip: Option<std::net::IpAddr>,
+        /// Where the agent keeps the last state it applied (for restarts
+        /// while the controller is away).
+        #[arg(long, value_name = "DIR")]
+        state_dir: Option<PathBuf>,
+        /// Under a controller: write the counters here every second.
         #[arg(long, value_name = "FILE")]
-        config: PathBuf,
+        stats_file: Option<PathBuf>,
     },
+    /// Run the controller: the logical chassis, its store and the admin and
+    /// agent services.
+    Controller {
+        /// Address to serve gRPC on.
+        #[arg(long, default_value = "127.0.0.1:7700")]
+        listen: std::net::SocketAddr,
+        /// Where the embedded store lives (created if missing).
+        #[arg(long, value_name = "DIR")]
+        data_dir: PathBuf,
+    },
+    /// Port profiles and NetFlow monitors (YAML documents).
+    #[command(subcommand)]
+    Profile(ProfileCmd),
+    /// VM ports: IDs vethN that never change.
+    #[command(subcommand)]
+    Port(PortCmd),
+    /// Hosts (the chassis's modules).
+    #[command(subcommand)]
+    Host(HostCmd),
+    /// Chassis-wide views.
+    #[command(subcommand)]
+    Show(ShowCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum ProfileCmd {
+    /// Apply a file of PortProfile and NetflowMonitor documents (`---`
+    /// between them), all or nothing; every bound port follows.
+    Apply {
+        #[arg(short = 'f', long = "file", value_name = "FILE")]
+        file: PathBuf,
+        /// Only print what would change.
+        #[arg(long)]
+        dry_run: bool,
+    },
+    List,
+    Show {
+        name: String,
+    },
+    /// Delete a profile or monitor nothing uses.
+    Delete {
+        name: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum PortCmd {
+    /// Define a VM port; prints its ID.
+    Create {
+        #[arg(long)]
+        vm: String,
+        #[arg(long)]
+        mac: String,
+        #[arg(long)]
+        profile: String,
+        /// Bind it at once to this host...
+        #[arg(long, default_value = "")]
+        host: String,
+        /// ...on a TAP the agent creates,
+        #[arg(long, default_value = "")]
+        tap: String,
+        /// ...or on an interface the VMM made.
+        #[arg(long, default_value = "")]
+        netdev: String,
+    },
+    List,
+    Show {
+        id: String,
+    },
+    Delete {
+        id: String,
+    },
+    /// Put a port on a host (`--host ''` takes it off).
+    Bind {
+        id: String,
+        #[arg(long)]
+        host: String,
+        #[arg(long, default_value = "")]
+        tap: String,
+        #[arg(long, default_value = "")]
+        netdev: String,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum HostCmd {
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum ShowCmd {
+    /// Modules and interfaces, like `show module` and `show interface brief`.
+    Chassis,
 }
 
 fn main() -> ExitCode {
@@ -88,12 +211,117 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             Ok(())
         }
-        Command::Agent { config } => {
+        Command::Agent {
+            config: Some(config),
+            ..
+        } => {
             let cfg = dvs_switch::config::AgentConfig::load(&config)?;
             dvs_switch::agent::run(&cfg, Some(&config))?;
             Ok(())
         }
+        Command::Agent {
+            config: None,
+            host: Some(host),
+            tunnel_ip: Some(tunnel_ip),
+            state_dir: Some(state_dir),
+            stats_file,
+        } => {
+            dvs_switch::remote::run(&dvs_switch::remote::RemoteOptions {
+                host,
+                controller: cli.controller,
+                tunnel_ip,
+                state_dir,
+                stats_file,
+            })?;
+            Ok(())
+        }
+        Command::Agent { .. } => anyhow::bail!(
+            "give `--config FILE` (a static host) or `--host NAME --tunnel-ip IP --state-dir DIR` (a host under the controller at --controller)"
+        ),
+        Command::Controller { listen, data_dir } => {
+            let c = dvs_controller::server::Controller::open(&data_dir)?;
+            let rt = tokio::runtime::Runtime::new()?;
+            rt.block_on(async move {
+                tracing::info!(%listen, data_dir = %data_dir.display(), "controller running");
+                let stop = async {
+                    let mut term =
+                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+                            .ok();
+                    tokio::select! {
+                        _ = tokio::signal::ctrl_c() => {}
+                        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                    }
+                };
+                dvs_controller::server::serve(c, listen, stop)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("serving on {listen}: {e}"))
+            })
+        }
+        Command::Profile(_) | Command::Port(_) | Command::Host(_) | Command::Show(_) => {
+            admin(&cli.controller, cli.output, cli.command)
+        }
     }
+}
+
+/// Run an admin command against the controller and print its view.
+fn admin(url: &str, output: OutputArg, cmd: Command) -> anyhow::Result<()> {
+    use dvs_controller::client::{self, Command as C};
+    use dvs_proto::api;
+    let c = match cmd {
+        Command::Profile(ProfileCmd::Apply { file, dry_run }) => C::ProfileApply {
+            yaml: std::fs::read_to_string(&file)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", file.display()))?,
+            dry_run,
+        },
+        Command::Profile(ProfileCmd::List) => C::ProfileList,
+        Command::Profile(ProfileCmd::Show { name }) => C::ProfileShow(name),
+        Command::Profile(ProfileCmd::Delete { name }) => C::ProfileDelete(name),
+        Command::Port(PortCmd::Create {
+            vm,
+            mac,
+            profile,
+            host,
+            tap,
+            netdev,
+        }) => C::PortCreate(api::CreatePortRequest {
+            vm,
+            mac,
+            profile,
+            host,
+            tap,
+            netdev,
+        }),
+        Command::Port(PortCmd::List) => C::PortList,
+        Command::Port(PortCmd::Show { id }) => C::PortShow(id),
+        Command::Port(PortCmd::Delete { id }) => C::PortDelete(id),
+        Command::Port(PortCmd::Bind {
+            id,
+            host,
+            tap,
+            netdev,
+        }) => C::PortBind(api::BindPortRequest {
+            id,
+            host,
+            tap,
+            netdev,
+        }),
+        Command::Host(HostCmd::List) => C::HostList,
+        Command::Show(ShowCmd::Chassis) => C::ShowChassis,
+        _ => anyhow::bail!("not an admin command"),
+    };
+    let out = match output {
+        OutputArg::Table => client::Output::Table,
+        OutputArg::Json => client::Output::Json,
+    };
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let text = rt.block_on(client::run(url, c, out))?;
+    print!("{text}");
+    if out == client::Output::Json && !text.ends_with('\n') {
+        println!();
+    }
+    Ok(())
 }
 
 /// The error and its causes on one line.

@@ -670,7 +670,8 @@ impl Chassis {
 
     /// What `host` must run, as keyed items of an agent file: `chassis`,
     /// `segments`, `profile/NAME`, `monitor/NAME`, `port/vethN` and
-    /// `mac/VLAN/MAC` (see [`assemble`]).
+    /// `mac/VLAN/MAC` (the agent puts them together:
+    /// `dvs_switch::config::assemble`).
     pub fn host_items(&self, host: &str) -> BTreeMap<String, Value> {
         let mut items = BTreeMap::new();
         items.insert("chassis".to_string(), json!(self.meta.chassis_id));
@@ -766,36 +767,6 @@ impl Chassis {
         items.insert("segments".to_string(), Value::Array(segments));
         items
     }
-}
-
-/// An agent file (JSON) from a host's items, for `host` with its own
-/// settings (`tunnel`, `stats_file`, …) in `local`.
-pub fn assemble(host: &str, items: &BTreeMap<String, Value>, local: &Value) -> Value {
-    let mut doc = match local {
-        Value::Object(m) => Value::Object(m.clone()),
-        _ => json!({}),
-    };
-    doc["host"] = json!(host);
-    let mut profiles = Vec::new();
-    let mut monitors = Vec::new();
-    let mut ports = Vec::new();
-    let mut macs = Vec::new();
-    for (k, v) in items {
-        match k.split_once('/').map_or(k.as_str(), |(a, _)| a) {
-            "chassis" => doc["chassis_id"] = v.clone(),
-            "segments" => doc["segments"] = v.clone(),
-            "profile" => profiles.push(v.clone()),
-            "monitor" => monitors.push(v.clone()),
-            "port" => ports.push(v.clone()),
-            "mac" => macs.push(v.clone()),
-            _ => {}
-        }
-    }
-    doc["profiles"] = Value::Array(profiles);
-    doc["monitors"] = Value::Array(monitors);
-    doc["ports"] = Value::Array(ports);
-    doc["static_macs"] = Value::Array(macs);
-    doc
 }
 
 fn check_host_name(host: &str) -> Result<(), Error> {
@@ -1078,7 +1049,11 @@ mod tests {
         assert!(items2.contains_key("mac/10/02:00:00:00:00:0a"));
         assert_eq!(items2["port/veth3"]["netdev"], "vnet0");
         // The assembled file is a valid agent file.
-        let doc = assemble("h2", &items2, &json!({ "tunnel": { "local": "10.0.0.2" } }));
+        let doc = dvs_switch::config::assemble(
+            "h2",
+            &items2,
+            &json!({ "tunnel": { "local": "10.0.0.2" } }),
+        );
         let cfg = dvs_switch::config::AgentConfig::parse(&doc.to_string()).unwrap();
         assert_eq!(cfg.ports.len(), 2);
         assert_eq!(cfg.static_macs.len(), 1);

@@ -6,11 +6,15 @@
 //! - [`store`]: the embedded transactional database (redb) under the
 //!   controller's `--data-dir`: what [`chassis`] marks dirty is written in
 //!   one transaction, and the chassis is rebuilt from it at start with the
-//!   same IDs and module numbers.
+//!   same IDs and module numbers;
+//! - [`server`]: the admin and agent gRPC services over both;
+//! - [`client`]: the admin commands of the `dvs` binary and their views.
 
 #![forbid(unsafe_code)]
 
 pub mod chassis;
+pub mod client;
+pub mod server;
 pub mod store;
 
 /// Why a controller operation was refused; each message names the thing

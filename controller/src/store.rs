@@ -107,16 +107,35 @@ impl Store {
         Chassis::from_records(meta, docs, ports, hosts)
     }
 
-    /// Write what `dirty` names, as `chassis` now has it, in one
+    /// Write what `dirty` names, as `chassis` now has it, in one durable
     /// transaction.
     ///
     /// # Errors
     /// [`Error::Store`]; nothing is written then.
     pub fn commit(&self, chassis: &Chassis, dirty: &Dirty) -> Result<(), Error> {
+        self.commit_with(chassis, dirty, true)
+    }
+
+    /// [`Store::commit`]; without `durable` the transaction reaches the
+    /// disk with the next durable one (for acks: frequent, and harmless to
+    /// lose in a crash — agents ack again).
+    ///
+    /// # Errors
+    /// [`Error::Store`]; nothing is written then.
+    pub fn commit_with(
+        &self,
+        chassis: &Chassis,
+        dirty: &Dirty,
+        durable: bool,
+    ) -> Result<(), Error> {
         if dirty.is_empty() {
             return Ok(());
         }
-        let w = self.db.begin_write().map_err(|e| self.err(e))?;
+        let mut w = self.db.begin_write().map_err(|e| self.err(e))?;
+        if !durable {
+            w.set_durability(redb::Durability::None)
+                .map_err(|e| self.err(e))?;
+        }
         {
             if dirty.meta {
                 let mut t = w.open_table(META).map_err(|e| self.err(e))?;

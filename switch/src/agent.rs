@@ -12,7 +12,7 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::config::{AgentConfig, Attachment, StaticLocation};
+use crate::config::{AgentConfig, Attachment, PortSpec, StaticLocation, StaticMac};
 use crate::datapath::{Datapath, PortIo, RxMeta, Uplink};
 use crate::mactable::Location;
 use crate::pipeline::{Switch, SwitchConfig};
@@ -161,35 +161,52 @@ pub fn build(cfg: &AgentConfig) -> Result<Datapath<HostPort>, Error> {
     for s in &cfg.segments {
         sw.set_segment(s.clone())?;
     }
-    let mut nos = Vec::new();
-    for p in &cfg.ports {
-        nos.push(sw.add_port(p.port.clone())?);
-    }
-    for m in &cfg.static_macs {
-        let loc = match &m.at {
-            StaticLocation::Remote(ip) => Location::Remote(*ip),
-            StaticLocation::Port(name) => match sw.port_by_name(name) {
-                Some(no) => Location::Port(no),
-                None => continue, // validated: cannot happen
-            },
-        };
-        sw.set_static_mac(m.vlan, m.mac, loc);
-    }
     let uplink = match cfg.tunnel {
         Some(t) => Some(Uplink::bind(SocketAddr::new(t.local, t.port), t.port)?),
         None => None,
     };
     let mut dp = Datapath::new(sw, uplink).map_err(|e| Error::io("cloning the VXLAN socket", e))?;
     dp.set_flow_identity(cfg.chassis_id, flow_source(cfg));
-    for (p, no) in cfg.ports.iter().zip(nos) {
-        let name = match &p.attach {
-            Attachment::Tap { name, .. } | Attachment::Netdev(name) => name,
-        };
-        dp.attach(no, HostPort::open(&p.attach)?)
-            .map_err(|e| Error::io(format!("duplicating the handle of `{name}`"), e))?;
-        tracing::info!(port = %p.port.id, name = %p.port.name, attach = ?p.attach, vlan = ?p.port.vlan, "port up");
+    for p in &cfg.ports {
+        add_port(&mut dp, p)?;
+    }
+    for m in &cfg.static_macs {
+        set_static_mac(&mut dp, m);
     }
     Ok(dp)
+}
+
+/// Add a port to the switch (its policy first), then open and attach its
+/// device; a device that cannot be opened takes the port away again.
+fn add_port(dp: &mut Datapath<HostPort>, p: &PortSpec) -> Result<(), Error> {
+    let no = dp.switch.add_port(p.port.clone())?;
+    let name = match &p.attach {
+        Attachment::Tap { name, .. } | Attachment::Netdev(name) => name,
+    };
+    let io = match HostPort::open(&p.attach) {
+        Ok(io) => io,
+        Err(e) => {
+            dp.switch.remove_port(no);
+            return Err(e);
+        }
+    };
+    if let Err(e) = dp.attach(no, io) {
+        dp.switch.remove_port(no);
+        return Err(Error::io(format!("duplicating the handle of `{name}`"), e));
+    }
+    tracing::info!(port = %p.port.id, name = %p.port.name, attach = ?p.attach, vlan = ?p.port.vlan, "port up");
+    Ok(())
+}
+
+fn set_static_mac(dp: &mut Datapath<HostPort>, m: &StaticMac) {
+    let loc = match &m.at {
+        StaticLocation::Remote(ip) => Location::Remote(*ip),
+        StaticLocation::Port(name) => match dp.switch.port_by_name(name) {
+            Some(no) => Location::Port(no),
+            None => return, // validated: cannot happen
+        },
+    };
+    dp.switch.set_static_mac(m.vlan, m.mac, loc);
 }
 
 /// Flow exports leave from the tunnel address (the host's address on the
@@ -201,11 +218,43 @@ fn flow_source(cfg: &AgentConfig) -> std::net::IpAddr {
         })
 }
 
-/// Run the agent of `cfg` until SIGTERM or SIGINT.
+/// A new desired state from the controller, and where to say whether it
+/// was applied.
+#[derive(Debug)]
+pub struct Update {
+    pub revision: u64,
+    pub config: AgentConfig,
+    pub done: std::sync::mpsc::SyncSender<Result<u64, String>>,
+}
+
+/// How a controller-driven agent talks to its datapath loop.
+#[derive(Debug)]
+pub struct ControlLink {
+    pub updates: std::sync::mpsc::Receiver<Update>,
+    /// Readable when an update waits (the control side writes a byte).
+    pub wake: std::os::unix::net::UnixStream,
+    /// The latest stats document, for the control side's reports.
+    pub stats: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+/// Run the agent of `cfg` until SIGTERM or SIGINT; with `path`, SIGHUP
+/// re-reads that file.
 ///
 /// # Errors
 /// Startup errors (see [`build`]) and fatal device errors.
 pub fn run(cfg: &AgentConfig, path: Option<&Path>) -> Result<(), Error> {
+    run_with(cfg, path, None)
+}
+
+/// [`run`], taking new configurations from a controller through `link`.
+///
+/// # Errors
+/// Startup errors (see [`build`]) and fatal device errors.
+pub fn run_with(
+    cfg: &AgentConfig,
+    path: Option<&Path>,
+    link: Option<ControlLink>,
+) -> Result<(), Error> {
     sys::catch_signals().map_err(|e| Error::io("installing signal handlers", e))?;
     let mut cfg = cfg.clone();
     let mut dp = build(&cfg)?;
@@ -213,28 +262,38 @@ pub fn run(cfg: &AgentConfig, path: Option<&Path>) -> Result<(), Error> {
     dp.spawn_transmit(start)
         .map_err(|e| Error::io("starting the transmit thread", e))?;
     tracing::info!(host = %cfg.host, ports = cfg.ports.len(), segments = cfg.segments.len(), "agent running");
-    let fds = dp.fds();
-    let mut pollfds: Vec<libc::pollfd> = fds
-        .iter()
-        .map(|(_, fd)| libc::pollfd {
-            fd: *fd,
-            events: libc::POLLIN,
-            revents: 0,
-        })
-        .collect();
+    if let Some(l) = &link {
+        l.wake
+            .set_nonblocking(true)
+            .map_err(|e| Error::io("setting the control link non-blocking", e))?;
+    }
+    let mut fds = dp.fds();
     let mut next_stats = Duration::ZERO;
     while !sys::terminate_requested() {
+        let mut pollfds: Vec<libc::pollfd> = fds
+            .iter()
+            .map(|(_, fd)| libc::pollfd {
+                fd: *fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        if let Some(l) = &link {
+            pollfds.push(libc::pollfd {
+                fd: l.wake.as_raw_fd(),
+                events: libc::POLLIN,
+                revents: 0,
+            });
+        }
         let now = start.elapsed();
-        let wait = dp
+        let mut wait = dp
             .switch
             .poll_timeout()
             .min(next_stats)
             .saturating_sub(now)
             .min(Duration::from_millis(200));
         // A shaped port whose frames must wait is not read until then.
-        let mut wait = wait;
         for (pfd, (port, _)) in pollfds.iter_mut().zip(&fds) {
-            pfd.events = libc::POLLIN;
             if let Some(no) = port {
                 if let Some(w) = dp.switch.port_wait(*no, now) {
                     pfd.events = 0;
@@ -246,11 +305,10 @@ pub fn run(cfg: &AgentConfig, path: Option<&Path>) -> Result<(), Error> {
         let ms = wait.as_micros().div_ceil(1000) as i32;
         sys::poll(&mut pollfds, ms).map_err(|e| Error::io("waiting for frames", e))?;
         let now = start.elapsed();
-        for (pfd, (port, _)) in pollfds.iter_mut().zip(&fds) {
+        for (pfd, (port, _)) in pollfds.iter().zip(&fds) {
             if pfd.revents == 0 {
                 continue;
             }
-            pfd.revents = 0;
             let r = match port {
                 Some(no) => dp.poll_port(now, *no),
                 None => dp.poll_uplink(now),
@@ -264,14 +322,37 @@ pub fn run(cfg: &AgentConfig, path: Option<&Path>) -> Result<(), Error> {
             }
         }
         dp.handle_timeout(now);
+        let mut changed = false;
         if sys::take_reload_request() {
             if let Some(path) = path {
-                reload(&mut dp, &mut cfg, path, now);
+                match AgentConfig::load(path) {
+                    Ok(new) => changed |= apply(&mut dp, &mut cfg, new, now).is_ok(),
+                    Err(e) => {
+                        tracing::error!(error = %e, "reload refused; the running configuration stays");
+                    }
+                }
             }
+        }
+        if let Some(l) = &link {
+            let mut byte = [0u8; 64];
+            while (&l.wake).read(&mut byte).is_ok_and(|n| n > 0) {}
+            while let Ok(u) = l.updates.try_recv() {
+                let r = apply(&mut dp, &mut cfg, u.config, now);
+                changed = true;
+                let _ = u.done.send(r.map(|()| u.revision));
+            }
+        }
+        if changed {
+            fds = dp.fds();
         }
         if now >= next_stats {
             if let Some(path) = &cfg.stats_file {
                 write_stats(&dp, &cfg.host, now, path);
+            }
+            if let Some(l) = &link {
+                if let Ok(j) = serde_json::to_string(&dp.stats(&cfg.host, now)) {
+                    *l.stats.lock().unwrap_or_else(|p| p.into_inner()) = j;
+                }
             }
             next_stats = now + Duration::from_secs(1);
         }
@@ -286,32 +367,51 @@ pub fn run(cfg: &AgentConfig, path: Option<&Path>) -> Result<(), Error> {
     Ok(())
 }
 
-/// Re-read the agent file after SIGHUP and apply what changed to the
-/// running switch: each port's VLAN, access lists, rate limits, security
-/// and NetFlow monitor (frames see the old or the new policy, never a mix;
-/// traffic the change does not concern keeps flowing), the segments and the
-/// chassis number of flow exports. A file that does not validate
-/// changes nothing. Ports added or removed, or a new tunnel address, need a
-/// restart; the agent says so and keeps the rest.
-fn reload(dp: &mut Datapath<HostPort>, cfg: &mut AgentConfig, path: &Path, now: Duration) {
-    let new = match AgentConfig::load(path) {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!(error = %e, "reload refused; the running configuration stays");
-            return;
+/// Apply a new configuration to the running switch, changing only what
+/// differs: each port's VLAN, access lists, rate limits, security and
+/// NetFlow monitor (frames see the old or the new policy, never a mix;
+/// traffic the change does not concern keeps flowing), ports added and
+/// removed, segments, static MACs and the chassis number of flow exports.
+/// Ports whose device cannot be opened are left out and named in the
+/// error; the rest is applied. A new tunnel address needs a restart.
+///
+/// # Errors
+/// What could not be applied, one item per problem.
+pub fn apply(
+    dp: &mut Datapath<HostPort>,
+    cfg: &mut AgentConfig,
+    new: AgentConfig,
+    now: Duration,
+) -> Result<(), String> {
+    let mut problems = Vec::new();
+    let mut changed = 0;
+    // Ports gone, or whose device or ID changed, leave first.
+    for old in &cfg.ports {
+        let keep = new.ports.iter().any(|p| {
+            p.port.name == old.port.name && p.attach == old.attach && p.port.id == old.port.id
+        });
+        if !keep {
+            if let Some(no) = dp.switch.port_by_name(&old.port.name) {
+                dp.detach(no);
+                dp.switch.remove_port(no);
+                changed += 1;
+                tracing::info!(port = %old.port.id, name = %old.port.name, "port removed");
+            }
         }
-    };
-    let mut applied = 0;
+    }
+    let mut running = Vec::new();
     for p in &new.ports {
-        let Some(old) = cfg.ports.iter_mut().find(|o| o.port.name == p.port.name) else {
-            tracing::warn!(port = %p.port.name, "new port: restart the agent to add it");
+        let Some(no) = dp.switch.port_by_name(&p.port.name) else {
+            match add_port(dp, p) {
+                Ok(()) => {
+                    changed += 1;
+                    running.push(p.clone());
+                }
+                Err(e) => problems.push(format!("port {} ({}): {e}", p.port.id, p.port.name)),
+            }
             continue;
         };
-        if old.attach != p.attach || old.port.id != p.port.id {
-            tracing::warn!(port = %p.port.name, "device or ID changed: restart the agent to apply");
-            continue;
-        }
-        let Some(no) = dp.switch.port_by_name(&p.port.name) else {
+        let Some(old) = cfg.ports.iter().find(|o| o.port.name == p.port.name) else {
             continue;
         };
         let r = (|| {
@@ -333,29 +433,25 @@ fn reload(dp: &mut Datapath<HostPort>, cfg: &mut AgentConfig, path: &Path, now: 
             Ok::<(), Error>(())
         })();
         match r {
-            Ok(()) if old.port != p.port => {
-                applied += 1;
-                old.port = p.port.clone();
+            Ok(()) => {
+                if old.port != p.port {
+                    changed += 1;
+                }
+                running.push(p.clone());
             }
-            Ok(()) => {}
-            Err(e) => tracing::error!(port = %p.port.name, error = %e, "policy not applied"),
-        }
-    }
-    for o in &cfg.ports {
-        if !new.ports.iter().any(|p| p.port.name == o.port.name) {
-            tracing::warn!(port = %o.port.name, "port gone from the file: restart the agent to remove it");
+            Err(e) => {
+                problems.push(format!("port {} ({}): {e}", p.port.id, p.port.name));
+                running.push(old.clone());
+            }
         }
     }
     if new.tunnel != cfg.tunnel {
-        tracing::warn!("tunnel address changed: restart the agent to apply");
-    }
-    if new.chassis_id != cfg.chassis_id {
-        dp.set_flow_identity(new.chassis_id, flow_source(cfg));
+        problems.push("the tunnel address changed: restart the agent to apply it".into());
     }
     for s in &new.segments {
         if !cfg.segments.contains(s) {
             if let Err(e) = dp.switch.set_segment(s.clone()) {
-                tracing::error!(vlan = %s.vlan, error = %e, "segment not applied");
+                problems.push(format!("segment VLAN {}: {e}", s.vlan));
             }
         }
     }
@@ -364,16 +460,40 @@ fn reload(dp: &mut Datapath<HostPort>, cfg: &mut AgentConfig, path: &Path, now: 
             dp.switch.remove_segment(s.vlan);
         }
     }
-    tracing::info!(ports_changed = applied, "configuration reloaded");
-    // What runs now: the new file, but for the ports and the tunnel, which
-    // hold what was applied (the rest needs a restart).
-    let ports = std::mem::take(&mut cfg.ports);
+    for m in &cfg.static_macs {
+        if !new.static_macs.contains(m) {
+            dp.switch.remove_mac(m.vlan, m.mac);
+        }
+    }
+    for m in &new.static_macs {
+        if !cfg.static_macs.contains(m) {
+            set_static_mac(dp, m);
+        }
+    }
+    if new.chassis_id != cfg.chassis_id {
+        dp.set_flow_identity(new.chassis_id, flow_source(cfg));
+    }
+    tracing::info!(
+        ports_changed = changed,
+        problems = problems.len(),
+        "configuration applied"
+    );
+    // What runs now: the new file, but for the ports (what was applied)
+    // and the tunnel (which needs a restart).
     let tunnel = cfg.tunnel;
     *cfg = AgentConfig {
-        ports,
+        ports: running,
         tunnel,
         ..new
     };
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        for p in &problems {
+            tracing::error!("{p}");
+        }
+        Err(problems.join("; "))
+    }
 }
 
 /// Write the stats as JSON, atomically (temporary file, then rename).

@@ -219,6 +219,43 @@ impl AgentConfig {
     }
 }
 
+/// An agent file (JSON) from the keyed items a controller sends
+/// (`chassis`, `segments`, `profile/NAME`, `monitor/NAME`, `port/vethN`,
+/// `mac/VLAN/MAC`), for `host` with its own settings (`tunnel`,
+/// `stats_file`, …) in `local`.
+pub fn assemble(
+    host: &str,
+    items: &BTreeMap<String, serde_json::Value>,
+    local: &serde_json::Value,
+) -> serde_json::Value {
+    use serde_json::{json, Value};
+    let mut doc = match local {
+        Value::Object(m) => Value::Object(m.clone()),
+        _ => json!({}),
+    };
+    doc["host"] = json!(host);
+    let mut profiles = Vec::new();
+    let mut monitors = Vec::new();
+    let mut ports = Vec::new();
+    let mut macs = Vec::new();
+    for (k, v) in items {
+        match k.split_once('/').map_or(k.as_str(), |(a, _)| a) {
+            "chassis" => doc["chassis_id"] = v.clone(),
+            "segments" => doc["segments"] = v.clone(),
+            "profile" => profiles.push(v.clone()),
+            "monitor" => monitors.push(v.clone()),
+            "port" => ports.push(v.clone()),
+            "mac" => macs.push(v.clone()),
+            _ => {}
+        }
+    }
+    doc["profiles"] = Value::Array(profiles);
+    doc["monitors"] = Value::Array(monitors);
+    doc["ports"] = Value::Array(ports);
+    doc["static_macs"] = Value::Array(macs);
+    doc
+}
+
 fn validate(raw: Raw) -> Result<AgentConfig, String> {
     if raw.host.trim().is_empty() {
         return Err("host: the host name is empty".into());

@@ -16,7 +16,10 @@
 //! - [`datapath`] and [`transmit`]: the driver that wires the core to ports
 //!   and the VXLAN socket — receive and switch on one thread, send on
 //!   another;
-//! - [`agent`]: the static agent built on them.
+//! - [`agent`]: the agent's datapath loop built on them (a static file, or
+//!   configurations from a controller), and [`remote`]: the agent's session
+//!   with the controller (full state, deltas, acks, reports, the saved
+//!   state for headless restarts).
 //!
 //! What this crate must not do: talk to the controller's store, or read the
 //! clock or touch I/O inside `pipeline`.
@@ -34,6 +37,7 @@ pub mod flow;
 pub mod mactable;
 pub mod pipeline;
 pub mod qos;
+pub mod remote;
 pub mod security;
 pub mod sys;
 pub mod transmit;

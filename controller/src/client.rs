@@ -1,0 +1,396 @@
+//! The admin side of the `dvs` command line: calls to the controller's
+//! `Admin` service and their rendering as tables (like NX-OS `show`) or
+//! JSON (`--output json`).
+
+use std::fmt::Write as _;
+
+use dvs_proto::api::{self, admin_client::AdminClient};
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+
+use crate::server::MAX_MESSAGE;
+
+/// How views are printed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Table,
+    Json,
+}
+
+/// An admin command.
+#[derive(Debug, Clone)]
+pub enum Command {
+    ProfileApply { yaml: String, dry_run: bool },
+    ProfileList,
+    ProfileShow(String),
+    ProfileDelete(String),
+    PortCreate(api::CreatePortRequest),
+    PortList,
+    PortShow(String),
+    PortDelete(String),
+    PortBind(api::BindPortRequest),
+    HostList,
+    ShowChassis,
+}
+
+/// Why an admin command failed: the controller's message, or why it could
+/// not be reached.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("cannot reach the controller at {url}: {msg} (start it with `dvs controller`, or set --controller / DVS_CONTROLLER)")]
+    Unreachable { url: String, msg: String },
+    #[error("{0}")]
+    Refused(String),
+}
+
+fn refused(s: tonic::Status) -> ClientError {
+    ClientError::Refused(s.message().to_string())
+}
+
+/// Run `cmd` against the controller at `url`; returns what to print.
+///
+/// # Errors
+/// [`ClientError`] with the controller's one-line reason.
+pub async fn run(url: &str, cmd: Command, out: Output) -> Result<String, ClientError> {
+    let unreachable = |e: &dyn std::fmt::Display| ClientError::Unreachable {
+        url: url.to_string(),
+        msg: e.to_string(),
+    };
+    let ch = Channel::from_shared(url.to_string())
+        .map_err(|e| unreachable(&e))?
+        .connect_timeout(std::time::Duration::from_secs(3))
+        .connect()
+        .await
+        .map_err(|e| unreachable(&e))?;
+    let mut c = AdminClient::new(ch)
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE);
+    let e = api::Empty {};
+    Ok(match cmd {
+        Command::ProfileApply { yaml, dry_run } => {
+            let r = c
+                .apply_profiles(api::ApplyRequest { yaml, dry_run })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            match out {
+                Output::Json => json!({
+                    "changes": r.changes, "applied": r.applied, "revision": r.revision, "dry_run": dry_run
+                })
+                .to_string(),
+                Output::Table => {
+                    let mut s = String::new();
+                    for c in &r.changes {
+                        let _ = writeln!(s, "{c}");
+                    }
+                    if r.changes.is_empty() {
+                        s.push_str("no change\n");
+                    } else if dry_run {
+                        s.push_str("(dry run: nothing applied)\n");
+                    } else {
+                        let _ = writeln!(s, "applied: chassis revision {}", r.revision);
+                    }
+                    s
+                }
+            }
+        }
+        Command::ProfileList => {
+            let r = c.list_profiles(e).await.map_err(refused)?.into_inner();
+            match out {
+                Output::Json => {
+                    Value::Array(r.profiles.iter().map(profile_json).collect()).to_string()
+                }
+                Output::Table => {
+                    let rows: Vec<Vec<String>> = r
+                        .profiles
+                        .iter()
+                        .map(|p| {
+                            vec![
+                                p.name.clone(),
+                                p.kind.clone(),
+                                p.version.to_string(),
+                                p.ports.len().to_string(),
+                            ]
+                        })
+                        .collect();
+                    table(&["NAME", "KIND", "VERSION", "PORTS"], &rows)
+                }
+            }
+        }
+        Command::ProfileShow(name) => {
+            let p = c
+                .get_profile(api::Name { name })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            match out {
+                Output::Json => profile_json(&p).to_string(),
+                Output::Table => format!(
+                    "# {} {} version {} — ports: {}\n{}\n",
+                    p.kind,
+                    p.name,
+                    p.version,
+                    if p.ports.is_empty() {
+                        "none".to_string()
+                    } else {
+                        p.ports.join(", ")
+                    },
+                    p.yaml.trim_end()
+                ),
+            }
+        }
+        Command::ProfileDelete(name) => {
+            let r = c
+                .delete_profile(api::Name { name })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            match out {
+                Output::Json => json!({ "changes": r.changes, "revision": r.revision }).to_string(),
+                Output::Table => r.changes.join("\n") + "\n",
+            }
+        }
+        Command::PortCreate(req) => {
+            let p = c.create_port(req).await.map_err(refused)?.into_inner();
+            match out {
+                Output::Json => port_json(&p).to_string(),
+                // Scripts take the ID from the first line.
+                Output::Table => format!("{}\n", p.id),
+            }
+        }
+        Command::PortList => {
+            let r = c.list_ports(e).await.map_err(refused)?.into_inner();
+            render_ports(&r.ports, out)
+        }
+        Command::PortShow(id) => {
+            let p = c
+                .get_port(api::PortRef { id })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            match out {
+                Output::Json => port_json(&p).to_string(),
+                Output::Table => port_detail(&p),
+            }
+        }
+        Command::PortDelete(id) => {
+            c.delete_port(api::PortRef { id: id.clone() })
+                .await
+                .map_err(refused)?;
+            match out {
+                Output::Json => json!({ "deleted": id }).to_string(),
+                Output::Table => format!("{id}: deleted\n"),
+            }
+        }
+        Command::PortBind(req) => {
+            let p = c.bind_port(req).await.map_err(refused)?.into_inner();
+            match out {
+                Output::Json => port_json(&p).to_string(),
+                Output::Table => render_ports(std::slice::from_ref(&p), out),
+            }
+        }
+        Command::HostList => {
+            let r = c.list_hosts(e).await.map_err(refused)?.into_inner();
+            render_hosts(&r.hosts, out)
+        }
+        Command::ShowChassis => {
+            let r = c.show_chassis(e).await.map_err(refused)?.into_inner();
+            match out {
+                Output::Json => json!({
+                    "revision": r.revision,
+                    "modules": r.hosts.iter().map(host_json).collect::<Vec<_>>(),
+                    "interfaces": r.ports.iter().map(port_json).collect::<Vec<_>>(),
+                })
+                .to_string(),
+                Output::Table => format!(
+                    "chassis revision {}\n\nModules\n{}\nInterfaces\n{}",
+                    r.revision,
+                    render_hosts(&r.hosts, out),
+                    render_ports(&r.ports, out)
+                ),
+            }
+        }
+    })
+}
+
+fn profile_json(p: &api::Profile) -> Value {
+    json!({ "kind": p.kind, "name": p.name, "version": p.version, "yaml": p.yaml, "ports": p.ports })
+}
+
+fn port_json(p: &api::Port) -> Value {
+    let stats: Value = serde_json::from_str(&p.stats_json).unwrap_or(Value::Null);
+    json!({
+        "id": p.id, "vm": p.vm, "mac": p.mac, "profile": p.profile,
+        "profile_version": p.profile_version, "host": p.host, "tap": p.tap,
+        "netdev": p.netdev, "state": p.state, "vlan": p.vlan, "stats": stats,
+    })
+}
+
+fn host_json(h: &api::Host) -> Value {
+    json!({
+        "name": h.name, "module": h.module, "tunnel_ip": h.tunnel_ip,
+        "connected": h.connected, "desired_revision": h.desired_revision,
+        "acked_revision": h.acked_revision, "lag_seconds": h.lag_seconds, "ports": h.ports,
+    })
+}
+
+fn render_ports(ports: &[api::Port], out: Output) -> String {
+    if out == Output::Json {
+        return Value::Array(ports.iter().map(port_json).collect()).to_string();
+    }
+    let rows: Vec<Vec<String>> = ports
+        .iter()
+        .map(|p| {
+            let (rx, tx, drops) = counters(p);
+            vec![
+                p.id.clone(),
+                p.vm.clone(),
+                p.mac.clone(),
+                format!("{} v{}", p.profile, p.profile_version),
+                p.vlan.clone(),
+                if p.host.is_empty() {
+                    "-".into()
+                } else {
+                    p.host.clone()
+                },
+                p.state.clone(),
+                rx,
+                tx,
+                drops,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "INTERFACE",
+            "VM",
+            "MAC",
+            "PROFILE",
+            "VLAN",
+            "HOST",
+            "STATE",
+            "RX",
+            "TX",
+            "DROPS",
+        ],
+        &rows,
+    )
+}
+
+/// (rx frames, tx frames, drops) from a port's last report.
+fn counters(p: &api::Port) -> (String, String, String) {
+    let Ok(s) = serde_json::from_str::<Value>(&p.stats_json) else {
+        return ("-".into(), "-".into(), "-".into());
+    };
+    let c = &s["counters"];
+    let n = |v: &Value| v.as_u64().map_or("-".to_string(), |x| x.to_string());
+    let drops: u64 = ["drops", "tx_drops"]
+        .iter()
+        .filter_map(|k| c[k].as_object())
+        .flat_map(|m| m.values())
+        .filter_map(Value::as_u64)
+        .sum();
+    (n(&c["rx_frames"]), n(&c["tx_frames"]), drops.to_string())
+}
+
+fn port_detail(p: &api::Port) -> String {
+    let mut s = format!(
+        "{} is {}\n  VM {} ({}), profile {} version {}, {}\n  host {}{}\n",
+        p.id,
+        p.state,
+        p.vm,
+        p.mac,
+        p.profile,
+        p.profile_version,
+        if p.vlan.is_empty() {
+            "no VLAN"
+        } else {
+            &p.vlan
+        },
+        if p.host.is_empty() { "-" } else { &p.host },
+        if !p.tap.is_empty() {
+            format!(", TAP {}", p.tap)
+        } else if !p.netdev.is_empty() {
+            format!(", interface {}", p.netdev)
+        } else {
+            String::new()
+        }
+    );
+    if let Ok(st) = serde_json::from_str::<Value>(&p.stats_json) {
+        let c = &st["counters"];
+        let _ = writeln!(
+            s,
+            "  input: {} frames, {} bytes; output: {} frames, {} bytes",
+            c["rx_frames"], c["rx_bytes"], c["tx_frames"], c["tx_bytes"]
+        );
+        for (what, k) in [("input drops", "drops"), ("output drops", "tx_drops")] {
+            if let Some(m) = c[k].as_object().filter(|m| !m.is_empty()) {
+                let parts: Vec<String> = m.iter().map(|(r, n)| format!("{r} {n}")).collect();
+                let _ = writeln!(s, "  {what}: {}", parts.join(", "));
+            }
+        }
+    }
+    s
+}
+
+fn render_hosts(hosts: &[api::Host], out: Output) -> String {
+    if out == Output::Json {
+        return Value::Array(hosts.iter().map(host_json).collect()).to_string();
+    }
+    let rows: Vec<Vec<String>> = hosts
+        .iter()
+        .map(|h| {
+            vec![
+                h.module.to_string(),
+                h.name.clone(),
+                if h.tunnel_ip.is_empty() {
+                    "-".into()
+                } else {
+                    h.tunnel_ip.clone()
+                },
+                if h.connected { "ok" } else { "offline" }.into(),
+                h.ports.to_string(),
+                format!("{}/{}", h.acked_revision, h.desired_revision),
+                format!("{:.1}s", h.lag_seconds),
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "MOD",
+            "HOST",
+            "TUNNEL",
+            "STATUS",
+            "PORTS",
+            "APPLIED/DESIRED",
+            "LAG",
+        ],
+        &rows,
+    )
+}
+
+/// Left-aligned columns.
+fn table(head: &[&str], rows: &[Vec<String>]) -> String {
+    let mut w: Vec<usize> = head.iter().map(|h| h.len()).collect();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            w[i] = w[i].max(c.chars().count());
+        }
+    }
+    let line = |cells: Vec<&str>| {
+        let mut s = String::new();
+        for (i, c) in cells.iter().enumerate() {
+            if i + 1 == cells.len() {
+                s.push_str(c);
+            } else {
+                let _ = write!(s, "{c:<width$}  ", width = w[i]);
+            }
+        }
+        s.trim_end().to_string() + "\n"
+    };
+    let mut s = line(head.to_vec());
+    for r in rows {
+        s += &line(r.iter().map(String::as_str).collect());
+    }
+    s
+}

@@ -1,0 +1,602 @@
+//! The controller's gRPC services: `Admin` for the CLI and `Agent` for the
+//! hosts.
+//!
+//! One lock guards the chassis and its store; an operation checks, changes
+//! and commits under it, then publishes the new revision on a watch channel.
+//! Each agent session waits on that channel, computes its host's items and
+//! sends the difference from what it sent before (a delta), or everything
+//! at the start (the full state). An agent acknowledges each revision once
+//! applied, so the controller knows how far every host has converged.
+
+use std::collections::hash_map::DefaultHasher;
+use std::collections::BTreeMap;
+use std::hash::{Hash, Hasher};
+use std::net::IpAddr;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use dvs_proto::api::{self, agent_message, controller_message};
+use dvs_proto::PortId;
+use serde_json::Value;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tokio_stream::Stream;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::chassis::{Attach, Chassis, Kind, PortRec};
+use crate::store::Store;
+use crate::Error;
+
+/// The largest message either service takes (an apply of 1 MiB fits).
+pub const MAX_MESSAGE: usize = 4 << 20;
+
+/// A connected agent.
+#[derive(Debug, Clone)]
+struct Session {
+    peer: String,
+    since: Instant,
+}
+
+#[derive(Debug)]
+struct State {
+    chassis: Chassis,
+    store: Store,
+    sessions: BTreeMap<String, Session>,
+    /// Each host's last stats report (the agent's stats document).
+    reports: BTreeMap<String, Value>,
+    /// When each revision was made (for convergence lag).
+    revised: BTreeMap<u64, Instant>,
+}
+
+/// The controller: chassis, store, sessions.
+#[derive(Debug, Clone)]
+pub struct Controller {
+    state: Arc<Mutex<State>>,
+    revision: watch::Sender<u64>,
+}
+
+fn status(e: Error) -> Status {
+    match e {
+        Error::Invalid(m) => Status::invalid_argument(m),
+        Error::NotFound(m) => Status::not_found(m),
+        Error::Conflict(m) => Status::failed_precondition(m),
+        e @ Error::Store { .. } => Status::internal(e.to_string()),
+    }
+}
+
+impl Controller {
+    /// A controller over the store in `data_dir` (state reloaded from it).
+    ///
+    /// # Errors
+    /// The store cannot be opened or read.
+    pub fn open(data_dir: &std::path::Path) -> Result<Self, Error> {
+        let store = Store::open(data_dir)?;
+        let chassis = store.load()?;
+        let rev = chassis.revision();
+        Ok(Controller {
+            state: Arc::new(Mutex::new(State {
+                chassis,
+                store,
+                sessions: BTreeMap::new(),
+                reports: BTreeMap::new(),
+                revised: BTreeMap::new(),
+            })),
+            revision: watch::Sender::new(rev),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Run `f` on the chassis and commit what it changed (durably unless
+    /// `durable` is false); on a store failure the chassis is reloaded from
+    /// the store, so memory never runs ahead of the disk.
+    fn mutate<T>(
+        &self,
+        durable: bool,
+        f: impl FnOnce(&mut Chassis) -> Result<T, Error>,
+    ) -> Result<T, Status> {
+        let mut st = self.lock();
+        let before = st.chassis.revision();
+        let v = f(&mut st.chassis).map_err(status)?;
+        let dirty = st.chassis.take_dirty();
+        if let Err(e) = st.store.commit_with(&st.chassis, &dirty, durable) {
+            tracing::error!(error = %e, "store commit failed; state reloaded");
+            if let Ok(c) = st.store.load() {
+                st.chassis = c;
+            }
+            return Err(status(e));
+        }
+        let rev = st.chassis.revision();
+        if rev != before {
+            st.revised.insert(rev, Instant::now());
+            // Keep the lag clock of recent revisions only.
+            while st.revised.len() > 4096 {
+                st.revised.pop_first();
+            }
+            drop(st);
+            self.revision.send_replace(rev);
+        }
+        Ok(v)
+    }
+
+    /// The chassis as it is now (for views and tests).
+    pub fn snapshot(&self) -> Chassis {
+        self.lock().chassis.clone()
+    }
+
+    fn port_view(&self, st: &State, p: &PortRec) -> api::Port {
+        let (host, tap, netdev) = match &p.binding {
+            Some(b) => match &b.attach {
+                Attach::Tap(t) => (b.host.clone(), t.clone(), String::new()),
+                Attach::Netdev(n) => (b.host.clone(), String::new(), n.clone()),
+            },
+            None => Default::default(),
+        };
+        let stats = st
+            .reports
+            .get(&host)
+            .and_then(|r| r.get("ports"))
+            .and_then(Value::as_array)
+            .and_then(|ps| ps.iter().find(|x| x["id"] == p.id.to_string()));
+        let connected = st.sessions.contains_key(&host);
+        let state = match (&p.binding, stats, connected) {
+            (None, ..) => "unbound",
+            (Some(_), Some(_), true) => "up",
+            (Some(_), _, false) => "host-down",
+            (Some(_), ..) => "pending",
+        };
+        let vlan = match st.chassis.policy(&p.profile).and_then(|x| x.vlan.as_ref()) {
+            Some(dvs_proto::VlanMode::Access(v)) => format!("access {v}"),
+            Some(dvs_proto::VlanMode::Trunk { allowed, native }) => match native {
+                Some(n) => format!("trunk {allowed} native {n}"),
+                None => format!("trunk {allowed}"),
+            },
+            None => String::new(),
+        };
+        api::Port {
+            id: p.id.to_string(),
+            vm: p.vm.clone(),
+            mac: p.mac.to_string(),
+            profile: p.profile.clone(),
+            profile_version: st
+                .chassis
+                .doc(Kind::PortProfile, &p.profile)
+                .map_or(0, |d| d.version),
+            host,
+            tap,
+            netdev,
+            state: state.into(),
+            vlan,
+            stats_json: stats.map(Value::to_string).unwrap_or_default(),
+        }
+    }
+
+    fn host_views(&self, st: &State) -> Vec<api::Host> {
+        let now = Instant::now();
+        st.chassis
+            .hosts()
+            .map(|h| {
+                // Lag: how long the oldest revision the host has not yet
+                // applied has been waiting.
+                let lag = if h.acked >= h.desired {
+                    0.0
+                } else {
+                    st.revised
+                        .range(h.acked + 1..)
+                        .next()
+                        .map_or(0.0, |(_, t)| now.duration_since(*t).as_secs_f64())
+                };
+                api::Host {
+                    name: h.name.clone(),
+                    module: h.module,
+                    tunnel_ip: h.tunnel_ip.map(|i| i.to_string()).unwrap_or_default(),
+                    connected: st.sessions.contains_key(&h.name),
+                    desired_revision: h.desired,
+                    acked_revision: h.acked,
+                    lag_seconds: lag,
+                    ports: st
+                        .chassis
+                        .ports()
+                        .filter(|p| p.binding.as_ref().is_some_and(|b| b.host == h.name))
+                        .count() as u32,
+                }
+            })
+            .collect()
+    }
+
+    /// The admin service.
+    pub fn admin(&self) -> api::admin_server::AdminServer<Self> {
+        api::admin_server::AdminServer::new(self.clone()).max_decoding_message_size(MAX_MESSAGE)
+    }
+
+    /// The agent service.
+    pub fn agent(&self) -> api::agent_server::AgentServer<Self> {
+        api::agent_server::AgentServer::new(self.clone()).max_decoding_message_size(MAX_MESSAGE)
+    }
+}
+
+fn parse_port(id: &str) -> Result<PortId, Status> {
+    id.parse::<PortId>()
+        .map_err(|e| Status::invalid_argument(e.to_string()))
+}
+
+fn attach(tap: &str, netdev: &str) -> Result<Attach, Status> {
+    match (tap.is_empty(), netdev.is_empty()) {
+        (false, true) => Ok(Attach::Tap(tap.to_string())),
+        (true, false) => Ok(Attach::Netdev(netdev.to_string())),
+        _ => Err(Status::invalid_argument(
+            "give exactly one of --tap NAME (the agent creates the TAP) or --netdev IFACE (an interface the VMM made)",
+        )),
+    }
+}
+
+#[tonic::async_trait]
+impl api::admin_server::Admin for Controller {
+    async fn apply_profiles(
+        &self,
+        req: Request<api::ApplyRequest>,
+    ) -> Result<Response<api::ApplyReply>, Status> {
+        let r = req.into_inner();
+        let changes = self.mutate(true, |c| c.apply(&r.yaml, r.dry_run))?;
+        Ok(Response::new(api::ApplyReply {
+            applied: !r.dry_run && !changes.is_empty(),
+            changes,
+            revision: self.lock().chassis.revision(),
+        }))
+    }
+
+    async fn list_profiles(
+        &self,
+        _: Request<api::Empty>,
+    ) -> Result<Response<api::ProfileList>, Status> {
+        let st = self.lock();
+        let profiles = st
+            .chassis
+            .docs()
+            .map(|d| doc_view(&st.chassis, d))
+            .collect();
+        Ok(Response::new(api::ProfileList { profiles }))
+    }
+
+    async fn get_profile(&self, req: Request<api::Name>) -> Result<Response<api::Profile>, Status> {
+        let name = req.into_inner().name;
+        let st = self.lock();
+        let d = st
+            .chassis
+            .doc(Kind::PortProfile, &name)
+            .or_else(|| st.chassis.doc(Kind::NetflowMonitor, &name))
+            .ok_or_else(|| Status::not_found(format!("no profile or monitor `{name}`")))?;
+        Ok(Response::new(doc_view(&st.chassis, d)))
+    }
+
+    async fn delete_profile(
+        &self,
+        req: Request<api::Name>,
+    ) -> Result<Response<api::ApplyReply>, Status> {
+        let name = req.into_inner().name;
+        let kind = {
+            let st = self.lock();
+            if st.chassis.doc(Kind::PortProfile, &name).is_some() {
+                Kind::PortProfile
+            } else {
+                Kind::NetflowMonitor
+            }
+        };
+        let changes = self.mutate(true, |c| c.delete_doc(kind, &name))?;
+        Ok(Response::new(api::ApplyReply {
+            changes,
+            applied: true,
+            revision: self.lock().chassis.revision(),
+        }))
+    }
+
+    async fn create_port(
+        &self,
+        req: Request<api::CreatePortRequest>,
+    ) -> Result<Response<api::Port>, Status> {
+        let r = req.into_inner();
+        let bind = if r.host.is_empty() {
+            if !r.tap.is_empty() || !r.netdev.is_empty() {
+                return Err(Status::invalid_argument(
+                    "--tap/--netdev need --host: the host the port goes on",
+                ));
+            }
+            None
+        } else {
+            Some(attach(&r.tap, &r.netdev)?)
+        };
+        let id = self.mutate(true, |c| {
+            // Checked whole: a bad binding leaves no port behind.
+            let mut next = c.clone();
+            let id = next.create_port(&r.vm, &r.mac, &r.profile)?;
+            if let Some(a) = bind {
+                next.bind_port(id, &r.host, a)?;
+            }
+            *c = next;
+            Ok(id)
+        })?;
+        let st = self.lock();
+        let p = st
+            .chassis
+            .port(id)
+            .ok_or_else(|| Status::internal("the new port vanished"))?;
+        Ok(Response::new(self.port_view(&st, p)))
+    }
+
+    async fn list_ports(&self, _: Request<api::Empty>) -> Result<Response<api::PortList>, Status> {
+        let st = self.lock();
+        let ports = st.chassis.ports().map(|p| self.port_view(&st, p)).collect();
+        Ok(Response::new(api::PortList { ports }))
+    }
+
+    async fn get_port(&self, req: Request<api::PortRef>) -> Result<Response<api::Port>, Status> {
+        let id = parse_port(&req.into_inner().id)?;
+        let st = self.lock();
+        let p = st
+            .chassis
+            .port(id)
+            .ok_or_else(|| Status::not_found(format!("no port {id}")))?;
+        Ok(Response::new(self.port_view(&st, p)))
+    }
+
+    async fn delete_port(
+        &self,
+        req: Request<api::PortRef>,
+    ) -> Result<Response<api::Empty>, Status> {
+        let id = parse_port(&req.into_inner().id)?;
+        self.mutate(true, |c| c.delete_port(id))?;
+        Ok(Response::new(api::Empty {}))
+    }
+
+    async fn bind_port(
+        &self,
+        req: Request<api::BindPortRequest>,
+    ) -> Result<Response<api::Port>, Status> {
+        let r = req.into_inner();
+        let id = parse_port(&r.id)?;
+        if r.host.is_empty() {
+            self.mutate(true, |c| c.unbind_port(id))?;
+        } else {
+            let a = attach(&r.tap, &r.netdev)?;
+            self.mutate(true, |c| c.bind_port(id, &r.host, a))?;
+        }
+        let st = self.lock();
+        let p = st
+            .chassis
+            .port(id)
+            .ok_or_else(|| Status::not_found(format!("no port {id}")))?;
+        Ok(Response::new(self.port_view(&st, p)))
+    }
+
+    async fn list_hosts(&self, _: Request<api::Empty>) -> Result<Response<api::HostList>, Status> {
+        let st = self.lock();
+        Ok(Response::new(api::HostList {
+            hosts: self.host_views(&st),
+        }))
+    }
+
+    async fn show_chassis(&self, _: Request<api::Empty>) -> Result<Response<api::Chassis>, Status> {
+        let st = self.lock();
+        Ok(Response::new(api::Chassis {
+            revision: st.chassis.revision(),
+            hosts: self.host_views(&st),
+            ports: st.chassis.ports().map(|p| self.port_view(&st, p)).collect(),
+        }))
+    }
+}
+
+fn doc_view(c: &Chassis, d: &crate::chassis::Doc) -> api::Profile {
+    let kind = match d.kind {
+        Kind::PortProfile => "PortProfile",
+        Kind::NetflowMonitor => "NetflowMonitor",
+    };
+    api::Profile {
+        kind: kind.into(),
+        name: d.name.clone(),
+        version: d.version,
+        yaml: serde_norway::to_string(&d.body).unwrap_or_default(),
+        ports: c
+            .ports()
+            .filter(|p| d.kind == Kind::PortProfile && p.profile == d.name)
+            .map(|p| p.id.to_string())
+            .collect(),
+    }
+}
+
+fn hash_of(v: &Value) -> u64 {
+    let mut h = DefaultHasher::new();
+    v.to_string().hash(&mut h);
+    h.finish()
+}
+
+fn items_of(items: &BTreeMap<String, Value>) -> Vec<api::Item> {
+    items
+        .iter()
+        .map(|(k, v)| api::Item {
+            key: k.clone(),
+            json: v.to_string(),
+        })
+        .collect()
+}
+
+type SessionStream = Pin<Box<dyn Stream<Item = Result<api::ControllerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl api::agent_server::Agent for Controller {
+    type SessionStream = SessionStream;
+
+    async fn session(
+        &self,
+        req: Request<Streaming<api::AgentMessage>>,
+    ) -> Result<Response<SessionStream>, Status> {
+        let peer = req
+            .remote_addr()
+            .map_or_else(|| "?".to_string(), |a| a.to_string());
+        let mut inbound = req.into_inner();
+        let first = inbound
+            .message()
+            .await?
+            .ok_or_else(|| Status::invalid_argument("the stream ended before Register"))?;
+        let Some(agent_message::Msg::Register(reg)) = first.msg else {
+            return Err(Status::invalid_argument(
+                "the first message of a session must be Register",
+            ));
+        };
+        let host = reg.host.clone();
+        let ip: IpAddr = reg.tunnel_ip.parse().map_err(|_| {
+            Status::invalid_argument(format!(
+                "tunnel_ip `{}` is not an IP address",
+                reg.tunnel_ip
+            ))
+        })?;
+        {
+            let st = self.lock();
+            if let Some(s) = st.sessions.get(&host) {
+                return Err(Status::already_exists(format!(
+                    "host {host} is connected already (from {}, for {:.0} s): another agent claims its name",
+                    s.peer,
+                    s.since.elapsed().as_secs_f64()
+                )));
+            }
+        }
+        let module = self.mutate(true, |c| c.register(&host, ip))?;
+        self.lock().sessions.insert(
+            host.clone(),
+            Session {
+                peer: peer.clone(),
+                since: Instant::now(),
+            },
+        );
+        tracing::info!(%host, %peer, module, from_revision = reg.revision, "agent registered");
+        let (tx, rx) = mpsc::channel(16);
+        let me = self.clone();
+        tokio::spawn(async move {
+            let r = me.serve_session(&host, module, inbound, tx.clone()).await;
+            if let Err(s) = r {
+                let _ = tx.send(Err(s)).await;
+            }
+            me.lock().sessions.remove(&host);
+            tracing::info!(%host, "agent session ended");
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+impl Controller {
+    /// Send `host` its state, then deltas as the chassis changes; take its
+    /// acks and reports until the stream ends.
+    async fn serve_session(
+        &self,
+        host: &str,
+        module: u32,
+        mut inbound: Streaming<api::AgentMessage>,
+        tx: mpsc::Sender<Result<api::ControllerMessage, Status>>,
+    ) -> Result<(), Status> {
+        let mut changes = self.revision.subscribe();
+        let (rev, items) = {
+            let st = self.lock();
+            (st.chassis.revision(), st.chassis.host_items(host))
+        };
+        let mut view: BTreeMap<String, u64> =
+            items.iter().map(|(k, v)| (k.clone(), hash_of(v))).collect();
+        let mut sent = rev;
+        self.mutate(false, |c| {
+            c.note_desired(host, rev);
+            Ok(())
+        })?;
+        let full = api::ControllerMessage {
+            msg: Some(controller_message::Msg::Full(api::HostState {
+                revision: rev,
+                items: items_of(&items),
+                module,
+            })),
+        };
+        if tx.send(Ok(full)).await.is_err() {
+            return Ok(());
+        }
+        loop {
+            tokio::select! {
+                m = inbound.message() => {
+                    let Some(m) = m? else { return Ok(()) };
+                    match m.msg {
+                        Some(agent_message::Msg::Ack(a)) => {
+                            self.mutate(false, |c| c.ack(host, a.revision))?;
+                        }
+                        Some(agent_message::Msg::Report(r)) => {
+                            let v: Value = serde_json::from_str(&r.stats_json).map_err(|e| {
+                                Status::invalid_argument(format!("report: not JSON: {e}"))
+                            })?;
+                            self.lock().reports.insert(host.to_string(), v);
+                        }
+                        Some(agent_message::Msg::Register(_)) => {
+                            return Err(Status::invalid_argument("Register is only the first message of a session"));
+                        }
+                        None => return Err(Status::invalid_argument("an empty agent message")),
+                    }
+                }
+                r = changes.changed() => {
+                    if r.is_err() {
+                        return Ok(());
+                    }
+                    let (rev, items) = {
+                        let st = self.lock();
+                        (st.chassis.revision(), st.chassis.host_items(host))
+                    };
+                    let mut upsert = Vec::new();
+                    for (k, v) in &items {
+                        let h = hash_of(v);
+                        if view.get(k) != Some(&h) {
+                            view.insert(k.clone(), h);
+                            upsert.push(api::Item { key: k.clone(), json: v.to_string() });
+                        }
+                    }
+                    let remove: Vec<String> =
+                        view.keys().filter(|k| !items.contains_key(*k)).cloned().collect();
+                    for k in &remove {
+                        view.remove(k);
+                    }
+                    if upsert.is_empty() && remove.is_empty() {
+                        continue;
+                    }
+                    self.mutate(false, |c| {
+                        c.note_desired(host, rev);
+                        Ok(())
+                    })?;
+                    let delta = api::ControllerMessage {
+                        msg: Some(controller_message::Msg::Delta(api::HostDelta {
+                            revision: rev,
+                            base: sent,
+                            upsert,
+                            remove,
+                        })),
+                    };
+                    sent = rev;
+                    if tx.send(Ok(delta)).await.is_err() {
+                        return Ok(());
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Serve both services on `listen` until `shutdown` resolves.
+///
+/// # Errors
+/// The address cannot be bound.
+pub async fn serve(
+    controller: Controller,
+    listen: std::net::SocketAddr,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(controller.admin())
+        .add_service(controller.agent())
+        .serve_with_shutdown(listen, shutdown)
+        .await
+}
