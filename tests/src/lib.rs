@@ -7,10 +7,13 @@
 //!   namespaces, TAP devices, the Linux vxlan device as a peer); needs root,
 //!   and uses [`netns`] to build and clean up its topologies;
 //!   `tests/netflow.rs` checks flow exports with real collectors
-//!   ([`collector`]: nfcapd/nfdump and tshark).
+//!   ([`collector`]: nfcapd/nfdump and tshark); `tests/controller.rs` runs
+//!   a whole chassis — controller and agents — through the `dvs` command
+//!   line ([`chassis`]).
 
 #![forbid(unsafe_code)]
 
+pub mod chassis;
 pub mod collector;
 pub mod lab;
 pub mod netns;

@@ -191,6 +191,15 @@ impl Topo {
         None
     }
 
+    /// Kill process `label` with SIGKILL (a crash) and reap it.
+    pub fn kill9(&mut self, label: &str) {
+        if let Some(i) = self.children.iter().position(|(l, _)| l == label) {
+            let (_, mut child) = self.children.remove(i);
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// The PID of process `label`.
     pub fn pid(&self, label: &str) -> Option<u32> {
         self.children
@@ -341,6 +350,39 @@ pub fn underlay_ip(i: usize) -> String {
     format!("10.99.0.{}", i + 1)
 }
 
+/// A core namespace with bridge `br0` (address [`CORE_IP`]) and `n` host
+/// namespaces joined to it; returns their names.
+pub fn underlay(topo: &mut Topo, n: usize) -> (String, Vec<String>) {
+    let core = topo.add_ns("core");
+    topo.sh(
+        &core,
+        &format!(
+            "ip link add br0 type bridge && ip addr add {CORE_IP}/24 dev br0 && ip link set br0 up"
+        ),
+    );
+    let mut host_ns = Vec::new();
+    for i in 0..n {
+        let ns = topo.add_ns(&format!("h{}", i + 1));
+        let (u, c) = (topo.name(&format!("u{i}")), topo.name(&format!("c{i}")));
+        topo.sh(
+            "",
+            &format!(
+                "ip link add {u} mtu 1600 netns {ns} type veth peer name {c} mtu 1600 netns {core}"
+            ),
+        );
+        topo.sh(&core, &format!("ip link set {c} master br0 up"));
+        topo.sh(
+            &ns,
+            &format!(
+                "ip addr add {}/24 dev {u} && ip link set {u} up",
+                underlay_ip(i)
+            ),
+        );
+        host_ns.push(ns);
+    }
+    (core, host_ns)
+}
+
 impl Fabric {
     /// Build `hosts` dvs hosts (and, with `kernel_vms`, one kernel vxlan host
     /// whose VMs are given as (name, VLAN, address)), then the VMs.
@@ -364,32 +406,8 @@ impl Fabric {
         before_agents: impl FnOnce(&mut Topo, &str) -> T,
     ) -> (Self, T) {
         let mut topo = Topo::new();
-        let core = topo.add_ns("core");
-        topo.sh(
-            &core,
-            &format!("ip link add br0 type bridge && ip addr add {CORE_IP}/24 dev br0 && ip link set br0 up"),
-        );
         let n_all = hosts + usize::from(!kernel_vms.is_empty());
-        let mut host_ns = Vec::new();
-        for i in 0..n_all {
-            let ns = topo.add_ns(&format!("h{}", i + 1));
-            let (u, c) = (topo.name(&format!("u{i}")), topo.name(&format!("c{i}")));
-            topo.sh(
-                "",
-                &format!(
-                    "ip link add {u} mtu 1600 netns {ns} type veth peer name {c} mtu 1600 netns {core}"
-                ),
-            );
-            topo.sh(&core, &format!("ip link set {c} master br0 up"));
-            topo.sh(
-                &ns,
-                &format!(
-                    "ip addr add {}/24 dev {u} && ip link set {u} up",
-                    underlay_ip(i)
-                ),
-            );
-            host_ns.push(ns);
-        }
+        let (core, host_ns) = underlay(&mut topo, n_all);
         let mut fabric = Fabric {
             topo,
             hosts: Vec::new(),

@@ -130,3 +130,157 @@ fn documented_agent_files_parse() {
     dvs_switch::config::AgentConfig::parse(&help[start..start + len])
         .unwrap_or_else(|e| panic!("the help's agent file: {e}"));
 }
+
+/// A `dvs controller` on a free loopback port with a fresh store; killed
+/// and its store removed on drop.
+struct Controller {
+    child: std::process::Child,
+    url: String,
+    dir: std::path::PathBuf,
+}
+
+impl Controller {
+    fn start() -> Self {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let dir = std::env::temp_dir().join(format!("dvs-cli-ctl-{}-{port}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let child = Command::new(dvs_bin())
+            .args([
+                "controller",
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--data-dir",
+            ])
+            .arg(&dir)
+            .spawn()
+            .expect("start the controller");
+        let url = format!("http://127.0.0.1:{port}");
+        let t = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            assert!(t.elapsed().as_secs() < 10, "the controller did not listen");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        Controller { child, url, dir }
+    }
+
+    fn dvs(&self, args: &[&str]) -> (i32, String, String) {
+        let mut a = vec!["--controller", &self.url];
+        a.extend_from_slice(args);
+        dvs(&a)
+    }
+
+    fn apply(&self, yaml: &str) -> (i32, String, String) {
+        let f = self.dir.join("apply.yaml");
+        std::fs::write(&f, yaml).unwrap();
+        self.dvs(&["profile", "apply", "-f", f.to_str().unwrap()])
+    }
+}
+
+impl Drop for Controller {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[test]
+fn rejected_applies_and_deletes_say_why_in_one_line_and_change_nothing() {
+    let c = Controller::start();
+    let (code, out, err) = c.apply(
+        "kind: PortProfile\nname: base\nvlan: { mode: access, id: 10 }\n---\nkind: PortProfile\nname: web\ninherit: base\n",
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("profile web: created (version 1)"), "{out}");
+    let cases = [
+        (
+            "kind: PortProfile\nname: web\ninherit: base\nacl: { in: [ { action: permit, proto: tcp, dst_port: 70000 } ] }\n",
+            "dvs: profile `web`, acl.in[0], dst_port: port 70000 is out of range 0..=65535",
+        ),
+        (
+            "kind: PortProfile\nname: app\ninherit: nosuch\n",
+            "dvs: profile `app`, inherit: unknown profile `nosuch`; profiles here: app, base, web",
+        ),
+        (
+            "kind: PortProfile\nname: base\ninherit: web\nvlan: { mode: access, id: 10 }\n",
+            "dvs: profile `base`, inherit: profiles inherit in a cycle: base → web → base",
+        ),
+        (
+            "kind: PortProfile\nname: x\nvlan: { mode: access, id: 10 }\n---\nkind: Profile\nname: y\n",
+            "dvs: document 2: kind `Profile` is not one this file may hold: expected PortProfile or NetflowMonitor",
+        ),
+    ];
+    for (yaml, want) in cases {
+        let (code, _, err) = c.apply(yaml);
+        assert_eq!(code, 1, "{yaml}");
+        assert_eq!(err.trim_end(), want);
+    }
+    let (code, out, _) = c.dvs(&[
+        "port",
+        "create",
+        "--vm",
+        "vm1",
+        "--mac",
+        "02:00:00:00:00:01",
+        "--profile",
+        "web",
+    ]);
+    assert_eq!((code, out.trim()), (0, "veth1"));
+    let (code, _, err) = c.dvs(&["profile", "delete", "web"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim_end(),
+        "dvs: profile `web` is in use by port veth1: give them another profile first"
+    );
+    let (code, _, err) = c.dvs(&[
+        "port",
+        "create",
+        "--vm",
+        "vm2",
+        "--mac",
+        "02:00:00:00:00:01",
+        "--profile",
+        "web",
+    ]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim_end(),
+        "dvs: MAC 02:00:00:00:00:01 belongs to port veth1 (VM `vm1`)"
+    );
+    // Nothing changed: still the first versions and one port.
+    let (_, out, _) = c.dvs(&["--output", "json", "profile", "list"]);
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert!(
+        v.as_array().unwrap().iter().all(|p| p["version"] == 1),
+        "{v}"
+    );
+    let (_, out, _) = c.dvs(&["--output", "json", "port", "list"]);
+    assert_eq!(
+        serde_json::from_str::<serde_json::Value>(&out)
+            .unwrap()
+            .as_array()
+            .unwrap()
+            .len(),
+        1
+    );
+    // A dry run prints the change and applies nothing.
+    let (code, out, _) =
+        c.apply("kind: PortProfile\nname: web\ninherit: base\nqos: { in: { avg_mbps: 10 } }\n");
+    assert_eq!(code, 0);
+    assert!(out.contains("profile web: version 1 → 2 (qos)"), "{out}");
+}
+
+#[test]
+fn admin_commands_name_an_unreachable_controller() {
+    let (code, _, err) = dvs(&["--controller", "http://127.0.0.1:1", "port", "list"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with("dvs: cannot reach the controller at http://127.0.0.1:1"),
+        "{err}"
+    );
+    assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}

@@ -818,7 +818,7 @@ fn a_policy_change_under_load_takes_effect_without_breaking_the_stream() {
         rates[rates.len() - 2] > 60.0,
         "after the change the limit is 80: {rates:.1?}"
     );
-    assert!(f.topo.log("agent-h1").contains("configuration reloaded"));
+    assert!(f.topo.log("agent-h1").contains("configuration applied"));
 }
 
 #[test]

@@ -1,0 +1,241 @@
+//! A chassis on real kernels for the end-to-end suite: `dvs controller` in
+//! the core namespace (on [`CORE_IP`]), a `dvs agent` under it in each host
+//! namespace, and VMs as namespaces whose NIC is one end of a veth pair
+//! whose other end the agent attaches to (`--netdev`, so that the VM keeps
+//! its interface when its host's agent restarts, as with a VMM's tap).
+//! Everything goes through the `dvs` command line, as an admin would.
+
+use std::path::PathBuf;
+use std::process::Output;
+use std::time::Duration;
+
+use crate::netns::{dvs_bin, underlay, underlay_ip, wait_for, Topo, CORE_IP};
+
+/// The controller's gRPC port.
+pub const PORT: u16 = 7700;
+
+/// A VM of a [`Chassis`]: (name, host index, address with prefix, profile).
+pub type VmDef = (&'static str, usize, &'static str, &'static str);
+
+#[derive(Debug)]
+pub struct Chassis {
+    pub topo: Topo,
+    pub core: String,
+    pub hosts: Vec<String>,
+    /// (name, namespace, address, port ID).
+    pub vms: Vec<(String, String, String, String)>,
+    data_dir: PathBuf,
+}
+
+impl Chassis {
+    /// Start the controller, apply `profiles` (YAML), make the VMs and
+    /// their ports, then start one agent per host and wait until every
+    /// host runs the chassis's revision.
+    pub fn new(hosts: usize, profiles: &str, vms: &[VmDef]) -> Self {
+        let mut topo = Topo::new();
+        let (core, host_ns) = underlay(&mut topo, hosts);
+        let data_dir = topo.dir.join("controller");
+        let mut c = Chassis {
+            topo,
+            core,
+            hosts: host_ns,
+            vms: Vec::new(),
+            data_dir,
+        };
+        c.start_controller();
+        let file = c.topo.dir.join("profiles.yaml");
+        std::fs::write(&file, profiles).expect("write profiles");
+        c.ok(&["profile", "apply", "-f", &file.to_string_lossy()]);
+        for (name, host, addr, profile) in vms {
+            let ns = c.topo.add_ns(&format!("v{name}"));
+            let (h, v) = (
+                c.topo.name(&format!("n{name}")),
+                c.topo.name(&format!("e{name}")),
+            );
+            let hns = c.hosts[*host].clone();
+            c.topo.sh(
+                "",
+                &format!("ip link add {h} netns {hns} type veth peer name {v} netns {ns}"),
+            );
+            c.topo.sh(&hns, &format!("ip link set {h} up"));
+            c.topo.sh(
+                &ns,
+                &format!("ip link set {v} name eth0 && ip link set eth0 up && ip addr add {addr} dev eth0"),
+            );
+            let mac = c
+                .topo
+                .sh(&ns, "cat /sys/class/net/eth0/address")
+                .trim()
+                .to_string();
+            let id = c
+                .ok(&[
+                    "port",
+                    "create",
+                    "--vm",
+                    name,
+                    "--mac",
+                    &mac,
+                    "--profile",
+                    profile,
+                    "--host",
+                    &format!("h{}", host + 1),
+                    "--netdev",
+                    &h,
+                ])
+                .trim()
+                .to_string();
+            let ip = addr.split('/').next().unwrap_or(addr).to_string();
+            c.vms.push((name.to_string(), ns, ip, id));
+        }
+        for i in 0..hosts {
+            c.start_agent(i);
+        }
+        c.wait_converged(Duration::from_secs(20));
+        c
+    }
+
+    pub fn url() -> String {
+        format!("http://{CORE_IP}:{PORT}")
+    }
+
+    pub fn start_controller(&mut self) {
+        let bin = dvs_bin().to_string_lossy().into_owned();
+        let listen = format!("{CORE_IP}:{PORT}");
+        let dir = self.data_dir.to_string_lossy().into_owned();
+        let core = self.core.clone();
+        self.topo.spawn(
+            &core,
+            "controller",
+            &[
+                "env",
+                "DVS_LOG=info",
+                &bin,
+                "controller",
+                "--listen",
+                &listen,
+                "--data-dir",
+                &dir,
+            ],
+        );
+        let up = wait_for(Duration::from_secs(10), || {
+            self.topo
+                .sh(&core, "ss -Hltn")
+                .contains(&format!(":{PORT}"))
+        });
+        assert!(up, "the controller never listened:\n{}", self.topo.logs());
+    }
+
+    pub fn agent_label(i: usize) -> String {
+        format!("agent-h{}", i + 1)
+    }
+
+    pub fn stats_file(&self, i: usize) -> PathBuf {
+        self.topo.dir.join(format!("h{}-stats.json", i + 1))
+    }
+
+    pub fn start_agent(&mut self, i: usize) {
+        let bin = dvs_bin().to_string_lossy().into_owned();
+        let state = self.topo.dir.join(format!("h{}-state", i + 1));
+        let stats = self.stats_file(i);
+        let ns = self.hosts[i].clone();
+        self.topo.spawn(
+            &ns,
+            &Self::agent_label(i),
+            &[
+                "env",
+                "DVS_LOG=info",
+                &bin,
+                "agent",
+                "--controller",
+                &Self::url(),
+                "--host",
+                &format!("h{}", i + 1),
+                "--tunnel-ip",
+                &underlay_ip(i),
+                "--state-dir",
+                &state.to_string_lossy(),
+                "--stats-file",
+                &stats.to_string_lossy(),
+            ],
+        );
+    }
+
+    /// Run `dvs ARGS` against the controller (from the core namespace).
+    pub fn dvs(&self, args: &[&str]) -> Output {
+        let bin = dvs_bin().to_string_lossy().into_owned();
+        let mut script = format!("{bin} --controller {}", Self::url());
+        for a in args {
+            script.push_str(&format!(" '{}'", a.replace('\'', "'\\''")));
+        }
+        self.topo.try_sh(&self.core, &script)
+    }
+
+    /// `dvs ARGS` that must succeed; returns its stdout.
+    pub fn ok(&self, args: &[&str]) -> String {
+        let o = self.dvs(args);
+        assert!(
+            o.status.success(),
+            "dvs {args:?} failed: {}\n{}",
+            String::from_utf8_lossy(&o.stderr),
+            self.topo.logs()
+        );
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    }
+
+    /// `dvs --output json ARGS`, parsed.
+    pub fn json(&self, args: &[&str]) -> serde_json::Value {
+        let mut a = vec!["--output", "json"];
+        a.extend_from_slice(args);
+        serde_json::from_str(&self.ok(&a)).expect("--output json prints JSON")
+    }
+
+    /// Every host connected and running the chassis's latest revision.
+    pub fn converged(&self) -> bool {
+        let o = self.dvs(&["--output", "json", "show", "chassis"]);
+        let Ok(v) = serde_json::from_slice::<serde_json::Value>(&o.stdout) else {
+            return false;
+        };
+        let Some(mods) = v["modules"].as_array() else {
+            return false;
+        };
+        mods.len() == self.hosts.len()
+            && mods
+                .iter()
+                .all(|m| m["connected"] == true && m["acked_revision"] == m["desired_revision"])
+    }
+
+    pub fn wait_converged(&self, limit: Duration) {
+        let ok = wait_for(limit, || self.converged());
+        assert!(
+            ok,
+            "the hosts did not converge:\n{}\n{}",
+            String::from_utf8_lossy(&self.dvs(&["show", "chassis"]).stdout),
+            self.topo.logs()
+        );
+    }
+
+    /// Apply `yaml` as a profile file and wait until every host runs it.
+    pub fn apply(&self, yaml: &str) -> String {
+        let file = self.topo.dir.join("edit.yaml");
+        std::fs::write(&file, yaml).expect("write profiles");
+        let out = self.ok(&["profile", "apply", "-f", &file.to_string_lossy()]);
+        self.wait_converged(Duration::from_secs(20));
+        out
+    }
+
+    pub fn vm(&self, name: &str) -> &(String, String, String, String) {
+        self.vms
+            .iter()
+            .find(|v| v.0 == name)
+            .unwrap_or_else(|| panic!("no VM {name}"))
+    }
+
+    /// Ping from VM `from` to VM `to`: (sent, received).
+    pub fn ping(&self, from: &str, to: &str, count: u32) -> (u32, u32) {
+        let o = self.topo.try_sh(
+            &self.vm(from).1,
+            &format!("ping -c {count} -i 0.2 -W 1 {}", self.vm(to).2),
+        );
+        crate::netns::parse_ping(&String::from_utf8_lossy(&o.stdout))
+    }
+}
