@@ -15,7 +15,7 @@
 //! the VLAN segments (VNI = 10000 + VLAN, peers = the other hosts with ports
 //! in the VLAN) and the location of every VM of those VLANs on other hosts.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
 use dvs_proto::netflow::{NetflowMonitor, RawMonitor};
@@ -143,7 +143,21 @@ pub struct Chassis {
     hosts: BTreeMap<String, HostRec>,
     /// Each profile resolved (inheritance applied), rebuilt on change.
     resolved: BTreeMap<String, Policy>,
+    index: Index,
     dirty: Dirty,
+}
+
+/// Ports looked up by what operations and host views ask for.
+#[derive(Debug, Clone, Default)]
+struct Index {
+    by_mac: HashMap<MacAddr, u32>,
+    /// (host, interface) → port.
+    by_dev: HashMap<(String, String), u32>,
+    by_host: BTreeMap<String, BTreeSet<u32>>,
+    /// Ports whose VM's MAC lives in the VLAN (access, or trunk native).
+    mac_vlan: BTreeMap<u16, BTreeSet<u32>>,
+    /// Ports that carry the VLAN.
+    carried: BTreeMap<u16, BTreeSet<u32>>,
 }
 
 /// One line of what an apply or delete did (or would do).
@@ -175,7 +189,60 @@ impl Chassis {
         c.ports = ports.into_iter().map(|p| (p.id.number(), p)).collect();
         c.hosts = hosts.into_iter().map(|h| (h.name.clone(), h)).collect();
         c.resolved = validate(&c.profiles, &c.monitors)?;
+        c.reindex();
         Ok(c)
+    }
+
+    fn reindex(&mut self) {
+        self.index = Index::default();
+        let ids: Vec<u32> = self.ports.keys().copied().collect();
+        for id in ids {
+            self.index_add(id);
+        }
+    }
+
+    fn index_add(&mut self, id: u32) {
+        let Some(p) = self.ports.get(&id) else { return };
+        let (mac_vlan, carried) = (self.port_vlan(p), self.port_vlans(p));
+        let ix = &mut self.index;
+        ix.by_mac.insert(p.mac, id);
+        if let Some(b) = &p.binding {
+            let dev = match &b.attach {
+                Attach::Tap(n) | Attach::Netdev(n) => n.clone(),
+            };
+            ix.by_dev.insert((b.host.clone(), dev), id);
+            ix.by_host.entry(b.host.clone()).or_default().insert(id);
+        }
+        if let Some(v) = mac_vlan {
+            ix.mac_vlan.entry(v).or_default().insert(id);
+        }
+        for v in carried {
+            ix.carried.entry(v).or_default().insert(id);
+        }
+    }
+
+    fn index_remove(&mut self, id: u32) {
+        let Some(p) = self.ports.get(&id) else { return };
+        let (mac_vlan, carried) = (self.port_vlan(p), self.port_vlans(p));
+        let ix = &mut self.index;
+        ix.by_mac.remove(&p.mac);
+        if let Some(b) = &p.binding {
+            let dev = match &b.attach {
+                Attach::Tap(n) | Attach::Netdev(n) => n.clone(),
+            };
+            ix.by_dev.remove(&(b.host.clone(), dev));
+            if let Some(s) = ix.by_host.get_mut(&b.host) {
+                s.remove(&id);
+            }
+        }
+        if let Some(s) = mac_vlan.and_then(|v| ix.mac_vlan.get_mut(&v)) {
+            s.remove(&id);
+        }
+        for v in carried {
+            if let Some(s) = ix.carried.get_mut(&v) {
+                s.remove(&id);
+            }
+        }
     }
 
     pub fn revision(&self) -> u64 {
@@ -212,6 +279,11 @@ impl Chassis {
 
     pub fn hosts(&self) -> impl Iterator<Item = &HostRec> {
         self.hosts.values()
+    }
+
+    /// How many ports are bound to `host`.
+    pub fn host_port_count(&self, host: &str) -> usize {
+        self.index.by_host.get(host).map_or(0, BTreeSet::len)
     }
 
     /// The resolved policy of profile `name`.
@@ -342,6 +414,7 @@ impl Chassis {
         self.profiles = profiles;
         self.monitors = monitors;
         self.resolved = resolved;
+        self.reindex();
         self.bump();
         Ok(changes)
     }
@@ -443,7 +516,12 @@ impl Chassis {
                 "--mac: {mac} is not a unicast address a VM can have"
             )));
         }
-        if let Some(p) = self.ports.values().find(|p| p.mac == mac) {
+        if let Some(p) = self
+            .index
+            .by_mac
+            .get(&mac)
+            .and_then(|id| self.ports.get(id))
+        {
             return Err(Error::Conflict(format!(
                 "MAC {mac} belongs to port {} (VM `{}`)",
                 p.id, p.vm
@@ -462,6 +540,7 @@ impl Chassis {
         check_port_policy(&rec, &self.resolved)?;
         self.meta.next_port += 1;
         self.ports.insert(id.number(), rec);
+        self.index_add(id.number());
         self.dirty.ports.insert(id.number());
         self.bump();
         Ok(id)
@@ -486,7 +565,9 @@ impl Chassis {
         let mut rec = self.port_rec(id)?.clone();
         rec.profile = profile.to_string();
         check_port_policy(&rec, &self.resolved)?;
+        self.index_remove(id.number());
         self.ports.insert(id.number(), rec);
+        self.index_add(id.number());
         self.dirty.ports.insert(id.number());
         self.bump();
         Ok(())
@@ -516,25 +597,27 @@ impl Chassis {
                 "interface name `{dev}` is not valid: 1 to 15 characters, no '/' or spaces"
             )));
         }
-        if let Some(other) = self.ports.values().find(|p| {
-            p.id != id
-                && p.binding.as_ref().is_some_and(|b| {
-                    b.host == host
-                        && matches!(&b.attach, Attach::Tap(n) | Attach::Netdev(n) if n == dev)
-                })
-        }) {
+        if let Some(other) = self
+            .index
+            .by_dev
+            .get(&(host.to_string(), dev.clone()))
+            .filter(|o| **o != id.number())
+            .and_then(|o| self.ports.get(o))
+        {
             return Err(Error::Conflict(format!(
                 "interface `{dev}` on host {host} belongs to port {}",
                 other.id
             )));
         }
         self.ensure_host(host);
+        self.index_remove(id.number());
         if let Some(p) = self.ports.get_mut(&id.number()) {
             p.binding = Some(Binding {
                 host: host.to_string(),
                 attach,
             });
         }
+        self.index_add(id.number());
         self.dirty.ports.insert(id.number());
         self.bump();
         Ok(())
@@ -546,9 +629,11 @@ impl Chassis {
     /// [`Error::NotFound`].
     pub fn unbind_port(&mut self, id: PortId) -> Result<(), Error> {
         self.port_rec(id)?;
+        self.index_remove(id.number());
         if let Some(p) = self.ports.get_mut(&id.number()) {
             p.binding = None;
         }
+        self.index_add(id.number());
         self.dirty.ports.insert(id.number());
         self.bump();
         Ok(())
@@ -560,6 +645,7 @@ impl Chassis {
     /// [`Error::NotFound`].
     pub fn delete_port(&mut self, id: PortId) -> Result<(), Error> {
         self.port_rec(id)?;
+        self.index_remove(id.number());
         self.ports.remove(&id.number());
         self.dirty.ports.insert(id.number());
         self.bump();
@@ -676,9 +762,12 @@ impl Chassis {
         let mut items = BTreeMap::new();
         items.insert("chassis".to_string(), json!(self.meta.chassis_id));
         let mine: Vec<&PortRec> = self
-            .ports
-            .values()
-            .filter(|p| p.binding.as_ref().is_some_and(|b| b.host == host))
+            .index
+            .by_host
+            .get(host)
+            .into_iter()
+            .flatten()
+            .filter_map(|id| self.ports.get(id))
             .collect();
         // Profiles used here, with their parents, and their monitors.
         let mut wanted: Vec<String> = mine.iter().map(|p| p.profile.clone()).collect();
@@ -733,21 +822,20 @@ impl Chassis {
         }
         // Segments: each VLAN here that other hosts (with a known tunnel
         // address) also have, and where those VLANs' VMs live.
+        let remote = |id: &u32| {
+            let p = self.ports.get(id)?;
+            let b = p.binding.as_ref().filter(|b| b.host != host)?;
+            let ip = self.hosts.get(&b.host)?.tunnel_ip?;
+            Some((p, ip))
+        };
         let mut peers: BTreeMap<u16, BTreeSet<IpAddr>> = BTreeMap::new();
-        for p in self.ports.values() {
-            let Some(b) = &p.binding else { continue };
-            if b.host == host {
-                continue;
+        for v in &vlans {
+            let carriers = self.index.carried.get(v).into_iter().flatten();
+            for (_, ip) in carriers.filter_map(remote) {
+                peers.entry(*v).or_default().insert(ip);
             }
-            let Some(ip) = self.hosts.get(&b.host).and_then(|h| h.tunnel_ip) else {
-                continue;
-            };
-            for v in self.port_vlans(p) {
-                if vlans.contains(&v) {
-                    peers.entry(v).or_default().insert(ip);
-                }
-            }
-            if let Some(v) = self.port_vlan(p).filter(|v| vlans.contains(v)) {
+            let vms = self.index.mac_vlan.get(v).into_iter().flatten();
+            for (p, ip) in vms.filter_map(remote) {
                 items.insert(
                     format!("mac/{v}/{}", p.mac),
                     json!({ "vlan": v, "mac": p.mac.to_string(), "remote": ip.to_string() }),

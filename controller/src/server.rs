@@ -197,11 +197,7 @@ impl Controller {
                     desired_revision: h.desired,
                     acked_revision: h.acked,
                     lag_seconds: lag,
-                    ports: st
-                        .chassis
-                        .ports()
-                        .filter(|p| p.binding.as_ref().is_some_and(|b| b.host == h.name))
-                        .count() as u32,
+                    ports: st.chassis.host_port_count(&h.name) as u32,
                 }
             })
             .collect()
@@ -581,6 +577,28 @@ impl Controller {
             }
         }
     }
+}
+
+/// Serve both services on a bound listener until `shutdown` resolves (the
+/// benchmark binds port 0 and reads the port back).
+///
+/// # Errors
+/// Accepting or serving failed.
+pub async fn serve_on(
+    controller: Controller,
+    listener: tokio::net::TcpListener,
+    shutdown: impl std::future::Future<Output = ()> + Send,
+) -> Result<(), tonic::transport::Error> {
+    tonic::transport::Server::builder()
+        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
+        .add_service(controller.admin())
+        .add_service(controller.agent())
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
+        .await
 }
 
 /// Serve both services on `listen` until `shutdown` resolves.
