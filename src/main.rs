@@ -86,6 +86,9 @@ enum Command {
         /// Under a controller: write the counters here every second.
         #[arg(long, value_name = "FILE")]
         stats_file: Option<PathBuf>,
+        /// Serve Prometheus metrics (text format) at this address.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Run the controller: the logical chassis, its store and the admin and
     /// agent services.
@@ -96,6 +99,9 @@ enum Command {
         /// Where the embedded store lives (created if missing).
         #[arg(long, value_name = "DIR")]
         data_dir: PathBuf,
+        /// Serve Prometheus metrics (text format) at this address.
+        #[arg(long, value_name = "ADDR")]
+        metrics: Option<std::net::SocketAddr>,
     },
     /// Port profiles and NetFlow monitors (YAML documents).
     #[command(subcommand)]
@@ -213,10 +219,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Agent {
             config: Some(config),
+            metrics,
             ..
         } => {
             let cfg = dvs_switch::config::AgentConfig::load(&config)?;
-            dvs_switch::agent::run(&cfg, Some(&config))?;
+            dvs_switch::agent::run_with(&cfg, Some(&config), None, metrics)?;
             Ok(())
         }
         Command::Agent {
@@ -225,6 +232,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tunnel_ip: Some(tunnel_ip),
             state_dir: Some(state_dir),
             stats_file,
+            metrics,
         } => {
             dvs_switch::remote::run(&dvs_switch::remote::RemoteOptions {
                 host,
@@ -232,14 +240,24 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 tunnel_ip,
                 state_dir,
                 stats_file,
+                metrics,
             })?;
             Ok(())
         }
         Command::Agent { .. } => anyhow::bail!(
             "give `--config FILE` (a static host) or `--host NAME --tunnel-ip IP --state-dir DIR` (a host under the controller at --controller)"
         ),
-        Command::Controller { listen, data_dir } => {
+        Command::Controller {
+            listen,
+            data_dir,
+            metrics,
+        } => {
             let c = dvs_controller::server::Controller::open(&data_dir)?;
+            if let Some(addr) = metrics {
+                let c = c.clone();
+                dvs_switch::metrics::serve(addr, move || c.metrics())
+                    .map_err(|e| anyhow::anyhow!("serving metrics on {addr}: {e}"))?;
+            }
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
                 tracing::info!(%listen, data_dir = %data_dir.display(), "controller running");

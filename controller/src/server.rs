@@ -203,6 +203,84 @@ impl Controller {
             .collect()
     }
 
+    /// Prometheus metrics: the chassis revision, every host's connection,
+    /// revisions and convergence lag, ports by state, and the counters and
+    /// drops by reason that each host last reported.
+    pub fn metrics(&self) -> String {
+        use dvs_switch::metrics::{family, sample};
+        let st = self.lock();
+        let mut o = String::new();
+        family(
+            &mut o,
+            "dvs_chassis_revision",
+            "gauge",
+            "The chassis configuration revision.",
+        );
+        sample(
+            &mut o,
+            "dvs_chassis_revision",
+            &[],
+            st.chassis.revision() as f64,
+        );
+        let hosts = self.host_views(&st);
+        for (name, help) in [
+            (
+                "dvs_host_connected",
+                "1 while the host's agent has a session.",
+            ),
+            (
+                "dvs_host_desired_revision",
+                "The revision of the host's last change.",
+            ),
+            (
+                "dvs_host_acked_revision",
+                "The revision the host says it runs.",
+            ),
+            (
+                "dvs_host_convergence_lag_seconds",
+                "How long the host's oldest unapplied change has waited.",
+            ),
+            ("dvs_host_ports", "Ports bound to the host."),
+        ] {
+            family(&mut o, name, "gauge", help);
+            for h in &hosts {
+                let v = match name {
+                    "dvs_host_connected" => f64::from(u8::from(h.connected)),
+                    "dvs_host_desired_revision" => h.desired_revision as f64,
+                    "dvs_host_acked_revision" => h.acked_revision as f64,
+                    "dvs_host_convergence_lag_seconds" => h.lag_seconds,
+                    _ => f64::from(h.ports),
+                };
+                sample(
+                    &mut o,
+                    name,
+                    &[("host", &h.name), ("module", &h.module.to_string())],
+                    v,
+                );
+            }
+        }
+        let mut states: BTreeMap<String, u64> = BTreeMap::new();
+        for p in st.chassis.ports() {
+            *states.entry(self.port_view(&st, p).state).or_default() += 1;
+        }
+        family(
+            &mut o,
+            "dvs_ports",
+            "gauge",
+            "Ports of the chassis, by state.",
+        );
+        for (s, n) in states {
+            sample(&mut o, "dvs_ports", &[("state", &s)], n as f64);
+        }
+        let reports: Vec<(&Value, Option<u64>)> = st
+            .reports
+            .iter()
+            .map(|(h, r)| (r, st.chassis.host(h).map(|x| x.acked)))
+            .collect();
+        o.push_str(&dvs_switch::metrics::agents(&reports));
+        o
+    }
+
     /// The admin service.
     pub fn admin(&self) -> api::admin_server::AdminServer<Self> {
         api::admin_server::AdminServer::new(self.clone()).max_decoding_message_size(MAX_MESSAGE)

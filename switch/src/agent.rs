@@ -235,6 +235,8 @@ pub struct ControlLink {
     pub wake: std::os::unix::net::UnixStream,
     /// The latest stats document, for the control side's reports.
     pub stats: std::sync::Arc<std::sync::Mutex<String>>,
+    /// The controller revision that runs (set when one is applied whole).
+    pub revision: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// Run the agent of `cfg` until SIGTERM or SIGINT; with `path`, SIGHUP
@@ -243,10 +245,11 @@ pub struct ControlLink {
 /// # Errors
 /// Startup errors (see [`build`]) and fatal device errors.
 pub fn run(cfg: &AgentConfig, path: Option<&Path>) -> Result<(), Error> {
-    run_with(cfg, path, None)
+    run_with(cfg, path, None, None)
 }
 
-/// [`run`], taking new configurations from a controller through `link`.
+/// [`run`], taking new configurations from a controller through `link`,
+/// and serving Prometheus metrics at `metrics`.
 ///
 /// # Errors
 /// Startup errors (see [`build`]) and fatal device errors.
@@ -254,8 +257,25 @@ pub fn run_with(
     cfg: &AgentConfig,
     path: Option<&Path>,
     link: Option<ControlLink>,
+    metrics: Option<SocketAddr>,
 ) -> Result<(), Error> {
     sys::catch_signals().map_err(|e| Error::io("installing signal handlers", e))?;
+    let stats = link.as_ref().map_or_else(
+        || std::sync::Arc::new(std::sync::Mutex::new(String::new())),
+        |l| l.stats.clone(),
+    );
+    if let Some(addr) = metrics {
+        let (stats, revision) = (stats.clone(), link.as_ref().map(|l| l.revision.clone()));
+        crate::metrics::serve(addr, move || {
+            let text = stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+            let rev = revision
+                .as_ref()
+                .map(|r| r.load(std::sync::atomic::Ordering::Relaxed));
+            crate::metrics::agent(&v, rev)
+        })
+        .map_err(|e| Error::io(format!("serving metrics on {addr}"), e))?;
+    }
     let mut cfg = cfg.clone();
     let mut dp = build(&cfg)?;
     let start = Instant::now();
@@ -339,6 +359,10 @@ pub fn run_with(
             while let Ok(u) = l.updates.try_recv() {
                 let r = apply(&mut dp, &mut cfg, u.config, now);
                 changed = true;
+                if r.is_ok() {
+                    l.revision
+                        .store(u.revision, std::sync::atomic::Ordering::Relaxed);
+                }
                 let _ = u.done.send(r.map(|()| u.revision));
             }
         }
@@ -349,9 +373,9 @@ pub fn run_with(
             if let Some(path) = &cfg.stats_file {
                 write_stats(&dp, &cfg.host, now, path);
             }
-            if let Some(l) = &link {
+            if link.is_some() || metrics.is_some() {
                 if let Ok(j) = serde_json::to_string(&dp.stats(&cfg.host, now)) {
-                    *l.stats.lock().unwrap_or_else(|p| p.into_inner()) = j;
+                    *stats.lock().unwrap_or_else(|p| p.into_inner()) = j;
                 }
             }
             next_stats = now + Duration::from_secs(1);

@@ -16,6 +16,7 @@
 //! - [`datapath`] and [`transmit`]: the driver that wires the core to ports
 //!   and the VXLAN socket — receive and switch on one thread, send on
 //!   another;
+//! - [`metrics`]: the Prometheus text endpoint of agents and controller;
 //! - [`agent`]: the agent's datapath loop built on them (a static file, or
 //!   configurations from a controller), and [`remote`]: the agent's session
 //!   with the controller (full state, deltas, acks, reports, the saved
@@ -35,6 +36,7 @@ pub mod datapath;
 pub mod export;
 pub mod flow;
 pub mod mactable;
+pub mod metrics;
 pub mod pipeline;
 pub mod qos;
 pub mod remote;

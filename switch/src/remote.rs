@@ -41,6 +41,8 @@ pub struct RemoteOptions {
     pub state_dir: PathBuf,
     /// Where to write the stats document every second, if anywhere.
     pub stats_file: Option<PathBuf>,
+    /// Where to serve Prometheus metrics, if anywhere.
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// What the agent last applied, as saved in the state directory.
@@ -114,10 +116,12 @@ pub fn run(opts: &RemoteOptions) -> Result<(), Error> {
     let (wake, wake_tx) =
         UnixStream::pair().map_err(|e| Error::io("making the control link", e))?;
     let stats = Arc::new(Mutex::new(String::new()));
+    let revision = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let link = ControlLink {
         updates,
         wake,
         stats: stats.clone(),
+        revision,
     };
     let control = Control {
         opts: opts.clone(),
@@ -142,7 +146,7 @@ pub fn run(opts: &RemoteOptions) -> Result<(), Error> {
             rt.block_on(control.run());
         })
         .map_err(|e| Error::io("starting the control thread", e))?;
-    agent::run_with(&cfg, None, Some(link))
+    agent::run_with(&cfg, None, Some(link), opts.metrics)
 }
 
 /// The control side.

@@ -13,6 +13,8 @@ use crate::netns::{dvs_bin, underlay, underlay_ip, wait_for, Topo, CORE_IP};
 
 /// The controller's gRPC port.
 pub const PORT: u16 = 7700;
+/// The Prometheus port of the controller and of every agent.
+pub const METRICS: u16 = 9100;
 
 /// A VM of a [`Chassis`]: (name, host index, address with prefix, profile).
 pub type VmDef = (&'static str, usize, &'static str, &'static str);
@@ -115,6 +117,8 @@ impl Chassis {
                 &listen,
                 "--data-dir",
                 &dir,
+                "--metrics",
+                &format!("{CORE_IP}:{METRICS}"),
             ],
         );
         let up = wait_for(Duration::from_secs(10), || {
@@ -156,6 +160,8 @@ impl Chassis {
                 &state.to_string_lossy(),
                 "--stats-file",
                 &stats.to_string_lossy(),
+                "--metrics",
+                &format!("{}:{METRICS}", underlay_ip(i)),
             ],
         );
     }
@@ -228,6 +234,18 @@ impl Chassis {
             .iter()
             .find(|v| v.0 == name)
             .unwrap_or_else(|| panic!("no VM {name}"))
+    }
+
+    /// The Prometheus text of the controller (`None`) or of host `i`'s agent.
+    pub fn metrics(&self, host: Option<usize>) -> String {
+        let ip = host.map_or_else(|| CORE_IP.to_string(), underlay_ip);
+        let ns = host.map_or(self.core.as_str(), |i| self.hosts[i].as_str());
+        self.topo.sh(
+            ns,
+            &format!(
+                "/usr/bin/python3 -c 'import urllib.request; print(urllib.request.urlopen(\"http://{ip}:{METRICS}/metrics\").read().decode())'"
+            ),
+        )
     }
 
     /// Ping from VM `from` to VM `to`: (sent, received).

@@ -80,6 +80,24 @@ fn a_profile_edit_reaches_every_host_and_takes_effect() {
             .is_some_and(|n| n >= 3)
     }));
 
+    // Prometheus: the controller shows every host converged and the drops
+    // its hosts reported; each agent shows the revision it runs.
+    let m = c.metrics(None);
+    assert!(
+        m.contains("dvs_host_connected{host=\"h1\",module=\"3\"} 1"),
+        "{m}"
+    );
+    assert!(
+        m.contains("dvs_port_tx_drops_total{host=\"h2\",port=\"veth2\",reason=\"acl_deny\"}"),
+        "{m}"
+    );
+    let rev = c.json(&["show", "chassis"])["revision"].as_u64().unwrap();
+    let a1 = c.metrics(Some(0));
+    assert!(
+        a1.contains(&format!("dvs_agent_revision{{host=\"h1\"}} {rev}")),
+        "{a1}"
+    );
+
     // A VLAN: `base` moves to VLAN 20, and `web` with it.
     c.apply(&profiles("permit", 20, ""));
     // (The VMs' neighbour entries for d failed while it was apart: the
