@@ -23,6 +23,9 @@ struct Cli {
         default_value = "http://127.0.0.1:7700"
     )]
     controller: String,
+    /// The controller's admin token, for admin commands.
+    #[arg(long, global = true, env = "DVS_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     /// How admin commands print their views.
     #[arg(long, global = true, value_enum, default_value_t = OutputArg::Table)]
     output: OutputArg,
@@ -102,6 +105,9 @@ enum Command {
         /// Serve Prometheus metrics (text format) at this address.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
+        /// Require the token in this file (first line) on admin calls.
+        #[arg(long, value_name = "FILE")]
+        admin_token_file: Option<PathBuf>,
     },
     /// Port profiles and NetFlow monitors (YAML documents).
     #[command(subcommand)]
@@ -251,8 +257,26 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             listen,
             data_dir,
             metrics,
+            admin_token_file,
         } => {
-            let c = dvs_controller::server::Controller::open(&data_dir)?;
+            let mut c = dvs_controller::server::Controller::open(&data_dir)?;
+            match admin_token_file {
+                Some(f) => {
+                    let text = std::fs::read_to_string(&f)
+                        .map_err(|e| anyhow::anyhow!("reading {}: {e}", f.display()))?;
+                    let token = text.lines().next().unwrap_or("").trim();
+                    if token.len() < 16 {
+                        anyhow::bail!(
+                            "{}: the admin token must be at least 16 characters on the first line",
+                            f.display()
+                        );
+                    }
+                    c = c.with_admin_token(token);
+                }
+                None => tracing::warn!(
+                    "admin calls are not authenticated: give --admin-token-file to require a token"
+                ),
+            }
             if let Some(addr) = metrics {
                 let c = c.clone();
                 dvs_switch::metrics::serve(addr, move || c.metrics())
@@ -276,13 +300,13 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             })
         }
         Command::Profile(_) | Command::Port(_) | Command::Host(_) | Command::Show(_) => {
-            admin(&cli.controller, cli.output, cli.command)
+            admin(&cli.controller, cli.token.as_deref(), cli.output, cli.command)
         }
     }
 }
 
 /// Run an admin command against the controller and print its view.
-fn admin(url: &str, output: OutputArg, cmd: Command) -> anyhow::Result<()> {
+fn admin(url: &str, token: Option<&str>, output: OutputArg, cmd: Command) -> anyhow::Result<()> {
     use dvs_controller::client::{self, Command as C};
     use dvs_proto::api;
     let c = match cmd {
@@ -334,7 +358,7 @@ fn admin(url: &str, output: OutputArg, cmd: Command) -> anyhow::Result<()> {
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let text = rt.block_on(client::run(url, c, out))?;
+    let text = rt.block_on(client::run(url, token, c, out))?;
     print!("{text}");
     if out == client::Output::Json && !text.ends_with('\n') {
         println!();

@@ -47,11 +47,17 @@ fn refused(s: tonic::Status) -> ClientError {
     ClientError::Refused(s.message().to_string())
 }
 
-/// Run `cmd` against the controller at `url`; returns what to print.
+/// Run `cmd` against the controller at `url` (with the admin `token`, if
+/// any); returns what to print.
 ///
 /// # Errors
 /// [`ClientError`] with the controller's one-line reason.
-pub async fn run(url: &str, cmd: Command, out: Output) -> Result<String, ClientError> {
+pub async fn run(
+    url: &str,
+    token: Option<&str>,
+    cmd: Command,
+    out: Output,
+) -> Result<String, ClientError> {
     let unreachable = |e: &dyn std::fmt::Display| ClientError::Unreachable {
         url: url.to_string(),
         msg: e.to_string(),
@@ -62,9 +68,20 @@ pub async fn run(url: &str, cmd: Command, out: Output) -> Result<String, ClientE
         .connect()
         .await
         .map_err(|e| unreachable(&e))?;
-    let mut c = AdminClient::new(ch)
-        .max_decoding_message_size(MAX_MESSAGE)
-        .max_encoding_message_size(MAX_MESSAGE);
+    let bearer: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>> = match token {
+        Some(t) => Some(format!("Bearer {t}").parse().map_err(|_| {
+            ClientError::Refused("the token has characters a header cannot carry".into())
+        })?),
+        None => None,
+    };
+    let mut c = AdminClient::with_interceptor(ch, move |mut req: tonic::Request<()>| {
+        if let Some(b) = &bearer {
+            req.metadata_mut().insert("authorization", b.clone());
+        }
+        Ok(req)
+    })
+    .max_decoding_message_size(MAX_MESSAGE)
+    .max_encoding_message_size(MAX_MESSAGE);
     let e = api::Empty {};
     Ok(match cmd {
         Command::ProfileApply { yaml, dry_run } => {

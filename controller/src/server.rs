@@ -54,6 +54,39 @@ struct State {
 pub struct Controller {
     state: Arc<Mutex<State>>,
     revision: watch::Sender<u64>,
+    admin_token: Option<Arc<str>>,
+}
+
+/// Admin calls must carry `authorization: Bearer TOKEN` when the
+/// controller has a token.
+#[derive(Debug, Clone)]
+pub struct TokenCheck {
+    token: Option<Arc<str>>,
+}
+
+impl tonic::service::Interceptor for TokenCheck {
+    fn call(&mut self, req: Request<()>) -> Result<Request<()>, Status> {
+        let Some(want) = &self.token else {
+            return Ok(req);
+        };
+        let got = req
+            .metadata()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.strip_prefix("Bearer "));
+        match got {
+            None => Err(Status::unauthenticated(
+                "admin calls need the controller's token: pass --token or set DVS_TOKEN",
+            )),
+            Some(t) if same(t.as_bytes(), want.as_bytes()) => Ok(req),
+            Some(_) => Err(Status::unauthenticated("the admin token is wrong")),
+        }
+    }
+}
+
+/// Equal, in time that does not depend on where they differ.
+fn same(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 fn status(e: Error) -> Status {
@@ -83,7 +116,15 @@ impl Controller {
                 revised: BTreeMap::new(),
             })),
             revision: watch::Sender::new(rev),
+            admin_token: None,
         })
+    }
+
+    /// Require `token` on every admin call.
+    #[must_use]
+    pub fn with_admin_token(mut self, token: &str) -> Self {
+        self.admin_token = Some(Arc::from(token));
+        self
     }
 
     fn lock(&self) -> MutexGuard<'_, State> {
@@ -282,8 +323,20 @@ impl Controller {
     }
 
     /// The admin service.
-    pub fn admin(&self) -> api::admin_server::AdminServer<Self> {
-        api::admin_server::AdminServer::new(self.clone()).max_decoding_message_size(MAX_MESSAGE)
+    pub fn admin(
+        &self,
+    ) -> tonic::service::interceptor::InterceptedService<
+        api::admin_server::AdminServer<Self>,
+        TokenCheck,
+    > {
+        let server = api::admin_server::AdminServer::new(self.clone())
+            .max_decoding_message_size(MAX_MESSAGE);
+        tonic::service::interceptor::InterceptedService::new(
+            server,
+            TokenCheck {
+                token: self.admin_token.clone(),
+            },
+        )
     }
 
     /// The agent service.

@@ -141,6 +141,11 @@ struct Controller {
 
 impl Controller {
     fn start() -> Self {
+        Self::start_with(None)
+    }
+
+    /// With `token`, the controller requires it on admin calls.
+    fn start_with(token: Option<&str>) -> Self {
         let port = std::net::TcpListener::bind("127.0.0.1:0")
             .unwrap()
             .local_addr()
@@ -148,16 +153,21 @@ impl Controller {
             .port();
         let dir = std::env::temp_dir().join(format!("dvs-cli-ctl-{}-{port}", std::process::id()));
         let _ = std::fs::remove_dir_all(&dir);
-        let child = Command::new(dvs_bin())
-            .args([
-                "controller",
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--data-dir",
-            ])
-            .arg(&dir)
-            .spawn()
-            .expect("start the controller");
+        std::fs::create_dir_all(&dir).unwrap();
+        let mut cmd = Command::new(dvs_bin());
+        cmd.args([
+            "controller",
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+            "--data-dir",
+        ])
+        .arg(dir.join("store"));
+        if let Some(t) = token {
+            let f = dir.join("token");
+            std::fs::write(&f, format!("{t}\n")).unwrap();
+            cmd.arg("--admin-token-file").arg(f);
+        }
+        let child = cmd.spawn().expect("start the controller");
         let url = format!("http://127.0.0.1:{port}");
         let t = std::time::Instant::now();
         while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
@@ -283,4 +293,20 @@ fn admin_commands_name_an_unreachable_controller() {
         "{err}"
     );
     assert_eq!(err.trim_end().lines().count(), 1, "{err}");
+}
+
+#[test]
+fn a_controller_with_a_token_refuses_admin_calls_without_it() {
+    let c = Controller::start_with(Some("s3cret-s3cret-s3cret"));
+    let (code, _, err) = c.dvs(&["port", "list"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim_end(),
+        "dvs: admin calls need the controller's token: pass --token or set DVS_TOKEN"
+    );
+    let (code, _, err) = c.dvs(&["--token", "guess-guess-guess-guess", "port", "list"]);
+    assert_eq!((code, err.trim_end()), (1, "dvs: the admin token is wrong"));
+    let (code, out, err) = c.dvs(&["--token", "s3cret-s3cret-s3cret", "port", "list"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("INTERFACE"), "{out}");
 }
