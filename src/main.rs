@@ -26,6 +26,9 @@ struct Cli {
     /// The controller's admin token, for admin commands.
     #[arg(long, global = true, env = "DVS_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// The CA of the controller's certificate (an https:// controller).
+    #[arg(long, global = true, value_name = "FILE")]
+    tls_ca: Option<PathBuf>,
     /// How admin commands print their views.
     #[arg(long, global = true, value_enum, default_value_t = OutputArg::Table)]
     output: OutputArg,
@@ -92,6 +95,12 @@ enum Command {
         /// Serve Prometheus metrics (text format) at this address.
         #[arg(long, value_name = "ADDR")]
         metrics: Option<std::net::SocketAddr>,
+        /// Under a TLS controller: this host's certificate (naming the
+        /// host) and key, PEM; the controller's CA is --tls-ca.
+        #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
     },
     /// Run the controller: the logical chassis, its store and the admin and
     /// agent services.
@@ -108,6 +117,15 @@ enum Command {
         /// Require the token in this file (first line) on admin calls.
         #[arg(long, value_name = "FILE")]
         admin_token_file: Option<PathBuf>,
+        /// Serve with TLS: the controller's certificate and key (PEM)...
+        #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_client_ca"])]
+        tls_cert: Option<PathBuf>,
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_key: Option<PathBuf>,
+        /// ...and the CA whose certificates agents must present (each
+        /// naming the host the agent registers).
+        #[arg(long, value_name = "FILE", requires = "tls_cert")]
+        tls_client_ca: Option<PathBuf>,
     },
     /// Port profiles and NetFlow monitors (YAML documents).
     #[command(subcommand)]
@@ -239,7 +257,15 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             state_dir: Some(state_dir),
             stats_file,
             metrics,
+            tls_cert,
+            tls_key,
         } => {
+            let tls = match (tls_cert, tls_key, cli.tls_ca) {
+                (Some(cert), Some(key), Some(ca)) => {
+                    Some(dvs_switch::remote::ClientTls { ca, cert, key })
+                }
+                _ => None,
+            };
             dvs_switch::remote::run(&dvs_switch::remote::RemoteOptions {
                 host,
                 controller: cli.controller,
@@ -247,6 +273,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 state_dir,
                 stats_file,
                 metrics,
+                tls,
             })?;
             Ok(())
         }
@@ -258,8 +285,28 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             data_dir,
             metrics,
             admin_token_file,
+            tls_cert,
+            tls_key,
+            tls_client_ca,
         } => {
             let mut c = dvs_controller::server::Controller::open(&data_dir)?;
+            let tls = match (tls_cert, tls_key, tls_client_ca) {
+                (Some(cert), Some(key), Some(client_ca)) => {
+                    c = c.with_agent_certificates();
+                    Some(
+                        dvs_controller::server::TlsFiles {
+                            cert,
+                            key,
+                            client_ca,
+                        }
+                        .server_config()?,
+                    )
+                }
+                _ => {
+                    tracing::warn!("no TLS: agents are not authenticated (give --tls-cert, --tls-key, --tls-client-ca)");
+                    None
+                }
+            };
             match admin_token_file {
                 Some(f) => {
                     let text = std::fs::read_to_string(&f)
@@ -294,19 +341,31 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                         _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
                     }
                 };
-                dvs_controller::server::serve(c, listen, stop)
+                dvs_controller::server::serve(c, listen, tls, stop)
                     .await
                     .map_err(|e| anyhow::anyhow!("serving on {listen}: {e}"))
             })
         }
         Command::Profile(_) | Command::Port(_) | Command::Host(_) | Command::Show(_) => {
-            admin(&cli.controller, cli.token.as_deref(), cli.output, cli.command)
+            admin(
+                &cli.controller,
+                cli.token.as_deref(),
+                cli.tls_ca.as_deref(),
+                cli.output,
+                cli.command,
+            )
         }
     }
 }
 
 /// Run an admin command against the controller and print its view.
-fn admin(url: &str, token: Option<&str>, output: OutputArg, cmd: Command) -> anyhow::Result<()> {
+fn admin(
+    url: &str,
+    token: Option<&str>,
+    tls_ca: Option<&std::path::Path>,
+    output: OutputArg,
+    cmd: Command,
+) -> anyhow::Result<()> {
     use dvs_controller::client::{self, Command as C};
     use dvs_proto::api;
     let c = match cmd {
@@ -358,7 +417,7 @@ fn admin(url: &str, token: Option<&str>, output: OutputArg, cmd: Command) -> any
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let text = rt.block_on(client::run(url, token, c, out))?;
+    let text = rt.block_on(client::run(url, token, tls_ca, c, out))?;
     print!("{text}");
     if out == client::Output::Json && !text.ends_with('\n') {
         println!();

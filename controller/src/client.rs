@@ -55,6 +55,7 @@ fn refused(s: tonic::Status) -> ClientError {
 pub async fn run(
     url: &str,
     token: Option<&str>,
+    tls_ca: Option<&std::path::Path>,
     cmd: Command,
     out: Output,
 ) -> Result<String, ClientError> {
@@ -62,8 +63,18 @@ pub async fn run(
         url: url.to_string(),
         msg: e.to_string(),
     };
-    let ch = Channel::from_shared(url.to_string())
-        .map_err(|e| unreachable(&e))?
+    let mut ep = Channel::from_shared(url.to_string()).map_err(|e| unreachable(&e))?;
+    if let Some(ca) = tls_ca {
+        let pem = std::fs::read(ca)
+            .map_err(|e| ClientError::Refused(format!("{}: {e}", ca.display())))?;
+        ep = ep
+            .tls_config(
+                tonic::transport::ClientTlsConfig::new()
+                    .ca_certificate(tonic::transport::Certificate::from_pem(pem)),
+            )
+            .map_err(|e| unreachable(&e))?;
+    }
+    let ch = ep
         .connect_timeout(std::time::Duration::from_secs(3))
         .connect()
         .await

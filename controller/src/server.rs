@@ -55,6 +55,47 @@ pub struct Controller {
     state: Arc<Mutex<State>>,
     revision: watch::Sender<u64>,
     admin_token: Option<Arc<str>>,
+    /// Agents must present a client certificate for the host they register.
+    agent_certs: bool,
+}
+
+/// The files of the services' TLS: the controller's certificate and key
+/// (PEM), and the CA that agents' client certificates must chain to.
+#[derive(Debug, Clone)]
+pub struct TlsFiles {
+    pub cert: std::path::PathBuf,
+    pub key: std::path::PathBuf,
+    pub client_ca: std::path::PathBuf,
+}
+
+impl TlsFiles {
+    /// The server configuration: mutual TLS, a client certificate being
+    /// required of agents (admin calls authenticate with the token).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] naming a file that cannot be read.
+    pub fn server_config(&self) -> Result<tonic::transport::ServerTlsConfig, Error> {
+        let read = |p: &std::path::Path| {
+            std::fs::read(p).map_err(|e| Error::Invalid(format!("{}: {e}", p.display())))
+        };
+        let id = tonic::transport::Identity::from_pem(read(&self.cert)?, read(&self.key)?);
+        let ca = tonic::transport::Certificate::from_pem(read(&self.client_ca)?);
+        Ok(tonic::transport::ServerTlsConfig::new()
+            .identity(id)
+            .client_ca_root(ca)
+            .client_auth_optional(true))
+    }
+}
+
+/// Is the DER certificate `leaf` valid for the DNS name `host`?
+fn cert_names(leaf: &[u8], host: &str) -> Result<(), String> {
+    let der = rustls_pki_types::CertificateDer::from(leaf);
+    let cert = webpki::EndEntityCert::try_from(&der)
+        .map_err(|e| format!("unreadable certificate: {e:?}"))?;
+    let name = rustls_pki_types::ServerName::try_from(host)
+        .map_err(|_| format!("`{host}` cannot be a certificate name"))?;
+    cert.verify_is_valid_for_subject_name(&name)
+        .map_err(|_| format!("the client certificate does not name host {host}"))
 }
 
 /// Admin calls must carry `authorization: Bearer TOKEN` when the
@@ -117,7 +158,16 @@ impl Controller {
             })),
             revision: watch::Sender::new(rev),
             admin_token: None,
+            agent_certs: false,
         })
+    }
+
+    /// Require of every agent a client certificate (checked by the TLS
+    /// layer against the client CA) that names the host it registers.
+    #[must_use]
+    pub fn with_agent_certificates(mut self) -> Self {
+        self.agent_certs = true;
+        self
     }
 
     /// Require `token` on every admin call.
@@ -562,6 +612,7 @@ impl api::agent_server::Agent for Controller {
         let peer = req
             .remote_addr()
             .map_or_else(|| "?".to_string(), |a| a.to_string());
+        let certs = req.peer_certs();
         let mut inbound = req.into_inner();
         let first = inbound
             .message()
@@ -573,6 +624,18 @@ impl api::agent_server::Agent for Controller {
             ));
         };
         let host = reg.host.clone();
+        if self.agent_certs {
+            let leaf = certs.as_ref().and_then(|c| c.first().cloned()).ok_or_else(|| {
+                Status::unauthenticated(
+                    "agents need a client certificate signed by the controller's client CA (--tls-cert, --tls-key)",
+                )
+            })?;
+            cert_names(&leaf, &host).map_err(|e| {
+                Status::permission_denied(format!(
+                    "{e}: an agent registers only the host its certificate names"
+                ))
+            })?;
+        }
         let ip: IpAddr = reg.tunnel_ip.parse().map_err(|_| {
             Status::invalid_argument(format!(
                 "tunnel_ip `{}` is not an IP address",
@@ -739,10 +802,14 @@ pub async fn serve_on(
 pub async fn serve(
     controller: Controller,
     listen: std::net::SocketAddr,
+    tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
+    let mut b = tonic::transport::Server::builder();
+    if let Some(t) = tls {
+        b = b.tls_config(t)?;
+    }
+    b.http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(controller.admin())
         .add_service(controller.agent())

@@ -43,6 +43,29 @@ pub struct RemoteOptions {
     pub stats_file: Option<PathBuf>,
     /// Where to serve Prometheus metrics, if anywhere.
     pub metrics: Option<std::net::SocketAddr>,
+    /// Mutual TLS with the controller.
+    pub tls: Option<ClientTls>,
+}
+
+/// The agent's TLS files (PEM): the CA of the controller's certificate, and
+/// the agent's own certificate (naming its host) and key.
+#[derive(Debug, Clone)]
+pub struct ClientTls {
+    pub ca: PathBuf,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+impl ClientTls {
+    fn config(&self) -> Result<tonic::transport::ClientTlsConfig, String> {
+        let read = |p: &Path| std::fs::read(p).map_err(|e| format!("{}: {e}", p.display()));
+        Ok(tonic::transport::ClientTlsConfig::new()
+            .ca_certificate(tonic::transport::Certificate::from_pem(read(&self.ca)?))
+            .identity(tonic::transport::Identity::from_pem(
+                read(&self.cert)?,
+                read(&self.key)?,
+            )))
+    }
 }
 
 /// What the agent last applied, as saved in the state directory.
@@ -178,8 +201,14 @@ impl Control {
     }
 
     async fn session(&mut self) -> Result<(), String> {
-        let ch = tonic::transport::Channel::from_shared(self.opts.controller.clone())
-            .map_err(|e| format!("controller URL {}: {e}", self.opts.controller))?
+        let mut ep = tonic::transport::Channel::from_shared(self.opts.controller.clone())
+            .map_err(|e| format!("controller URL {}: {e}", self.opts.controller))?;
+        if let Some(t) = &self.opts.tls {
+            ep = ep
+                .tls_config(t.config()?)
+                .map_err(|e| format!("TLS: {e}"))?;
+        }
+        let ch = ep
             .connect_timeout(Duration::from_secs(3))
             .http2_keep_alive_interval(Duration::from_secs(10))
             .keep_alive_timeout(Duration::from_secs(5))

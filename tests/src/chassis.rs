@@ -27,6 +27,8 @@ pub struct Chassis {
     /// (name, namespace, address, port ID).
     pub vms: Vec<(String, String, String, String)>,
     data_dir: PathBuf,
+    /// Mutual TLS: the PKI directory (CA, controller and host certificates).
+    pki: Option<PathBuf>,
 }
 
 impl Chassis {
@@ -34,15 +36,28 @@ impl Chassis {
     /// their ports, then start one agent per host and wait until every
     /// host runs the chassis's revision.
     pub fn new(hosts: usize, profiles: &str, vms: &[VmDef]) -> Self {
+        Self::build(hosts, profiles, vms, false)
+    }
+
+    /// [`Chassis::new`] with mutual TLS between controller and agents
+    /// (certificates made with `openssl`: a CA, the controller's for
+    /// [`CORE_IP`], one per host naming it) and TLS for admin calls.
+    pub fn new_tls(hosts: usize, profiles: &str, vms: &[VmDef]) -> Self {
+        Self::build(hosts, profiles, vms, true)
+    }
+
+    fn build(hosts: usize, profiles: &str, vms: &[VmDef], tls: bool) -> Self {
         let mut topo = Topo::new();
         let (core, host_ns) = underlay(&mut topo, hosts);
         let data_dir = topo.dir.join("controller");
+        let pki = tls.then(|| make_pki(&topo, hosts));
         let mut c = Chassis {
             topo,
             core,
             hosts: host_ns,
             vms: Vec::new(),
             data_dir,
+            pki,
         };
         c.start_controller();
         let file = c.topo.dir.join("profiles.yaml");
@@ -96,8 +111,19 @@ impl Chassis {
         c
     }
 
-    pub fn url() -> String {
-        format!("http://{CORE_IP}:{PORT}")
+    pub fn url(&self) -> String {
+        let scheme = if self.pki.is_some() { "https" } else { "http" };
+        format!("{scheme}://{CORE_IP}:{PORT}")
+    }
+
+    /// A PKI file (`ca.pem`, `controller.pem`, `h1.key`, …).
+    pub fn pki(&self, name: &str) -> String {
+        self.pki
+            .as_ref()
+            .expect("a TLS chassis")
+            .join(name)
+            .to_string_lossy()
+            .into_owned()
     }
 
     pub fn start_controller(&mut self) {
@@ -105,22 +131,33 @@ impl Chassis {
         let listen = format!("{CORE_IP}:{PORT}");
         let dir = self.data_dir.to_string_lossy().into_owned();
         let core = self.core.clone();
-        self.topo.spawn(
-            &core,
+        let metrics = format!("{CORE_IP}:{METRICS}");
+        let mut argv = vec![
+            "env",
+            "DVS_LOG=info",
+            &bin,
             "controller",
-            &[
-                "env",
-                "DVS_LOG=info",
-                &bin,
-                "controller",
-                "--listen",
-                &listen,
-                "--data-dir",
-                &dir,
-                "--metrics",
-                &format!("{CORE_IP}:{METRICS}"),
-            ],
-        );
+            "--listen",
+            &listen,
+            "--data-dir",
+            &dir,
+            "--metrics",
+            &metrics,
+        ];
+        let tls: Vec<String> = if self.pki.is_some() {
+            vec![
+                "--tls-cert".into(),
+                self.pki("controller.pem"),
+                "--tls-key".into(),
+                self.pki("controller.key"),
+                "--tls-client-ca".into(),
+                self.pki("ca.pem"),
+            ]
+        } else {
+            Vec::new()
+        };
+        argv.extend(tls.iter().map(String::as_str));
+        self.topo.spawn(&core, "controller", &argv);
         let up = wait_for(Duration::from_secs(10), || {
             self.topo
                 .sh(&core, "ss -Hltn")
@@ -138,38 +175,72 @@ impl Chassis {
     }
 
     pub fn start_agent(&mut self, i: usize) {
+        let label = Self::agent_label(i);
+        let host = format!("h{}", i + 1);
+        self.start_agent_as(i, &label, &host, &host, &underlay_ip(i));
+    }
+
+    /// Start an agent in host `i`'s namespace that registers as `host`
+    /// from `tunnel_ip`, with the certificate of `cert_of` on a TLS chassis.
+    pub fn start_agent_as(
+        &mut self,
+        i: usize,
+        label: &str,
+        host: &str,
+        cert_of: &str,
+        tunnel_ip: &str,
+    ) {
         let bin = dvs_bin().to_string_lossy().into_owned();
-        let state = self.topo.dir.join(format!("h{}-state", i + 1));
+        let state = self.topo.dir.join(format!("{label}-state"));
         let stats = self.stats_file(i);
         let ns = self.hosts[i].clone();
-        self.topo.spawn(
-            &ns,
-            &Self::agent_label(i),
-            &[
-                "env",
-                "DVS_LOG=info",
-                &bin,
-                "agent",
-                "--controller",
-                &Self::url(),
-                "--host",
-                &format!("h{}", i + 1),
-                "--tunnel-ip",
-                &underlay_ip(i),
-                "--state-dir",
-                &state.to_string_lossy(),
-                "--stats-file",
-                &stats.to_string_lossy(),
-                "--metrics",
-                &format!("{}:{METRICS}", underlay_ip(i)),
-            ],
+        let url = self.url();
+        let metrics = format!("{tunnel_ip}:{METRICS}");
+        let (state, stats) = (
+            state.to_string_lossy().into_owned(),
+            stats.to_string_lossy().into_owned(),
         );
+        let mut argv = vec![
+            "env",
+            "DVS_LOG=info",
+            &bin,
+            "agent",
+            "--controller",
+            &url,
+            "--host",
+            host,
+            "--tunnel-ip",
+            tunnel_ip,
+            "--state-dir",
+            &state,
+            "--stats-file",
+            &stats,
+            "--metrics",
+            &metrics,
+        ];
+        let tls: Vec<String> = if self.pki.is_some() {
+            vec![
+                "--tls-ca".into(),
+                self.pki("ca.pem"),
+                "--tls-cert".into(),
+                self.pki(&format!("{cert_of}.pem")),
+                "--tls-key".into(),
+                self.pki(&format!("{cert_of}.key")),
+            ]
+        } else {
+            Vec::new()
+        };
+        argv.extend(tls.iter().map(String::as_str));
+        self.topo.spawn(&ns, label, &argv);
     }
 
     /// Run `dvs ARGS` against the controller (from the core namespace).
     pub fn dvs(&self, args: &[&str]) -> Output {
         let bin = dvs_bin().to_string_lossy().into_owned();
-        let mut script = format!("{bin} --controller {}", Self::url());
+        let mut script = format!("{bin} --controller {}", self.url());
+        if self.pki.is_some() {
+            script.push_str(&format!(" --tls-ca {}", self.pki("ca.pem")));
+        }
         for a in args {
             script.push_str(&format!(" '{}'", a.replace('\'', "'\\''")));
         }
@@ -256,4 +327,29 @@ impl Chassis {
         );
         crate::netns::parse_ping(&String::from_utf8_lossy(&o.stdout))
     }
+}
+
+/// A CA, a certificate for the controller (IP SAN [`CORE_IP`]) and one per
+/// host (DNS SAN `hN`), made with openssl in the topology's directory.
+fn make_pki(topo: &Topo, hosts: usize) -> PathBuf {
+    let dir = topo.dir.join("pki");
+    std::fs::create_dir_all(&dir).expect("pki dir");
+    let d = dir.to_string_lossy();
+    let key = "-newkey ec -pkeyopt ec_paramgen_curve:prime256v1 -nodes";
+    let mut script = format!(
+        "set -e; cd {d}; \
+         openssl req -x509 {key} -keyout ca.key -out ca.pem -days 2 -subj /CN=dvs-test-ca 2>/dev/null; \
+         openssl req {key} -keyout controller.key -out controller.csr -subj /CN=controller 2>/dev/null; \
+         openssl x509 -req -in controller.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out controller.pem -days 2 \
+           -extfile <(printf 'subjectAltName=IP:{CORE_IP}') 2>/dev/null; "
+    );
+    for i in 1..=hosts {
+        script.push_str(&format!(
+            "openssl req {key} -keyout h{i}.key -out h{i}.csr -subj /CN=h{i} 2>/dev/null; \
+             openssl x509 -req -in h{i}.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out h{i}.pem -days 2 \
+               -extfile <(printf 'subjectAltName=DNS:h{i}') 2>/dev/null; "
+        ));
+    }
+    topo.sh("", &script);
+    dir
 }

@@ -197,6 +197,45 @@ fn the_chassis_survives_its_controller_and_agent_restarts() {
     );
 }
 
+#[test]
+fn with_mutual_tls_only_an_agent_holding_its_hosts_certificate_joins() {
+    if !e2e_ready(&[TOOLS, &["openssl"]].concat()) {
+        return;
+    }
+    let mut c = Chassis::new_tls(
+        2,
+        &profiles("permit", 10, ""),
+        &[
+            ("a", 0, "10.10.0.1/24", "web"),
+            ("b", 1, "10.10.0.2/24", "web"),
+        ],
+    );
+    assert_eq!(c.ping("a", "b", 3), (3, 3), "{}", c.topo.logs());
+    // An agent on h1 that claims to be h2 (with h1's certificate) is refused.
+    c.start_agent_as(0, "impostor", "h2", "h1", "127.0.0.1");
+    assert!(
+        wait_for(Duration::from_secs(10), || c
+            .topo
+            .log("impostor")
+            .contains("the client certificate does not name host h2")),
+        "{}",
+        c.topo.log("impostor")
+    );
+    c.topo.stop("impostor");
+    assert!(c.converged(), "the real h2 is untouched");
+    // Admin calls need the CA to trust the controller.
+    let bin = dvs_tests::netns::dvs_bin();
+    let o = c.topo.try_sh(
+        &c.core,
+        &format!("{} --controller {} port list", bin.display(), c.url()),
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        !o.status.success() && err.contains("cannot reach the controller"),
+        "{err}"
+    );
+}
+
 /// A port's rx_frames in host `i`'s stats file.
 fn stats_rx(c: &Chassis, i: usize, id: &str) -> u64 {
     let text = std::fs::read_to_string(c.stats_file(i)).unwrap_or_default();
