@@ -44,8 +44,9 @@ enum OutputArg {
 
 #[derive(Subcommand, Debug)]
 enum Command {
-    /// Run the whole system on one machine: hosts joined by VXLAN, VMs on two
-    /// VLANs exchanging traffic, then a report.
+    /// Run the whole system on one machine: an embedded controller, hosts
+    /// joined by VXLAN under it, VMs on two VLANs exchanging traffic, then a
+    /// report with the chassis view.
     Lab {
         /// Print the report as JSON instead of tables.
         #[arg(long)]

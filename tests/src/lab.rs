@@ -1,15 +1,22 @@
-//! The in-process lab: N hosts, each a real [`Datapath`] with a VXLAN socket
-//! on its own loopback address (127.0.0.10+i), joined as one fabric; two VMs
-//! per host — smoltcp TCP/IP stacks on in-memory ports — one on VLAN 10 and
-//! one on VLAN 20, all in one IP subnet so that any VLAN leak would show.
+//! The in-process lab: an embedded controller (its store in a temporary
+//! directory, its gRPC services on a loopback port) and N hosts under it,
+//! each a real [`Datapath`] with a VXLAN socket on its own loopback address
+//! (127.0.0.10+i), joined as one fabric; two VMs per host — smoltcp TCP/IP
+//! stacks on in-memory ports — one on VLAN 10 and one on VLAN 20, all in one
+//! IP subnet so that any VLAN leak would show.
+//!
+//! The controller gets the lab's port profiles and VM ports through its
+//! admin API; each host registers over the agent API, takes its state (full,
+//! then the deltas the other hosts' arrival caused), checks it as an agent
+//! file and runs it, acknowledges it and reports its counters.
 //!
 //! A run: every VM pings every other VM (replies expected only within a
 //! VLAN), then a TCP transfer between two hosts' VLAN 10 VMs; the report
-//! holds the reachability matrix, the transfer, and every host's ports,
-//! counters and MAC table.
+//! holds the controller's chassis view, the reachability matrix, the
+//! transfer, and every host's ports, counters and MAC table.
 
 use std::cell::RefCell;
-use std::collections::VecDeque;
+use std::collections::{BTreeMap, VecDeque};
 use std::fmt::Write as _;
 use std::io::{self, IoSlice};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr, UdpSocket};
@@ -17,10 +24,11 @@ use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use dvs_proto::{MacAddr, PortId, VlanId, VlanMode, Vni};
+use dvs_proto::api::{self, agent_message, controller_message};
+use dvs_proto::{MacAddr, VlanMode};
 use dvs_switch::datapath::{Datapath, PortIo, PortStats, RxMeta, Uplink};
 use dvs_switch::wire::VnetHdr;
-use dvs_switch::{PortNo, SegmentConfig, Switch, SwitchConfig, TunnelCounters};
+use dvs_switch::{PortNo, Switch, SwitchConfig, TunnelCounters};
 use serde::Serialize;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
@@ -65,11 +73,18 @@ pub enum LabError {
     Switch(String, #[source] dvs_switch::Error),
     #[error("the lab needs 2 to 8 hosts, not {0}")]
     Hosts(usize),
+    #[error("the lab's controller: {0}")]
+    Controller(String),
 }
 
 /// The lab's findings.
 #[derive(Debug, Clone, Serialize)]
 pub struct Report {
+    /// The embedded controller's view (`dvs show chassis --output json`).
+    pub chassis: serde_json::Value,
+    /// The same as `dvs show chassis` prints it.
+    #[serde(skip)]
+    pub chassis_table: String,
     pub hosts: Vec<HostReport>,
     pub pings: Vec<PingResult>,
     pub tcp: TcpResult,
@@ -126,9 +141,10 @@ impl Report {
         let mut s = String::new();
         let _ = writeln!(
             s,
-            "dvs lab — {} hosts joined by VXLAN over loopback\n",
+            "dvs lab — an embedded controller and {} hosts joined by VXLAN over loopback\n",
             self.hosts.len()
         );
+        let _ = writeln!(s, "{}", self.chassis_table);
         for h in &self.hosts {
             let _ = writeln!(s, "module {} (tunnel {})", h.name, h.tunnel);
             let _ = writeln!(
@@ -230,7 +246,10 @@ pub fn run(opts: LabOptions) -> Result<Report, LabError> {
     let mut lab = Lab::build(&opts)?;
     let pings = lab.ping_all(opts.pings);
     let tcp = lab.tcp_transfer(0, 2, opts.tcp_bytes);
+    let (chassis, chassis_table) = lab.chassis_view()?;
     Ok(Report {
+        chassis,
+        chassis_table,
         hosts: lab.host_reports(),
         pings,
         tcp,
@@ -345,14 +364,233 @@ struct Lab {
     start: Instant,
     hosts: Vec<Host>,
     vms: Vec<Vm>,
+    control: Control,
 }
 
 const VLANS: [(u16, u32); 2] = [(10, 5010), (20, 5020)];
 const ICMP_IDENT: u16 = 0x22;
 
+/// An agent session of a lab host: what it sends, what it receives (kept
+/// open, so that the host stays connected), and the state it has.
+struct Session {
+    tx: tokio::sync::mpsc::Sender<api::AgentMessage>,
+    inbound: tonic::Streaming<api::ControllerMessage>,
+    revision: u64,
+    items: BTreeMap<String, serde_json::Value>,
+}
+
+/// The lab's embedded controller and its hosts' sessions.
+struct Control {
+    rt: tokio::runtime::Runtime,
+    url: String,
+    dir: std::path::PathBuf,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    sessions: Vec<Session>,
+}
+
+impl Drop for Control {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.sessions.clear();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn ctl_err(what: &str, e: impl std::fmt::Display) -> LabError {
+    LabError::Controller(format!("{what}: {e}"))
+}
+
+/// The lab's port profiles: one per VLAN.
+fn lab_profiles() -> String {
+    VLANS
+        .iter()
+        .map(|(v, _)| {
+            format!("kind: PortProfile\nname: vlan{v}\nvlan: {{ mode: access, id: {v} }}\n")
+        })
+        .collect::<Vec<_>>()
+        .join("---\n")
+}
+
+/// Apply a full state or a delta to `s`.
+fn absorb(s: &mut Session, m: api::ControllerMessage) -> Result<(), LabError> {
+    let parse = |j: &str| serde_json::from_str(j).map_err(|e| ctl_err("an item", e));
+    match m.msg {
+        Some(controller_message::Msg::Full(f)) => {
+            s.items.clear();
+            for it in f.items {
+                s.items.insert(it.key, parse(&it.json)?);
+            }
+            s.revision = f.revision;
+        }
+        Some(controller_message::Msg::Delta(d)) => {
+            for it in d.upsert {
+                s.items.insert(it.key, parse(&it.json)?);
+            }
+            for k in d.remove {
+                s.items.remove(&k);
+            }
+            s.revision = d.revision;
+        }
+        None => {}
+    }
+    Ok(())
+}
+
+impl Control {
+    /// Start a controller on a loopback port with a fresh store, apply the
+    /// lab's profiles and create its VMs' ports, bound to their hosts.
+    fn start(hosts: usize) -> Result<Self, LabError> {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("dvs-lab-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(1)
+            .enable_all()
+            .build()
+            .map_err(|e| ctl_err("starting the controller's runtime", e))?;
+        let controller = dvs_controller::server::Controller::open(&dir)
+            .map_err(|e| ctl_err("opening the controller's store", e))?;
+        let listener = rt
+            .block_on(tokio::net::TcpListener::bind("127.0.0.1:0"))
+            .map_err(|e| ctl_err("binding the controller", e))?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| ctl_err("binding the controller", e))?;
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        rt.spawn(dvs_controller::server::serve_on(
+            controller,
+            listener,
+            async {
+                let _ = stopped.await;
+            },
+        ));
+        let c = Control {
+            rt,
+            url: format!("http://{addr}"),
+            dir,
+            stop: Some(stop),
+            sessions: Vec::new(),
+        };
+        c.view(
+            dvs_controller::client::Command::ProfileApply {
+                yaml: lab_profiles(),
+                dry_run: false,
+            },
+            dvs_controller::client::Output::Table,
+        )?;
+        for i in 0..hosts {
+            for (j, (vlan, _)) in VLANS.iter().enumerate() {
+                let n = i * VLANS.len() + j + 1;
+                c.view(
+                    dvs_controller::client::Command::PortCreate(api::CreatePortRequest {
+                        vm: format!("vm{n}"),
+                        mac: vm_mac(i, j).to_string(),
+                        profile: format!("vlan{vlan}"),
+                        host: format!("h{}", i + 1),
+                        tap: format!("vm{n}"),
+                        netdev: String::new(),
+                    }),
+                    dvs_controller::client::Output::Table,
+                )?;
+            }
+        }
+        Ok(c)
+    }
+
+    fn view(
+        &self,
+        cmd: dvs_controller::client::Command,
+        out: dvs_controller::client::Output,
+    ) -> Result<String, LabError> {
+        self.rt
+            .block_on(dvs_controller::client::run(&self.url, None, None, cmd, out))
+            .map_err(|e| ctl_err("the controller", e))
+    }
+
+    /// Host `name` registers as an agent from `tunnel` and gets its state.
+    fn register(&mut self, name: &str, tunnel: IpAddr) -> Result<(), LabError> {
+        let url = self.url.clone();
+        let (name, tunnel) = (name.to_string(), tunnel.to_string());
+        let mut s = self.rt.block_on(async move {
+            let mut client = api::agent_client::AgentClient::connect(url)
+                .await
+                .map_err(|e| ctl_err("connecting to the controller", e))?;
+            let (tx, rx) = tokio::sync::mpsc::channel(16);
+            let _ = tx
+                .send(api::AgentMessage {
+                    msg: Some(agent_message::Msg::Register(api::Register {
+                        host: name,
+                        tunnel_ip: tunnel,
+                        revision: 0,
+                    })),
+                })
+                .await;
+            let inbound = client
+                .session(tokio_stream::wrappers::ReceiverStream::new(rx))
+                .await
+                .map_err(|s| ctl_err("registering", s.message()))?
+                .into_inner();
+            Ok::<_, LabError>(Session {
+                tx,
+                inbound,
+                revision: 0,
+                items: BTreeMap::new(),
+            })
+        })?;
+        let first = self
+            .rt
+            .block_on(s.inbound.message())
+            .map_err(|e| ctl_err("the session", e.message()))?
+            .ok_or_else(|| LabError::Controller("the session ended at once".into()))?;
+        absorb(&mut s, first)?;
+        self.sessions.push(s);
+        Ok(())
+    }
+
+    /// Take the changes sent to host `i` since (until none comes for a
+    /// moment), as its agent would.
+    fn settle(&mut self, i: usize) -> Result<(), LabError> {
+        let s = &mut self.sessions[i];
+        loop {
+            let next = self.rt.block_on(async {
+                tokio::time::timeout(Duration::from_millis(150), s.inbound.message()).await
+            });
+            match next {
+                Ok(Ok(Some(m))) => absorb(s, m)?,
+                Ok(Ok(None)) | Err(_) => return Ok(()),
+                Ok(Err(e)) => return Err(ctl_err("the session", e.message())),
+            }
+        }
+    }
+
+    /// Host `i` acknowledges what it applied and reports `stats`.
+    fn ack(&self, i: usize, stats: Option<String>) {
+        let s = &self.sessions[i];
+        let (tx, revision) = (s.tx.clone(), s.revision);
+        self.rt.block_on(async move {
+            let _ = tx
+                .send(api::AgentMessage {
+                    msg: Some(agent_message::Msg::Ack(api::Ack { revision })),
+                })
+                .await;
+            if let Some(s) = stats {
+                let _ = tx
+                    .send(api::AgentMessage {
+                        msg: Some(agent_message::Msg::Report(api::Report { stats_json: s })),
+                    })
+                    .await;
+            }
+        });
+    }
+}
+
 impl Lab {
     fn build(opts: &LabOptions) -> Result<Self, LabError> {
         let start = Instant::now();
+        let mut control = Control::start(opts.hosts)?;
         let tunnels: Vec<IpAddr> = (0..opts.hosts)
             .map(|i| IpAddr::V4(Ipv4Addr::new(127, 0, 0, 10 + i as u8)))
             .collect();
@@ -376,24 +614,35 @@ impl Lab {
             })?;
             sockets.push(s);
         }
+        // Every host registers as an agent, then takes the changes the
+        // others' arrival made (their tunnel addresses: segment peers and
+        // VM locations).
+        for (i, t) in tunnels.iter().enumerate() {
+            control.register(&format!("h{}", i + 1), *t)?;
+        }
+        for i in 0..opts.hosts {
+            control.settle(i)?;
+        }
         let mut hosts = Vec::new();
         let mut vms = Vec::new();
         let now = SmolInstant::from_millis(0);
         for (i, socket) in sockets.into_iter().enumerate() {
             let name = format!("h{}", i + 1);
+            // The state, checked as an agent file, as an agent does.
+            let local =
+                serde_json::json!({ "tunnel": { "local": tunnels[i].to_string(), "port": port } });
+            let doc = dvs_switch::config::assemble(&name, &control.sessions[i].items, &local);
+            let cfg = dvs_switch::config::AgentConfig::parse(&doc.to_string())
+                .map_err(|e| LabError::Controller(format!("host {name}'s state: {e}")))?;
             let mut sw = Switch::new(SwitchConfig::default());
-            for (vlan, vni) in VLANS {
-                let seg = SegmentConfig {
-                    vlan: vid(vlan),
-                    vni: Vni::new(u64::from(vni)).unwrap_or_else(|_| unreachable!()),
-                    peers: tunnels
-                        .iter()
-                        .filter(|t| **t != tunnels[i])
-                        .copied()
-                        .collect(),
-                };
-                sw.set_segment(seg)
+            for seg in &cfg.segments {
+                sw.set_segment(seg.clone())
                     .map_err(|e| LabError::Switch(name.clone(), e))?;
+            }
+            for m in &cfg.static_macs {
+                if let dvs_switch::config::StaticLocation::Remote(ip) = m.at {
+                    sw.set_static_mac(m.vlan, m.mac, dvs_switch::Location::Remote(ip));
+                }
             }
             let mut dp = Datapath::new(
                 sw,
@@ -408,25 +657,22 @@ impl Lab {
                 source,
             })?;
             let mut ports = Vec::new();
-            for (j, (vlan, _)) in VLANS.iter().enumerate() {
-                let n = vms.len() as u32 + 1;
+            for spec in &cfg.ports {
+                let n = spec.port.id.number();
                 let vm_name = format!("vm{n}");
                 let no = dp
                     .switch
-                    .add_port(dvs_switch::PortConfig {
-                        id: PortId::new(n).unwrap_or_else(|| unreachable!()),
-                        name: vm_name.clone(),
-                        vlan: VlanMode::Access(vid(*vlan)),
-                        acl: dvs_switch::PortAcl::default(),
-                        qos: Default::default(),
-                        security: Default::default(),
-                        netflow: None,
-                    })
+                    .add_port(spec.port.clone())
                     .map_err(|e| LabError::Switch(name.clone(), e))?;
                 let wire = Rc::new(RefCell::new(Wire::default()));
                 let _ = dp.attach(no, MemPort(wire.clone()));
                 ports.push(no);
-                let mac = [2, 0xd5, 0, 0, i as u8 + 1, j as u8 + 1];
+                let vlan = match &spec.port.vlan {
+                    VlanMode::Access(v) => v.get(),
+                    VlanMode::Trunk { native, .. } => native.map_or(0, |v| v.get()),
+                };
+                let j = VLANS.iter().position(|(v, _)| *v == vlan).unwrap_or(0);
+                let mac = vm_mac(i, j).0;
                 let ip = Ipv4Address::new(10, 0, 0, n as u8);
                 let mut dev = VmDevice(wire);
                 let mut cfg = Config::new(EthernetAddress(mac).into());
@@ -460,8 +706,7 @@ impl Lab {
                 ));
                 vms.push(Vm {
                     name: vm_name,
-
-                    vlan: *vlan,
+                    vlan,
                     ip,
                     dev,
                     iface,
@@ -470,6 +715,7 @@ impl Lab {
                     tcp,
                 });
             }
+            control.ack(i, None);
             hosts.push(Host {
                 name,
                 tunnel: tunnels[i],
@@ -477,7 +723,12 @@ impl Lab {
                 ports,
             });
         }
-        Ok(Lab { start, hosts, vms })
+        Ok(Lab {
+            start,
+            hosts,
+            vms,
+            control,
+        })
     }
 
     fn now(&self) -> Duration {
@@ -651,6 +902,32 @@ impl Lab {
         }
     }
 
+    /// Every host reports its counters to the controller, as agents do;
+    /// then the controller's chassis view, as JSON and as a table.
+    fn chassis_view(&mut self) -> Result<(serde_json::Value, String), LabError> {
+        use dvs_controller::client::{Command, Output};
+        let now = self.now();
+        for (i, h) in self.hosts.iter().enumerate() {
+            let stats = serde_json::to_string(&h.dp.stats(&h.name, now)).ok();
+            self.control.ack(i, stats);
+        }
+        // Reports are taken in by the controller's session tasks.
+        let mut json = serde_json::Value::Null;
+        for _ in 0..50 {
+            let text = self.control.view(Command::ShowChassis, Output::Json)?;
+            json = serde_json::from_str(&text).map_err(|e| ctl_err("the chassis view", e))?;
+            let up = json["interfaces"]
+                .as_array()
+                .is_some_and(|ps| ps.iter().all(|p| p["state"] == "up"));
+            if up {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let table = self.control.view(Command::ShowChassis, Output::Table)?;
+        Ok((json, table))
+    }
+
     fn host_reports(&self) -> Vec<HostReport> {
         let now = self.now();
         self.hosts
@@ -690,10 +967,6 @@ impl Lab {
             })
             .collect()
     }
-}
-
-fn vid(v: u16) -> VlanId {
-    VlanId::new(u32::from(v)).unwrap_or_else(|_| unreachable!())
 }
 
 fn pattern(i: usize) -> u8 {
@@ -762,7 +1035,19 @@ mod tests {
         for p in r.pings.iter().filter(|p| !p.same_vlan) {
             assert_eq!(p.received, 0, "{text}");
         }
-        // Every host learned all four VMs, two of them behind the tunnel.
+        // The controller saw both hosts converge and every port up.
+        let mods = r.chassis["modules"].as_array().unwrap();
+        assert_eq!(mods.len(), 2, "{text}");
+        assert!(
+            mods.iter()
+                .all(|m| m["connected"] == true && m["acked_revision"] == m["desired_revision"]),
+            "{text}"
+        );
+        let ports = r.chassis["interfaces"].as_array().unwrap();
+        assert_eq!(ports.len(), 4);
+        assert!(ports.iter().all(|p| p["state"] == "up"), "{text}");
+        assert!(text.contains("veth1"), "{text}");
+        // Every host knows all four VMs, two of them behind the tunnel.
         for h in &r.hosts {
             assert_eq!(h.macs.len(), 4, "{text}");
             assert_eq!(
