@@ -6,7 +6,7 @@
 //! Prints: the initial full sync of every host, the time from a profile
 //! change (one applied through the admin service) to every agent's
 //! acknowledgement, the full-sync time of a host that reconnects, and the
-//! process's memory. Ports sit in tenant VLANs spread over groups of 10
+//! controller's memory (the simulated agents run in a child process). Ports sit in tenant VLANs spread over groups of 10
 //! hosts, so each host learns the VMs of its VLANs on 9 other hosts.
 //!
 //! Run: `cargo bench -p dvs-controller --bench chassis` (or
@@ -48,7 +48,11 @@ fn tunnel_ip(h: usize) -> IpAddr {
 }
 
 fn rss_mb() -> f64 {
-    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    rss_of("/proc/self/status")
+}
+
+fn rss_of(status: &str) -> f64 {
+    let s = std::fs::read_to_string(status).unwrap_or_default();
     s.lines()
         .find(|l| l.starts_with("VmRSS:"))
         .and_then(|l| l.split_whitespace().nth(1))
@@ -56,7 +60,8 @@ fn rss_mb() -> f64 {
         .map_or(0.0, |k| k / 1024.0)
 }
 
-/// What a simulated agent tells the bench.
+/// What a simulated agent tells the bench (a line on the agents'
+/// process's stdout).
 #[derive(Debug)]
 enum Event {
     Full {
@@ -68,6 +73,71 @@ enum Event {
         host: usize,
         revision: u64,
     },
+}
+
+impl Event {
+    fn line(&self) -> String {
+        match self {
+            Event::Full { host, took, items } => {
+                format!("full {host} {} {items}", took.as_secs_f64())
+            }
+            Event::Acked { host, revision } => format!("ack {host} {revision}"),
+        }
+    }
+
+    fn parse(l: &str) -> Option<Event> {
+        let f: Vec<&str> = l.split_whitespace().collect();
+        match f.as_slice() {
+            ["full", h, t, n] => Some(Event::Full {
+                host: h.parse().ok()?,
+                took: Duration::from_secs_f64(t.parse().ok()?),
+                items: n.parse().ok()?,
+            }),
+            ["ack", h, r] => Some(Event::Acked {
+                host: h.parse().ok()?,
+                revision: r.parse().ok()?,
+            }),
+            _ => None,
+        }
+    }
+}
+
+/// The agents' process: one simulated agent per host; events to stdout;
+/// `reconnect H` on stdin ends host H's session and opens a new one.
+async fn agents(url: String, hosts: usize) {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let (ev_tx, mut ev) = mpsc::unbounded_channel::<Event>();
+    let mut stops = Vec::new();
+    for h in 0..hosts {
+        let (s, r) = watch::channel(false);
+        stops.push(s);
+        tokio::spawn(agent(url.clone(), h, ev_tx.clone(), r));
+    }
+    tokio::spawn(async move {
+        let mut out = tokio::io::stdout();
+        while let Some(e) = ev.recv().await {
+            if out
+                .write_all(format!("{}\n", e.line()).as_bytes())
+                .await
+                .is_err()
+            {
+                return;
+            }
+            let _ = out.flush().await;
+        }
+    });
+    let mut lines = tokio::io::BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(l)) = lines.next_line().await {
+        if let Some(h) = l
+            .strip_prefix("reconnect ")
+            .and_then(|h| h.parse::<usize>().ok())
+        {
+            let _ = stops[h].send(true);
+            let (s, r) = watch::channel(false);
+            stops[h] = s;
+            tokio::spawn(agent(url.clone(), h, ev_tx.clone(), r));
+        }
+    }
 }
 
 /// One simulated agent: a session that acks everything; ends when `stop`
@@ -197,15 +267,28 @@ async fn run(hosts: usize, ports_per_host: usize) {
     }));
     let rss_loaded = rss_mb();
 
-    // Every host connects: its initial full sync.
-    let (ev_tx, mut ev) = mpsc::unbounded_channel();
+    // Every host connects: its initial full sync. The simulated agents run
+    // in a child process, so that this process's memory is the controller's.
     let t = Instant::now();
-    let mut stops = Vec::new();
-    for h in 0..hosts {
-        let (s, r) = watch::channel(false);
-        stops.push(s);
-        tokio::spawn(agent(url.clone(), h, ev_tx.clone(), r));
-    }
+    let mut child = tokio::process::Command::new(std::env::current_exe().unwrap())
+        .args(["agents", &url, &hosts.to_string()])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let mut to_agents = child.stdin.take().unwrap();
+    let from_agents = child.stdout.take().unwrap();
+    let (ev_tx, mut ev) = mpsc::unbounded_channel();
+    tokio::spawn(async move {
+        use tokio::io::AsyncBufReadExt;
+        let mut lines = tokio::io::BufReader::new(from_agents).lines();
+        while let Ok(Some(l)) = lines.next_line().await {
+            if let Some(e) = Event::parse(&l) {
+                let _ = ev_tx.send(e);
+            }
+        }
+    });
     let mut full = Vec::new();
     let mut items = 0;
     let mut acked = vec![0u64; hosts];
@@ -272,10 +355,13 @@ async fn run(hosts: usize, ports_per_host: usize) {
     let mut re = Vec::new();
     for k in 0..10 {
         let h = (k * 7919) % hosts;
-        let _ = stops[h].send(true);
-        let (s, r) = watch::channel(false);
-        stops[h] = s;
-        tokio::spawn(agent(url.clone(), h, ev_tx.clone(), r));
+        {
+            use tokio::io::AsyncWriteExt;
+            to_agents
+                .write_all(format!("reconnect {h}\n").as_bytes())
+                .await
+                .unwrap();
+        }
         loop {
             match ev.recv().await.unwrap() {
                 Event::Full { host, took, .. } if host == h => {
@@ -293,13 +379,15 @@ async fn run(hosts: usize, ports_per_host: usize) {
     );
     let store_mb =
         std::fs::metadata(dir.join("chassis.redb")).map_or(0.0, |m| m.len() as f64 / 1e6);
+    let agents_mb = child
+        .id()
+        .map_or(0.0, |pid| rss_of(&format!("/proc/{pid}/status")));
     println!(
-        "memory (RSS, controller and the simulated agents): {:.0} MB at start, {:.0} MB with the chassis loaded, {:.0} MB with {hosts} sessions; store file {store_mb:.1} MB\n",
+        "controller memory (RSS of its process): {:.0} MB at start, {:.0} MB with the chassis loaded, {:.0} MB with {hosts} sessions; store file {store_mb:.1} MB (the simulated agents' process: {agents_mb:.0} MB)\n",
         rss0, rss_loaded, rss_sessions
     );
-    for s in &stops {
-        let _ = s.send(true);
-    }
+    drop(to_agents);
+    let _ = child.kill().await;
     let _ = stop_srv.send(());
     let _ = srv.await;
     drop(controller);
@@ -311,6 +399,14 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with("--"))
         .collect();
+    if args.first().map(String::as_str) == Some("agents") {
+        let rt = tokio::runtime::Builder::new_multi_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        rt.block_on(agents(args[1].clone(), args[2].parse().unwrap()));
+        return;
+    }
     let sizes: Vec<(usize, usize)> = if args.is_empty() {
         vec![(100, 100), (1000, 50)]
     } else {
