@@ -1,0 +1,486 @@
+//! The migration of one port, as the controller coordinates it: a sans-IO
+//! state machine. Inputs are what the hosts and the VMM report; outputs are
+//! what the controller must tell them to do.
+//!
+//! ```text
+//!  VMM / admin     controller (this)            source host        destination host
+//!  begin ───────► Preparing ── PrepareDestination ─────────────────► install the port
+//!                                                                     from its profile,
+//!                 ◄──────────────────────────── Prepared ──────────── standby (policy in
+//!                 Syncing ─── StartSync ──────► full snapshot,         place, not forwarding)
+//!                                                then deltas ───────► merged
+//!  resumed / ───► Switching ─ DeactivateSource ► stop forwarding,
+//!  first frame                                   last delta ─────────► merged
+//!                 ◄──────── SourceDeactivated ─┘
+//!                 Activating ─ ActivateDestination ─────────────────► forward
+//!                 ◄──────────────────────────── Activated ───────────┘
+//!                 Done ─ MoveMac (every host), Announce (GARP/RARP, when the
+//!                        VM has not spoken yet)
+//!  abort ───────► Aborted ─ CleanDestination, KeepSource / ReactivateSource
+//! ```
+//!
+//! Safety: the destination is told to forward only after the source said
+//! it stopped, so a port is never active on two hosts; the destination
+//! forwards only a port it installed with its policy (Prepared) and the
+//! source's last delta; an abort before `Done` always leaves the source
+//! active and the destination clean. Inputs that do not fit the phase are
+//! refused with the phase named, and change nothing.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Where a migration is.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Phase {
+    Preparing,
+    Syncing,
+    Switching,
+    Activating,
+    Done,
+    Aborted,
+}
+
+/// What made the switchover start.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Trigger {
+    /// The VMM said the VM resumed on the destination.
+    VmmResumed,
+    /// The destination saw the VM's first frame (QEMU's RARP, say).
+    FirstFrame,
+}
+
+/// What hosts and the VMM report.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Input {
+    /// The destination installed the port from its profile, in standby.
+    Prepared,
+    /// The source sent snapshot `seq` (0: the full one).
+    Synced { seq: u32 },
+    /// The VM runs on the destination.
+    Resumed(Trigger),
+    /// The source stopped forwarding; its last delta is `last_seq`; its
+    /// last frame for the VM went out at `last_frame`.
+    SourceDeactivated {
+        last_seq: u32,
+        last_frame: Option<Duration>,
+    },
+    /// The destination applied everything through the last delta and
+    /// forwards; its first frame for the VM at `first_frame`.
+    Activated { first_frame: Option<Duration> },
+    /// Every host has the VM's new location.
+    MacMoved,
+    /// Stop: the VMM's migration failed, an admin said so, or a party is
+    /// gone.
+    Abort(String),
+}
+
+/// What the controller must have done.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Output {
+    PrepareDestination,
+    StartSync,
+    DeactivateSource,
+    /// Apply everything through the source's last delta, then forward.
+    ActivateDestination {
+        through_seq: u32,
+    },
+    MoveMac,
+    /// Announce the VM (GARP/RARP) from the destination: it has not spoken.
+    Announce,
+    CleanDestination,
+    /// The source never stopped: nothing to do there.
+    KeepSource,
+    /// The source stopped: it forwards again.
+    ReactivateSource,
+}
+
+/// The moments of a migration, on the controller's clock.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Timeline {
+    pub begin: Duration,
+    /// The destination's port had its policy.
+    pub policy_ready: Option<Duration>,
+    /// The switchover started (resume or first frame).
+    pub switchover: Option<Duration>,
+    pub trigger: Option<Trigger>,
+    /// The last frame the source forwarded for the VM.
+    pub last_frame_at_source: Option<Duration>,
+    /// The first frame the destination forwarded for the VM.
+    pub first_frame_at_destination: Option<Duration>,
+    pub done: Option<Duration>,
+    pub aborted: Option<(Duration, String)>,
+}
+
+impl Timeline {
+    /// From the source's last frame to the destination's first.
+    pub fn blackout(&self) -> Option<Duration> {
+        Some(
+            self.first_frame_at_destination?
+                .saturating_sub(self.last_frame_at_source?),
+        )
+    }
+}
+
+/// An input that does not fit where the migration is.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("migration {id}: {input} does not apply while {phase:?}{hint}")]
+pub struct ProtocolError {
+    pub id: u64,
+    pub phase: Phase,
+    pub input: String,
+    pub hint: &'static str,
+}
+
+/// One port's migration.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Migration {
+    pub id: u64,
+    phase: Phase,
+    /// Highest snapshot the source sent.
+    synced: Option<u32>,
+    /// The VM resumed before the destination was ready.
+    early_resume: Option<Trigger>,
+    timeline: Timeline,
+}
+
+impl Migration {
+    /// Begin migration `id` at `now`; the first output prepares the
+    /// destination.
+    pub fn begin(id: u64, now: Duration) -> (Self, Vec<Output>) {
+        (
+            Migration {
+                id,
+                phase: Phase::Preparing,
+                synced: None,
+                early_resume: None,
+                timeline: Timeline {
+                    begin: now,
+                    ..Timeline::default()
+                },
+            },
+            vec![Output::PrepareDestination],
+        )
+    }
+
+    pub fn phase(&self) -> Phase {
+        self.phase
+    }
+
+    pub fn timeline(&self) -> &Timeline {
+        &self.timeline
+    }
+
+    /// Is the port forwarding at the source (in the controller's view)?
+    pub fn source_active(&self) -> bool {
+        // Asked to stop (Switching), the source forwards until it says
+        // it stopped.
+        matches!(
+            self.phase,
+            Phase::Preparing | Phase::Syncing | Phase::Switching | Phase::Aborted
+        )
+    }
+
+    /// Is the port forwarding at the destination?
+    pub fn destination_active(&self) -> bool {
+        self.phase == Phase::Done
+    }
+
+    fn refuse(&self, input: &Input, hint: &'static str) -> ProtocolError {
+        let name = match input {
+            Input::Prepared => "Prepared".to_string(),
+            Input::Synced { seq } => format!("Synced({seq})"),
+            Input::Resumed(t) => format!("Resumed({t:?})"),
+            Input::SourceDeactivated { .. } => "SourceDeactivated".into(),
+            Input::Activated { .. } => "Activated".into(),
+            Input::MacMoved => "MacMoved".into(),
+            Input::Abort(r) => format!("Abort({r})"),
+        };
+        ProtocolError {
+            id: self.id,
+            phase: self.phase,
+            input: name,
+            hint,
+        }
+    }
+
+    /// Take `input` at `now`; returns what must be done.
+    ///
+    /// # Errors
+    /// [`ProtocolError`] when the input does not fit the phase; nothing
+    /// changes then.
+    pub fn handle(&mut self, now: Duration, input: Input) -> Result<Vec<Output>, ProtocolError> {
+        use Phase::*;
+        let out = match (self.phase, &input) {
+            (Preparing, Input::Prepared) => {
+                self.timeline.policy_ready = Some(now);
+                self.phase = Syncing;
+                match self.early_resume.take() {
+                    // The VM already runs there: switch over at once.
+                    Some(t) => {
+                        self.switchover(now, t);
+                        vec![Output::StartSync, Output::DeactivateSource]
+                    }
+                    None => vec![Output::StartSync],
+                }
+            }
+            (Preparing, Input::Resumed(t)) => {
+                // The destination holds the VM's frames until its port has
+                // its policy.
+                self.early_resume = Some(*t);
+                Vec::new()
+            }
+            (Syncing | Switching, Input::Synced { seq }) => {
+                self.synced = Some(self.synced.map_or(*seq, |s| s.max(*seq)));
+                Vec::new()
+            }
+            (Syncing, Input::Resumed(t)) => {
+                self.switchover(now, *t);
+                vec![Output::DeactivateSource]
+            }
+            // A second trigger (the VMM after the first frame, or the
+            // reverse) changes nothing.
+            (Switching | Activating | Done, Input::Resumed(_)) => Vec::new(),
+            (
+                Switching,
+                Input::SourceDeactivated {
+                    last_seq,
+                    last_frame,
+                },
+            ) => {
+                self.timeline.last_frame_at_source = *last_frame;
+                self.synced = Some(*last_seq);
+                self.phase = Activating;
+                vec![Output::ActivateDestination {
+                    through_seq: *last_seq,
+                }]
+            }
+            (Activating, Input::Activated { first_frame }) => {
+                self.timeline.first_frame_at_destination = Some(first_frame.unwrap_or(now));
+                self.timeline.done = Some(now);
+                self.phase = Done;
+                let mut out = vec![Output::MoveMac];
+                if self.timeline.trigger == Some(Trigger::VmmResumed) {
+                    out.push(Output::Announce);
+                }
+                out
+            }
+            (Done, Input::MacMoved) => Vec::new(),
+            (Preparing | Syncing, Input::Abort(r)) => {
+                self.abort(now, r);
+                vec![Output::CleanDestination, Output::KeepSource]
+            }
+            (Switching | Activating, Input::Abort(r)) => {
+                self.abort(now, r);
+                vec![Output::CleanDestination, Output::ReactivateSource]
+            }
+            (Done, Input::Abort(_)) => {
+                return Err(self.refuse(
+                    &input,
+                    ": the VM runs at the destination; migrate it back instead",
+                ))
+            }
+            (Aborted, _) => return Err(self.refuse(&input, ": the migration was aborted")),
+            _ => return Err(self.refuse(&input, "")),
+        };
+        Ok(out)
+    }
+
+    fn switchover(&mut self, now: Duration, t: Trigger) {
+        self.timeline.switchover = Some(now);
+        self.timeline.trigger = Some(t);
+        self.phase = Phase::Switching;
+    }
+
+    fn abort(&mut self, now: Duration, reason: &str) {
+        self.timeline.aborted = Some((now, reason.to_string()));
+        self.phase = Phase::Aborted;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const MS: Duration = Duration::from_millis(1);
+
+    #[test]
+    fn a_migration_runs_through_and_keeps_its_timeline() {
+        let (mut m, out) = Migration::begin(7, Duration::ZERO);
+        assert_eq!(out, vec![Output::PrepareDestination]);
+        assert_eq!(
+            m.handle(10 * MS, Input::Prepared).unwrap(),
+            vec![Output::StartSync]
+        );
+        m.handle(20 * MS, Input::Synced { seq: 0 }).unwrap();
+        m.handle(30 * MS, Input::Synced { seq: 1 }).unwrap();
+        assert_eq!(
+            m.handle(100 * MS, Input::Resumed(Trigger::FirstFrame))
+                .unwrap(),
+            vec![Output::DeactivateSource]
+        );
+        assert!(m.source_active() && !m.destination_active());
+        assert_eq!(
+            m.handle(
+                105 * MS,
+                Input::SourceDeactivated {
+                    last_seq: 2,
+                    last_frame: Some(99 * MS)
+                }
+            )
+            .unwrap(),
+            vec![Output::ActivateDestination { through_seq: 2 }]
+        );
+        assert!(!m.source_active() && !m.destination_active());
+        // The VM spoke first (its RARP): no announcement needed.
+        assert_eq!(
+            m.handle(
+                110 * MS,
+                Input::Activated {
+                    first_frame: Some(108 * MS)
+                }
+            )
+            .unwrap(),
+            vec![Output::MoveMac]
+        );
+        assert!(m.destination_active());
+        let t = m.timeline();
+        assert_eq!(t.policy_ready, Some(10 * MS));
+        assert_eq!(t.switchover, Some(100 * MS));
+        assert_eq!(t.blackout(), Some(9 * MS));
+    }
+
+    #[test]
+    fn a_resume_before_the_policy_is_ready_waits_for_it() {
+        let (mut m, _) = Migration::begin(1, Duration::ZERO);
+        assert!(m
+            .handle(MS, Input::Resumed(Trigger::VmmResumed))
+            .unwrap()
+            .is_empty());
+        assert_eq!(
+            m.handle(2 * MS, Input::Prepared).unwrap(),
+            vec![Output::StartSync, Output::DeactivateSource]
+        );
+        m.handle(
+            3 * MS,
+            Input::SourceDeactivated {
+                last_seq: 0,
+                last_frame: None,
+            },
+        )
+        .unwrap();
+        // The VMM said it resumed and the VM has not spoken: announce it.
+        assert_eq!(
+            m.handle(4 * MS, Input::Activated { first_frame: None })
+                .unwrap(),
+            vec![Output::MoveMac, Output::Announce]
+        );
+    }
+
+    #[test]
+    fn aborts_leave_the_source_active_and_the_destination_clean() {
+        for steps in 0..4 {
+            let (mut m, _) = Migration::begin(1, Duration::ZERO);
+            let script = [
+                Input::Prepared,
+                Input::Resumed(Trigger::VmmResumed),
+                Input::SourceDeactivated {
+                    last_seq: 0,
+                    last_frame: None,
+                },
+            ];
+            for i in script.into_iter().take(steps) {
+                m.handle(MS, i).unwrap();
+            }
+            let out = m
+                .handle(2 * MS, Input::Abort("qemu: migration failed".into()))
+                .unwrap();
+            assert!(out.contains(&Output::CleanDestination), "{steps}: {out:?}");
+            let source = if steps >= 2 {
+                Output::ReactivateSource
+            } else {
+                Output::KeepSource
+            };
+            assert!(out.contains(&source), "{steps}: {out:?}");
+            assert_eq!(m.phase(), Phase::Aborted);
+            assert!(m.source_active() && !m.destination_active());
+            assert!(m.handle(3 * MS, Input::Prepared).is_err());
+        }
+    }
+
+    #[test]
+    fn inputs_out_of_turn_are_refused_and_change_nothing() {
+        let (mut m, _) = Migration::begin(3, Duration::ZERO);
+        let before = m.clone();
+        let e = m
+            .handle(MS, Input::Activated { first_frame: None })
+            .unwrap_err();
+        assert_eq!(
+            e.to_string(),
+            "migration 3: Activated does not apply while Preparing"
+        );
+        assert_eq!(m, before);
+        m.handle(MS, Input::Prepared).unwrap();
+        m.handle(MS, Input::Resumed(Trigger::FirstFrame)).unwrap();
+        m.handle(
+            MS,
+            Input::SourceDeactivated {
+                last_seq: 0,
+                last_frame: None,
+            },
+        )
+        .unwrap();
+        m.handle(MS, Input::Activated { first_frame: None })
+            .unwrap();
+        let e = m.handle(MS, Input::Abort("late".into())).unwrap_err();
+        assert!(e.to_string().ends_with("migrate it back instead"), "{e}");
+    }
+
+    fn input() -> impl Strategy<Value = Input> {
+        prop_oneof![
+            Just(Input::Prepared),
+            (0u32..4).prop_map(|seq| Input::Synced { seq }),
+            Just(Input::Resumed(Trigger::VmmResumed)),
+            Just(Input::Resumed(Trigger::FirstFrame)),
+            (0u32..4).prop_map(|last_seq| Input::SourceDeactivated {
+                last_seq,
+                last_frame: None
+            }),
+            Just(Input::Activated { first_frame: None }),
+            Just(Input::MacMoved),
+            Just(Input::Abort("x".into())),
+        ]
+    }
+
+    proptest! {
+        /// Whatever the hosts report, in any order: the port is never
+        /// active on both hosts, the destination is told to forward only
+        /// after the source stopped and after its policy was in place, and
+        /// a migration that does not finish leaves the source active.
+        #[test]
+        fn never_active_on_two_hosts(inputs in proptest::collection::vec(input(), 0..24)) {
+            let (mut m, _) = Migration::begin(1, Duration::ZERO);
+            let (mut prepared, mut source_stopped) = (false, false);
+            for (k, i) in inputs.into_iter().enumerate() {
+                let now = MS * k as u32;
+                let is_prepared = i == Input::Prepared;
+                let is_stop = matches!(i, Input::SourceDeactivated { .. });
+                let Ok(out) = m.handle(now, i) else { continue };
+                prepared |= is_prepared;
+                source_stopped |= is_stop;
+                for o in &out {
+                    if let Output::ActivateDestination { .. } = o {
+                        prop_assert!(prepared && source_stopped);
+                    }
+                }
+                prop_assert!(!(m.source_active() && m.destination_active()));
+                if m.phase() == Phase::Aborted {
+                    prop_assert!(m.source_active());
+                }
+            }
+        }
+    }
+}
