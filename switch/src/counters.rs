@@ -73,6 +73,9 @@ drop_reasons! {
     Storm => "storm",
     /// The queue of the port's shaper was full.
     ShaperQueueFull => "shaper_queue_full",
+    /// The port is in standby (a migration's destination before it is
+    /// activated): its policy is in place, it does not forward.
+    Standby => "standby",
 }
 
 /// A counter per [`DropReason`].

@@ -174,6 +174,20 @@ impl MacTable {
         self.counters.aged += (before - self.slots.len()) as u64;
     }
 
+    /// The MACs learned on `port` (not static, not aged out), with their
+    /// age: what a port carries when it moves (a trunk's VMs behind it).
+    pub fn learned_on(&self, port: PortNo, now: Duration) -> Vec<(VlanId, MacAddr, Duration)> {
+        let mut v: Vec<_> = self
+            .slots
+            .values()
+            .filter(|s| !s.is_static && s.location == Location::Port(port))
+            .map(|s| (s.vlan, s.mac, now.saturating_sub(s.last_seen)))
+            .filter(|(_, _, age)| *age < self.cfg.aging)
+            .collect();
+        v.sort_by_key(|(vl, m, _)| (*vl, *m));
+        v
+    }
+
     /// Every entry, for views (sorted by VLAN then MAC).
     pub fn entries(&self, now: Duration) -> Vec<MacEntry> {
         let mut v: Vec<MacEntry> = self

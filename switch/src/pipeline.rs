@@ -154,6 +154,10 @@ pub struct PortState {
     /// Open flow records (of the port's monitor).
     #[serde(default)]
     pub flows: Vec<SavedFlow>,
+    /// MACs learned on the port (a trunk's VMs behind it): VLAN, MAC, age
+    /// in ms.
+    #[serde(default)]
+    pub learned_macs: Vec<(VlanId, MacAddr, u64)>,
 }
 
 /// A VLAN segment stretched across hosts by VXLAN.
@@ -206,6 +210,8 @@ struct Port {
     guard: Option<PortGuard>,
     /// The flow table of `cfg.netflow` and what it records.
     flow: Option<(usize, FlowDirection)>,
+    /// In standby: installed with its policy, not forwarding.
+    standby: bool,
 }
 
 impl Port {
@@ -226,6 +232,7 @@ impl Port {
             police_out: cfg.qos.outbound.map(|l| Policer::new(l, Duration::ZERO)),
             guard: PortGuard::new(&cfg.security),
             flow: None,
+            standby: false,
             cfg,
             counters: PortCounters::default(),
         }
@@ -270,6 +277,11 @@ pub struct Switch {
     /// Some port has a monitor.
     flows_on: bool,
     next_flow_expiry: Duration,
+    /// Some port is in standby.
+    standby_any: bool,
+    /// Standby ports that received a frame from their VM since
+    /// [`Switch::take_standby_wakeups`] (a VM that resumed there).
+    wakeups: Vec<PortNo>,
 }
 
 /// How often flow tables run their timeouts.
@@ -290,6 +302,8 @@ impl Switch {
             monitors: Monitors::default(),
             flows_on: false,
             next_flow_expiry: Duration::ZERO,
+            standby_any: false,
+            wakeups: Vec::new(),
         }
     }
 
@@ -367,6 +381,33 @@ impl Switch {
         p.cfg.netflow = netflow;
         self.flows_on = self.ports.iter().flatten().any(|p| p.flow.is_some());
         Ok(())
+    }
+
+    /// Put port `no` in standby (its policy in place, nothing forwarded to
+    /// or from it: what a migration's destination does until activation)
+    /// or take it out.
+    ///
+    /// # Errors
+    /// [`Error::UnknownPortNo`].
+    pub fn set_port_standby(&mut self, no: PortNo, standby: bool) -> Result<(), Error> {
+        self.port_mut(no)?.standby = standby;
+        self.standby_any = self.ports.iter().flatten().any(|p| p.standby);
+        self.wakeups.retain(|w| *w != no);
+        self.generation += 1;
+        Ok(())
+    }
+
+    pub fn port_standby(&self, no: PortNo) -> bool {
+        self.ports
+            .get(usize::from(no.0))
+            .and_then(Option::as_ref)
+            .is_some_and(|p| p.standby)
+    }
+
+    /// Standby ports whose VM sent a frame since the last call — the VM
+    /// runs here now (QEMU announces itself with RARP after a migration).
+    pub fn take_standby_wakeups(&mut self) -> Vec<PortNo> {
+        std::mem::take(&mut self.wakeups)
     }
 
     /// Take the open flow records of port `no` out of its table without
@@ -483,8 +524,15 @@ impl Switch {
             Some((i, _)) => self.monitors.save_port(i, p.cfg.id.number(), now, false),
             None => Vec::new(),
         };
+        let learned_macs = self
+            .macs
+            .learned_on(no, now)
+            .into_iter()
+            .map(|(v, m, age)| (v, m, age.as_millis() as u64))
+            .collect();
         Some(PortState {
             flows,
+            learned_macs,
             counters: p.counters.clone(),
             acl_in_hits: p.acl_in.as_ref().map(Acl::save_hits),
             acl_out_hits: p.acl_out.as_ref().map(Acl::save_hits),
@@ -535,8 +583,20 @@ impl Switch {
         if let Some(g) = p.guard.as_mut() {
             g.restore_sticky_macs(&state.sticky_macs);
         }
-        if let Some((i, _)) = p.flow {
+        let (flow, vlans) = (p.flow, p.cfg.vlan.clone());
+        if let Some((i, _)) = flow {
             self.monitors.restore(i, &state.flows, now);
+        }
+        for (v, m, age) in &state.learned_macs {
+            // Only VLANs the port still carries; the age carries over.
+            let carried = match &vlans {
+                VlanMode::Access(a) => a == v,
+                VlanMode::Trunk { allowed, .. } => allowed.contains(*v),
+            };
+            if carried {
+                let seen = now.saturating_sub(Duration::from_millis(*age));
+                self.macs.learn(seen, *v, *m, Location::Port(no));
+            }
         }
         Ok(())
     }
@@ -750,6 +810,21 @@ impl Switch {
                 };
             }
         };
+        if self.standby_any {
+            if let Ingress::Port(no) = ingress {
+                if self.port_standby(no) {
+                    if !self.wakeups.contains(&no) {
+                        self.wakeups.push(no);
+                    }
+                    self.count_drop(ingress, DropReason::Standby);
+                    return Processed {
+                        verdict: Verdict::Drop(DropReason::Standby),
+                        frame,
+                        vlan: Some(vlan),
+                    };
+                }
+            }
+        }
         if view.outer.is_some() {
             frame.start = wire::pop_tag(buf, frame.start);
         }
@@ -783,6 +858,9 @@ impl Switch {
                     for o in out.iter_mut() {
                         o.tag = o.tag.map(|t| (t & 0x1fff) | u16::from(pcp) << 13);
                     }
+                }
+                if self.standby_any {
+                    self.drop_to_standby(out);
                 }
                 self.check_inbound(now, &buf[frame.clone()], vlan, &mut key, out);
                 if self.flows_on {
@@ -998,6 +1076,23 @@ impl Switch {
                 }
             }
             admit(port, now, frame.len())
+        });
+    }
+
+    /// Remove the copies for standby ports, counting each on its port.
+    fn drop_to_standby(&mut self, out: &mut Vec<Output>) {
+        let ports = &mut self.ports;
+        out.retain(|o| {
+            let Egress::Port(p) = o.egress else {
+                return true;
+            };
+            match ports.get_mut(usize::from(p.0)).and_then(Option::as_mut) {
+                Some(port) if port.standby => {
+                    port.counters.tx_drops.add(DropReason::Standby);
+                    false
+                }
+                _ => true,
+            }
         });
     }
 

@@ -783,3 +783,59 @@ fn a_tso_frame_counts_as_the_segments_it_becomes() {
     // ceil(10000 / 1448) = 7 segments, each with its 40 bytes of headers.
     assert_eq!((recs[0].packets, recs[0].octets), (7, 10_000 + 7 * 40));
 }
+
+#[test]
+fn a_standby_port_has_its_policy_but_forwards_nothing_until_activated() {
+    let mut r = Rig::new(vec![access(1, "vm", 10), access(2, "peer", 10)]);
+    r.sw.set_port_standby(PortNo(0), true).unwrap();
+    // Nothing goes to it...
+    let p = r.from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
+    assert_eq!(p.verdict, Verdict::Flood);
+    assert!(r.egress().is_empty());
+    assert_eq!(
+        r.sw.port(PortNo(0))
+            .unwrap()
+            .1
+            .tx_drops
+            .get(DropReason::Standby),
+        1
+    );
+    // ...nothing comes from it, and its first frame is reported: the VM
+    // runs here.
+    assert!(r.sw.take_standby_wakeups().is_empty());
+    let p = r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::Standby));
+    r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    assert_eq!(r.sw.take_standby_wakeups(), vec![PortNo(0)]);
+    assert!(r.sw.take_standby_wakeups().is_empty());
+    assert_eq!(r.drops(0, DropReason::Standby), 2);
+    // Activated, it forwards.
+    r.sw.set_port_standby(PortNo(0), false).unwrap();
+    let p = r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    assert_eq!(p.verdict, Verdict::Flood);
+    assert_eq!(r.egress(), vec![Egress::Port(PortNo(1))]);
+}
+
+#[test]
+fn a_trunks_learned_macs_move_with_the_port() {
+    let mut a = Rig::new(vec![trunk(1, "fw", &[10, 20], None), access(2, "peer", 10)]);
+    let tagged = |vid: u16, src: u8| frame(MacAddr::BROADCAST, mac(src), &[(0x8100, vid)]);
+    a.from_port(0, tagged(10, 7));
+    a.from_port(0, tagged(20, 8));
+    let state = a.sw.save_port(PortNo(0), T).unwrap();
+    assert_eq!(state.learned_macs.len(), 2);
+    let json = serde_json::to_string(&state).unwrap();
+    let state: PortState = serde_json::from_str(&json).unwrap();
+    let mut b = Rig::new(vec![access(2, "peer", 10), trunk(1, "fw", &[10], None)]);
+    b.sw.restore_port(PortNo(1), &state, T * 2).unwrap();
+    // VLAN 10's VM is known behind the moved trunk at once; VLAN 20 is no
+    // longer on the trunk there.
+    let p = b.from_port(0, frame(mac(7), mac(2), &[]));
+    assert_eq!(p.verdict, Verdict::Forward);
+    assert_eq!(b.egress(), vec![Egress::Port(PortNo(1))]);
+    assert_eq!(
+        b.sw.mac_entries(T * 2).len(),
+        2,
+        "VM 7 and the peer, not VM 8"
+    );
+}
