@@ -58,7 +58,12 @@ enum Command {
     /// Run one host's switch (datapath + agent) until SIGTERM.
     #[command(
         long_about = "Run one host's switch (datapath + agent) until SIGTERM or SIGINT.\n\n\
-        The static file names the host, its VXLAN address, the VLAN segments it \
+        Under a controller: `dvs agent --controller URL --host NAME --tunnel-ip IP \
+        --state-dir DIR` registers the host and runs what the controller sends (ports, \
+        policy, segments, where other hosts' VMs are), keeping the last state in DIR so \
+        that it forwards when the controller is away, even after a restart. With TLS, \
+        add --tls-ca, --tls-cert and --tls-key (a certificate naming the host).\n\n\
+        Without a controller, --config FILE: the static file names the host, its VXLAN address, the VLAN segments it \
         stretches to other hosts and the ports (a TAP the agent creates, or an \
         existing interface it attaches to):\n\n\
         host: h1\n\
@@ -333,16 +338,18 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             let rt = tokio::runtime::Runtime::new()?;
             rt.block_on(async move {
                 tracing::info!(%listen, data_dir = %data_dir.display(), "controller running");
-                let stop = async {
-                    let mut term =
-                        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-                            .ok();
+                let mut term =
+                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+                let stop = async move {
                     tokio::select! {
                         _ = tokio::signal::ctrl_c() => {}
-                        _ = async { match term.as_mut() { Some(t) => { t.recv().await; } None => std::future::pending().await } } => {}
+                        _ = term.recv() => {}
                     }
                 };
-                dvs_controller::server::serve(c, listen, tls, stop)
+                let listener = tokio::net::TcpListener::bind(listen)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("binding {listen}: {e}"))?;
+                dvs_controller::server::serve_on(c, listener, tls, stop)
                     .await
                     .map_err(|e| anyhow::anyhow!("serving on {listen}: {e}"))
             })

@@ -262,7 +262,7 @@ async fn run(hosts: usize, ports_per_host: usize) {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop_srv, stopped) = tokio::sync::oneshot::channel::<()>();
-    let srv = tokio::spawn(serve_on(controller.clone(), listener, async {
+    let srv = tokio::spawn(serve_on(controller.clone(), listener, None, async {
         let _ = stopped.await;
     }));
     let rss_loaded = rss_mb();

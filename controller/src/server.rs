@@ -773,35 +773,14 @@ impl Controller {
     }
 }
 
-/// Serve both services on a bound listener until `shutdown` resolves (the
-/// benchmark binds port 0 and reads the port back).
+/// Serve both services on a bound listener (with TLS when `tls` is given)
+/// until `shutdown` resolves.
 ///
 /// # Errors
-/// Accepting or serving failed.
+/// The TLS configuration is refused, or serving failed.
 pub async fn serve_on(
     controller: Controller,
     listener: tokio::net::TcpListener,
-    shutdown: impl std::future::Future<Output = ()> + Send,
-) -> Result<(), tonic::transport::Error> {
-    tonic::transport::Server::builder()
-        .http2_keepalive_interval(Some(Duration::from_secs(10)))
-        .http2_keepalive_timeout(Some(Duration::from_secs(5)))
-        .add_service(controller.admin())
-        .add_service(controller.agent())
-        .serve_with_incoming_shutdown(
-            tokio_stream::wrappers::TcpListenerStream::new(listener),
-            shutdown,
-        )
-        .await
-}
-
-/// Serve both services on `listen` until `shutdown` resolves.
-///
-/// # Errors
-/// The address cannot be bound.
-pub async fn serve(
-    controller: Controller,
-    listen: std::net::SocketAddr,
     tls: Option<tonic::transport::ServerTlsConfig>,
     shutdown: impl std::future::Future<Output = ()> + Send,
 ) -> Result<(), tonic::transport::Error> {
@@ -813,6 +792,9 @@ pub async fn serve(
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(controller.admin())
         .add_service(controller.agent())
-        .serve_with_shutdown(listen, shutdown)
+        .serve_with_incoming_shutdown(
+            tokio_stream::wrappers::TcpListenerStream::new(listener),
+            shutdown,
+        )
         .await
 }

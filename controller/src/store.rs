@@ -5,10 +5,10 @@
 
 use std::path::{Path, PathBuf};
 
-use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition};
+use redb::{Database, ReadableDatabase, ReadableTable, TableDefinition, TableHandle};
 use serde::de::DeserializeOwned;
 
-use crate::chassis::{Chassis, Dirty, Doc, HostRec, Kind, Meta, PortRec};
+use crate::chassis::{Chassis, Dirty, Kind, Meta};
 use crate::Error;
 
 const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
@@ -74,37 +74,25 @@ impl Store {
             Some(v) => self.decode("meta", v.value())?,
             None => Meta::default(),
         };
-        let mut docs = Vec::new();
-        for row in r
-            .open_table(DOCS)
-            .map_err(|e| self.err(e))?
-            .iter()
-            .map_err(|e| self.err(e))?
-        {
-            let (k, v) = row.map_err(|e| self.err(e))?;
-            docs.push(self.decode::<Doc>(k.value(), v.value())?);
-        }
-        let mut ports = Vec::new();
-        for row in r
-            .open_table(PORTS)
-            .map_err(|e| self.err(e))?
-            .iter()
-            .map_err(|e| self.err(e))?
-        {
-            let (k, v) = row.map_err(|e| self.err(e))?;
-            ports.push(self.decode::<PortRec>(&format!("port {}", k.value()), v.value())?);
-        }
-        let mut hosts = Vec::new();
-        for row in r
-            .open_table(HOSTS)
-            .map_err(|e| self.err(e))?
-            .iter()
-            .map_err(|e| self.err(e))?
-        {
-            let (k, v) = row.map_err(|e| self.err(e))?;
-            hosts.push(self.decode::<HostRec>(k.value(), v.value())?);
-        }
+        let docs = self.rows(&r, DOCS)?;
+        let ports = self.rows(&r, PORTS)?;
+        let hosts = self.rows(&r, HOSTS)?;
         Chassis::from_records(meta, docs, ports, hosts)
+    }
+
+    /// Every record of table `t`.
+    fn rows<K: redb::Key + 'static, T: DeserializeOwned>(
+        &self,
+        r: &redb::ReadTransaction,
+        t: TableDefinition<K, &[u8]>,
+    ) -> Result<Vec<T>, Error> {
+        let table = r.open_table(t).map_err(|e| self.err(e))?;
+        let mut out = Vec::new();
+        for row in table.iter().map_err(|e| self.err(e))? {
+            let (k, v) = row.map_err(|e| self.err(e))?;
+            out.push(self.decode(&format!("{} {:?}", t.name(), k.value()), v.value())?);
+        }
+        Ok(out)
     }
 
     /// Write what `dirty` names, as `chassis` now has it, in one durable

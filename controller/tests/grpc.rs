@@ -30,7 +30,7 @@ async fn start(tag: &str) -> Running {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-    tokio::spawn(serve_on(controller.clone(), listener, async {
+    tokio::spawn(serve_on(controller.clone(), listener, None, async {
         let _ = stopped.await;
     }));
     let r = Running {

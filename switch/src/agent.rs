@@ -287,23 +287,26 @@ pub fn run_with(
             .set_nonblocking(true)
             .map_err(|e| Error::io("setting the control link non-blocking", e))?;
     }
-    let mut fds = dp.fds();
-    let mut next_stats = Duration::ZERO;
-    while !sys::terminate_requested() {
-        let mut pollfds: Vec<libc::pollfd> = fds
-            .iter()
-            .map(|(_, fd)| libc::pollfd {
-                fd: *fd,
+    // The fds to wait on, rebuilt only when ports come or go.
+    let poll_set = |fds: &[(Option<crate::PortNo>, RawFd)]| -> Vec<libc::pollfd> {
+        let wake = link.as_ref().map(|l| l.wake.as_raw_fd());
+        fds.iter()
+            .map(|(_, fd)| *fd)
+            .chain(wake)
+            .map(|fd| libc::pollfd {
+                fd,
                 events: libc::POLLIN,
                 revents: 0,
             })
-            .collect();
-        if let Some(l) = &link {
-            pollfds.push(libc::pollfd {
-                fd: l.wake.as_raw_fd(),
-                events: libc::POLLIN,
-                revents: 0,
-            });
+            .collect()
+    };
+    let mut fds = dp.fds();
+    let mut pollfds = poll_set(&fds);
+    let mut next_stats = Duration::ZERO;
+    while !sys::terminate_requested() {
+        for pfd in &mut pollfds {
+            pfd.events = libc::POLLIN;
+            pfd.revents = 0;
         }
         let now = start.elapsed();
         let mut wait = dp
@@ -346,7 +349,11 @@ pub fn run_with(
         if sys::take_reload_request() {
             if let Some(path) = path {
                 match AgentConfig::load(path) {
-                    Ok(new) => changed |= apply(&mut dp, &mut cfg, new, now).is_ok(),
+                    Ok(new) => {
+                        // Applied in part or whole: ports may have come or gone.
+                        let _ = apply(&mut dp, &mut cfg, new, now);
+                        changed = true;
+                    }
                     Err(e) => {
                         tracing::error!(error = %e, "reload refused; the running configuration stays");
                     }
@@ -368,6 +375,7 @@ pub fn run_with(
         }
         if changed {
             fds = dp.fds();
+            pollfds = poll_set(&fds);
         }
         if now >= next_stats {
             if let Some(path) = &cfg.stats_file {

@@ -192,10 +192,6 @@ impl FlowTable {
         &self.counters
     }
 
-    pub fn config(&self) -> FlowConfig {
-        self.cfg
-    }
-
     /// When record `f` could next time out.
     fn due(&self, f: &Open) -> u64 {
         (f.last + ms(self.cfg.inactive)).min(f.since + ms(self.cfg.active))
@@ -536,11 +532,6 @@ impl Monitors {
         if let Some(t) = self.tables.get_mut(i) {
             t.table.restore(saved, now, &mut t.pending);
         }
-    }
-
-    /// Whether a table has records waiting.
-    pub fn has_pending(&self) -> bool {
-        self.tables.iter().any(|t| !t.pending.is_empty())
     }
 
     pub fn tables(&self) -> &[MonitorTable] {

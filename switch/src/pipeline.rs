@@ -864,7 +864,14 @@ impl Switch {
                 }
                 self.check_inbound(now, &buf[frame.clone()], vlan, &mut key, out);
                 if self.flows_on {
-                    self.account_flows(now, ingress, &buf[frame.clone()], vlan, gso_size, out);
+                    let f = &buf[frame.clone()];
+                    if let (Some(from), Some(m)) =
+                        (self.flow_targets(ingress, out), wire::l3_meter(f, gso_size))
+                    {
+                        // The policy checks may have read the key already.
+                        let k = *key.get_or_insert_with(|| FlowKey::parse(f, vlan.get()));
+                        self.account_flows(now, from, &k, m, out);
+                    }
                 }
                 match v {
                     Verdict::Forward if out.is_empty() => Verdict::Drop(DropReason::AclDeny),
@@ -1096,37 +1103,43 @@ impl Switch {
         });
     }
 
-    /// Add a frame that passed its port's policy to the flow records of
-    /// the ports that record it: the sender's (from the VM) and each
-    /// receiving port's (into the VM).
-    fn account_flows(
-        &mut self,
-        now: Duration,
-        ingress: Ingress,
-        frame: &[u8],
-        vlan: VlanId,
-        gso_size: u16,
-        out: &[Output],
-    ) {
-        let port_flow = |ports: &[Option<Port>], no: PortNo| {
-            let p = ports.get(usize::from(no.0))?.as_ref()?;
-            p.flow.map(|(i, d)| (i, d, p.cfg.id.number()))
+    /// The flow table and port ID of a port that records what it carries
+    /// in `dir`.
+    fn port_flow(&self, no: PortNo, dir: Direction) -> Option<(usize, u32)> {
+        let p = self.ports.get(usize::from(no.0))?.as_ref()?;
+        let (i, d) = p.flow?;
+        let records = match dir {
+            Direction::FromVm => d.records_out(),
+            Direction::ToVm => d.records_in(),
         };
+        records.then(|| (i, p.cfg.id.number()))
+    }
+
+    /// Whether a frame from `ingress` going to `out` is recorded anywhere:
+    /// `Some` with the sender's table (when it records what its VM sends).
+    fn flow_targets(&self, ingress: Ingress, out: &[Output]) -> Option<Option<(usize, u32)>> {
         let from = match ingress {
-            Ingress::Port(no) => port_flow(&self.ports, no).filter(|f| f.1.records_out()),
+            Ingress::Port(no) => self.port_flow(no, Direction::FromVm),
             Ingress::Tunnel { .. } => None,
         };
         let to_any = out.iter().any(|o| match o.egress {
-            Egress::Port(p) => port_flow(&self.ports, p).is_some_and(|f| f.1.records_in()),
+            Egress::Port(p) => self.port_flow(p, Direction::ToVm).is_some(),
             Egress::Tunnel { .. } => false,
         });
-        if from.is_none() && !to_any {
-            return;
-        }
-        let Some(m) = wire::l3_meter(frame, gso_size) else {
-            return;
-        };
-        let k = FlowKey::parse(frame, vlan.get());
+        (from.is_some() || to_any).then_some(from)
+    }
+
+    /// Add a frame that passed its port's policy (key `k`, measured `m`)
+    /// to the flow records of the ports that record it: the sender's (`from`,
+    /// from the VM) and each receiving port's (into the VM).
+    fn account_flows(
+        &mut self,
+        now: Duration,
+        from: Option<(usize, u32)>,
+        k: &FlowKey,
+        m: wire::L3Meter,
+        out: &[Output],
+    ) {
         let (Some(src), Some(dst), Some(proto)) = (k.src_ip, k.dst_ip, k.proto) else {
             return;
         };
@@ -1138,7 +1151,7 @@ impl Switch {
         let mut id = FlowId {
             port: 0,
             dir: Direction::FromVm,
-            vlan: vlan.get(),
+            vlan: k.vlan,
             src,
             dst,
             proto,
@@ -1146,22 +1159,18 @@ impl Switch {
             dst_port,
             tos: m.tos,
         };
-        if let Some((i, _, port)) = from {
+        if let Some((i, port)) = from {
             id.port = port;
             self.monitors
                 .account(i, now, id, m.packets, m.octets, k.tcp_flags);
         }
-        if to_any {
-            id.dir = Direction::ToVm;
-            for o in out {
-                let Egress::Port(p) = o.egress else { continue };
-                if let Some((i, d, port)) = port_flow(&self.ports, p) {
-                    if d.records_in() {
-                        id.port = port;
-                        self.monitors
-                            .account(i, now, id, m.packets, m.octets, k.tcp_flags);
-                    }
-                }
+        id.dir = Direction::ToVm;
+        for o in out {
+            let Egress::Port(p) = o.egress else { continue };
+            if let Some((i, port)) = self.port_flow(p, Direction::ToVm) {
+                id.port = port;
+                self.monitors
+                    .account(i, now, id, m.packets, m.octets, k.tcp_flags);
             }
         }
     }

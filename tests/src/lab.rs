@@ -463,6 +463,7 @@ impl Control {
         rt.spawn(dvs_controller::server::serve_on(
             controller,
             listener,
+            None,
             async {
                 let _ = stopped.await;
             },

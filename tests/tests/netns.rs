@@ -36,6 +36,12 @@ fn access(host: usize, name: &'static str, vlan: u16, addr: &'static str) -> VmS
     }
 }
 
+/// Two hosts: `vm` on the first, a plain VM `peer` (10.10.0.2, VLAN 10)
+/// on the second.
+fn vm_and_peer(vm: VmSpec) -> Fabric {
+    Fabric::new(2, &[vm, access(1, "peer", 10, "10.10.0.2/24")], &[])
+}
+
 /// A VM behind a veth pair that the agent attaches to with AF_PACKET.
 fn on_veth(mut vm: VmSpec) -> VmSpec {
     vm.veth = true;
@@ -661,17 +667,10 @@ fn stateful_rules_let_replies_in_but_not_new_connections() {
     let policy = "{ out: [ { action: permit, proto: tcp, stateful: true }, \
                   { action: permit, proto: icmp, stateful: true }, { action: permit, ethertype: arp } ], \
                   in: [ { action: permit, ethertype: arp }, { action: deny } ] }";
-    let mut f = Fabric::new(
-        2,
-        &[
-            VmSpec {
-                acl: Some(policy),
-                ..access(0, "vm", 10, "10.10.0.1/24")
-            },
-            access(1, "peer", 10, "10.10.0.2/24"),
-        ],
-        &[],
-    );
+    let mut f = vm_and_peer(VmSpec {
+        acl: Some(policy),
+        ..access(0, "vm", 10, "10.10.0.1/24")
+    });
     listen(&mut f, "peer", 7000);
     listen(&mut f, "vm", 7001);
     assert_eq!(
@@ -712,18 +711,11 @@ fn rate_limits_police_udp_floods_and_hold_tcp_near_the_rate() {
     if !e2e_ready(TOOLS) {
         return;
     }
-    let mut f = Fabric::new(
-        2,
-        &[
-            VmSpec {
-                acl: None,
-                qos: Some("{ out: { avg_mbps: 20 }, in: { avg_mbps: 50, burst_kb: 2048 } }"),
-                ..access(0, "limited", 10, "10.10.0.1/24")
-            },
-            access(1, "peer", 10, "10.10.0.2/24"),
-        ],
-        &[],
-    );
+    let mut f = vm_and_peer(VmSpec {
+        acl: None,
+        qos: Some("{ out: { avg_mbps: 20 }, in: { avg_mbps: 50, burst_kb: 2048 } }"),
+        ..access(0, "limited", 10, "10.10.0.1/24")
+    });
     assert_eq!(f.ping("limited", "10.10.0.2", 2).1, 2, "{}", f.topo.logs());
     // A 200 Mbit/s UDP flood out of the VM is cut to 20 Mbit/s.
     let v = iperf_json(&mut f, "limited", "peer", "-u -b 200M -l 1400 -t 3");
@@ -758,17 +750,10 @@ fn a_policy_change_under_load_takes_effect_without_breaking_the_stream() {
     if !e2e_ready(TOOLS) {
         return;
     }
-    let mut f = Fabric::new(
-        2,
-        &[
-            VmSpec {
-                qos: Some("{ in: { avg_mbps: 20 } }"),
-                ..access(0, "vm", 10, "10.10.0.1/24")
-            },
-            access(1, "peer", 10, "10.10.0.2/24"),
-        ],
-        &[],
-    );
+    let mut f = vm_and_peer(VmSpec {
+        qos: Some("{ in: { avg_mbps: 20 } }"),
+        ..access(0, "vm", 10, "10.10.0.1/24")
+    });
     let vm = f.vm("vm").clone();
     let label = "iperf3-vm";
     f.topo
@@ -990,17 +975,10 @@ fn a_shaped_port_holds_tcp_at_the_rate_without_loss() {
     if !e2e_ready(TOOLS) {
         return;
     }
-    let mut f = Fabric::new(
-        2,
-        &[
-            VmSpec {
-                qos: Some("{ out: { avg_mbps: 20, shape: true } }"),
-                ..access(0, "shaped", 10, "10.10.0.1/24")
-            },
-            access(1, "peer", 10, "10.10.0.2/24"),
-        ],
-        &[],
-    );
+    let mut f = vm_and_peer(VmSpec {
+        qos: Some("{ out: { avg_mbps: 20, shape: true } }"),
+        ..access(0, "shaped", 10, "10.10.0.1/24")
+    });
     assert_eq!(f.ping("shaped", "10.10.0.2", 2).1, 2, "{}", f.topo.logs());
     let v = iperf_json(&mut f, "shaped", "peer", "-t 6");
     let rates = per_second_mbps(&v);
@@ -1032,17 +1010,10 @@ fn a_port_shaped_inbound_queues_tcp_to_the_rate() {
     if !e2e_ready(TOOLS) {
         return;
     }
-    let mut f = Fabric::new(
-        2,
-        &[
-            VmSpec {
-                qos: Some("{ in: { avg_mbps: 20, shape: true, queue_kb: 1024 } }"),
-                ..access(0, "shaped", 10, "10.10.0.1/24")
-            },
-            access(1, "peer", 10, "10.10.0.2/24"),
-        ],
-        &[],
-    );
+    let mut f = vm_and_peer(VmSpec {
+        qos: Some("{ in: { avg_mbps: 20, shape: true, queue_kb: 1024 } }"),
+        ..access(0, "shaped", 10, "10.10.0.1/24")
+    });
     assert_eq!(f.ping("shaped", "10.10.0.2", 2).1, 2, "{}", f.topo.logs());
     // TCP from another host into the shaped VM: held in the switch's queue.
     let v = iperf_json(&mut f, "peer", "shaped", "-t 6");

@@ -129,10 +129,6 @@ impl Encoder {
         }
     }
 
-    pub fn version(&self) -> FlowVersion {
-        self.version
-    }
-
     /// Does this version use templates?
     pub fn has_templates(&self) -> bool {
         self.version != FlowVersion::V5
