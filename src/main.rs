@@ -145,6 +145,89 @@ enum Command {
     /// Chassis-wide views.
     #[command(subcommand)]
     Show(ShowCmd),
+    /// Live migrations of ports: drive them by hand (any VMM) or see their
+    /// timelines.
+    #[command(subcommand)]
+    Migrate(MigrateCmd),
+    /// VMM hooks.
+    #[command(subcommand)]
+    Hook(HookCmd),
+}
+
+#[derive(Subcommand, Debug)]
+enum MigrateCmd {
+    /// Begin migrating a port to a host: the destination installs it from
+    /// its profile in standby (policy in place, not forwarding). The port
+    /// switches over on `dvs migrate activate` or on the VM's first frame
+    /// at the destination, whichever comes first.
+    Start {
+        #[arg(long)]
+        port: String,
+        /// The destination host.
+        #[arg(long)]
+        to: String,
+        /// The port's TAP on the destination (default: the one it has now)...
+        #[arg(long, default_value = "")]
+        tap: String,
+        /// ...or the VMM's interface there.
+        #[arg(long, default_value = "")]
+        netdev: String,
+        /// Return once the destination has the port with its policy.
+        #[arg(long)]
+        wait: bool,
+    },
+    /// The VM resumed on the destination: switch the port over.
+    Activate {
+        /// The migration's ID...
+        #[arg(long, default_value_t = 0, required_unless_present = "port")]
+        id: u64,
+        /// ...or its port.
+        #[arg(long, default_value = "")]
+        port: String,
+    },
+    /// Stop a migration: the source keeps (or takes back) the port and
+    /// the destination's copy is removed.
+    Abort {
+        #[arg(long, default_value_t = 0, required_unless_present = "port")]
+        id: u64,
+        #[arg(long, default_value = "")]
+        port: String,
+        #[arg(long, default_value = "")]
+        reason: String,
+    },
+    /// Every migration with its timeline (ms from its beginning): policy
+    /// ready on the destination, switchover, last frame at the source,
+    /// first at the destination, blackout, frames dropped, snapshot size.
+    List,
+}
+
+#[derive(Subcommand, Debug)]
+enum HookCmd {
+    /// libvirt's qemu hook: install as /etc/libvirt/hooks/qemu a script
+    /// running `exec dvs hook libvirt --host "$(hostname)" "$@"`.
+    #[command(
+        long_about = "libvirt's qemu hook: libvirt runs /etc/libvirt/hooks/qemu DOMAIN OPERATION SUB-OPERATION EXTRA \
+        with the domain XML on stdin; install there a script running\n\n    exec dvs hook libvirt --host \"$(hostname)\" \"$@\"\n\n\
+        On the destination, `migrate begin` migrates each interface's port (found by MAC) here and waits \
+        until it is in place with its policy (a failure makes libvirt abort the migration); `prepare begin` \
+        checks it (or binds the port here for a plain start); the VM's first frame after resuming switches \
+        the port over. On the source, `stopped end`/`release end` activates the migration; on the destination \
+        they abort it (the incoming migration failed). Malformed XML is refused and nothing changes."
+    )]
+    Libvirt {
+        /// This host's name, as its agent registers.
+        #[arg(long, env = "DVS_HOST")]
+        host: String,
+        /// Bind interfaces at a plain start as TAPs dvs opens (default:
+        /// interfaces libvirt made, attached with AF_PACKET).
+        #[arg(long)]
+        tap: bool,
+        domain: String,
+        operation: String,
+        sub_operation: String,
+        #[arg(default_value = "-")]
+        extra: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -354,7 +437,49 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                     .map_err(|e| anyhow::anyhow!("serving on {listen}: {e}"))
             })
         }
-        Command::Profile(_) | Command::Port(_) | Command::Host(_) | Command::Show(_) => {
+        Command::Hook(HookCmd::Libvirt {
+            host,
+            tap,
+            domain,
+            operation,
+            sub_operation,
+            extra: _,
+        }) => {
+            let mut xml = String::new();
+            std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml)
+                .map_err(|e| anyhow::anyhow!("reading the domain XML on stdin: {e}"))?;
+            let call = dvs_controller::hook::HookCall {
+                host,
+                domain,
+                operation,
+                sub_operation,
+                xml,
+                tap,
+            };
+            // Bad input is refused before the controller is asked.
+            dvs_controller::hook::check(&call)?;
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()?;
+            let text = rt.block_on(async {
+                let mut c = dvs_controller::client::connect(
+                    &cli.controller,
+                    cli.token.as_deref(),
+                    cli.tls_ca.as_deref(),
+                )
+                .await?;
+                dvs_controller::hook::libvirt(&mut c, &call).await
+            })?;
+            // libvirt reads stdout of `migrate` as a new domain XML: the
+            // report goes to stderr.
+            eprint!("{text}");
+            Ok(())
+        }
+        Command::Profile(_)
+        | Command::Port(_)
+        | Command::Host(_)
+        | Command::Show(_)
+        | Command::Migrate(_) => {
             admin(
                 &cli.controller,
                 cli.token.as_deref(),
@@ -416,6 +541,32 @@ fn admin(
         }),
         Command::Host(HostCmd::List) => C::HostList,
         Command::Show(ShowCmd::Chassis) => C::ShowChassis,
+        Command::Migrate(MigrateCmd::Start {
+            port,
+            to,
+            tap,
+            netdev,
+            wait,
+        }) => C::MigrateStart {
+            req: api::StartMigrationRequest {
+                port,
+                to,
+                tap,
+                netdev,
+            },
+            wait,
+        },
+        Command::Migrate(MigrateCmd::Activate { id, port }) => {
+            C::MigrateActivate(api::MigrationRef {
+                id,
+                port,
+                reason: String::new(),
+            })
+        }
+        Command::Migrate(MigrateCmd::Abort { id, port, reason }) => {
+            C::MigrateAbort(api::MigrationRef { id, port, reason })
+        }
+        Command::Migrate(MigrateCmd::List) => C::MigrateList,
         _ => anyhow::bail!("not an admin command"),
     };
     let out = match output {

@@ -26,6 +26,9 @@ use serde_json::{json, Value};
 
 use crate::Error;
 
+mod migration;
+pub use migration::MigrationRec;
+
 /// The largest multi-document file `apply` takes.
 pub const MAX_APPLY_BYTES: usize = 1 << 20;
 /// VNI of a VLAN's segment.
@@ -67,6 +70,15 @@ pub enum Attach {
     Netdev(String),
 }
 
+impl Attach {
+    /// The interface's name.
+    pub fn dev(&self) -> &str {
+        match self {
+            Attach::Tap(n) | Attach::Netdev(n) => n,
+        }
+    }
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Binding {
     pub host: String,
@@ -81,6 +93,19 @@ pub struct PortRec {
     pub mac: MacAddr,
     pub profile: String,
     pub binding: Option<Binding>,
+    /// Where the port is migrating to, while it does.
+    #[serde(default)]
+    pub moving: Option<Moving>,
+}
+
+/// A port's migration as its hosts must see it: the destination has the
+/// port in standby; the source too once it stopped.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Moving {
+    pub migration: u64,
+    pub to: Binding,
+    /// The source said it stopped forwarding.
+    pub source_stopped: bool,
 }
 
 /// A host (a module of the chassis).
@@ -104,6 +129,12 @@ pub struct Meta {
     pub next_module: u32,
     /// v9 source ID / IPFIX observation domain of every host's exports.
     pub chassis_id: u32,
+    #[serde(default = "one")]
+    pub next_migration: u64,
+}
+
+fn one() -> u64 {
+    1
 }
 
 impl Default for Meta {
@@ -113,6 +144,7 @@ impl Default for Meta {
             next_port: 1,
             next_module: 3,
             chassis_id: 1,
+            next_migration: 1,
         }
     }
 }
@@ -125,11 +157,16 @@ pub struct Dirty {
     pub docs: BTreeSet<(String, String)>,
     pub ports: BTreeSet<u32>,
     pub hosts: BTreeSet<String>,
+    pub migrations: BTreeSet<u64>,
 }
 
 impl Dirty {
     pub fn is_empty(&self) -> bool {
-        !self.meta && self.docs.is_empty() && self.ports.is_empty() && self.hosts.is_empty()
+        !self.meta
+            && self.docs.is_empty()
+            && self.ports.is_empty()
+            && self.hosts.is_empty()
+            && self.migrations.is_empty()
     }
 }
 
@@ -141,6 +178,7 @@ pub struct Chassis {
     monitors: BTreeMap<String, Doc>,
     ports: BTreeMap<u32, PortRec>,
     hosts: BTreeMap<String, HostRec>,
+    migrations: BTreeMap<u64, MigrationRec>,
     /// Each profile resolved (inheritance applied), rebuilt on change.
     resolved: BTreeMap<String, Policy>,
     index: Index,
@@ -174,6 +212,7 @@ impl Chassis {
         docs: Vec<Doc>,
         ports: Vec<PortRec>,
         hosts: Vec<HostRec>,
+        migrations: Vec<MigrationRec>,
     ) -> Result<Self, Error> {
         let mut c = Chassis {
             meta,
@@ -188,6 +227,7 @@ impl Chassis {
         }
         c.ports = ports.into_iter().map(|p| (p.id.number(), p)).collect();
         c.hosts = hosts.into_iter().map(|h| (h.name.clone(), h)).collect();
+        c.migrations = migrations.into_iter().map(|m| (m.id, m)).collect();
         c.resolved = validate(&c.profiles, &c.monitors)?;
         c.reindex();
         Ok(c)
@@ -206,11 +246,9 @@ impl Chassis {
         let (mac_vlan, carried) = (self.port_vlan(p), self.port_vlans(p));
         let ix = &mut self.index;
         ix.by_mac.insert(p.mac, id);
-        if let Some(b) = &p.binding {
-            let dev = match &b.attach {
-                Attach::Tap(n) | Attach::Netdev(n) => n.clone(),
-            };
-            ix.by_dev.insert((b.host.clone(), dev), id);
+        for b in p.binding.iter().chain(p.moving.as_ref().map(|m| &m.to)) {
+            ix.by_dev
+                .insert((b.host.clone(), b.attach.dev().to_string()), id);
             ix.by_host.entry(b.host.clone()).or_default().insert(id);
         }
         if let Some(v) = mac_vlan {
@@ -226,11 +264,9 @@ impl Chassis {
         let (mac_vlan, carried) = (self.port_vlan(p), self.port_vlans(p));
         let ix = &mut self.index;
         ix.by_mac.remove(&p.mac);
-        if let Some(b) = &p.binding {
-            let dev = match &b.attach {
-                Attach::Tap(n) | Attach::Netdev(n) => n.clone(),
-            };
-            ix.by_dev.remove(&(b.host.clone(), dev));
+        for b in p.binding.iter().chain(p.moving.as_ref().map(|m| &m.to)) {
+            ix.by_dev
+                .remove(&(b.host.clone(), b.attach.dev().to_string()));
             if let Some(s) = ix.by_host.get_mut(&b.host) {
                 s.remove(&id);
             }
@@ -535,6 +571,7 @@ impl Chassis {
             mac,
             profile: profile.to_string(),
             binding: None,
+            moving: None,
         };
         self.known_profile(profile)?;
         check_port_policy(&rec, &self.resolved)?;
@@ -588,6 +625,7 @@ impl Chassis {
     /// another port's on that host.
     pub fn bind_port(&mut self, id: PortId, host: &str, attach: Attach) -> Result<(), Error> {
         self.port_rec(id)?;
+        self.not_moving(id)?;
         check_host_name(host)?;
         let dev = match &attach {
             Attach::Tap(n) | Attach::Netdev(n) => n,
@@ -629,6 +667,7 @@ impl Chassis {
     /// [`Error::NotFound`].
     pub fn unbind_port(&mut self, id: PortId) -> Result<(), Error> {
         self.port_rec(id)?;
+        self.not_moving(id)?;
         self.index_remove(id.number());
         if let Some(p) = self.ports.get_mut(&id.number()) {
             p.binding = None;
@@ -645,6 +684,7 @@ impl Chassis {
     /// [`Error::NotFound`].
     pub fn delete_port(&mut self, id: PortId) -> Result<(), Error> {
         self.port_rec(id)?;
+        self.not_moving(id)?;
         self.index_remove(id.number());
         self.ports.remove(&id.number());
         self.dirty.ports.insert(id.number());
@@ -813,7 +853,24 @@ impl Chassis {
                 "profile": p.profile,
                 "mac": p.mac.to_string(),
             });
-            match &b.attach {
+            // A migration's destination has the port in standby, and so
+            // has its source once it stopped.
+            let attach = match &p.moving {
+                Some(m) if m.to.host == host => {
+                    item["standby"] = json!(true);
+                    item["migration"] = json!(m.migration);
+                    &m.to.attach
+                }
+                Some(m) => {
+                    if m.source_stopped {
+                        item["standby"] = json!(true);
+                        item["migration"] = json!(m.migration);
+                    }
+                    &b.attach
+                }
+                None => &b.attach,
+            };
+            match attach {
                 Attach::Tap(n) => item["tap"] = json!(n),
                 Attach::Netdev(n) => item["netdev"] = json!(n),
             }
@@ -829,13 +886,29 @@ impl Chassis {
             Some((p, ip))
         };
         let mut peers: BTreeMap<u16, BTreeSet<IpAddr>> = BTreeMap::new();
+        // A migration's destination carries the port's VLANs already.
+        let destination = |id: &u32| {
+            let m = self
+                .ports
+                .get(id)?
+                .moving
+                .as_ref()
+                .filter(|m| m.to.host != host)?;
+            self.hosts.get(&m.to.host)?.tunnel_ip
+        };
         for v in &vlans {
             let carriers = self.index.carried.get(v).into_iter().flatten();
-            for (_, ip) in carriers.filter_map(remote) {
+            for (_, ip) in carriers.clone().filter_map(remote) {
+                peers.entry(*v).or_default().insert(ip);
+            }
+            for ip in carriers.filter_map(destination) {
                 peers.entry(*v).or_default().insert(ip);
             }
             let vms = self.index.mac_vlan.get(v).into_iter().flatten();
-            for (p, ip) in vms.filter_map(remote) {
+            // Not the VM that is coming here.
+            let coming =
+                |(p, _): &(&PortRec, IpAddr)| p.moving.as_ref().is_none_or(|m| m.to.host != host);
+            for (p, ip) in vms.filter_map(remote).filter(coming) {
                 items.insert(
                     format!("mac/{v}/{}", p.mac),
                     json!({ "vlan": v, "mac": p.mac.to_string(), "remote": ip.to_string() }),

@@ -20,7 +20,10 @@ pub enum Output {
 /// An admin command.
 #[derive(Debug, Clone)]
 pub enum Command {
-    ProfileApply { yaml: String, dry_run: bool },
+    ProfileApply {
+        yaml: String,
+        dry_run: bool,
+    },
     ProfileList,
     ProfileShow(String),
     ProfileDelete(String),
@@ -31,6 +34,15 @@ pub enum Command {
     PortBind(api::BindPortRequest),
     HostList,
     ShowChassis,
+    /// Begin a migration; with `wait`, return once the destination has the
+    /// port with its policy (or the migration ended).
+    MigrateStart {
+        req: api::StartMigrationRequest,
+        wait: bool,
+    },
+    MigrateActivate(api::MigrationRef),
+    MigrateAbort(api::MigrationRef),
+    MigrateList,
 }
 
 /// Why an admin command failed: the controller's message, or why it could
@@ -47,6 +59,22 @@ fn refused(s: tonic::Status) -> ClientError {
     ClientError::Refused(s.message().to_string())
 }
 
+/// Adds the admin token to every call.
+#[derive(Debug, Clone)]
+pub struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(b) = &self.0 {
+            req.metadata_mut().insert("authorization", b.clone());
+        }
+        Ok(req)
+    }
+}
+
+/// An admin client.
+pub type Admin = AdminClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
+
 /// Run `cmd` against the controller at `url` (with the admin `token`, if
 /// any); returns what to print.
 ///
@@ -59,6 +87,19 @@ pub async fn run(
     cmd: Command,
     out: Output,
 ) -> Result<String, ClientError> {
+    let mut c = connect(url, token, tls_ca).await?;
+    call(&mut c, cmd, out).await
+}
+
+/// Connect to the controller's admin service.
+///
+/// # Errors
+/// [`ClientError::Unreachable`], or a token or CA file that cannot be used.
+pub async fn connect(
+    url: &str,
+    token: Option<&str>,
+    tls_ca: Option<&std::path::Path>,
+) -> Result<Admin, ClientError> {
     let unreachable = |e: &dyn std::fmt::Display| ClientError::Unreachable {
         url: url.to_string(),
         msg: e.to_string(),
@@ -85,14 +126,16 @@ pub async fn run(
         })?),
         None => None,
     };
-    let mut c = AdminClient::with_interceptor(ch, move |mut req: tonic::Request<()>| {
-        if let Some(b) = &bearer {
-            req.metadata_mut().insert("authorization", b.clone());
-        }
-        Ok(req)
-    })
-    .max_decoding_message_size(MAX_MESSAGE)
-    .max_encoding_message_size(MAX_MESSAGE);
+    Ok(AdminClient::with_interceptor(ch, Bearer(bearer))
+        .max_decoding_message_size(MAX_MESSAGE)
+        .max_encoding_message_size(MAX_MESSAGE))
+}
+
+/// Run `cmd` on a connected client.
+///
+/// # Errors
+/// [`ClientError::Refused`] with the controller's one-line reason.
+pub async fn call(c: &mut Admin, cmd: Command, out: Output) -> Result<String, ClientError> {
     let e = api::Empty {};
     Ok(match cmd {
         Command::ProfileApply { yaml, dry_run } => {
@@ -220,6 +263,41 @@ pub async fn run(
         Command::HostList => {
             let r = c.list_hosts(e).await.map_err(refused)?.into_inner();
             render_hosts(&r.hosts, out)
+        }
+        Command::MigrateStart { req, wait } => {
+            let mut m = c.start_migration(req).await.map_err(refused)?.into_inner();
+            let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
+            while wait && m.phase == "preparing" && std::time::Instant::now() < until {
+                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+                let all = c.list_migrations(api::Empty {}).await.map_err(refused)?;
+                if let Some(n) = all
+                    .into_inner()
+                    .migrations
+                    .into_iter()
+                    .find(|n| n.id == m.id)
+                {
+                    m = n;
+                }
+            }
+            if m.phase == "aborted" {
+                return Err(ClientError::Refused(format!(
+                    "migration {} of {} to {} aborted: {}",
+                    m.id, m.port, m.to, m.abort_reason
+                )));
+            }
+            render_migrations(std::slice::from_ref(&m), out)
+        }
+        Command::MigrateActivate(r) => {
+            let m = c.activate_migration(r).await.map_err(refused)?.into_inner();
+            render_migrations(std::slice::from_ref(&m), out)
+        }
+        Command::MigrateAbort(r) => {
+            let m = c.abort_migration(r).await.map_err(refused)?.into_inner();
+            render_migrations(std::slice::from_ref(&m), out)
+        }
+        Command::MigrateList => {
+            let r = c.list_migrations(e).await.map_err(refused)?.into_inner();
+            render_migrations(&r.migrations, out)
         }
         Command::ShowChassis => {
             let r = c.show_chassis(e).await.map_err(refused)?.into_inner();
@@ -392,6 +470,92 @@ fn render_hosts(hosts: &[api::Host], out: Output) -> String {
             "PORTS",
             "APPLIED/DESIRED",
             "LAG",
+        ],
+        &rows,
+    )
+}
+
+/// Milliseconds from `from` to `to` (both µs since the epoch; 0: not yet).
+fn span_ms(from: u64, to: u64) -> Option<f64> {
+    (from > 0 && to >= from).then(|| (to - from) as f64 / 1000.0)
+}
+
+/// A migration's timeline, relative to its beginning, in milliseconds.
+pub fn migration_json(m: &api::Migration) -> Value {
+    let rel = |t: u64| span_ms(m.begin_us, t);
+    json!({
+        "id": m.id, "port": m.port, "vm": m.vm, "from": m.from, "to": m.to,
+        "phase": m.phase, "trigger": m.trigger,
+        "begin_unix_us": m.begin_us,
+        "policy_ready_ms": rel(m.policy_ready_us),
+        "switchover_ms": rel(m.switchover_us),
+        "last_frame_at_source_ms": rel(m.last_frame_source_us),
+        "first_frame_at_destination_ms": rel(m.first_frame_destination_us),
+        "done_ms": rel(m.done_us),
+        "aborted_ms": rel(m.aborted_us),
+        "abort_reason": m.abort_reason,
+        "blackout_ms": span_ms(m.last_frame_source_us, m.first_frame_destination_us),
+        "dropped_frames": m.dropped_frames,
+        "snapshot_bytes": m.snapshot_bytes,
+        "connections": m.connections,
+        "flows": m.flows,
+    })
+}
+
+fn render_migrations(ms: &[api::Migration], out: Output) -> String {
+    if out == Output::Json {
+        return Value::Array(ms.iter().map(migration_json).collect()).to_string();
+    }
+    let ms_cell = |v: Option<f64>| v.map_or_else(|| "-".to_string(), |v| format!("{v:.1}"));
+    let rows: Vec<Vec<String>> = ms
+        .iter()
+        .map(|m| {
+            let rel = |t: u64| ms_cell(span_ms(m.begin_us, t));
+            let mut phase = m.phase.clone();
+            if !m.abort_reason.is_empty() {
+                phase = format!("aborted ({})", m.abort_reason);
+            }
+            vec![
+                m.id.to_string(),
+                m.port.clone(),
+                m.vm.clone(),
+                format!("{} -> {}", m.from, m.to),
+                rel(m.policy_ready_us),
+                rel(m.switchover_us),
+                if m.trigger.is_empty() {
+                    "-".into()
+                } else {
+                    m.trigger.clone()
+                },
+                rel(m.last_frame_source_us),
+                rel(m.first_frame_destination_us),
+                ms_cell(span_ms(
+                    m.last_frame_source_us,
+                    m.first_frame_destination_us,
+                )),
+                m.dropped_frames.to_string(),
+                format!("{:.1}", m.snapshot_bytes as f64 / 1024.0),
+                m.connections.to_string(),
+                phase,
+            ]
+        })
+        .collect();
+    table(
+        &[
+            "ID",
+            "PORT",
+            "VM",
+            "HOSTS",
+            "POLICY-READY(ms)",
+            "SWITCHOVER(ms)",
+            "TRIGGER",
+            "LAST-AT-SRC(ms)",
+            "FIRST-AT-DST(ms)",
+            "BLACKOUT(ms)",
+            "DROPPED",
+            "SNAPSHOT(KiB)",
+            "CONNS",
+            "PHASE",
         ],
         &rows,
     )

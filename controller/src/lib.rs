@@ -1,5 +1,5 @@
 //! dvs's logical chassis: port profiles, hosts, ports, bindings, the embedded
-//! store and (next) the admin and agent gRPC services.
+//! store, the admin and agent gRPC services, and live migrations.
 //!
 //! - [`chassis`]: the state and its rules, sans-IO — every change checked
 //!   whole first, versioned, and cut into what each host must run;
@@ -8,12 +8,15 @@
 //!   one transaction, and the chassis is rebuilt from it at start with the
 //!   same IDs and module numbers;
 //! - [`server`]: the admin and agent gRPC services over both;
-//! - [`client`]: the admin commands of the `dvs` binary and their views.
+//! - [`client`]: the admin commands of the `dvs` binary and their views;
+//! - [`hook`]: `dvs hook libvirt`, libvirt's qemu hook against the
+//!   controller.
 
 #![forbid(unsafe_code)]
 
 pub mod chassis;
 pub mod client;
+pub mod hook;
 pub mod server;
 pub mod store;
 

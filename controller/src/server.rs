@@ -31,11 +31,17 @@ use crate::Error;
 /// The largest message either service takes (an apply of 1 MiB fits).
 pub const MAX_MESSAGE: usize = 4 << 20;
 
+mod migration;
+
+type Outbox = mpsc::Sender<Result<api::ControllerMessage, Status>>;
+
 /// A connected agent.
 #[derive(Debug, Clone)]
 struct Session {
     peer: String,
     since: Instant,
+    /// Its stream (for migration commands).
+    tx: Outbox,
 }
 
 #[derive(Debug)]
@@ -57,6 +63,8 @@ pub struct Controller {
     admin_token: Option<Arc<str>>,
     /// Agents must present a client certificate for the host they register.
     agent_certs: bool,
+    /// Shutting down: sessions end because of it, not because hosts left.
+    closing: Arc<std::sync::atomic::AtomicBool>,
 }
 
 /// The files of the services' TLS: the controller's certificate and key
@@ -146,7 +154,17 @@ impl Controller {
     /// The store cannot be opened or read.
     pub fn open(data_dir: &std::path::Path) -> Result<Self, Error> {
         let store = Store::open(data_dir)?;
-        let chassis = store.load()?;
+        let mut chassis = store.load()?;
+        // Migrations cut short by the restart end consistently now.
+        for (id, out) in chassis.recover_migrations(migration::unix_now()) {
+            tracing::warn!(
+                migration = id,
+                ?out,
+                "migration aborted: the controller restarted before its switchover"
+            );
+        }
+        let dirty = chassis.take_dirty();
+        store.commit(&chassis, &dirty)?;
         let rev = chassis.revision();
         Ok(Controller {
             state: Arc::new(Mutex::new(State {
@@ -159,6 +177,7 @@ impl Controller {
             revision: watch::Sender::new(rev),
             admin_token: None,
             agent_certs: false,
+            closing: Arc::default(),
         })
     }
 
@@ -555,6 +574,34 @@ impl api::admin_server::Admin for Controller {
         }))
     }
 
+    async fn start_migration(
+        &self,
+        req: Request<api::StartMigrationRequest>,
+    ) -> Result<Response<api::Migration>, Status> {
+        self.begin(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn activate_migration(
+        &self,
+        req: Request<api::MigrationRef>,
+    ) -> Result<Response<api::Migration>, Status> {
+        self.activate(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn abort_migration(
+        &self,
+        req: Request<api::MigrationRef>,
+    ) -> Result<Response<api::Migration>, Status> {
+        self.abort(req.into_inner()).await.map(Response::new)
+    }
+
+    async fn list_migrations(
+        &self,
+        _: Request<api::Empty>,
+    ) -> Result<Response<api::MigrationList>, Status> {
+        Ok(Response::new(self.migration_list()))
+    }
+
     async fn show_chassis(&self, _: Request<api::Empty>) -> Result<Response<api::Chassis>, Status> {
         let st = self.lock();
         Ok(Response::new(api::Chassis {
@@ -653,15 +700,16 @@ impl api::agent_server::Agent for Controller {
             }
         }
         let module = self.mutate(true, |c| c.register(&host, ip))?;
+        let (tx, rx) = mpsc::channel(16);
         self.lock().sessions.insert(
             host.clone(),
             Session {
                 peer: peer.clone(),
                 since: Instant::now(),
+                tx: tx.clone(),
             },
         );
         tracing::info!(%host, %peer, module, from_revision = reg.revision, "agent registered");
-        let (tx, rx) = mpsc::channel(16);
         let me = self.clone();
         tokio::spawn(async move {
             let r = me.serve_session(&host, module, inbound, tx.clone()).await;
@@ -670,6 +718,9 @@ impl api::agent_server::Agent for Controller {
             }
             me.lock().sessions.remove(&host);
             tracing::info!(%host, "agent session ended");
+            if !me.closing.load(std::sync::atomic::Ordering::SeqCst) {
+                me.host_gone(&host).await;
+            }
         });
         Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
     }
@@ -707,6 +758,10 @@ impl Controller {
         if tx.send(Ok(full)).await.is_err() {
             return Ok(());
         }
+        // A migration that was activating when the controller stopped
+        // continues: the destination gets the source's state again.
+        self.resume_activations(host).await;
+        let mut chunks = BTreeMap::new();
         loop {
             tokio::select! {
                 m = inbound.message() => {
@@ -714,6 +769,10 @@ impl Controller {
                     match m.msg {
                         Some(agent_message::Msg::Ack(a)) => {
                             self.mutate(false, |c| c.ack(host, a.revision))?;
+                            self.prepared(host, a.revision).await;
+                        }
+                        Some(agent_message::Msg::Migration(e)) => {
+                            self.migration_event(host, e, &mut chunks).await;
                         }
                         Some(agent_message::Msg::Report(r)) => {
                             let v: Value = serde_json::from_str(&r.stats_json).map_err(|e| {
@@ -788,6 +847,13 @@ pub async fn serve_on(
     if let Some(t) = tls {
         b = b.tls_config(t)?;
     }
+    tokio::spawn(controller.clone().migration_timer());
+    let closing = controller.closing.clone();
+    let shutdown = async move {
+        shutdown.await;
+        // Migrations stay as they are: the next start takes them up.
+        closing.store(true, std::sync::atomic::Ordering::SeqCst);
+    };
     b.http2_keepalive_interval(Some(Duration::from_secs(10)))
         .http2_keepalive_timeout(Some(Duration::from_secs(5)))
         .add_service(controller.admin())

@@ -16,6 +16,10 @@ const META: TableDefinition<&str, &[u8]> = TableDefinition::new("meta");
 const DOCS: TableDefinition<&str, &[u8]> = TableDefinition::new("docs");
 const PORTS: TableDefinition<u32, &[u8]> = TableDefinition::new("ports");
 const HOSTS: TableDefinition<&str, &[u8]> = TableDefinition::new("hosts");
+const MIGRATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("migrations");
+/// A migration's snapshot from the source, kept (binary, as sent) until the
+/// destination runs from it.
+const HANDOVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("handovers");
 
 /// The database file.
 #[derive(Debug)]
@@ -47,6 +51,9 @@ impl Store {
             w.open_table(t).map_err(|e| s.err(e))?;
         }
         w.open_table(PORTS).map_err(|e| s.err(e))?;
+        for t in [MIGRATIONS, HANDOVERS] {
+            w.open_table(t).map_err(|e| s.err(e))?;
+        }
         w.commit().map_err(|e| s.err(e))?;
         Ok(s)
     }
@@ -77,7 +84,8 @@ impl Store {
         let docs = self.rows(&r, DOCS)?;
         let ports = self.rows(&r, PORTS)?;
         let hosts = self.rows(&r, HOSTS)?;
-        Chassis::from_records(meta, docs, ports, hosts)
+        let migrations = self.rows(&r, MIGRATIONS)?;
+        Chassis::from_records(meta, docs, ports, hosts, migrations)
     }
 
     /// Every record of table `t`.
@@ -159,6 +167,16 @@ impl Store {
                     }
                 }
             }
+            let mut t = w.open_table(MIGRATIONS).map_err(|e| self.err(e))?;
+            for id in &dirty.migrations {
+                if let Some(m) = chassis.migration(*id) {
+                    t.insert(*id, json(m).as_slice()).map_err(|e| self.err(e))?;
+                }
+                if chassis.migration(*id).is_none_or(|m| m.finished()) {
+                    let mut h = w.open_table(HANDOVERS).map_err(|e| self.err(e))?;
+                    h.remove(*id).map_err(|e| self.err(e))?;
+                }
+            }
             let mut t = w.open_table(HOSTS).map_err(|e| self.err(e))?;
             for name in &dirty.hosts {
                 match chassis.host(name) {
@@ -173,6 +191,33 @@ impl Store {
             }
         }
         w.commit().map_err(|e| self.err(e))
+    }
+}
+
+impl Store {
+    /// Keep migration `id`'s snapshot (durably) until it is finished.
+    ///
+    /// # Errors
+    /// [`Error::Store`].
+    pub fn put_handover(&self, id: u64, bytes: &[u8]) -> Result<(), Error> {
+        let w = self.db.begin_write().map_err(|e| self.err(e))?;
+        {
+            let mut t = w.open_table(HANDOVERS).map_err(|e| self.err(e))?;
+            t.insert(id, bytes).map_err(|e| self.err(e))?;
+        }
+        w.commit().map_err(|e| self.err(e))
+    }
+
+    /// Migration `id`'s kept snapshot.
+    ///
+    /// # Errors
+    /// [`Error::Store`].
+    pub fn handover(&self, id: u64) -> Result<Option<Vec<u8>>, Error> {
+        let r = self.db.begin_read().map_err(|e| self.err(e))?;
+        let t = r.open_table(HANDOVERS).map_err(|e| self.err(e))?;
+        Ok(t.get(id)
+            .map_err(|e| self.err(e))?
+            .map(|v| v.value().to_vec()))
     }
 }
 

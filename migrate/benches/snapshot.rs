@@ -9,8 +9,9 @@
 
 use std::time::{Duration, Instant};
 
-use dvs_migrate::snapshot::{tracked_port_state, Kind, Snapshot};
+use dvs_migrate::snapshot::{Kind, Snapshot};
 use dvs_proto::PortId;
+use dvs_switch::tracked_port_state;
 
 fn median(mut v: Vec<Duration>) -> Duration {
     v.sort();

@@ -42,6 +42,19 @@ pub enum Phase {
     Aborted,
 }
 
+impl Phase {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Phase::Preparing => "preparing",
+            Phase::Syncing => "syncing",
+            Phase::Switching => "switching",
+            Phase::Activating => "activating",
+            Phase::Done => "done",
+            Phase::Aborted => "aborted",
+        }
+    }
+}
+
 /// What made the switchover start.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -70,6 +83,9 @@ pub enum Input {
     /// The destination applied everything through the last delta and
     /// forwards; its first frame for the VM at `first_frame`.
     Activated { first_frame: Option<Duration> },
+    /// The destination forwarded its first frame for the VM (reported
+    /// after activation, when it happens).
+    FirstFrameForwarded { at: Duration },
     /// Every host has the VM's new location.
     MacMoved,
     /// Stop: the VMM's migration failed, an admin said so, or a party is
@@ -135,7 +151,7 @@ pub struct ProtocolError {
 }
 
 /// One port's migration.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Migration {
     pub id: u64,
     phase: Phase,
@@ -195,6 +211,7 @@ impl Migration {
             Input::Resumed(t) => format!("Resumed({t:?})"),
             Input::SourceDeactivated { .. } => "SourceDeactivated".into(),
             Input::Activated { .. } => "Activated".into(),
+            Input::FirstFrameForwarded { .. } => "FirstFrameForwarded".into(),
             Input::MacMoved => "MacMoved".into(),
             Input::Abort(r) => format!("Abort({r})"),
         };
@@ -258,7 +275,9 @@ impl Migration {
                 }]
             }
             (Activating, Input::Activated { first_frame }) => {
-                self.timeline.first_frame_at_destination = Some(first_frame.unwrap_or(now));
+                if first_frame.is_some() {
+                    self.timeline.first_frame_at_destination = *first_frame;
+                }
                 self.timeline.done = Some(now);
                 self.phase = Done;
                 let mut out = vec![Output::MoveMac];
@@ -266,6 +285,10 @@ impl Migration {
                     out.push(Output::Announce);
                 }
                 out
+            }
+            (Activating | Done, Input::FirstFrameForwarded { at }) => {
+                self.timeline.first_frame_at_destination.get_or_insert(*at);
+                Vec::new()
             }
             (Done, Input::MacMoved) => Vec::new(),
             (Preparing | Syncing, Input::Abort(r)) => {
@@ -451,6 +474,7 @@ mod tests {
             }),
             Just(Input::Activated { first_frame: None }),
             Just(Input::MacMoved),
+            Just(Input::FirstFrameForwarded { at: Duration::ZERO }),
             Just(Input::Abort("x".into())),
         ]
     }

@@ -16,10 +16,8 @@
 //! that is truncated, corrupted, too big or of an unknown version is
 //! refused whole with the reason; nothing of it is applied.
 
-use std::time::Duration;
-
-use dvs_proto::{AclRule, Action, PortId, VlanId, VlanMode};
-use dvs_switch::{Ingress, PortAcl, PortConfig, PortNo, PortState, Switch, SwitchConfig};
+use dvs_proto::PortId;
+use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 
 /// The envelope's magic bytes.
@@ -47,16 +45,17 @@ impl Kind {
     }
 }
 
-/// A port's runtime state in flight.
+/// A port's runtime state in flight (`S`: the datapath's state of a port,
+/// `dvs_switch::PortState`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Snapshot {
+pub struct Snapshot<S> {
     pub port: PortId,
     /// The migration it belongs to.
     pub migration: u64,
     /// Position in the migration's stream of snapshots (0: the first, full).
     pub seq: u32,
     pub kind: Kind,
-    pub state: PortState,
+    pub state: S,
 }
 
 /// Why a snapshot was refused.
@@ -80,7 +79,7 @@ pub enum SnapshotError {
     Mismatch { said: Kind, found: Kind },
 }
 
-impl Snapshot {
+impl<S: Serialize + DeserializeOwned> Snapshot<S> {
     /// The envelope's bytes.
     ///
     /// # Errors
@@ -108,7 +107,7 @@ impl Snapshot {
     ///
     /// # Errors
     /// [`SnapshotError`] naming what is wrong; nothing is returned then.
-    pub fn decode(b: &[u8]) -> Result<Snapshot, SnapshotError> {
+    pub fn decode(b: &[u8]) -> Result<Snapshot<S>, SnapshotError> {
         let Some(h) = b.get(..HEADER) else {
             return Err(SnapshotError::Truncated {
                 have: b.len(),
@@ -146,7 +145,7 @@ impl Snapshot {
         if got != want {
             return Err(SnapshotError::Crc { want, got });
         }
-        let s: Snapshot =
+        let s: Snapshot<S> =
             serde_json::from_slice(payload).map_err(|e| SnapshotError::Payload(e.to_string()))?;
         if s.kind != kind {
             return Err(SnapshotError::Mismatch {
@@ -158,83 +157,12 @@ impl Snapshot {
     }
 }
 
-/// The state of a port with a stateful ACL after `conns` TCP connections
-/// went out of it (for tests and benchmarks).
-#[doc(hidden)]
-pub fn tracked_port_state(conns: u32) -> PortState {
-    let mut sw = Switch::new(SwitchConfig {
-        conntrack_max: 1 << 20,
-        ..SwitchConfig::default()
-    });
-    let acl = PortAcl {
-        inbound: vec![AclRule::any(Action::Deny)],
-        outbound: vec![AclRule {
-            stateful: true,
-            ..AclRule::any(Action::Permit)
-        }],
-    };
-    for id in [1, 2] {
-        sw.add_port(PortConfig {
-            id: PortId::new(id).unwrap_or_else(|| unreachable!()),
-            name: format!("p{id}"),
-            vlan: VlanMode::Access(VlanId::new(10).unwrap_or_else(|_| unreachable!())),
-            acl: if id == 1 {
-                acl.clone()
-            } else {
-                PortAcl::default()
-            },
-            qos: Default::default(),
-            security: Default::default(),
-            netflow: None,
-        })
-        .unwrap_or_else(|e| unreachable!("{e}"));
-    }
-    let mut out = Vec::new();
-    for i in 0..conns {
-        let mut f = vec![0u8; 60];
-        f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
-        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
-        f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
-        f[14..34].copy_from_slice(&[
-            0x45,
-            0,
-            0,
-            40,
-            0,
-            0,
-            0,
-            0,
-            64,
-            6,
-            0,
-            0,
-            10,
-            0,
-            0,
-            1,
-            10,
-            1,
-            (i >> 8) as u8,
-            i as u8,
-        ]);
-        f[34..36].copy_from_slice(&((i % 60_000) as u16 + 1024).to_be_bytes());
-        f[36..38].copy_from_slice(&80u16.to_be_bytes());
-        f[34 + 12] = 0x50;
-        f[34 + 13] = 0x02;
-        sw.process(
-            Duration::from_secs(1),
-            Ingress::Port(PortNo(0)),
-            &mut f,
-            &mut out,
-        );
-    }
-    sw.save_port(PortNo(0), Duration::from_secs(2))
-        .unwrap_or_else(|| unreachable!())
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use dvs_switch::{tracked_port_state, PortState};
+
+    type Snapshot = super::Snapshot<PortState>;
 
     fn snapshot(conns: u32) -> Snapshot {
         Snapshot {

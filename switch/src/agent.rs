@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use crate::config::{AgentConfig, Attachment, PortSpec, StaticLocation, StaticMac};
 use crate::datapath::{Datapath, PortIo, RxMeta, Uplink};
 use crate::mactable::Location;
+use crate::migration::{self, Migrations};
 use crate::pipeline::{Switch, SwitchConfig};
 use crate::sys::{self, PacketSocket};
 use crate::wire::VnetHdr;
@@ -180,6 +181,8 @@ pub fn build(cfg: &AgentConfig) -> Result<Datapath<HostPort>, Error> {
 /// device; a device that cannot be opened takes the port away again.
 fn add_port(dp: &mut Datapath<HostPort>, p: &PortSpec) -> Result<(), Error> {
     let no = dp.switch.add_port(p.port.clone())?;
+    // Standby before the device is attached: not one frame without it.
+    dp.switch.set_port_standby(no, p.standby)?;
     let name = match &p.attach {
         Attachment::Tap { name, .. } | Attachment::Netdev(name) => name,
     };
@@ -224,6 +227,9 @@ fn flow_source(cfg: &AgentConfig) -> std::net::IpAddr {
 pub struct Update {
     pub revision: u64,
     pub config: AgentConfig,
+    /// A full state (after a (re)connection): every port's standby is set
+    /// from it.
+    pub resync: bool,
     pub done: std::sync::mpsc::SyncSender<Result<u64, String>>,
 }
 
@@ -237,6 +243,10 @@ pub struct ControlLink {
     pub stats: std::sync::Arc<std::sync::Mutex<String>>,
     /// The controller revision that runs (set when one is applied whole).
     pub revision: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    /// Migration commands (the wake byte tells of them too).
+    pub commands: std::sync::mpsc::Receiver<migration::Command>,
+    /// Migration events for the controller.
+    pub events: tokio::sync::mpsc::UnboundedSender<migration::Event>,
 }
 
 /// Run the agent of `cfg` until SIGTERM or SIGINT; with `path`, SIGHUP
@@ -303,6 +313,14 @@ pub fn run_with(
     let mut fds = dp.fds();
     let mut pollfds = poll_set(&fds);
     let mut next_stats = Duration::ZERO;
+    // Migration times are reported on the wall clock (hosts' clocks are
+    // synchronised; the controller compares them).
+    let mut migrations = Migrations::new(
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_sub(start.elapsed()),
+    );
     while !sys::terminate_requested() {
         for pfd in &mut pollfds {
             pfd.events = libc::POLLIN;
@@ -364,13 +382,21 @@ pub fn run_with(
             let mut byte = [0u8; 64];
             while (&l.wake).read(&mut byte).is_ok_and(|n| n > 0) {}
             while let Ok(u) = l.updates.try_recv() {
+                let old = cfg.ports.clone();
                 let r = apply(&mut dp, &mut cfg, u.config, now);
+                migrations.sync_standby(&mut dp, &old, &cfg, u.resync, now);
                 changed = true;
                 if r.is_ok() {
                     l.revision
                         .store(u.revision, std::sync::atomic::Ordering::Relaxed);
                 }
                 let _ = u.done.send(r.map(|()| u.revision));
+            }
+            while let Ok(c) = l.commands.try_recv() {
+                migrations.command(&mut dp, &cfg.ports, c, now);
+            }
+            for e in migrations.events(&mut dp.switch, &cfg.ports) {
+                let _ = l.events.send(e);
             }
         }
         if changed {

@@ -92,6 +92,13 @@ pub enum Attachment {
 pub struct PortSpec {
     pub port: PortConfig,
     pub attach: Attachment,
+    /// The VM's MAC, when the file names it.
+    pub mac: Option<MacAddr>,
+    /// Installed with its policy but not forwarding: a migration's
+    /// destination before activation, or its source after it stopped.
+    pub standby: bool,
+    /// The migration this port's standby belongs to.
+    pub migration: Option<u64>,
 }
 
 /// A MAC address placed for good.
@@ -172,6 +179,11 @@ struct RawPort {
     security: Option<RawSecurity>,
     #[serde(default)]
     netflow: Option<RawNetflow>,
+    /// In standby (a migration's end that is not forwarding).
+    #[serde(default)]
+    standby: bool,
+    #[serde(default)]
+    migration: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -392,6 +404,9 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
                 netflow,
             },
             attach,
+            mac: p.mac,
+            standby: p.standby,
+            migration: p.migration,
         });
     }
 

@@ -17,6 +17,8 @@
 //!   and the VXLAN socket — receive and switch on one thread, send on
 //!   another;
 //! - [`metrics`]: the Prometheus text endpoint of agents and controller;
+//! - [`migration`]: a host's part in a live migration (standby, stop and
+//!   hand over, start from the handed-over state, announce);
 //! - [`agent`]: the agent's datapath loop built on them (a static file, or
 //!   configurations from a controller), and [`remote`]: the agent's session
 //!   with the controller (full state, deltas, acks, reports, the saved
@@ -37,6 +39,7 @@ pub mod export;
 pub mod flow;
 pub mod mactable;
 pub mod metrics;
+pub mod migration;
 pub mod pipeline;
 pub mod qos;
 pub mod remote;
@@ -47,6 +50,7 @@ pub mod wire;
 
 pub use counters::{DropReason, PortCounters, TunnelCounters};
 pub use mactable::Location;
+pub use migration::tracked_port_state;
 pub use pipeline::{
     Egress, Ingress, Output, PortAcl, PortConfig, PortNetflow, PortNo, PortQos, PortState,
     Processed, SegmentConfig, Switch, SwitchConfig, Verdict,

@@ -212,6 +212,8 @@ struct Port {
     flow: Option<(usize, FlowDirection)>,
     /// In standby: installed with its policy, not forwarding.
     standby: bool,
+    /// When the port last had a frame forwarded from or to it.
+    last_frame: Option<Duration>,
 }
 
 impl Port {
@@ -233,6 +235,7 @@ impl Port {
             guard: PortGuard::new(&cfg.security),
             flow: None,
             standby: false,
+            last_frame: None,
             cfg,
             counters: PortCounters::default(),
         }
@@ -282,10 +285,19 @@ pub struct Switch {
     /// Standby ports that received a frame from their VM since
     /// [`Switch::take_standby_wakeups`] (a VM that resumed there).
     wakeups: Vec<PortNo>,
+    /// Frames VMs sent on standby ports (a migrated VM's first ARP or
+    /// RARP), held to be sent once the port forwards: [`Switch::take_held`].
+    held: Vec<(PortNo, Vec<u8>)>,
+    /// MACs of VMs that left: [`Switch::set_redirect`].
+    redirects: Vec<(VlanId, MacAddr)>,
 }
 
 /// How often flow tables run their timeouts.
 const FLOW_TICK: Duration = Duration::from_millis(500);
+/// Frames a standby port holds for its activation, at most.
+const MAX_HELD: usize = 32;
+/// The largest frame held (a full-size tagged frame).
+const MAX_HELD_FRAME: u16 = 1522;
 
 impl Switch {
     pub fn new(cfg: SwitchConfig) -> Self {
@@ -304,6 +316,8 @@ impl Switch {
             next_flow_expiry: Duration::ZERO,
             standby_any: false,
             wakeups: Vec::new(),
+            held: Vec::new(),
+            redirects: Vec::new(),
         }
     }
 
@@ -350,6 +364,7 @@ impl Switch {
         let _ = self.set_port_netflow(no, None);
         let p = self.ports.get_mut(usize::from(no.0))?.take()?;
         self.macs.flush_port(no);
+        self.held.retain(|(h, _)| *h != no);
         self.rebuild();
         Some(p.counters)
     }
@@ -404,6 +419,32 @@ impl Switch {
             .is_some_and(|p| p.standby)
     }
 
+    /// When port `no` last had a frame forwarded from or to it.
+    pub fn port_last_frame(&self, no: PortNo) -> Option<Duration> {
+        self.ports
+            .get(usize::from(no.0))
+            .and_then(Option::as_ref)
+            .and_then(|p| p.last_frame)
+    }
+
+    /// The port whose ID is `id`.
+    pub fn port_by_id(&self, id: PortId) -> Option<PortNo> {
+        self.ports
+            .iter()
+            .position(|p| p.as_ref().is_some_and(|p| p.cfg.id == id))
+            .map(|i| PortNo(i as u16))
+    }
+
+    /// The frames port `no`'s VM sent while it was in standby (oldest
+    /// first), to be switched now that it forwards; taken.
+    pub fn take_held(&mut self, no: PortNo) -> Vec<Vec<u8>> {
+        let (mine, rest) = std::mem::take(&mut self.held)
+            .into_iter()
+            .partition(|(p, _)| *p == no);
+        self.held = rest;
+        mine.into_iter().map(|(_, f)| f).collect()
+    }
+
     /// Standby ports whose VM sent a frame since the last call — the VM
     /// runs here now (QEMU announces itself with RARP after a migration).
     pub fn take_standby_wakeups(&mut self) -> Vec<PortNo> {
@@ -420,6 +461,16 @@ impl Switch {
             return Vec::new();
         };
         self.monitors.save_port(i, id, now, true)
+    }
+
+    /// Put open flow records taken by [`Switch::take_port_flows`] back
+    /// (a migration that was aborted after the source stopped).
+    pub fn restore_port_flows(&mut self, no: PortNo, flows: &[SavedFlow], now: Duration) {
+        if let Some(Some(p)) = self.ports.get(usize::from(no.0)) {
+            if let Some((i, _)) = p.flow {
+                self.monitors.restore(i, flows, now);
+            }
+        }
     }
 
     /// The flow tables and the records they ended, for the exporter.
@@ -677,7 +728,19 @@ impl Switch {
 
     pub fn remove_mac(&mut self, vlan: VlanId, mac: MacAddr) -> bool {
         self.generation += 1;
+        self.redirects.retain(|r| *r != (vlan, mac));
         self.macs.remove(vlan, mac)
+    }
+
+    /// A VM that left for the host at `to` (a migration's source, once
+    /// stopped): frames for it go there, those that came from other hosts
+    /// too (the one case a frame goes from a tunnel to a tunnel), until
+    /// every host knows the new location.
+    pub fn set_redirect(&mut self, vlan: VlanId, mac: MacAddr, to: IpAddr) {
+        self.set_static_mac(vlan, mac, Location::Remote(to));
+        if !self.redirects.contains(&(vlan, mac)) {
+            self.redirects.push((vlan, mac));
+        }
     }
 
     /// The ports, with their numbers.
@@ -816,6 +879,21 @@ impl Switch {
                     if !self.wakeups.contains(&no) {
                         self.wakeups.push(no);
                     }
+                    // Small frames wait for the port's activation (the
+                    // VM's ARP after resuming must not wait a second for
+                    // its retry); the rest are dropped.
+                    let f = &buf[frame.clone()];
+                    if gso_size == 0
+                        && f.len() <= usize::from(MAX_HELD_FRAME)
+                        && self.held.iter().filter(|(p, _)| *p == no).count() < MAX_HELD
+                    {
+                        self.held.push((no, f.to_vec()));
+                        return Processed {
+                            verdict: Verdict::Drop(DropReason::Standby),
+                            frame,
+                            vlan: Some(vlan),
+                        };
+                    }
                     self.count_drop(ingress, DropReason::Standby);
                     return Processed {
                         verdict: Verdict::Drop(DropReason::Standby),
@@ -882,7 +960,7 @@ impl Switch {
         if let Verdict::Drop(r) = verdict {
             self.count_drop(ingress, r);
         }
-        self.count_tx(out, len);
+        self.count_tx(now, ingress, out, len);
         Processed {
             verdict,
             frame,
@@ -961,8 +1039,10 @@ impl Switch {
                     // The port no longer carries the VLAN: flood instead.
                 }
                 Some(Location::Remote(dst)) => {
-                    if matches!(ingress, Ingress::Tunnel { .. }) {
-                        return Verdict::Drop(DropReason::TunnelToTunnel);
+                    if let Ingress::Tunnel { src } = ingress {
+                        if src == dst || !self.redirects.contains(&(vlan, view.dst)) {
+                            return Verdict::Drop(DropReason::TunnelToTunnel);
+                        }
                     }
                     if let Some(vni) = state.vni {
                         out.push(Output {
@@ -1175,11 +1255,17 @@ impl Switch {
         }
     }
 
-    fn count_tx(&mut self, out: &[Output], len: u64) {
+    fn count_tx(&mut self, now: Duration, ingress: Ingress, out: &[Output], len: u64) {
+        if let (Ingress::Port(no), false) = (ingress, out.is_empty()) {
+            if let Some(Some(port)) = self.ports.get_mut(usize::from(no.0)) {
+                port.last_frame = Some(now);
+            }
+        }
         for o in out {
             match o.egress {
                 Egress::Port(p) => {
                     if let Some(Some(port)) = self.ports.get_mut(usize::from(p.0)) {
+                        port.last_frame = Some(now);
                         port.counters.tx_frames += 1;
                         port.counters.tx_bytes += len + if o.tag.is_some() { 4 } else { 0 };
                     }

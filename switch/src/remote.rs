@@ -13,6 +13,12 @@
 //! what it has, and the session is retried (0.5 s, doubling to 5 s). An
 //! agent that starts while the controller is away runs its ports from the
 //! saved state; on reconnection, only real differences are applied.
+//!
+//! Migrations: the session also carries the controller's migration
+//! commands (stop, start, resume, announce — see [`crate::migration`]) to
+//! the datapath loop, and its events back; a stopped port's state travels
+//! to the controller as a `dvs_migrate` snapshot in chunks of 1 MiB, and
+//! comes to the destination the same way.
 
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -30,7 +36,15 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::agent::{self, ControlLink, Update};
 use crate::config::{assemble, AgentConfig};
+use crate::migration::{Command, Event};
+use crate::pipeline::PortState;
 use crate::Error;
+
+/// A port's state in flight.
+type Snapshot = dvs_migrate::snapshot::Snapshot<PortState>;
+
+/// Snapshots travel in pieces of this size (gRPC messages stay small).
+pub const CHUNK: usize = 1 << 20;
 
 /// How the agent meets its controller.
 #[derive(Debug, Clone)]
@@ -140,11 +154,15 @@ pub fn run(opts: &RemoteOptions) -> Result<(), Error> {
         UnixStream::pair().map_err(|e| Error::io("making the control link", e))?;
     let stats = Arc::new(Mutex::new(String::new()));
     let revision = Arc::new(std::sync::atomic::AtomicU64::new(0));
+    let (commands_tx, commands) = std::sync::mpsc::channel();
+    let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
     let link = ControlLink {
         updates,
         wake,
         stats: stats.clone(),
         revision,
+        commands,
+        events,
     };
     let control = Control {
         opts: opts.clone(),
@@ -152,6 +170,9 @@ pub fn run(opts: &RemoteOptions) -> Result<(), Error> {
         updates: updates_tx,
         wake: wake_tx,
         stats,
+        commands: commands_tx,
+        events: events_rx,
+        incoming: BTreeMap::new(),
     };
     std::thread::Builder::new()
         .name("dvs-control".into())
@@ -180,9 +201,160 @@ struct Control {
     updates: Sender<Update>,
     wake: UnixStream,
     stats: Arc<Mutex<String>>,
+    commands: Sender<Command>,
+    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
+    /// Snapshots arriving in chunks, by migration.
+    incoming: BTreeMap<u64, Vec<u8>>,
+}
+
+type Outbox = tokio::sync::mpsc::Sender<api::AgentMessage>;
+
+fn event(migration: u64, port: &str, kind: api::migration_event::Kind) -> api::MigrationEvent {
+    api::MigrationEvent {
+        migration,
+        port: port.to_string(),
+        kind: kind as i32,
+        ..api::MigrationEvent::default()
+    }
+}
+
+async fn send_event(out: &Outbox, e: api::MigrationEvent) -> Result<(), String> {
+    out.send(api::AgentMessage {
+        msg: Some(agent_message::Msg::Migration(e)),
+    })
+    .await
+    .map_err(|e| e.to_string())
+}
+
+fn micros(d: Duration) -> u64 {
+    d.as_micros() as u64
 }
 
 impl Control {
+    fn command(&self, c: Command) -> bool {
+        if self.commands.send(c).is_err() {
+            return false;
+        }
+        let _ = (&self.wake).write_all(&[1]);
+        true
+    }
+
+    /// Do what the controller asks of this host in a migration; what
+    /// cannot be done is reported as FAILED with the reason.
+    async fn migration(&mut self, c: api::MigrationCommand, out: &Outbox) -> Result<(), String> {
+        use api::migration_command::Op;
+        use api::migration_event::Kind;
+        let (m, port_name) = (c.migration, c.port.clone());
+        let fail = |error: String| {
+            tracing::error!(migration = m, port = %port_name, %error, "migration command failed");
+            api::MigrationEvent {
+                error,
+                ..event(m, &port_name, Kind::Failed)
+            }
+        };
+        let Ok(port) = c.port.parse::<dvs_proto::PortId>() else {
+            return send_event(out, fail(format!("`{}` is not a port ID", c.port))).await;
+        };
+        match Op::try_from(c.op).unwrap_or(Op::Unspecified) {
+            Op::Stop => {
+                let redirect = c.redirect.parse().ok();
+                let (reply, r) = sync_channel(1);
+                if !self.command(Command::Stop {
+                    migration: m,
+                    port,
+                    redirect,
+                    reply,
+                }) {
+                    return Ok(());
+                }
+                let h = tokio::task::spawn_blocking(move || r.recv())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                let h = match h {
+                    Ok(h) => h,
+                    Err(e) => return send_event(out, fail(e)).await,
+                };
+                let snap = Snapshot {
+                    port,
+                    migration: m,
+                    seq: 0,
+                    kind: dvs_migrate::snapshot::Kind::Full,
+                    state: h.state,
+                };
+                let bytes = match snap.encode() {
+                    Ok(b) => b,
+                    Err(e) => return send_event(out, fail(e.to_string())).await,
+                };
+                let at_us = h.last_frame.map_or(0, micros);
+                let mut chunks = bytes.chunks(CHUNK).peekable();
+                while let Some(chunk) = chunks.next() {
+                    let more = chunks.peek().is_some();
+                    send_event(
+                        out,
+                        api::MigrationEvent {
+                            at_us,
+                            chunk: chunk.to_vec(),
+                            more,
+                            ..event(m, &c.port, Kind::Stopped)
+                        },
+                    )
+                    .await?;
+                }
+            }
+            Op::Start => {
+                let buf = self.incoming.entry(m).or_default();
+                buf.extend_from_slice(&c.chunk);
+                if c.more {
+                    return Ok(());
+                }
+                let bytes = self.incoming.remove(&m).unwrap_or_default();
+                let snap = match Snapshot::decode(&bytes) {
+                    Ok(s) if s.port == port => s,
+                    Ok(s) => {
+                        return send_event(
+                            out,
+                            fail(format!("the snapshot is of port {}, not {port}", s.port)),
+                        )
+                        .await
+                    }
+                    Err(e) => return send_event(out, fail(e.to_string())).await,
+                };
+                let (reply, r) = sync_channel(1);
+                if !self.command(Command::Start {
+                    migration: m,
+                    port,
+                    state: Box::new(snap.state),
+                    reply,
+                }) {
+                    return Ok(());
+                }
+                let r = tokio::task::spawn_blocking(move || r.recv())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                let e = match r {
+                    Ok(dropped) => api::MigrationEvent {
+                        dropped,
+                        ..event(m, &c.port, Kind::Started)
+                    },
+                    Err(e) => fail(e),
+                };
+                send_event(out, e).await?;
+            }
+            Op::Resume => {
+                self.command(Command::Resume { migration: m, port });
+            }
+            Op::Announce => {
+                self.command(Command::Announce { port });
+            }
+            Op::Unspecified => {
+                send_event(out, fail(format!("unknown migration operation {}", c.op))).await?;
+            }
+        }
+        Ok(())
+    }
+
     async fn run(mut self) {
         let mut backoff = Duration::from_millis(500);
         loop {
@@ -239,13 +411,13 @@ impl Control {
                 m = inbound.message() => {
                     let m = m.map_err(|s| format!("session: {}", s.message()))?;
                     let Some(m) = m else { return Ok(()) };
-                    let (revision, items) = match m.msg {
+                    let (revision, items, resync) = match m.msg {
                         Some(controller_message::Msg::Full(f)) => {
                             let mut items = BTreeMap::new();
                             for i in f.items {
                                 items.insert(i.key, parse_item(&i.json)?);
                             }
-                            (f.revision, items)
+                            (f.revision, items, true)
                         }
                         Some(controller_message::Msg::Delta(d)) => {
                             let mut items = self.cache.items.clone();
@@ -255,15 +427,30 @@ impl Control {
                             for k in d.remove {
                                 items.remove(&k);
                             }
-                            (d.revision, items)
+                            (d.revision, items, false)
+                        }
+                        Some(controller_message::Msg::Migration(c)) => {
+                            self.migration(c, &out).await?;
+                            continue;
                         }
                         None => continue,
                     };
-                    if self.apply(revision, items).await {
+                    if self.apply(revision, items, resync).await {
                         out.send(send(agent_message::Msg::Ack(api::Ack { revision })))
                             .await
                             .map_err(|e| e.to_string())?;
                     }
+                }
+                Some(e) = self.events.recv() => {
+                    use api::migration_event::Kind;
+                    let e = match e {
+                        Event::Wakeup { port, migration } => event(migration.unwrap_or(0), &port.to_string(), Kind::Wakeup),
+                        Event::FirstForwarded { migration, at } => api::MigrationEvent {
+                            at_us: micros(at),
+                            ..event(migration, "", Kind::FirstForwarded)
+                        },
+                    };
+                    send_event(&out, e).await?;
                 }
                 _ = report.tick() => {
                     let s = self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
@@ -278,7 +465,7 @@ impl Control {
     }
 
     /// Check and apply a desired state; true when all of it runs.
-    async fn apply(&mut self, revision: u64, items: BTreeMap<String, Value>) -> bool {
+    async fn apply(&mut self, revision: u64, items: BTreeMap<String, Value>, resync: bool) -> bool {
         let cfg = match self.opts.config(&items) {
             Ok(c) => c,
             Err(e) => {
@@ -292,6 +479,7 @@ impl Control {
             .send(Update {
                 revision,
                 config: cfg,
+                resync,
                 done,
             })
             .is_err()

@@ -26,6 +26,8 @@ pub struct Chassis {
     pub hosts: Vec<String>,
     /// (name, namespace, address, port ID).
     pub vms: Vec<(String, String, String, String)>,
+    /// VMs whose NIC is a TAP of their host's agent.
+    pub taps: Vec<TapVm>,
     data_dir: PathBuf,
     /// Mutual TLS: the PKI directory (CA, controller and host certificates).
     pki: Option<PathBuf>,
@@ -56,6 +58,7 @@ impl Chassis {
             core,
             hosts: host_ns,
             vms: Vec::new(),
+            taps: Vec::new(),
             data_dir,
             pki,
         };
@@ -327,6 +330,257 @@ impl Chassis {
         );
         crate::netns::parse_ping(&String::from_utf8_lossy(&o.stdout))
     }
+}
+
+/// A VM whose NIC is a TAP its host's agent opened, moved into the VM's
+/// namespace as `eth0` (the kernel side of a TAP is the VM's NIC, as with
+/// QEMU).
+#[derive(Debug, Clone)]
+pub struct TapVm {
+    pub name: String,
+    /// The TAP's name on every host.
+    pub tap: String,
+    pub host: usize,
+    pub addr: String,
+    pub mac: String,
+}
+
+/// How a VM's move went, as the test saw it.
+#[derive(Debug, Clone)]
+pub struct Move {
+    pub migration: u64,
+    /// The VM had no NIC this long (pause → move → resume).
+    pub pause: Duration,
+    /// The migration's record once done (`dvs migrate list --output json`).
+    pub record: serde_json::Value,
+}
+
+impl Chassis {
+    /// Add VM `name` on host `host` with a TAP NIC: its port is created
+    /// bound to `--tap`, and once the agent made the TAP it becomes the
+    /// VM's `eth0` with `mac` and `addr`.
+    pub fn add_tap_vm(&mut self, name: &str, host: usize, addr: &str, profile: &str, mac: &str) {
+        let ns = self.topo.add_ns(&format!("v{name}"));
+        let tap = self.topo.name(&format!("t{name}"));
+        let id = self
+            .ok(&[
+                "port",
+                "create",
+                "--vm",
+                name,
+                "--mac",
+                mac,
+                "--profile",
+                profile,
+                "--host",
+                &format!("h{}", host + 1),
+                "--tap",
+                &tap,
+            ])
+            .trim()
+            .to_string();
+        self.wait_converged(Duration::from_secs(20));
+        let hns = self.hosts[host].clone();
+        let made = wait_for(Duration::from_secs(10), || {
+            self.topo
+                .try_sh(&hns, &format!("ip link show {tap}"))
+                .status
+                .success()
+        });
+        assert!(
+            made,
+            "the agent of h{} made no TAP {tap}:
+{}",
+            host + 1,
+            self.topo.logs()
+        );
+        self.topo.sh(
+            "",
+            &format!(
+                "ip -n {hns} link set {tap} netns {ns} && ip -n {ns} link set {tap} name eth0 address {mac} && \
+                 ip -n {ns} addr add {addr} dev eth0 && ip -n {ns} link set eth0 up"
+            ),
+        );
+        let ip = addr.split('/').next().unwrap_or(addr).to_string();
+        self.vms.push((name.to_string(), ns, ip, id));
+        self.taps.push(TapVm {
+            name: name.to_string(),
+            tap,
+            host,
+            addr: addr.to_string(),
+            mac: mac.to_string(),
+        });
+    }
+
+    /// `dvs migrate list --output json`.
+    pub fn migrations(&self) -> Vec<serde_json::Value> {
+        self.json(&["migrate", "list"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    pub fn migration(&self, id: u64) -> serde_json::Value {
+        self.migrations()
+            .into_iter()
+            .find(|m| m["id"] == id)
+            .unwrap_or_else(|| panic!("no migration {id}"))
+    }
+
+    /// Wait until migration `id` is in `phase`; returns its record.
+    pub fn wait_phase(&self, id: u64, phase: &str, limit: Duration) -> serde_json::Value {
+        let mut last = serde_json::Value::Null;
+        let ok = wait_for(limit, || {
+            last = self.migration(id);
+            last["phase"] == phase
+        });
+        assert!(
+            ok,
+            "migration {id} did not reach {phase}: {last}
+{}",
+            self.topo.logs()
+        );
+        last
+    }
+
+    /// Begin migrating TAP VM `name` to host `to` and wait until the
+    /// destination has its port with its policy; returns the migration.
+    pub fn begin_move(&self, name: &str, to: usize) -> u64 {
+        let t = self.tap_vm(name).clone();
+        let id = self.vm(name).3.clone();
+        let m = self.json(&[
+            "migrate",
+            "start",
+            "--port",
+            &id,
+            "--to",
+            &format!("h{}", to + 1),
+            "--tap",
+            &t.tap,
+            "--wait",
+        ]);
+        let m = &m[0];
+        assert_eq!(m["phase"], "syncing", "{m}");
+        m["id"].as_u64().expect("a migration ID")
+    }
+
+    /// Move TAP VM `name`'s NIC to host `to`, as a hypervisor moves a VM:
+    /// the destination's port is prepared first, then the VM pauses (its
+    /// NIC leaves it), its NIC becomes the destination's TAP (same MAC and
+    /// addresses: its sockets stay) and it resumes — its first frame
+    /// switches the port over. Waits until the migration is done.
+    pub fn move_vm(&mut self, name: &str, to: usize) -> Move {
+        let migration = self.begin_move(name, to);
+        let pause = self.swap_nic(name, to);
+        let record = self.wait_phase(migration, "done", Duration::from_secs(10));
+        Move {
+            migration,
+            pause,
+            record,
+        }
+    }
+
+    /// The pause → move → resume of [`Chassis::move_vm`]: the VM's NIC
+    /// goes back to its host (if the source has not removed it already)
+    /// and the TAP of host `to` becomes its NIC.
+    pub fn swap_nic(&mut self, name: &str, to: usize) -> Duration {
+        let i = self
+            .taps
+            .iter()
+            .position(|t| t.name == name)
+            .expect("a TAP VM");
+        let t = self.taps[i].clone();
+        let ns = self.vm(name).1.clone();
+        let (src, dst) = (self.hosts[t.host].clone(), self.hosts[to].clone());
+        let dst_has = wait_for(Duration::from_secs(10), || {
+            self.topo
+                .try_sh(&dst, &format!("ip link show {}", t.tap))
+                .status
+                .success()
+        });
+        assert!(
+            dst_has,
+            "h{} has no TAP {}:
+{}",
+            to + 1,
+            t.tap,
+            self.topo.logs()
+        );
+        let start = std::time::Instant::now();
+        self.topo.sh(
+            "",
+            &format!(
+                "if ip -n {ns} link show eth0 >/dev/null 2>&1; then \
+                   ip -n {ns} link set eth0 netns {src} && ip -n {src} link set eth0 name {tap}x; fi && \
+                 ip -n {dst} link set {tap} netns {ns} && \
+                 ip -n {ns} link set {tap} name eth0 address {mac} && \
+                 ip -n {ns} addr add {addr} dev eth0 && ip -n {ns} link set eth0 up",
+                tap = t.tap,
+                mac = t.mac,
+                addr = t.addr,
+            ),
+        );
+        let pause = start.elapsed();
+        // Resumed: QEMU announces the VM.
+        self.topo.sh(
+            "",
+            &format!(
+                "ip netns exec {ns} /usr/bin/python3 -c '{}'",
+                rarp_script(&t.mac)
+            ),
+        );
+        self.taps[i].host = to;
+        pause
+    }
+
+    /// After the agent of TAP VM `name`'s host restarted (its TAP died
+    /// with it, as a VMM's NIC would not): plug the new TAP in as `eth0`.
+    pub fn replug(&mut self, name: &str) {
+        let t = self.tap_vm(name).clone();
+        let (ns, hns) = (self.vm(name).1.clone(), self.hosts[t.host].clone());
+        let made = wait_for(Duration::from_secs(10), || {
+            self.topo
+                .try_sh(&hns, &format!("ip link show {}", t.tap))
+                .status
+                .success()
+        });
+        assert!(
+            made,
+            "no TAP {} on h{}:\n{}",
+            t.tap,
+            t.host + 1,
+            self.topo.logs()
+        );
+        self.topo.sh(
+            "",
+            &format!(
+                "ip -n {ns} link del eth0 2>/dev/null; ip -n {hns} link set {tap} netns {ns} && \
+                 ip -n {ns} link set {tap} name eth0 address {mac} && \
+                 ip -n {ns} addr add {addr} dev eth0 && ip -n {ns} link set eth0 up",
+                tap = t.tap,
+                mac = t.mac,
+                addr = t.addr
+            ),
+        );
+    }
+
+    pub fn tap_vm(&self, name: &str) -> &TapVm {
+        self.taps
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("no TAP VM {name}"))
+    }
+}
+
+/// A Python script sending, on `eth0`, the RARP announcement QEMU sends
+/// for a NIC of MAC `mac` when a VM resumes after a migration.
+fn rarp_script(mac: &str) -> String {
+    let m = mac.replace(':', "");
+    format!(
+        "import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind((\"eth0\", 0)); \
+         m = bytes.fromhex(\"{m}\"); \
+         s.send(b\"\\xff\" * 6 + m + b\"\\x80\\x35\\x00\\x01\\x08\\x00\\x06\\x04\\x00\\x03\" + m + bytes(4) + m + bytes(4) + bytes(18))"
+    )
 }
 
 /// A CA, a certificate for the controller (IP SAN [`CORE_IP`]) and one per

@@ -433,7 +433,7 @@ fn absorb(s: &mut Session, m: api::ControllerMessage) -> Result<(), LabError> {
             }
             s.revision = d.revision;
         }
-        None => {}
+        Some(controller_message::Msg::Migration(_)) | None => {}
     }
     Ok(())
 }

@@ -200,6 +200,15 @@ impl Topo {
         }
     }
 
+    /// Send process `label` signal `sig` (`STOP`, `CONT`, …).
+    pub fn signal(&self, label: &str, sig: &str) {
+        if let Some(pid) = self.pid(label) {
+            let _ = Command::new("kill")
+                .args([format!("-{sig}"), pid.to_string()])
+                .status();
+        }
+    }
+
     /// The PID of process `label`.
     pub fn pid(&self, label: &str) -> Option<u32> {
         self.children

@@ -808,7 +808,15 @@ fn a_standby_port_has_its_policy_but_forwards_nothing_until_activated() {
     r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
     assert_eq!(r.sw.take_standby_wakeups(), vec![PortNo(0)]);
     assert!(r.sw.take_standby_wakeups().is_empty());
+    // Its small frames wait for the activation (up to a bound); the rest
+    // are dropped and counted.
+    for _ in 0..MAX_HELD {
+        r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    }
     assert_eq!(r.drops(0, DropReason::Standby), 2);
+    let held = r.sw.take_held(PortNo(0));
+    assert_eq!(held.len(), MAX_HELD);
+    assert!(r.sw.take_held(PortNo(0)).is_empty());
     // Activated, it forwards.
     r.sw.set_port_standby(PortNo(0), false).unwrap();
     let p = r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));

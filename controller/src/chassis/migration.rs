@@ -1,0 +1,264 @@
+//! Migrations in the chassis: their records, and what each step of the
+//! protocol (`dvs_migrate::protocol`) does to the hosts' desired state —
+//! the destination gets the port in standby when the migration begins, the
+//! source's item says standby once it stopped, the binding moves (and with
+//! it the VM's location on every host) when the destination forwards, and
+//! an abort takes the destination's port away.
+
+use std::time::Duration;
+
+use dvs_migrate::protocol::{Input, Migration, Output, Phase};
+use dvs_proto::PortId;
+use serde::{Deserialize, Serialize};
+
+use super::{list, Attach, Binding, Chassis, Moving};
+use crate::Error;
+
+/// A migration, as kept (it outlives the controller's restarts).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct MigrationRec {
+    pub id: u64,
+    pub port: PortId,
+    pub vm: String,
+    pub from: Binding,
+    pub to: Binding,
+    pub machine: Migration,
+    /// What the source handed over.
+    #[serde(default)]
+    pub snapshot_bytes: u64,
+    #[serde(default)]
+    pub connections: u64,
+    #[serde(default)]
+    pub flows: u64,
+    /// Frames the destination's standby port dropped before it forwarded.
+    #[serde(default)]
+    pub dropped: u64,
+    /// The revision that gave the destination its standby port: its ack
+    /// of it means the port is in place with its policy.
+    #[serde(default)]
+    pub prepare_revision: u64,
+}
+
+impl MigrationRec {
+    /// Over, one way or the other.
+    pub fn finished(&self) -> bool {
+        matches!(self.machine.phase(), Phase::Done | Phase::Aborted)
+    }
+}
+
+impl Chassis {
+    pub fn migrations(&self) -> impl Iterator<Item = &MigrationRec> {
+        self.migrations.values()
+    }
+
+    pub fn migration(&self, id: u64) -> Option<&MigrationRec> {
+        self.migrations.get(&id)
+    }
+
+    /// The migration port `id` is in, if any.
+    pub fn port_migration(&self, id: PortId) -> Option<u64> {
+        Some(self.ports.get(&id.number())?.moving.as_ref()?.migration)
+    }
+
+    pub(super) fn not_moving(&self, id: PortId) -> Result<(), Error> {
+        match self.port_migration(id) {
+            Some(m) => Err(Error::Conflict(format!(
+                "port {id} is migrating (migration {m}): abort the migration or let it finish first"
+            ))),
+            None => Ok(()),
+        }
+    }
+
+    /// Begin migrating port `port` to host `to` (on interface `attach`,
+    /// by default the one it has now); the destination gets the port in
+    /// standby with the next revision.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown port or host, [`Error::Conflict`]
+    /// for a port that is unbound or migrating already, or an interface
+    /// taken on the destination, [`Error::Invalid`] for a port that is on
+    /// `to` already.
+    pub fn begin_migration(
+        &mut self,
+        port: PortId,
+        to: &str,
+        attach: Option<Attach>,
+        now: Duration,
+    ) -> Result<(u64, Vec<Output>), Error> {
+        let p = self.port_rec(port)?;
+        if self.hosts.get(to).and_then(|h| h.tunnel_ip).is_none() {
+            return Err(Error::NotFound(format!(
+                "unknown host `{to}`: hosts whose agent registered are {}",
+                list(
+                    self.hosts
+                        .values()
+                        .filter(|h| h.tunnel_ip.is_some())
+                        .map(|h| h.name.as_str())
+                )
+            )));
+        }
+        let Some(from) = p.binding.clone() else {
+            return Err(Error::Conflict(format!(
+                "port {port} is not bound to a host: bind it (dvs port bind) rather than migrate it"
+            )));
+        };
+        if let Some(m) = &p.moving {
+            let phase = self
+                .migrations
+                .get(&m.migration)
+                .map_or("under way", |r| r.machine.phase().as_str());
+            return Err(Error::Conflict(format!(
+                "port {port} is migrating already (migration {} to {}, {phase}): abort it or let it finish first",
+                m.migration, m.to.host
+            )));
+        }
+        if from.host == to {
+            return Err(Error::Invalid(format!(
+                "port {port} is on host {to} already: migrate it to another host"
+            )));
+        }
+        let attach = attach.unwrap_or_else(|| from.attach.clone());
+        let dev = attach.dev().to_string();
+        if let Some(other) = self.index.by_dev.get(&(to.to_string(), dev.clone())) {
+            return Err(Error::Conflict(format!(
+                "interface `{dev}` on host {to} belongs to port {}: name another (--tap, --netdev)",
+                self.ports
+                    .get(other)
+                    .map_or_else(String::new, |o| o.id.to_string())
+            )));
+        }
+        let vm = p.vm.clone();
+        let id = self.meta.next_migration;
+        self.meta.next_migration += 1;
+        let to = Binding {
+            host: to.to_string(),
+            attach,
+        };
+        let (machine, out) = Migration::begin(id, now);
+        self.set_moving(
+            port,
+            Some(Moving {
+                migration: id,
+                to: to.clone(),
+                source_stopped: false,
+            }),
+        );
+        self.migrations.insert(
+            id,
+            MigrationRec {
+                id,
+                port,
+                vm,
+                from,
+                to,
+                machine,
+                snapshot_bytes: 0,
+                connections: 0,
+                flows: 0,
+                dropped: 0,
+                prepare_revision: self.meta.revision,
+            },
+        );
+        self.dirty.migrations.insert(id);
+        Ok((id, out))
+    }
+
+    fn set_moving(&mut self, port: PortId, moving: Option<Moving>) {
+        let n = port.number();
+        self.index_remove(n);
+        if let Some(p) = self.ports.get_mut(&n) {
+            p.moving = moving;
+        }
+        self.index_add(n);
+        self.dirty.ports.insert(n);
+        self.bump();
+    }
+
+    /// Feed migration `id` what a host or the VMM reported; the chassis
+    /// does its part of the outputs (standby items, the binding's move,
+    /// the destination's cleanup) and returns them all for the rest.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown migration; [`Error::Conflict`]
+    /// when the input does not fit where the migration is (nothing changes).
+    pub fn migration_input(
+        &mut self,
+        id: u64,
+        input: Input,
+        now: Duration,
+    ) -> Result<Vec<Output>, Error> {
+        let rec = self.migrations.get_mut(&id).ok_or_else(|| {
+            Error::NotFound(format!("no migration {id}: `dvs migrate list` shows them"))
+        })?;
+        let stopped = matches!(input, Input::SourceDeactivated { .. });
+        let out = rec
+            .machine
+            .handle(now, input)
+            .map_err(|e| Error::Conflict(e.to_string()))?;
+        let port = rec.port;
+        self.dirty.migrations.insert(id);
+        if stopped {
+            if let Some(mut m) = self
+                .ports
+                .get(&port.number())
+                .and_then(|p| p.moving.clone())
+            {
+                m.source_stopped = true;
+                self.set_moving(port, Some(m));
+            }
+        }
+        for o in &out {
+            match o {
+                Output::CleanDestination => self.set_moving(port, None),
+                Output::MoveMac => {
+                    let to = self.migrations.get(&id).map(|r| r.to.clone());
+                    let n = port.number();
+                    self.index_remove(n);
+                    if let Some(p) = self.ports.get_mut(&n) {
+                        p.binding = to;
+                        p.moving = None;
+                    }
+                    self.index_add(n);
+                    self.dirty.ports.insert(n);
+                    self.bump();
+                }
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+
+    /// Record what a migration's hosts handed over or dropped.
+    pub fn note_migration(&mut self, id: u64, f: impl FnOnce(&mut MigrationRec)) {
+        if let Some(r) = self.migrations.get_mut(&id) {
+            f(r);
+            self.dirty.migrations.insert(id);
+        }
+    }
+
+    /// After a restart of the controller: migrations that were preparing,
+    /// syncing or switching are aborted (the source keeps or takes the
+    /// port back); those activating go on (the source's state is kept:
+    /// the destination gets it again when its agent is back).
+    pub fn recover_migrations(&mut self, now: Duration) -> Vec<(u64, Vec<Output>)> {
+        let open: Vec<u64> = self
+            .migrations
+            .values()
+            .filter(|r| {
+                matches!(
+                    r.machine.phase(),
+                    Phase::Preparing | Phase::Syncing | Phase::Switching
+                )
+            })
+            .map(|r| r.id)
+            .collect();
+        let mut done = Vec::new();
+        for id in open {
+            let reason = "the controller restarted before the switchover".to_string();
+            if let Ok(out) = self.migration_input(id, Input::Abort(reason), now) {
+                done.push((id, out));
+            }
+        }
+        done
+    }
+}

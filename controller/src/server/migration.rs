@@ -1,0 +1,463 @@
+//! The controller's side of live migrations: the admin calls (start,
+//! activate, abort, list), the hosts' migration events, and carrying out
+//! what the protocol (`dvs_migrate::protocol`) outputs — commands to the
+//! source and the destination over their sessions; the desired-state part
+//! (standby items, the binding's move) is the chassis's.
+//!
+//! The source's snapshot passes through the controller, which checks it,
+//! keeps it durably until the destination runs from it (so that a
+//! restarted controller can finish an activation), and sends it on in
+//! chunks.
+
+use std::collections::BTreeMap;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use dvs_migrate::protocol::{Input, Output, Phase, Trigger};
+use dvs_proto::api::{self, controller_message, migration_command::Op, migration_event::Kind};
+use dvs_proto::PortId;
+use dvs_switch::PortState;
+use tonic::Status;
+
+use super::{attach, parse_port, Controller};
+use crate::chassis::MigrationRec;
+
+/// Snapshots travel to the destination in pieces of this size.
+const CHUNK: usize = dvs_switch::remote::CHUNK;
+/// A destination that has not installed the port by then: aborted.
+pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(15);
+/// The largest snapshot a source may send (the format's own bound).
+const MAX_SNAPSHOT: usize = dvs_migrate::snapshot::MAX_PAYLOAD + 64;
+
+type Snapshot = dvs_migrate::snapshot::Snapshot<PortState>;
+
+/// The wall clock, as migration timelines keep it.
+pub fn unix_now() -> Duration {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+}
+
+fn us(d: Option<Duration>) -> u64 {
+    d.map_or(0, |d| d.as_micros() as u64)
+}
+
+/// A migration as the admin service shows it.
+pub fn view(r: &MigrationRec) -> api::Migration {
+    let t = r.machine.timeline();
+    api::Migration {
+        id: r.id,
+        port: r.port.to_string(),
+        vm: r.vm.clone(),
+        from: r.from.host.clone(),
+        to: r.to.host.clone(),
+        phase: r.machine.phase().as_str().to_string(),
+        begin_us: us(Some(t.begin)),
+        policy_ready_us: us(t.policy_ready),
+        switchover_us: us(t.switchover),
+        trigger: match t.trigger {
+            Some(Trigger::VmmResumed) => "vmm_resumed".into(),
+            Some(Trigger::FirstFrame) => "first_frame".into(),
+            None => String::new(),
+        },
+        last_frame_source_us: us(t.last_frame_at_source),
+        first_frame_destination_us: us(t.first_frame_at_destination),
+        done_us: us(t.done),
+        aborted_us: us(t.aborted.as_ref().map(|a| a.0)),
+        abort_reason: t.aborted.as_ref().map(|a| a.1.clone()).unwrap_or_default(),
+        snapshot_bytes: r.snapshot_bytes,
+        dropped_frames: r.dropped,
+        connections: r.connections,
+        flows: r.flows,
+    }
+}
+
+fn command(m: &MigrationRec, op: Op) -> api::MigrationCommand {
+    api::MigrationCommand {
+        migration: m.id,
+        port: m.port.to_string(),
+        op: op as i32,
+        ..api::MigrationCommand::default()
+    }
+}
+
+impl Controller {
+    fn record(&self, id: u64) -> Option<MigrationRec> {
+        self.lock().chassis.migration(id).cloned()
+    }
+
+    /// Send `host` a command on its session.
+    async fn send_command(&self, host: &str, c: api::MigrationCommand) -> Result<(), String> {
+        let tx = self.lock().sessions.get(host).map(|s| s.tx.clone());
+        let Some(tx) = tx else {
+            return Err(format!("host {host} is not connected"));
+        };
+        let m = api::ControllerMessage {
+            msg: Some(controller_message::Msg::Migration(c)),
+        };
+        tx.send(Ok(m))
+            .await
+            .map_err(|_| format!("host {host}'s session ended"))
+    }
+
+    /// Feed migration `id` an input and carry out what follows; a party
+    /// that cannot be told aborts the migration.
+    ///
+    /// # Errors
+    /// The input does not fit where the migration is (nothing changed).
+    pub(super) async fn input(&self, id: u64, input: Input) -> Result<(), Status> {
+        let mut next = Some(input);
+        while let Some(i) = next.take() {
+            let out = self.mutate(true, |c| c.migration_input(id, i, unix_now()))?;
+            if let Some(r) = self.record(id) {
+                tracing::info!(migration = id, port = %r.port, phase = r.machine.phase().as_str(), ?out, "migration step");
+            }
+            if let Err(e) = self.perform(id, &out).await {
+                next = Some(Input::Abort(e));
+            }
+        }
+        Ok(())
+    }
+
+    /// The commands behind the protocol's outputs (the chassis did the
+    /// desired-state part). An error names the party that cannot be told.
+    async fn perform(&self, id: u64, out: &[Output]) -> Result<(), String> {
+        let Some(r) = self.record(id) else {
+            return Ok(());
+        };
+        for o in out {
+            match o {
+                Output::DeactivateSource => {
+                    let ip = self
+                        .lock()
+                        .chassis
+                        .host(&r.to.host)
+                        .and_then(|h| h.tunnel_ip);
+                    let mut c = command(&r, Op::Stop);
+                    c.redirect = ip.map(|i| i.to_string()).unwrap_or_default();
+                    self.send_command(&r.from.host, c).await?;
+                }
+                Output::ActivateDestination { .. } => {
+                    let bytes = self
+                        .lock()
+                        .store
+                        .handover(id)
+                        .map_err(|e| e.to_string())?
+                        .ok_or("the source's snapshot is not kept")?;
+                    let mut chunks = bytes.chunks(CHUNK).peekable();
+                    while let Some(chunk) = chunks.next() {
+                        let mut c = command(&r, Op::Start);
+                        c.chunk = chunk.to_vec();
+                        c.more = chunks.peek().is_some();
+                        self.send_command(&r.to.host, c).await?;
+                    }
+                }
+                Output::Announce => {
+                    // Best effort: the VM's own frames announce it too.
+                    let _ = self
+                        .send_command(&r.to.host, command(&r, Op::Announce))
+                        .await;
+                }
+                Output::ReactivateSource => {
+                    // A source that is away restarts the port from its full
+                    // state (no standby) when it is back.
+                    let _ = self
+                        .send_command(&r.from.host, command(&r, Op::Resume))
+                        .await;
+                }
+                Output::PrepareDestination
+                | Output::StartSync
+                | Output::MoveMac
+                | Output::CleanDestination
+                | Output::KeepSource => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// The migration a reference names: its ID, or its port's migration.
+    fn resolve(&self, r: &api::MigrationRef) -> Result<u64, Status> {
+        if r.id != 0 {
+            return Ok(r.id);
+        }
+        if r.port.is_empty() {
+            return Err(Status::invalid_argument(
+                "name the migration (--id) or its port (--port)",
+            ));
+        }
+        let port = parse_port(&r.port)?;
+        let st = self.lock();
+        if st.chassis.port(port).is_none() {
+            return Err(Status::not_found(format!("no port {port}")));
+        }
+        st.chassis
+            .port_migration(port)
+            .ok_or_else(|| Status::not_found(format!("port {port} is not migrating")))
+    }
+
+    fn migration_view(&self, id: u64) -> Result<api::Migration, Status> {
+        self.record(id).map(|r| view(&r)).ok_or_else(|| {
+            Status::not_found(format!("no migration {id}: `dvs migrate list` shows them"))
+        })
+    }
+
+    pub(super) async fn begin(
+        &self,
+        r: api::StartMigrationRequest,
+    ) -> Result<api::Migration, Status> {
+        let port = parse_port(&r.port)?;
+        let a = if r.tap.is_empty() && r.netdev.is_empty() {
+            None
+        } else {
+            Some(attach(&r.tap, &r.netdev)?)
+        };
+        {
+            let st = self.lock();
+            let known = st
+                .chassis
+                .host(&r.to)
+                .is_some_and(|h| h.tunnel_ip.is_some());
+            if known && !st.sessions.contains_key(&r.to) {
+                return Err(Status::failed_precondition(format!(
+                    "host {} is not connected: its agent must run to take the port",
+                    r.to
+                )));
+            }
+        }
+        let (id, out) = self.mutate(true, |c| c.begin_migration(port, &r.to, a, unix_now()))?;
+        tracing::info!(migration = id, %port, to = %r.to, "migration begins");
+        if let Err(e) = self.perform(id, &out).await {
+            self.input(id, Input::Abort(e)).await?;
+        }
+        self.migration_view(id)
+    }
+
+    pub(super) async fn activate(&self, r: api::MigrationRef) -> Result<api::Migration, Status> {
+        let id = self.resolve(&r)?;
+        self.input(id, Input::Resumed(Trigger::VmmResumed)).await?;
+        self.migration_view(id)
+    }
+
+    pub(super) async fn abort(&self, r: api::MigrationRef) -> Result<api::Migration, Status> {
+        let id = self.resolve(&r)?;
+        let reason = if r.reason.is_empty() {
+            "aborted by request".to_string()
+        } else {
+            r.reason
+        };
+        self.input(id, Input::Abort(reason)).await?;
+        self.migration_view(id)
+    }
+
+    pub(super) fn migration_list(&self) -> api::MigrationList {
+        api::MigrationList {
+            migrations: self.lock().chassis.migrations().map(view).collect(),
+        }
+    }
+
+    /// `host` acked `revision`: destinations waiting for it have their port.
+    pub(super) async fn prepared(&self, host: &str, revision: u64) {
+        let ready: Vec<u64> = self
+            .lock()
+            .chassis
+            .migrations()
+            .filter(|m| {
+                m.machine.phase() == Phase::Preparing
+                    && m.to.host == host
+                    && m.prepare_revision <= revision
+            })
+            .map(|m| m.id)
+            .collect();
+        for id in ready {
+            let _ = self.input(id, Input::Prepared).await;
+        }
+    }
+
+    /// What a host said about a migration. Events from the wrong host, or
+    /// that do not fit, are logged and change nothing.
+    pub(super) async fn migration_event(
+        &self,
+        host: &str,
+        e: api::MigrationEvent,
+        chunks: &mut BTreeMap<u64, Vec<u8>>,
+    ) {
+        let kind = Kind::try_from(e.kind).unwrap_or(Kind::Unspecified);
+        let mut id = e.migration;
+        if id == 0 && kind == Kind::Wakeup {
+            // A standby port without its migration's number: find it.
+            if let Ok(p) = e.port.parse::<PortId>() {
+                id = self.lock().chassis.port_migration(p).unwrap_or(0);
+            }
+        }
+        let Some(r) = self.record(id) else {
+            tracing::debug!(%host, migration = id, ?kind, "event for no migration ignored");
+            return;
+        };
+        let (source, destination) = (r.from.host == host, r.to.host == host);
+        let result = match kind {
+            Kind::Wakeup if destination => {
+                self.input(id, Input::Resumed(Trigger::FirstFrame)).await
+            }
+            Kind::Stopped if source => {
+                let buf = chunks.entry(id).or_default();
+                buf.extend_from_slice(&e.chunk);
+                if buf.len() > MAX_SNAPSHOT {
+                    chunks.remove(&id);
+                    let why = format!("host {host} sent a snapshot over the bound");
+                    self.input(id, Input::Abort(why)).await
+                } else if e.more {
+                    Ok(())
+                } else {
+                    let bytes = chunks.remove(&id).unwrap_or_default();
+                    self.handover(&r, bytes, e.at_us).await
+                }
+            }
+            Kind::Started if destination => {
+                let noted = self.mutate(true, |c| {
+                    c.note_migration(id, |m| m.dropped = e.dropped);
+                    Ok(())
+                });
+                match noted {
+                    Ok(()) => self.input(id, Input::Activated { first_frame: None }).await,
+                    Err(s) => Err(s),
+                }
+            }
+            Kind::FirstForwarded if destination => {
+                let at = Duration::from_micros(e.at_us);
+                self.input(id, Input::FirstFrameForwarded { at }).await
+            }
+            Kind::Failed if source || destination => {
+                let why = format!("host {host}: {}", e.error);
+                self.input(id, Input::Abort(why)).await
+            }
+            _ => {
+                tracing::warn!(%host, migration = id, ?kind, "migration event from the wrong host ignored");
+                Ok(())
+            }
+        };
+        if let Err(s) = result {
+            tracing::warn!(%host, migration = id, ?kind, error = %s.message(), "migration event refused");
+        }
+    }
+
+    /// The source stopped and sent its state: check it, keep it, and have
+    /// the destination run from it.
+    async fn handover(&self, r: &MigrationRec, bytes: Vec<u8>, at_us: u64) -> Result<(), Status> {
+        if r.machine.phase() != Phase::Switching {
+            // Aborted meanwhile: the source was told to resume.
+            return Ok(());
+        }
+        let snap = match Snapshot::decode(&bytes) {
+            Ok(s) if s.port == r.port && s.migration == r.id => s,
+            Ok(s) => {
+                let why = format!(
+                    "the source's snapshot is of port {} (migration {}), not {} ({})",
+                    s.port, s.migration, r.port, r.id
+                );
+                return self.input(r.id, Input::Abort(why)).await;
+            }
+            Err(e) => {
+                let why = format!("the source's snapshot: {e}");
+                return self.input(r.id, Input::Abort(why)).await;
+            }
+        };
+        let kept = self.lock().store.put_handover(r.id, &bytes);
+        if let Err(e) = kept {
+            return self.input(r.id, Input::Abort(e.to_string())).await;
+        }
+        self.mutate(true, |c| {
+            c.note_migration(r.id, |m| {
+                m.snapshot_bytes = bytes.len() as u64;
+                m.connections = snap.state.conntrack.len() as u64;
+                m.flows = snap.state.flows.len() as u64;
+            });
+            Ok(())
+        })?;
+        let last_frame = (at_us > 0).then(|| Duration::from_micros(at_us));
+        self.input(
+            r.id,
+            Input::SourceDeactivated {
+                last_seq: snap.seq,
+                last_frame,
+            },
+        )
+        .await
+    }
+
+    /// After the controller restarted: activations under way go on when
+    /// their destination is back.
+    pub(super) async fn resume_activations(&self, host: &str) {
+        let open: Vec<u64> = self
+            .lock()
+            .chassis
+            .migrations()
+            .filter(|m| m.machine.phase() == Phase::Activating && m.to.host == host)
+            .map(|m| m.id)
+            .collect();
+        for id in open {
+            let out = [Output::ActivateDestination { through_seq: 0 }];
+            if let Err(e) = self.perform(id, &out).await {
+                let _ = self.input(id, Input::Abort(e)).await;
+            }
+        }
+    }
+
+    /// `host`'s agent went away: migrations that cannot finish without it
+    /// are aborted (a source that already stopped is not needed any more).
+    pub(super) async fn host_gone(&self, host: &str) {
+        let hit: Vec<(u64, &'static str)> = self
+            .lock()
+            .chassis
+            .migrations()
+            .filter(|m| !m.finished())
+            .filter_map(|m| {
+                let before_stop = matches!(
+                    m.machine.phase(),
+                    Phase::Preparing | Phase::Syncing | Phase::Switching
+                );
+                if m.to.host == host {
+                    Some((m.id, "destination"))
+                } else if m.from.host == host && before_stop {
+                    Some((m.id, "source"))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        for (id, who) in hit {
+            let why = format!("the {who} host {host} disconnected");
+            if let Err(s) = self.input(id, Input::Abort(why)).await {
+                tracing::warn!(migration = id, error = %s.message(), "abort refused");
+            }
+        }
+    }
+
+    /// Abort migrations whose destination never installed the port; ends
+    /// when the controller is dropped.
+    pub(super) async fn migration_timer(self) {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tick.tick().await;
+            if std::sync::Arc::strong_count(&self.state) <= 1 {
+                return;
+            }
+            let now = unix_now();
+            let late: Vec<(u64, String)> = self
+                .lock()
+                .chassis
+                .migrations()
+                .filter(|m| {
+                    m.machine.phase() == Phase::Preparing
+                        && now.saturating_sub(m.machine.timeline().begin) > PREPARE_TIMEOUT
+                })
+                .map(|m| (m.id, m.to.host.clone()))
+                .collect();
+            for (id, host) in late {
+                let why = format!(
+                    "host {host} did not install the port within {} s (see its agent's log)",
+                    PREPARE_TIMEOUT.as_secs()
+                );
+                let _ = self.input(id, Input::Abort(why)).await;
+            }
+        }
+    }
+}

@@ -1,0 +1,601 @@
+//! Migrations through the controller over real gRPC (loopback), with
+//! simulated agents speaking the agent protocol: a migration runs from
+//! begin to the binding's move; bad requests and a corrupted snapshot are
+//! refused with the reason and leave the source in charge; a restarted
+//! controller aborts what had not switched over and finishes what had.
+
+#![allow(clippy::unwrap_used)]
+
+use std::time::Duration;
+
+use dvs_controller::server::{serve_on, Controller};
+use dvs_migrate::snapshot::{Kind as SnapKind, Snapshot};
+use dvs_proto::api::{
+    self, admin_client::AdminClient, agent_client::AgentClient, agent_message,
+    controller_message::Msg, migration_command::Op, migration_event::Kind,
+};
+use dvs_proto::PortId;
+use dvs_switch::PortState;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::Code;
+
+type Admin = AdminClient<tonic::transport::Channel>;
+
+/// A controller on a loopback port; dropped, it stops.
+struct Running {
+    url: String,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    done: Option<tokio::task::JoinHandle<()>>,
+}
+
+impl Running {
+    async fn start(dir: &std::path::Path) -> Running {
+        // A controller that just stopped may still hold the store briefly.
+        let mut controller = None;
+        for _ in 0..50 {
+            match Controller::open(dir) {
+                Ok(c) => {
+                    controller = Some(c);
+                    break;
+                }
+                Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
+            }
+        }
+        let controller = controller.expect("the store opens");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let done = tokio::spawn(async move {
+            let _ = serve_on(controller, listener, None, async {
+                let _ = stopped.await;
+            })
+            .await;
+        });
+        Running {
+            url,
+            stop: Some(stop),
+            done: Some(done),
+        }
+    }
+
+    /// Tell the server to stop (sessions that end now are not hosts
+    /// leaving: as after a crash, migrations stay as they are).
+    async fn halt(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    async fn stop(mut self) {
+        self.halt().await;
+        if let Some(d) = self.done.take() {
+            // Sessions still open would hold a graceful stop.
+            if tokio::time::timeout(Duration::from_secs(3), d)
+                .await
+                .is_err()
+            {
+                panic!("the controller did not stop: a session is still open");
+            }
+        }
+    }
+
+    async fn admin(&self) -> Admin {
+        AdminClient::connect(self.url.clone()).await.unwrap()
+    }
+}
+
+fn temp(tag: &str) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("dvs-mig-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&dir);
+    dir
+}
+
+/// A simulated agent: its session, and the items it was given.
+struct Agent {
+    host: String,
+    tx: mpsc::Sender<api::AgentMessage>,
+    rx: tonic::Streaming<api::ControllerMessage>,
+    items: std::collections::BTreeMap<String, serde_json::Value>,
+    revision: u64,
+    commands: Vec<api::MigrationCommand>,
+}
+
+impl Agent {
+    async fn connect(url: &str, host: &str, ip: &str) -> Agent {
+        let mut c = AgentClient::connect(url.to_string()).await.unwrap();
+        let (tx, rx) = mpsc::channel(64);
+        tx.send(api::AgentMessage {
+            msg: Some(agent_message::Msg::Register(api::Register {
+                host: host.into(),
+                tunnel_ip: ip.into(),
+                revision: 0,
+            })),
+        })
+        .await
+        .unwrap();
+        let rx = c
+            .session(ReceiverStream::new(rx))
+            .await
+            .unwrap()
+            .into_inner();
+        let mut a = Agent {
+            host: host.into(),
+            tx,
+            rx,
+            items: Default::default(),
+            revision: 0,
+            commands: Vec::new(),
+        };
+        a.next().await;
+        a
+    }
+
+    /// Take the next message (state or command); acks states.
+    async fn next(&mut self) {
+        let m = tokio::time::timeout(Duration::from_secs(5), self.rx.message())
+            .await
+            .unwrap_or_else(|_| panic!("{}: nothing from the controller", self.host))
+            .unwrap()
+            .unwrap();
+        match m.msg.unwrap() {
+            Msg::Full(f) => {
+                self.items = f
+                    .items
+                    .into_iter()
+                    .map(|i| (i.key, serde_json::from_str(&i.json).unwrap()))
+                    .collect();
+                self.ack(f.revision).await;
+            }
+            Msg::Delta(d) => {
+                for i in d.upsert {
+                    self.items
+                        .insert(i.key, serde_json::from_str(&i.json).unwrap());
+                }
+                for k in d.remove {
+                    self.items.remove(&k);
+                }
+                self.ack(d.revision).await;
+            }
+            Msg::Migration(c) => self.commands.push(c),
+        }
+    }
+
+    async fn ack(&mut self, revision: u64) {
+        self.revision = revision;
+        self.send(agent_message::Msg::Ack(api::Ack { revision }))
+            .await;
+    }
+
+    async fn send(&self, m: agent_message::Msg) {
+        self.tx
+            .send(api::AgentMessage { msg: Some(m) })
+            .await
+            .unwrap();
+    }
+
+    async fn event(&self, e: api::MigrationEvent) {
+        self.send(agent_message::Msg::Migration(e)).await;
+    }
+
+    /// Read until a command `op` came; returns it.
+    async fn command(&mut self, op: Op) -> api::MigrationCommand {
+        loop {
+            if let Some(i) = self.commands.iter().position(|c| c.op == op as i32) {
+                return self.commands.remove(i);
+            }
+            self.next().await;
+        }
+    }
+
+    /// Read until `f` holds of the items.
+    async fn until(&mut self, f: impl Fn(&Self) -> bool) {
+        while !f(self) {
+            self.next().await;
+        }
+    }
+}
+
+fn event(m: u64, port: &str, kind: Kind) -> api::MigrationEvent {
+    api::MigrationEvent {
+        migration: m,
+        port: port.into(),
+        kind: kind as i32,
+        ..Default::default()
+    }
+}
+
+async fn setup(r: &Running) -> (Admin, Agent, Agent) {
+    let mut admin = r.admin().await;
+    admin
+        .apply_profiles(api::ApplyRequest {
+            yaml: "kind: PortProfile\nname: web\nvlan: { mode: access, id: 10 }\n".into(),
+            dry_run: false,
+        })
+        .await
+        .unwrap();
+    admin
+        .create_port(api::CreatePortRequest {
+            vm: "vm1".into(),
+            mac: "02:00:00:00:00:01".into(),
+            profile: "web".into(),
+            host: "h1".into(),
+            tap: "t1".into(),
+            netdev: String::new(),
+        })
+        .await
+        .unwrap();
+    let h1 = Agent::connect(&r.url, "h1", "10.0.0.1").await;
+    let h2 = Agent::connect(&r.url, "h2", "10.0.0.2").await;
+    (admin, h1, h2)
+}
+
+async fn list(admin: &mut Admin) -> Vec<api::Migration> {
+    admin
+        .list_migrations(api::Empty {})
+        .await
+        .unwrap()
+        .into_inner()
+        .migrations
+}
+
+async fn start(admin: &mut Admin) -> api::Migration {
+    admin
+        .start_migration(api::StartMigrationRequest {
+            port: "veth1".into(),
+            to: "h2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+}
+
+/// The port's snapshot as the source sends it, in chunks of `chunk` bytes.
+fn snapshot(migration: u64, conns: u32) -> Vec<u8> {
+    Snapshot::<PortState> {
+        port: PortId::new(1).unwrap(),
+        migration,
+        seq: 0,
+        kind: SnapKind::Full,
+        state: dvs_switch::tracked_port_state(conns),
+    }
+    .encode()
+    .unwrap()
+}
+
+async fn send_stopped(h1: &Agent, m: u64, bytes: &[u8], chunk: usize) {
+    let mut parts = bytes.chunks(chunk).peekable();
+    while let Some(p) = parts.next() {
+        h1.event(api::MigrationEvent {
+            at_us: 1,
+            chunk: p.to_vec(),
+            more: parts.peek().is_some(),
+            ..event(m, "veth1", Kind::Stopped)
+        })
+        .await;
+    }
+}
+
+/// Prepare migration `m` on h2 (it gets the port in standby and acks).
+async fn prepare(h2: &mut Agent, m: u64) {
+    h2.until(|a| {
+        a.items
+            .get("port/veth1")
+            .is_some_and(|p| p["standby"] == true && p["migration"] == m)
+    })
+    .await;
+}
+
+async fn phase(admin: &mut Admin, m: u64, want: &str) -> api::Migration {
+    for _ in 0..200 {
+        let x = list(admin).await.into_iter().find(|x| x.id == m).unwrap();
+        if x.phase == want {
+            return x;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    panic!("migration {m} never {want}: {:?}", list(admin).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_migration_moves_the_port_with_its_state() {
+    let dir = temp("run");
+    let mut r = Running::start(&dir).await;
+    let (mut admin, mut h1, mut h2) = setup(&r).await;
+    let m = start(&mut admin).await;
+    assert_eq!(
+        (m.phase.as_str(), m.from.as_str(), m.to.as_str()),
+        ("preparing", "h1", "h2")
+    );
+    prepare(&mut h2, m.id).await;
+    phase(&mut admin, m.id, "syncing").await;
+    // h2 sees the VM's first frame: h1 is told to stop, redirecting to h2.
+    h2.event(event(m.id, "veth1", Kind::Wakeup)).await;
+    let stop = h1.command(Op::Stop).await;
+    assert_eq!(
+        (stop.port.as_str(), stop.redirect.as_str()),
+        ("veth1", "10.0.0.2")
+    );
+    // h1's state (100 tracked connections) in small chunks; h2 gets the
+    // same bytes to start from.
+    let bytes = snapshot(m.id, 100);
+    send_stopped(&h1, m.id, &bytes, 4096).await;
+    let mut got = Vec::new();
+    loop {
+        let c = h2.command(Op::Start).await;
+        got.extend_from_slice(&c.chunk);
+        if !c.more {
+            break;
+        }
+    }
+    assert_eq!(got, bytes);
+    h2.event(api::MigrationEvent {
+        dropped: 3,
+        ..event(m.id, "veth1", Kind::Started)
+    })
+    .await;
+    let done = phase(&mut admin, m.id, "done").await;
+    assert_eq!(done.trigger, "first_frame");
+    assert_eq!(done.connections, 100);
+    assert_eq!(done.dropped_frames, 3);
+    assert_eq!(done.snapshot_bytes, bytes.len() as u64);
+    assert!(done.policy_ready_us >= done.begin_us && done.switchover_us >= done.policy_ready_us);
+    assert_eq!(done.last_frame_source_us, 1);
+    // The binding moved: h2 runs the port (no standby), h1 has it no more.
+    h2.until(|a| {
+        a.items
+            .get("port/veth1")
+            .is_some_and(|p| p.get("standby").is_none())
+    })
+    .await;
+    h1.until(|a| !a.items.contains_key("port/veth1")).await;
+    let p = admin
+        .get_port(api::PortRef { id: "veth1".into() })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(p.host, "h2");
+    // The destination's first forwarded frame completes the timeline.
+    h2.event(api::MigrationEvent {
+        at_us: done.done_us + 500,
+        ..event(m.id, "", Kind::FirstForwarded)
+    })
+    .await;
+    let mut t = done.clone();
+    for _ in 0..100 {
+        t = list(&mut admin).await.pop().unwrap();
+        if t.first_frame_destination_us != 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert_eq!(t.first_frame_destination_us, done.done_us + 500);
+    r.halt().await;
+    drop((h1, h2));
+    r.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_migrations_are_refused_and_change_nothing() {
+    let dir = temp("bad");
+    let mut r = Running::start(&dir).await;
+    let (mut admin, h1, h2) = setup(&r).await;
+    admin
+        .create_port(api::CreatePortRequest {
+            vm: "vm2".into(),
+            mac: "02:00:00:00:00:02".into(),
+            profile: "web".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    let revision = || async {
+        AdminClient::connect(r.url.clone())
+            .await
+            .unwrap()
+            .show_chassis(api::Empty {})
+            .await
+            .unwrap()
+            .into_inner()
+            .revision
+    };
+    let before = revision().await;
+    let refuse = |port: &str, to: &str| {
+        let a = r.admin();
+        let (port, to) = (port.to_string(), to.to_string());
+        async move {
+            a.await
+                .start_migration(api::StartMigrationRequest {
+                    port,
+                    to,
+                    ..Default::default()
+                })
+                .await
+                .unwrap_err()
+        }
+    };
+    let e = refuse("veth9", "h2").await;
+    assert_eq!((e.code(), e.message()), (Code::NotFound, "no port veth9"));
+    let e = refuse("port1", "h2").await;
+    assert_eq!(e.code(), Code::InvalidArgument, "{}", e.message());
+    let e = refuse("veth1", "h9").await;
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::NotFound,
+            "unknown host `h9`: hosts whose agent registered are h1, h2"
+        )
+    );
+    let e = refuse("veth1", "h1").await;
+    assert_eq!(
+        (e.code(), e.message()),
+        (
+            Code::InvalidArgument,
+            "port veth1 is on host h1 already: migrate it to another host"
+        )
+    );
+    let e = refuse("veth2", "h2").await;
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().starts_with("port veth2 is not bound to a host"),
+        "{}",
+        e.message()
+    );
+    for (id, port) in [(99, ""), (0, "veth1"), (0, "")] {
+        let e = admin
+            .abort_migration(api::MigrationRef {
+                id,
+                port: port.into(),
+                reason: String::new(),
+            })
+            .await
+            .unwrap_err();
+        let want = match (id, port) {
+            (99, _) => "no migration 99: `dvs migrate list` shows them",
+            (_, "veth1") => "port veth1 is not migrating",
+            _ => "name the migration (--id) or its port (--port)",
+        };
+        assert_eq!(e.message(), want);
+    }
+    assert_eq!(revision().await, before, "nothing changed");
+    assert!(list(&mut admin).await.is_empty());
+
+    // A second migration of a port already migrating.
+    let m = start(&mut admin).await;
+    let e = refuse("veth1", "h2").await;
+    assert_eq!(e.code(), Code::FailedPrecondition);
+    assert!(
+        e.message().starts_with(&format!(
+            "port veth1 is migrating already (migration {} to h2, ",
+            m.id
+        )),
+        "{}",
+        e.message()
+    );
+    // Nor can the port be deleted or rebound meanwhile.
+    let e = admin
+        .delete_port(api::PortRef { id: "veth1".into() })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("is migrating"), "{}", e.message());
+    assert_eq!(list(&mut admin).await.len(), 1);
+    r.halt().await;
+    drop((admin, h1, h2));
+    r.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_corrupted_snapshot_aborts_and_the_source_resumes() {
+    let dir = temp("crc");
+    let mut r = Running::start(&dir).await;
+    let (mut admin, mut h1, mut h2) = setup(&r).await;
+    let m = start(&mut admin).await;
+    prepare(&mut h2, m.id).await;
+    admin
+        .activate_migration(api::MigrationRef {
+            id: m.id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    h1.command(Op::Stop).await;
+    let mut bytes = snapshot(m.id, 10);
+    let n = bytes.len();
+    bytes[n - 7] ^= 0x20;
+    send_stopped(&h1, m.id, &bytes, 1 << 20).await;
+    let x = phase(&mut admin, m.id, "aborted").await;
+    assert!(
+        x.abort_reason
+            .starts_with("the source's snapshot: snapshot corrupted: CRC-32"),
+        "{}",
+        x.abort_reason
+    );
+    // The source forwards again; the destination loses its copy; nothing
+    // started there.
+    let resume = h1.command(Op::Resume).await;
+    assert_eq!(resume.migration, m.id);
+    h2.until(|a| !a.items.contains_key("port/veth1")).await;
+    assert!(h2.commands.iter().all(|c| c.op != Op::Start as i32));
+    // A truncated one, the same.
+    let m = start(&mut admin).await;
+    prepare(&mut h2, m.id).await;
+    h2.event(event(m.id, "veth1", Kind::Wakeup)).await;
+    h1.command(Op::Stop).await;
+    let bytes = snapshot(m.id, 10);
+    send_stopped(&h1, m.id, &bytes[..bytes.len() / 2], 1 << 20).await;
+    let x = phase(&mut admin, m.id, "aborted").await;
+    assert!(
+        x.abort_reason.contains("snapshot truncated"),
+        "{}",
+        x.abort_reason
+    );
+    r.halt().await;
+    drop((h1, h2));
+    r.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_aborts_before_the_switchover_and_finishes_after() {
+    let dir = temp("restart");
+    let mut r = Running::start(&dir).await;
+    let (mut admin, h1, mut h2) = setup(&r).await;
+    let m1 = start(&mut admin).await;
+    prepare(&mut h2, m1.id).await;
+    phase(&mut admin, m1.id, "syncing").await;
+    r.halt().await;
+    drop((h1, h2, admin));
+    r.stop().await;
+
+    // Restarted: the migration that had not switched over is aborted.
+    let mut r = Running::start(&dir).await;
+    let mut admin = r.admin().await;
+    let x = list(&mut admin).await.pop().unwrap();
+    assert_eq!(x.phase, "aborted");
+    assert_eq!(
+        x.abort_reason,
+        "the controller restarted before the switchover"
+    );
+    let mut h1 = Agent::connect(&r.url, "h1", "10.0.0.1").await;
+    let mut h2 = Agent::connect(&r.url, "h2", "10.0.0.2").await;
+    assert!(h1.items["port/veth1"].get("standby").is_none());
+    assert!(!h2.items.contains_key("port/veth1"));
+
+    // A migration that had: the source stopped and handed over, the
+    // destination had not answered. The restarted controller keeps the
+    // source stopped and sends the destination the kept state again.
+    let m2 = start(&mut admin).await;
+    prepare(&mut h2, m2.id).await;
+    h2.event(event(m2.id, "veth1", Kind::Wakeup)).await;
+    h1.command(Op::Stop).await;
+    let bytes = snapshot(m2.id, 50);
+    send_stopped(&h1, m2.id, &bytes, 1 << 20).await;
+    h2.command(Op::Start).await;
+    phase(&mut admin, m2.id, "activating").await;
+    r.halt().await;
+    drop((h1, h2, admin));
+    r.stop().await;
+
+    let mut r = Running::start(&dir).await;
+    let mut admin = r.admin().await;
+    assert_eq!(list(&mut admin).await.pop().unwrap().phase, "activating");
+    let h1 = Agent::connect(&r.url, "h1", "10.0.0.1").await;
+    assert_eq!(
+        h1.items["port/veth1"]["standby"], true,
+        "the source stays stopped"
+    );
+    let mut h2 = Agent::connect(&r.url, "h2", "10.0.0.2").await;
+    let start = h2.command(Op::Start).await;
+    assert_eq!(start.chunk, bytes);
+    h2.event(event(m2.id, "veth1", Kind::Started)).await;
+    let x = phase(&mut admin, m2.id, "done").await;
+    assert_eq!(x.connections, 50);
+    r.halt().await;
+    drop((h1, h2, admin));
+    r.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -1,0 +1,396 @@
+//! A host's part in a live migration (the controller coordinates it:
+//! `dvs_migrate::protocol`). The destination installs the port in standby
+//! from its profile (`standby: true` in its item: policy in place, nothing
+//! forwarded); the source, told to stop, puts its port in standby, sends
+//! frames for the VM's MAC to the destination and hands the port's state
+//! over (counters, rule hits, buckets, connections, sticky and learned MACs,
+//! open flow records — taken, so that only the destination exports them);
+//! the destination continues from that state and forwards. An abort makes
+//! the source forward again.
+//!
+//! Whether a port is in standby follows its item, with two exceptions that
+//! only commands make: a source that was told to stop stays stopped until
+//! its item says otherwise or a resume comes (a profile change does not
+//! restart it), and a destination started by its migration's command
+//! forwards even while its item still says standby (the controller moves
+//! the port's binding right after).
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::sync::mpsc::SyncSender;
+use std::time::Duration;
+
+use dvs_proto::{AclRule, Action, MacAddr, PortId, VlanId, VlanMode};
+
+use crate::config::{AgentConfig, PortSpec};
+use crate::datapath::{Datapath, PortIo};
+use crate::pipeline::{Ingress, PortAcl, PortConfig, PortNo, PortState, Switch, SwitchConfig};
+use crate::wire;
+
+/// What the source hands over when it stops.
+#[derive(Debug, Clone)]
+pub struct Handover {
+    pub state: PortState,
+    /// When the source last forwarded a frame of the port (wall clock,
+    /// since the Unix epoch).
+    pub last_frame: Option<Duration>,
+}
+
+/// What the controller asks of a host's datapath during a migration.
+#[derive(Debug)]
+pub enum Command {
+    /// Source: stop port `port`, redirect its VM's MAC to `redirect`, and
+    /// hand its state over.
+    Stop {
+        migration: u64,
+        port: PortId,
+        redirect: Option<IpAddr>,
+        reply: SyncSender<Result<Handover, String>>,
+    },
+    /// Destination: continue `port` from `state` and forward. The reply is
+    /// the frames its standby dropped.
+    Start {
+        migration: u64,
+        port: PortId,
+        state: Box<PortState>,
+        reply: SyncSender<Result<u64, String>>,
+    },
+    /// Source, after an abort: forward again.
+    Resume { migration: u64, port: PortId },
+    /// Destination: announce the VM (RARP from its MAC) for it.
+    Announce { port: PortId },
+}
+
+/// What a host's datapath reports on its own.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Event {
+    /// The VM sent a frame on a port in standby (it runs here now).
+    Wakeup {
+        port: PortId,
+        migration: Option<u64>,
+    },
+    /// A started port forwarded its first frame, at `at` (wall clock).
+    FirstForwarded { migration: u64, at: Duration },
+}
+
+/// The migration state of one datapath.
+#[derive(Debug, Default)]
+pub struct Migrations {
+    /// The wall-clock time of the datapath clock's zero.
+    epoch: Duration,
+    /// Migrations whose destination port was started by command.
+    started: BTreeSet<u64>,
+    /// Ports stopped by command: their migration.
+    stopped: BTreeMap<PortId, u64>,
+    /// The open flow records stopped ports handed over (theirs again if
+    /// the migration is aborted).
+    taken_flows: BTreeMap<PortId, Vec<crate::flow::SavedFlow>>,
+    /// Redirected VM MACs of stopped ports.
+    redirects: BTreeMap<PortId, (VlanId, MacAddr)>,
+    /// Started ports whose first forwarded frame is awaited: since when.
+    awaiting: Vec<(u64, PortNo, Duration)>,
+}
+
+/// Switch the frames port `no`'s VM sent while it waited, now that it
+/// forwards (with its policy, as any frame).
+fn release_held<P: PortIo>(dp: &mut Datapath<P>, no: PortNo, now: Duration) {
+    for f in dp.switch.take_held(no) {
+        dp.inject(now, Ingress::Port(no), &f);
+    }
+}
+
+/// The VLAN a port's VM's own MAC lives in.
+fn home_vlan(sw: &Switch, no: PortNo) -> Option<VlanId> {
+    match &sw.port(no)?.0.vlan {
+        VlanMode::Access(v) => Some(*v),
+        VlanMode::Trunk { native, .. } => *native,
+    }
+}
+
+impl Migrations {
+    /// `epoch`: the wall-clock time (since the Unix epoch) at which the
+    /// datapath's clock read zero.
+    pub fn new(epoch: Duration) -> Self {
+        Migrations {
+            epoch,
+            ..Migrations::default()
+        }
+    }
+
+    /// Run `cmd` on `dp` at `now`.
+    pub fn command<P: PortIo>(
+        &mut self,
+        dp: &mut Datapath<P>,
+        specs: &[PortSpec],
+        cmd: Command,
+        now: Duration,
+    ) {
+        let mac_of = |id: PortId| specs.iter().find(|s| s.port.id == id).and_then(|s| s.mac);
+        match cmd {
+            Command::Stop {
+                migration,
+                port,
+                redirect,
+                reply,
+            } => {
+                let r = self.stop(&mut dp.switch, migration, port, mac_of(port), redirect, now);
+                let _ = reply.send(r);
+            }
+            Command::Start {
+                migration,
+                port,
+                state,
+                reply,
+            } => {
+                let r = self.start(dp, migration, port, &state, now);
+                let _ = reply.send(r);
+            }
+            Command::Resume { migration, port } => {
+                if self.stopped.get(&port) == Some(&migration) {
+                    self.resume(dp, port, now);
+                }
+            }
+            Command::Announce { port } => {
+                if let (Some(no), Some(mac)) = (dp.switch.port_by_id(port), mac_of(port)) {
+                    tracing::info!(%port, %mac, "announcing the VM (RARP)");
+                    dp.inject(now, Ingress::Port(no), &wire::announce::rarp(mac));
+                }
+            }
+        }
+    }
+
+    fn stop(
+        &mut self,
+        sw: &mut Switch,
+        migration: u64,
+        id: PortId,
+        mac: Option<MacAddr>,
+        redirect: Option<IpAddr>,
+        now: Duration,
+    ) -> Result<Handover, String> {
+        let no = sw
+            .port_by_id(id)
+            .ok_or_else(|| format!("port {id} is not on this host"))?;
+        sw.set_port_standby(no, true).map_err(|e| e.to_string())?;
+        let mut state = sw
+            .save_port(no, now)
+            .ok_or_else(|| format!("port {id} is not on this host"))?;
+        state.flows = sw.take_port_flows(no, now);
+        if let (Some(ip), Some(mac), Some(vlan)) = (redirect, mac, home_vlan(sw, no)) {
+            sw.set_redirect(vlan, mac, ip);
+            self.redirects.insert(id, (vlan, mac));
+        }
+        self.stopped.insert(id, migration);
+        self.taken_flows.insert(id, state.flows.clone());
+        tracing::info!(port = %id, migration, conns = state.conntrack.len(), flows = state.flows.len(), "port stopped for its migration");
+        Ok(Handover {
+            state,
+            last_frame: sw.port_last_frame(no).map(|t| self.epoch + t),
+        })
+    }
+
+    fn start<P: PortIo>(
+        &mut self,
+        dp: &mut Datapath<P>,
+        migration: u64,
+        id: PortId,
+        state: &PortState,
+        now: Duration,
+    ) -> Result<u64, String> {
+        if self.started.contains(&migration) {
+            // Again (a restarted controller finishing the activation).
+            return Ok(0);
+        }
+        let sw = &mut dp.switch;
+        let no = sw
+            .port_by_id(id)
+            .ok_or_else(|| format!("port {id} is not on this host: it was not prepared"))?;
+        let dropped = sw.port(no).map_or(0, |(_, c)| {
+            c.drops.get(crate::DropReason::Standby) + c.tx_drops.get(crate::DropReason::Standby)
+        });
+        sw.restore_port(no, state, now).map_err(|e| e.to_string())?;
+        sw.set_port_standby(no, false).map_err(|e| e.to_string())?;
+        release_held(dp, no, now);
+        self.started.insert(migration);
+        self.awaiting.push((migration, no, now));
+        tracing::info!(port = %id, migration, "port started from its migration's state");
+        Ok(dropped)
+    }
+
+    fn resume<P: PortIo>(&mut self, dp: &mut Datapath<P>, id: PortId, now: Duration) {
+        self.stopped.remove(&id);
+        if let Some((vlan, mac)) = self.redirects.remove(&id) {
+            dp.switch.remove_mac(vlan, mac);
+        }
+        let flows = self.taken_flows.remove(&id).unwrap_or_default();
+        if let Some(no) = dp.switch.port_by_id(id) {
+            dp.switch.restore_port_flows(no, &flows, now);
+            let _ = dp.switch.set_port_standby(no, false);
+            release_held(dp, no, now);
+            tracing::info!(port = %id, "port forwards again");
+        }
+    }
+
+    /// Make each port's standby what its item says (`resync`: every port,
+    /// as after a full state; otherwise the ports whose item's standby
+    /// changed or that are new), but for the two command-made exceptions.
+    pub fn sync_standby<P: PortIo>(
+        &mut self,
+        dp: &mut Datapath<P>,
+        old: &[PortSpec],
+        new: &AgentConfig,
+        resync: bool,
+        now: Duration,
+    ) {
+        let (static_macs, new) = (&new.static_macs, &new.ports);
+        for p in new {
+            let Some(no) = dp.switch.port_by_id(p.port.id) else {
+                continue;
+            };
+            let before = old.iter().find(|o| o.port.id == p.port.id);
+            let changed = before.is_none_or(|o| o.standby != p.standby);
+            if !(changed || resync) {
+                continue;
+            }
+            let started = p.migration.is_some_and(|m| self.started.contains(&m));
+            let stopped = self.stopped.contains_key(&p.port.id);
+            let standby = if p.standby {
+                !started
+            } else {
+                // A stopped source restarts only on a resync (its
+                // migration is over) or an explicit resume.
+                stopped && !resync
+            };
+            if !standby && stopped {
+                self.resume(dp, p.port.id, now);
+            }
+            if dp.switch.port_standby(no) != standby {
+                let _ = dp.switch.set_port_standby(no, standby);
+                if !standby {
+                    release_held(dp, no, now);
+                }
+                tracing::info!(port = %p.port.id, standby, "port standby set from the desired state");
+            }
+        }
+        // Forget what is gone; a gone port's redirect goes too, unless the
+        // desired state now places the VM there.
+        let live: BTreeSet<PortId> = new.iter().map(|p| p.port.id).collect();
+        self.stopped.retain(|id, _| live.contains(id));
+        for (id, (vlan, mac)) in std::mem::take(&mut self.redirects) {
+            if live.contains(&id) {
+                self.redirects.insert(id, (vlan, mac));
+            } else if !static_macs.iter().any(|m| m.vlan == vlan && m.mac == mac) {
+                dp.switch.remove_mac(vlan, mac);
+            }
+        }
+        self.taken_flows.retain(|id, _| live.contains(id));
+        let migrations: BTreeSet<u64> = new.iter().filter_map(|p| p.migration).collect();
+        self.started.retain(|m| migrations.contains(m));
+    }
+
+    /// Wakeups of standby ports and first frames of started ones.
+    pub fn events(&mut self, sw: &mut Switch, specs: &[PortSpec]) -> Vec<Event> {
+        let mut out = Vec::new();
+        for no in sw.take_standby_wakeups() {
+            let Some((cfg, _)) = sw.port(no) else {
+                continue;
+            };
+            let migration = specs
+                .iter()
+                .find(|s| s.port.id == cfg.id)
+                .and_then(|s| s.migration);
+            out.push(Event::Wakeup {
+                port: cfg.id,
+                migration,
+            });
+        }
+        let epoch = self.epoch;
+        self.awaiting.retain(|(migration, no, since)| {
+            match sw.port_last_frame(*no).filter(|t| t >= since) {
+                Some(at) => {
+                    out.push(Event::FirstForwarded {
+                        migration: *migration,
+                        at: epoch + at,
+                    });
+                    false
+                }
+                // Keep waiting while the port is there.
+                None => sw.port(*no).is_some(),
+            }
+        });
+        out
+    }
+}
+/// The state of a port with a stateful ACL after `conns` TCP connections
+/// went out of it (for tests and benchmarks).
+#[doc(hidden)]
+pub fn tracked_port_state(conns: u32) -> PortState {
+    let mut sw = Switch::new(SwitchConfig {
+        conntrack_max: 1 << 20,
+        ..SwitchConfig::default()
+    });
+    let acl = PortAcl {
+        inbound: vec![AclRule::any(Action::Deny)],
+        outbound: vec![AclRule {
+            stateful: true,
+            ..AclRule::any(Action::Permit)
+        }],
+    };
+    for id in [1, 2] {
+        sw.add_port(PortConfig {
+            id: PortId::new(id).unwrap_or_else(|| unreachable!()),
+            name: format!("p{id}"),
+            vlan: VlanMode::Access(VlanId::new(10).unwrap_or_else(|_| unreachable!())),
+            acl: if id == 1 {
+                acl.clone()
+            } else {
+                PortAcl::default()
+            },
+            qos: Default::default(),
+            security: Default::default(),
+            netflow: None,
+        })
+        .unwrap_or_else(|e| unreachable!("{e}"));
+    }
+    let mut out = Vec::new();
+    for i in 0..conns {
+        let mut f = vec![0u8; 60];
+        f[0..6].copy_from_slice(&[2, 0, 0, 0, 0, 2]);
+        f[6..12].copy_from_slice(&[2, 0, 0, 0, 0, 1]);
+        f[12..14].copy_from_slice(&0x0800u16.to_be_bytes());
+        f[14..34].copy_from_slice(&[
+            0x45,
+            0,
+            0,
+            40,
+            0,
+            0,
+            0,
+            0,
+            64,
+            6,
+            0,
+            0,
+            10,
+            0,
+            0,
+            1,
+            10,
+            1,
+            (i >> 8) as u8,
+            i as u8,
+        ]);
+        f[34..36].copy_from_slice(&((i % 60_000) as u16 + 1024).to_be_bytes());
+        f[36..38].copy_from_slice(&80u16.to_be_bytes());
+        f[34 + 12] = 0x50;
+        f[34 + 13] = 0x02;
+        sw.process(
+            Duration::from_secs(1),
+            Ingress::Port(PortNo(0)),
+            &mut f,
+            &mut out,
+        );
+    }
+    sw.save_port(PortNo(0), Duration::from_secs(2))
+        .unwrap_or_else(|| unreachable!())
+}

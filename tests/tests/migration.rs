@@ -1,0 +1,486 @@
+//! Live migration on real kernels: a VM namespace whose NIC is a TAP of its
+//! host's agent moves between hosts as a hypervisor moves a VM — the
+//! destination's port is prepared (`dvs migrate start --wait`), the VM
+//! pauses, its NIC becomes the destination's TAP with the same MAC and
+//! addresses (its sockets stay), it resumes, and its first frame switches
+//! the port over. Under a ping every 10 ms, an iperf3 TCP stream, a denied
+//! UDP flow, a VLAN neighbour and a NetFlow-counted UDP flow, back and forth.
+//! Then aborts at every phase, and `kill -9` of each party.
+
+use std::time::{Duration, Instant};
+
+use dvs_tests::chassis::{Chassis, Move, METRICS};
+use dvs_tests::collector::Nfcapd;
+use dvs_tests::netns::{e2e_ready, parse_ping, wait_for, CORE_IP};
+
+const TOOLS: &[&str] = &[
+    "ip",
+    "ss",
+    "ping",
+    "iperf3",
+    "nft",
+    "nfcapd",
+    "nfdump",
+    "/usr/bin/python3",
+];
+
+const COLLECTOR: u16 = 2055;
+const A_MAC: &str = "02:00:00:aa:00:01";
+/// The shaped rate out of the moving VM (Mbit/s).
+const RATE: f64 = 40.0;
+
+/// The profiles; the moving VM's records its flows with `netflow` (applied
+/// once the collector listens).
+fn profiles(netflow: bool) -> String {
+    let nf = if netflow {
+        "netflow: { monitor: m, direction: both }\n"
+    } else {
+        ""
+    };
+    format!(
+        "kind: NetflowMonitor\nname: m\nversion: ipfix\ncollectors: [\"{CORE_IP}:{COLLECTOR}\"]\nactive_timeout_s: 120\ninactive_timeout_s: 60\n---\n\
+         kind: PortProfile\nname: web\nvlan: {{ mode: access, id: 10 }}\n\
+         acl:\n  out:\n    - {{ action: deny, proto: udp, dst_port: 7777 }}\n    - {{ action: permit, proto: tcp, stateful: true }}\n    - {{ action: permit, proto: icmp, stateful: true }}\n    - {{ action: permit, proto: udp, stateful: true }}\n    - {{ action: permit, ethertype: arp }}\n  in:\n    - {{ action: permit, ethertype: arp }}\n    - {{ action: deny }}\n\
+         qos:\n  out: {{ avg_mbps: {RATE}, shape: true }}\n\
+         {nf}---\n\
+         kind: PortProfile\nname: peer\nvlan: {{ mode: access, id: 10 }}\n---\n\
+         kind: PortProfile\nname: other\nvlan: {{ mode: access, id: 20 }}\n"
+    )
+}
+
+/// A 3-host chassis: `b` (VLAN 10) on h3, `c` (VLAN 20) on h2, and the TAP
+/// VM `a` (profile web, VLAN 10) on h1.
+fn chassis() -> Chassis {
+    let mut c = Chassis::new(
+        3,
+        &profiles(false),
+        &[
+            ("b", 2, "10.30.0.2/24", "peer"),
+            ("c", 1, "10.30.0.3/24", "other"),
+        ],
+    );
+    c.add_tap_vm("a", 0, "10.30.0.1/24", "web", A_MAC);
+    c
+}
+
+/// The packets an nft rule of `ns` counted (the rule's text names it).
+fn nft_count(c: &Chassis, ns: &str, family_table: &str, rule: &str) -> u64 {
+    let out = c.topo.sh(ns, &format!("nft list table {family_table}"));
+    let line = out
+        .lines()
+        .find(|l| l.contains(rule))
+        .unwrap_or_else(|| panic!("no nft rule `{rule}` in:\n{out}"));
+    line.split("packets ")
+        .nth(1)
+        .and_then(|s| s.split_whitespace().next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or_else(|| panic!("no counter in `{line}`"))
+}
+
+/// The port's last reported counters (`dvs port show`): host and rx_frames.
+fn reported(c: &Chassis, id: &str) -> (String, u64) {
+    let p = c.json(&["port", "show", id]);
+    (
+        p["host"].as_str().unwrap_or_default().to_string(),
+        p["stats"]["counters"]["rx_frames"].as_u64().unwrap_or(0),
+    )
+}
+
+#[test]
+fn a_vm_moves_back_and_forth_under_traffic_and_its_port_moves_with_it() {
+    if !e2e_ready(TOOLS) {
+        return;
+    }
+    let mut c = chassis();
+    let nfcapd = Nfcapd::start(&mut c.topo, &c.core.clone(), CORE_IP, COLLECTOR);
+    c.apply(&profiles(true));
+    let (a_ns, a_id) = (c.vm("a").1.clone(), c.vm("a").3.clone());
+    let (b_ns, b_ip) = (c.vm("b").1.clone(), c.vm("b").2.clone());
+    let (c_ns, c_ip) = (c.vm("c").1.clone(), c.vm("c").2.clone());
+    assert_eq!(c.ping("a", "b", 3), (3, 3), "{}", c.topo.logs());
+
+    // Counters at the receivers: the denied flow, the counted flow, and
+    // anything from a in VLAN 20.
+    c.topo.sh(
+        &b_ns,
+        "nft add table inet t && nft add chain inet t in '{ type filter hook input priority 0; }' && \
+         nft add rule inet t in udp dport 7777 counter && nft add rule inet t in udp dport 6000 counter",
+    );
+    c.topo.sh(
+        &c_ns,
+        &format!(
+            "nft add table netdev t && nft add chain netdev t in '{{ type filter hook ingress device eth0 priority 0; }}' && \
+             nft add rule netdev t in ether saddr {A_MAC} counter"
+        ),
+    );
+    c.topo
+        .spawn(&b_ns, "iperf3-s", &["iperf3", "-s", "-p", "5201", "-1"]);
+    assert!(wait_for(Duration::from_secs(5), || c
+        .topo
+        .sh(&b_ns, "ss -Hltn")
+        .contains("5201")));
+
+    // Traffic from a, for the whole run.
+    let secs = 26;
+    let w = secs.to_string();
+    c.topo
+        .spawn(&a_ns, "ping-b", &["ping", "-i", "0.01", "-w", &w, &b_ip]);
+    c.topo
+        .spawn(&a_ns, "ping-c", &["ping", "-i", "0.2", "-w", &w, &c_ip]);
+    let t = (secs - 2).to_string();
+    c.topo.spawn(
+        &a_ns,
+        "iperf3-c",
+        &[
+            "iperf3", "-c", &b_ip, "-p", "5201", "-t", &t, "-i", "1", "-J",
+        ],
+    );
+    let denied = format!(
+        "import socket,time\ns=socket.socket(2,2)\nend=time.time()+{t}\n\
+         while time.time()<end:\n  try: s.sendto(b'x'*64,('{b_ip}',7777))\n  except OSError: pass\n  time.sleep(0.01)\n"
+    );
+    c.topo
+        .spawn(&a_ns, "udp-denied", &["/usr/bin/python3", "-c", &denied]);
+    // 1000 datagrams of 100 bytes, 20 ms apart, from one source port.
+    let counted = format!(
+        "import socket,time\ns=socket.socket(2,2)\ns.bind(('0.0.0.0',6001))\nok=0\n\
+         for i in range(1000):\n  try:\n    s.sendto(b'y'*100,('{b_ip}',6000)); ok+=1\n  except OSError: pass\n  time.sleep(0.02)\nprint('sent',ok)\n"
+    );
+    c.topo
+        .spawn(&a_ns, "udp-counted", &["/usr/bin/python3", "-c", &counted]);
+
+    // Four moves, 4 s apart: h1 → h2 → h1 → h2 → h1.
+    let started = Instant::now();
+    let mut moves: Vec<Move> = Vec::new();
+    let mut last_rx = 0;
+    for (k, to) in [1usize, 0, 1, 0].into_iter().enumerate() {
+        std::thread::sleep(Duration::from_secs(3));
+        // Counters before the move, as the source last reported them.
+        let before = reported(&c, &a_id);
+        assert!(
+            before.1 >= last_rx,
+            "counters went back: {before:?} < {last_rx}"
+        );
+        let m = c.move_vm("a", to);
+        eprintln!(
+            "move {k} to h{}: pause {:?}, record {}",
+            to + 1,
+            m.pause,
+            m.record
+        );
+        assert_eq!(m.record["to"], format!("h{}", to + 1));
+        assert_eq!(m.record["trigger"], "first_frame", "{}", m.record);
+        // The port continues on the destination: its counters do not
+        // restart (the destination's first report holds the source's).
+        let host = format!("h{}", to + 1);
+        let mut after = (String::new(), 0);
+        let moved = wait_for(Duration::from_secs(8), || {
+            after = reported(&c, &a_id);
+            after.0 == host && after.1 > 0
+        });
+        assert!(moved, "no report of the port from {host}: {after:?}");
+        assert!(
+            after.1 >= before.1,
+            "move {k}: the port's counters restarted ({} after, {} before)",
+            after.1,
+            before.1
+        );
+        last_rx = after.1;
+        moves.push(m);
+    }
+    eprintln!("moves done after {:?}", started.elapsed());
+
+    // Let the traffic end.
+    for l in ["iperf3-c", "ping-b", "ping-c", "udp-denied", "udp-counted"] {
+        let done = wait_for(Duration::from_secs(secs + 10), || !c.topo.running(l));
+        assert!(done, "{l} did not finish:\n{}", c.topo.log(l));
+    }
+    println!("{}", c.ok(&["migrate", "list"]));
+
+    // The TCP stream survived every move, within the port's limit at
+    // every second (the limit holds on each destination from its first
+    // frame).
+    let ip: serde_json::Value = serde_json::from_str(&c.topo.log("iperf3-c")).expect("iperf3 JSON");
+    assert!(ip.get("error").is_none(), "iperf3 failed: {}", ip["error"]);
+    let rx = ip["end"]["sum_received"]["bytes"].as_f64().unwrap_or(0.0);
+    let secs_rx = ip["end"]["sum_received"]["seconds"].as_f64().unwrap_or(1.0);
+    assert!(rx > 0.0, "iperf3 received nothing");
+    let mbps = rx * 8.0 / secs_rx / 1e6;
+    eprintln!("TCP across 4 moves: {mbps:.1} Mbit/s average");
+    assert!(mbps > RATE * 0.5, "the stream stalled: {mbps:.1} Mbit/s");
+    // (The first second counts what filled the sender's socket buffer, not
+    // what crossed the port.)
+    for i in ip["intervals"]
+        .as_array()
+        .expect("intervals")
+        .iter()
+        .skip(1)
+    {
+        let bps = i["sum"]["bits_per_second"].as_f64().unwrap_or(0.0) / 1e6;
+        assert!(
+            bps <= RATE * 1.2,
+            "a second at {bps:.1} Mbit/s: over the limit of {RATE}"
+        );
+    }
+
+    // Ping loss is the pauses' (and the switchovers' few ms), nothing more.
+    let (sent, got) = parse_ping(&c.topo.log("ping-b"));
+    let pauses: f64 = moves.iter().map(|m| m.pause.as_secs_f64()).sum();
+    let blackouts: Vec<f64> = moves
+        .iter()
+        .filter_map(|m| m.record["blackout_ms"].as_f64())
+        .collect();
+    eprintln!(
+        "ping every 10 ms: {sent} sent, {} lost; pauses {:.0} ms in all; blackouts {blackouts:?} ms",
+        sent - got,
+        pauses * 1e3
+    );
+    assert!(sent > 1000, "ping sent only {sent}");
+    let allowed = (pauses * 100.0).ceil() as u32 + 3 * moves.len() as u32;
+    assert!(
+        sent - got <= allowed,
+        "{} pings lost for {:.0} ms of pauses (allowed {allowed})",
+        sent - got,
+        pauses * 1e3
+    );
+
+    // Policy held before, during and after: the denied flow never got
+    // through, VLAN 20 never saw a frame from a.
+    assert_eq!(nft_count(&c, &b_ns, "inet t", "dport 7777"), 0);
+    assert_eq!(nft_count(&c, &c_ns, "netdev t", "ether saddr"), 0);
+    assert_eq!(parse_ping(&c.topo.log("ping-c")).1, 0);
+
+    // Collectors see each flow once: the counted flow's records, from
+    // whichever host the port was on, add up to what b received.
+    let received = nft_count(&c, &b_ns, "inet t", "dport 6000");
+    let sent_ok: u64 = c
+        .topo
+        .log("udp-counted")
+        .trim()
+        .strip_prefix("sent ")
+        .and_then(|n| n.parse().ok())
+        .expect("the counted flow's sender prints what it sent");
+    assert!(
+        received >= sent_ok * 9 / 10,
+        "{received} of {sent_ok} arrived"
+    );
+    for i in 0..3 {
+        c.topo.stop(&Chassis::agent_label(i));
+    }
+    let (records, _) = nfcapd.finish(&mut c.topo);
+    let port_no: u32 = a_id.trim_start_matches("veth").parse().unwrap();
+    let flow: Vec<_> = records
+        .iter()
+        .filter(|r| r.proto == 17 && r.dst_port == 6000 && r.src == "10.30.0.1")
+        .collect();
+    let packets: u64 = flow.iter().map(|r| r.packets).sum();
+    eprintln!(
+        "counted flow: {sent_ok} sent, {received} received, {packets} in {} records",
+        flow.len()
+    );
+    assert!(flow.iter().all(|r| r.input == port_no), "{flow:?}");
+    assert_eq!(
+        packets, received,
+        "nfdump's total is what b received: {flow:?}"
+    );
+    let _ = METRICS;
+}
+
+/// After an abort or a crash: no migration under way, the port on `host`
+/// only (the other host has no TAP for it), and the VM reaches b.
+fn consistent(c: &Chassis, host: usize, other: usize, what: &str) {
+    let a_id = c.vm("a").3.clone();
+    let open: Vec<serde_json::Value> = c
+        .migrations()
+        .into_iter()
+        .filter(|m| m["phase"] != "done" && m["phase"] != "aborted")
+        .collect();
+    assert!(open.is_empty(), "{what}: migrations still open: {open:?}");
+    let p = c.json(&["port", "show", &a_id]);
+    assert_eq!(p["host"], format!("h{}", host + 1), "{what}: {p}");
+    let (tap, ons) = (c.tap_vm("a").tap.clone(), c.hosts[other].clone());
+    let gone = wait_for(Duration::from_secs(10), || {
+        !c.topo
+            .try_sh(&ons, &format!("ip link show {tap}"))
+            .status
+            .success()
+    });
+    assert!(gone, "{what}: h{} still has the port's TAP", other + 1);
+    let reach = wait_for(Duration::from_secs(10), || c.ping("a", "b", 2).1 == 2);
+    assert!(reach, "{what}: a does not reach b\n{}", c.topo.logs());
+}
+
+/// The last migration's record.
+fn last(c: &Chassis) -> serde_json::Value {
+    c.migrations().pop().expect("a migration")
+}
+
+#[test]
+fn aborts_and_crashes_at_every_phase_end_in_one_consistent_state() {
+    if !e2e_ready(TOOLS) {
+        return;
+    }
+    let mut c = chassis();
+    let a_id = c.vm("a").3.clone();
+    let (h1, h2) = (Chassis::agent_label(0), Chassis::agent_label(1));
+    assert_eq!(c.ping("a", "b", 2), (2, 2), "{}", c.topo.logs());
+    let start = |c: &Chassis| -> u64 {
+        let tap = c.tap_vm("a").tap.clone();
+        let m = c.json(&[
+            "migrate", "start", "--port", &a_id, "--to", "h2", "--tap", &tap,
+        ]);
+        m[0]["id"].as_u64().unwrap()
+    };
+    let abort = |c: &Chassis, id: u64, why: &str| {
+        let m = c.json(&["migrate", "abort", "--id", &id.to_string(), "--reason", why]);
+        assert_eq!(m[0]["phase"], "aborted", "{m}");
+        assert_eq!(m[0]["abort_reason"], why);
+    };
+
+    // Abort while preparing (the destination's agent is frozen: it cannot
+    // install the port).
+    c.topo.signal(&h2, "STOP");
+    let id = start(&c);
+    assert_eq!(c.migration(id)["phase"], "preparing");
+    abort(&c, id, "admin: preparing");
+    c.topo.signal(&h2, "CONT");
+    consistent(&c, 0, 1, "abort while preparing");
+
+    // Abort while syncing (the port waits in standby on h2).
+    let id = c.begin_move("a", 1);
+    abort(&c, id, "admin: syncing");
+    consistent(&c, 0, 1, "abort while syncing");
+
+    // Abort while switching: the VMM said the VM resumed, the source (frozen)
+    // has not stopped yet; when it wakes it stops, then forwards again.
+    let id = c.begin_move("a", 1);
+    c.topo.signal(&h1, "STOP");
+    let m = c.json(&["migrate", "activate", "--port", &a_id]);
+    assert_eq!(m[0]["phase"], "switching", "{m}");
+    abort(&c, id, "admin: switching");
+    c.topo.signal(&h1, "CONT");
+    consistent(&c, 0, 1, "abort while switching");
+
+    // Abort while activating: the source stopped and handed over, the
+    // destination (frozen) has not started: the source forwards again at
+    // once, before the destination even wakes.
+    let id = c.begin_move("a", 1);
+    c.topo.signal(&h2, "STOP");
+    c.ok(&["migrate", "activate", "--id", &id.to_string()]);
+    c.wait_phase(id, "activating", Duration::from_secs(5));
+    abort(&c, id, "admin: activating");
+    let back = wait_for(Duration::from_secs(5), || c.ping("a", "b", 1).1 == 1);
+    assert!(
+        back,
+        "the source did not take the port back\n{}",
+        c.topo.logs()
+    );
+    c.topo.signal(&h2, "CONT");
+    consistent(&c, 0, 1, "abort while activating");
+
+    // A refused second migration and a bad destination change nothing.
+    let id = c.begin_move("a", 1);
+    let o = c.dvs(&["migrate", "start", "--port", &a_id, "--to", "h3"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains(&format!(
+            "port {a_id} is migrating already (migration {id} to h2, syncing)"
+        )),
+        "{err}"
+    );
+    abort(&c, id, "admin");
+    consistent(&c, 0, 1, "after a refused second migration");
+
+    // kill -9 of the controller while syncing: on restart the migration
+    // is aborted, the destination cleaned, the source never stopped.
+    let id = c.begin_move("a", 1);
+    c.topo.kill9("controller");
+    c.start_controller();
+    c.wait_converged(Duration::from_secs(20));
+    let m = c.migration(id);
+    assert_eq!(m["phase"], "aborted", "{m}");
+    assert!(
+        m["abort_reason"]
+            .as_str()
+            .unwrap()
+            .contains("controller restarted"),
+        "{m}"
+    );
+    consistent(&c, 0, 1, "controller killed while syncing");
+
+    // kill -9 of the controller while activating: the source has stopped
+    // and handed over; the restarted controller finishes the activation
+    // with the state it kept once the destination is back.
+    let id = c.begin_move("a", 1);
+    c.topo.signal(&h2, "STOP");
+    c.ok(&["migrate", "activate", "--id", &id.to_string()]);
+    c.wait_phase(id, "activating", Duration::from_secs(5));
+    c.topo.kill9("controller");
+    c.start_controller();
+    c.topo.signal(&h2, "CONT");
+    let m = c.wait_phase(id, "done", Duration::from_secs(20));
+    assert!(m["snapshot_bytes"].as_u64().unwrap() > 0, "{m}");
+    c.wait_converged(Duration::from_secs(20));
+    c.swap_nic("a", 1);
+    consistent(&c, 1, 0, "controller killed while activating");
+    // Back to h1 for the rest.
+    let m = c.move_vm("a", 0);
+    assert_eq!(m.record["phase"], "done");
+    consistent(&c, 0, 1, "moved back");
+
+    // kill -9 of the destination's agent while syncing: aborted, the
+    // source never stops (not one ping lost), the restarted agent is clean.
+    let id = c.begin_move("a", 1);
+    c.topo.kill9(&h2);
+    let m = c.wait_phase(id, "aborted", Duration::from_secs(20));
+    assert!(
+        m["abort_reason"]
+            .as_str()
+            .unwrap()
+            .contains("destination host h2"),
+        "{m}"
+    );
+    assert_eq!(c.ping("a", "b", 3), (3, 3));
+    c.start_agent(1);
+    c.wait_converged(Duration::from_secs(20));
+    consistent(&c, 0, 1, "destination killed while syncing");
+
+    // kill -9 of the destination's agent while activating: aborted, the
+    // source forwards again.
+    let id = c.begin_move("a", 1);
+    c.topo.signal(&h2, "STOP");
+    c.ok(&["migrate", "activate", "--id", &id.to_string()]);
+    c.wait_phase(id, "activating", Duration::from_secs(5));
+    c.topo.kill9(&h2);
+    c.wait_phase(id, "aborted", Duration::from_secs(20));
+    c.start_agent(1);
+    c.wait_converged(Duration::from_secs(20));
+    consistent(&c, 0, 1, "destination killed while activating");
+
+    // kill -9 of the source's agent while syncing, and while switching:
+    // aborted; the source's agent restarts from its state with the port
+    // forwarding (its TAP is plugged in again, as a VMM would).
+    for (phase, freeze) in [("syncing", false), ("switching", true)] {
+        let id = c.begin_move("a", 1);
+        if freeze {
+            c.topo.signal(&h1, "STOP");
+            c.ok(&["migrate", "activate", "--id", &id.to_string()]);
+            c.wait_phase(id, "switching", Duration::from_secs(5));
+        }
+        c.topo.kill9(&h1);
+        let m = c.wait_phase(id, "aborted", Duration::from_secs(20));
+        assert!(
+            m["abort_reason"]
+                .as_str()
+                .unwrap()
+                .contains("source host h1"),
+            "{m}"
+        );
+        c.start_agent(0);
+        c.wait_converged(Duration::from_secs(20));
+        c.replug("a");
+        consistent(&c, 0, 1, &format!("source killed while {phase}"));
+    }
+    println!("{}", c.ok(&["migrate", "list"]));
+    let _ = last(&c);
+}
