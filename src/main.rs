@@ -456,8 +456,12 @@ fn run(cli: Cli) -> anyhow::Result<()> {
                 xml,
                 tap,
             };
-            // Bad input is refused before the controller is asked.
-            dvs_controller::hook::check(&call)?;
+            // Bad input is refused before the controller is asked, and
+            // operations that do not concern the network need none.
+            let (action, _) = dvs_controller::hook::check(&call)?;
+            if action == dvs_migrate::libvirt::Action::Nothing {
+                return Ok(());
+            }
             let rt = tokio::runtime::Builder::new_current_thread()
                 .enable_all()
                 .build()?;

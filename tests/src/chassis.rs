@@ -564,6 +564,37 @@ impl Chassis {
         );
     }
 
+    /// Run libvirt's qemu hook as libvirt on host `host` would for TAP VM
+    /// `name` (its domain XML on stdin); `dvs`'s stderr.
+    pub fn libvirt_hook(&self, host: usize, name: &str, op: &str, sub: &str) -> String {
+        let t = self.tap_vm(name);
+        let xml = format!(
+            "<domain type='kvm'><name>{name}</name><devices><interface type='ethernet'>\
+             <mac address='{}'/><target dev='{}' managed='no'/><model type='virtio'/>\
+             </interface></devices></domain>",
+            t.mac, t.tap
+        );
+        let file = self.topo.dir.join(format!("{name}.xml"));
+        std::fs::write(&file, xml).expect("write the domain XML");
+        let bin = dvs_bin().to_string_lossy().into_owned();
+        let o = self.topo.try_sh(
+            &self.core,
+            &format!(
+                "{bin} --controller {} hook libvirt --host h{} {name} {op} {sub} - < {}",
+                self.url(),
+                host + 1,
+                file.display()
+            ),
+        );
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert!(o.status.success(), "the hook {op} {sub} failed: {err}");
+        assert!(
+            o.stdout.is_empty(),
+            "libvirt would take stdout as the new XML"
+        );
+        err
+    }
+
     pub fn tap_vm(&self, name: &str) -> &TapVm {
         self.taps
             .iter()

@@ -310,3 +310,149 @@ fn a_controller_with_a_token_refuses_admin_calls_without_it() {
     assert_eq!(code, 0, "{err}");
     assert!(out.starts_with("INTERFACE"), "{out}");
 }
+
+/// `dvs ARGS` with `input` on stdin.
+fn dvs_stdin(args: &[&str], input: &str) -> (i32, String, String) {
+    use std::io::Write;
+    let mut child = Command::new(dvs_bin())
+        .args(args)
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run dvs");
+    child
+        .stdin
+        .take()
+        .unwrap()
+        .write_all(input.as_bytes())
+        .unwrap();
+    let o = child.wait_with_output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+const DOMAIN: &str = "<domain type='kvm'><name>web1</name><devices>\
+    <interface type='ethernet'><mac address='02:00:00:00:00:07'/><target dev='vnet7'/></interface>\
+    </devices></domain>";
+
+#[test]
+fn the_libvirt_hook_refuses_bad_input_before_anything_changes() {
+    // No controller is needed to refuse these (none listens on port 1).
+    let hook = |op: &str, sub: &str, domain: &str, xml: &str| {
+        dvs_stdin(
+            &[
+                "--controller",
+                "http://127.0.0.1:1",
+                "hook",
+                "libvirt",
+                "--host",
+                "h2",
+                domain,
+                op,
+                sub,
+                "-",
+            ],
+            xml,
+        )
+    };
+    let (code, out, err) = hook(
+        "migrate",
+        "begin",
+        "web1",
+        "<domain><name>web1</name><devices>",
+    );
+    assert_eq!(code, 1);
+    assert!(
+        out.is_empty(),
+        "libvirt would read stdout as the new XML: {out}"
+    );
+    assert!(
+        err.starts_with("dvs: the domain XML is malformed: "),
+        "{err}"
+    );
+    let (code, _, err) = hook("explode", "begin", "web1", DOMAIN);
+    assert_eq!(code, 1);
+    assert!(err.contains("unknown operation `explode`"), "{err}");
+    let (code, _, err) = hook("migrate", "begin", "db1", DOMAIN);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim_end(),
+        "dvs: the hook is called for domain `db1` but the XML is of `web1`"
+    );
+    let bad_mac = DOMAIN.replace("02:00:00:00:00:07", "02:00:00:00:00");
+    let (code, _, err) = hook("migrate", "begin", "web1", &bad_mac);
+    assert_eq!(code, 1);
+    assert!(
+        err.starts_with("dvs: interface 0 of the domain XML: <mac address='02:00:00:00:00'>"),
+        "{err}"
+    );
+    // Operations that do not concern the network need no controller.
+    let (code, _, err) = hook("started", "begin", "web1", DOMAIN);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[test]
+fn migrations_of_unknown_ports_and_hosts_are_refused() {
+    let c = Controller::start();
+    let (code, _, err) = c.dvs(&["migrate", "start", "--port", "veth1", "--to", "h2"]);
+    assert_eq!(code, 1);
+    assert_eq!(err.trim_end(), "dvs: no port veth1");
+    let (code, _, _) = c.apply("kind: PortProfile\nname: web\nvlan: { mode: access, id: 10 }\n");
+    assert_eq!(code, 0);
+    let (code, _, err) = c.dvs(&[
+        "port",
+        "create",
+        "--vm",
+        "vm1",
+        "--mac",
+        "02:00:00:00:00:07",
+        "--profile",
+        "web",
+        "--host",
+        "h1",
+        "--tap",
+        "t1",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = c.dvs(&["migrate", "start", "--port", "veth1", "--to", "h9"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim_end(),
+        "dvs: unknown host `h9`: no host's agent has registered yet"
+    );
+    let (code, _, err) = c.dvs(&["migrate", "abort", "--id", "4"]);
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim_end(),
+        "dvs: no migration 4: `dvs migrate list` shows them"
+    );
+    // The hook finds no port for a MAC it does not know.
+    let xml = DOMAIN.replace("02:00:00:00:00:07", "02:00:00:00:00:08");
+    let (code, _, err) = dvs_stdin(
+        &[
+            "--controller",
+            &c.url,
+            "hook",
+            "libvirt",
+            "--host",
+            "h2",
+            "web1",
+            "migrate",
+            "begin",
+            "-",
+        ],
+        &xml,
+    );
+    assert_eq!(code, 1);
+    assert_eq!(
+        err.trim_end(),
+        "dvs: no port has MAC 02:00:00:00:00:08 (domain web1): create it with `dvs port create --mac 02:00:00:00:00:08`"
+    );
+    let (code, out, _) = c.dvs(&["migrate", "list"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.lines().count(), 1, "only the header: {out}");
+}

@@ -87,15 +87,20 @@ impl Chassis {
     ) -> Result<(u64, Vec<Output>), Error> {
         let p = self.port_rec(port)?;
         if self.hosts.get(to).and_then(|h| h.tunnel_ip).is_none() {
-            return Err(Error::NotFound(format!(
-                "unknown host `{to}`: hosts whose agent registered are {}",
-                list(
-                    self.hosts
-                        .values()
-                        .filter(|h| h.tunnel_ip.is_some())
-                        .map(|h| h.name.as_str())
+            let known: Vec<&str> = self
+                .hosts
+                .values()
+                .filter(|h| h.tunnel_ip.is_some())
+                .map(|h| h.name.as_str())
+                .collect();
+            return Err(Error::NotFound(if known.is_empty() {
+                format!("unknown host `{to}`: no host's agent has registered yet")
+            } else {
+                format!(
+                    "unknown host `{to}`: hosts whose agent registered are {}",
+                    list(known.into_iter())
                 )
-            )));
+            }));
         }
         let Some(from) = p.binding.clone() else {
             return Err(Error::Conflict(format!(
