@@ -480,9 +480,15 @@ fn span_ms(from: u64, to: u64) -> Option<f64> {
     (from > 0 && to >= from).then(|| (to - from) as f64 / 1000.0)
 }
 
-/// A migration's timeline, relative to its beginning, in milliseconds.
+/// Milliseconds from `begin` to `t` (negative: before it; 0: not yet).
+fn since_ms(begin: u64, t: u64) -> Option<f64> {
+    (begin > 0 && t > 0).then(|| (t as f64 - begin as f64) / 1000.0)
+}
+
+/// A migration's timeline, relative to its beginning, in milliseconds (the
+/// source's last frame may come before it: an idle VM).
 pub fn migration_json(m: &api::Migration) -> Value {
-    let rel = |t: u64| span_ms(m.begin_us, t);
+    let rel = |t: u64| since_ms(m.begin_us, t);
     json!({
         "id": m.id, "port": m.port, "vm": m.vm, "from": m.from, "to": m.to,
         "phase": m.phase, "trigger": m.trigger,
@@ -510,7 +516,7 @@ fn render_migrations(ms: &[api::Migration], out: Output) -> String {
     let rows: Vec<Vec<String>> = ms
         .iter()
         .map(|m| {
-            let rel = |t: u64| ms_cell(span_ms(m.begin_us, t));
+            let rel = |t: u64| ms_cell(since_ms(m.begin_us, t));
             let mut phase = m.phase.clone();
             if !m.abort_reason.is_empty() {
                 phase = format!("aborted ({})", m.abort_reason);

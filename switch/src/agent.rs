@@ -168,8 +168,9 @@ pub fn build(cfg: &AgentConfig) -> Result<Datapath<HostPort>, Error> {
     };
     let mut dp = Datapath::new(sw, uplink).map_err(|e| Error::io("cloning the VXLAN socket", e))?;
     dp.set_flow_identity(cfg.chassis_id, flow_source(cfg));
+    let mut open = |p: &PortSpec| HostPort::open(&p.attach);
     for p in &cfg.ports {
-        add_port(&mut dp, p)?;
+        add_port(&mut dp, p, &mut open)?;
     }
     for m in &cfg.static_macs {
         set_static_mac(&mut dp, m);
@@ -179,14 +180,18 @@ pub fn build(cfg: &AgentConfig) -> Result<Datapath<HostPort>, Error> {
 
 /// Add a port to the switch (its policy first), then open and attach its
 /// device; a device that cannot be opened takes the port away again.
-fn add_port(dp: &mut Datapath<HostPort>, p: &PortSpec) -> Result<(), Error> {
+fn add_port<P: PortIo>(
+    dp: &mut Datapath<P>,
+    p: &PortSpec,
+    open: &mut impl FnMut(&PortSpec) -> Result<P, Error>,
+) -> Result<(), Error> {
     let no = dp.switch.add_port(p.port.clone())?;
     // Standby before the device is attached: not one frame without it.
     dp.switch.set_port_standby(no, p.standby)?;
     let name = match &p.attach {
         Attachment::Tap { name, .. } | Attachment::Netdev(name) => name,
     };
-    let io = match HostPort::open(&p.attach) {
+    let io = match open(p) {
         Ok(io) => io,
         Err(e) => {
             dp.switch.remove_port(no);
@@ -201,7 +206,7 @@ fn add_port(dp: &mut Datapath<HostPort>, p: &PortSpec) -> Result<(), Error> {
     Ok(())
 }
 
-fn set_static_mac(dp: &mut Datapath<HostPort>, m: &StaticMac) {
+fn set_static_mac<P: PortIo>(dp: &mut Datapath<P>, m: &StaticMac) {
     let loc = match &m.at {
         StaticLocation::Remote(ip) => Location::Remote(*ip),
         StaticLocation::Port(name) => match dp.switch.port_by_name(name) {
@@ -441,6 +446,21 @@ pub fn apply(
     new: AgentConfig,
     now: Duration,
 ) -> Result<(), String> {
+    apply_with(dp, cfg, new, now, |p| HostPort::open(&p.attach))
+}
+
+/// [`apply`] on any kind of port, opening new ones with `open` (the
+/// in-process lab's ports are in memory).
+///
+/// # Errors
+/// What could not be applied, one item per problem.
+pub fn apply_with<P: PortIo>(
+    dp: &mut Datapath<P>,
+    cfg: &mut AgentConfig,
+    new: AgentConfig,
+    now: Duration,
+    mut open: impl FnMut(&PortSpec) -> Result<P, Error>,
+) -> Result<(), String> {
     let mut problems = Vec::new();
     let mut changed = 0;
     // Ports gone, or whose device or ID changed, leave first.
@@ -460,7 +480,7 @@ pub fn apply(
     let mut running = Vec::new();
     for p in &new.ports {
         let Some(no) = dp.switch.port_by_name(&p.port.name) else {
-            match add_port(dp, p) {
+            match add_port(dp, p, &mut open) {
                 Ok(()) => {
                     changed += 1;
                     running.push(p.clone());

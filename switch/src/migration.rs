@@ -20,12 +20,76 @@ use std::net::IpAddr;
 use std::sync::mpsc::SyncSender;
 use std::time::Duration;
 
+use dvs_proto::api;
 use dvs_proto::{AclRule, Action, MacAddr, PortId, VlanId, VlanMode};
 
 use crate::config::{AgentConfig, PortSpec};
 use crate::datapath::{Datapath, PortIo};
 use crate::pipeline::{Ingress, PortAcl, PortConfig, PortNo, PortState, Switch, SwitchConfig};
 use crate::wire;
+
+/// A port's state in flight.
+pub type Snapshot = dvs_migrate::snapshot::Snapshot<PortState>;
+
+/// Snapshots travel in pieces of this size (gRPC messages stay small).
+pub const CHUNK: usize = 1 << 20;
+
+/// A migration event of `kind` about `port`.
+pub fn event(migration: u64, port: &str, kind: api::migration_event::Kind) -> api::MigrationEvent {
+    api::MigrationEvent {
+        migration,
+        port: port.to_string(),
+        kind: kind as i32,
+        ..api::MigrationEvent::default()
+    }
+}
+
+/// The STOPPED events that carry a source's handover: its snapshot in
+/// chunks, each with the time of the source's last frame.
+///
+/// # Errors
+/// The state is over the snapshot's size bound.
+pub fn stopped_events(
+    migration: u64,
+    port: PortId,
+    h: Handover,
+) -> Result<Vec<api::MigrationEvent>, String> {
+    let bytes = Snapshot {
+        port,
+        migration,
+        seq: 0,
+        kind: dvs_migrate::snapshot::Kind::Full,
+        state: h.state,
+    }
+    .encode()
+    .map_err(|e| e.to_string())?;
+    let at_us = h.last_frame.map_or(0, |d| d.as_micros() as u64);
+    let name = port.to_string();
+    let n = bytes.len().div_ceil(CHUNK).max(1);
+    Ok(bytes
+        .chunks(CHUNK)
+        .enumerate()
+        .map(|(i, c)| api::MigrationEvent {
+            at_us,
+            chunk: c.to_vec(),
+            more: i + 1 < n,
+            ..event(migration, &name, api::migration_event::Kind::Stopped)
+        })
+        .collect())
+}
+
+/// The state a destination starts `port` from: the snapshot of a START,
+/// checked.
+///
+/// # Errors
+/// The snapshot is broken (the reason), or of another port.
+pub fn started_state(bytes: &[u8], port: PortId) -> Result<PortState, String> {
+    match Snapshot::decode(bytes) {
+        Ok(s) if s.port == port => Ok(s.state),
+        Ok(s) => Err(format!("the snapshot is of port {}, not {port}", s.port)),
+        Err(e) => Err(e.to_string()),
+    }
+}
 
 /// What the source hands over when it stops.
 #[derive(Debug, Clone)]

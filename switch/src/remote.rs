@@ -36,15 +36,8 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::agent::{self, ControlLink, Update};
 use crate::config::{assemble, AgentConfig};
-use crate::migration::{Command, Event};
-use crate::pipeline::PortState;
+use crate::migration::{self, event, Command, Event};
 use crate::Error;
-
-/// A port's state in flight.
-type Snapshot = dvs_migrate::snapshot::Snapshot<PortState>;
-
-/// Snapshots travel in pieces of this size (gRPC messages stay small).
-pub const CHUNK: usize = 1 << 20;
 
 /// How the agent meets its controller.
 #[derive(Debug, Clone)]
@@ -209,25 +202,12 @@ struct Control {
 
 type Outbox = tokio::sync::mpsc::Sender<api::AgentMessage>;
 
-fn event(migration: u64, port: &str, kind: api::migration_event::Kind) -> api::MigrationEvent {
-    api::MigrationEvent {
-        migration,
-        port: port.to_string(),
-        kind: kind as i32,
-        ..api::MigrationEvent::default()
-    }
-}
-
 async fn send_event(out: &Outbox, e: api::MigrationEvent) -> Result<(), String> {
     out.send(api::AgentMessage {
         msg: Some(agent_message::Msg::Migration(e)),
     })
     .await
     .map_err(|e| e.to_string())
-}
-
-fn micros(d: Duration) -> u64 {
-    d.as_micros() as u64
 }
 
 impl Control {
@@ -275,31 +255,13 @@ impl Control {
                     Ok(h) => h,
                     Err(e) => return send_event(out, fail(e)).await,
                 };
-                let snap = Snapshot {
-                    port,
-                    migration: m,
-                    seq: 0,
-                    kind: dvs_migrate::snapshot::Kind::Full,
-                    state: h.state,
-                };
-                let bytes = match snap.encode() {
-                    Ok(b) => b,
-                    Err(e) => return send_event(out, fail(e.to_string())).await,
-                };
-                let at_us = h.last_frame.map_or(0, micros);
-                let mut chunks = bytes.chunks(CHUNK).peekable();
-                while let Some(chunk) = chunks.next() {
-                    let more = chunks.peek().is_some();
-                    send_event(
-                        out,
-                        api::MigrationEvent {
-                            at_us,
-                            chunk: chunk.to_vec(),
-                            more,
-                            ..event(m, &c.port, Kind::Stopped)
-                        },
-                    )
-                    .await?;
+                match migration::stopped_events(m, port, h) {
+                    Ok(events) => {
+                        for e in events {
+                            send_event(out, e).await?;
+                        }
+                    }
+                    Err(e) => send_event(out, fail(e)).await?,
                 }
             }
             Op::Start => {
@@ -309,22 +271,15 @@ impl Control {
                     return Ok(());
                 }
                 let bytes = self.incoming.remove(&m).unwrap_or_default();
-                let snap = match Snapshot::decode(&bytes) {
-                    Ok(s) if s.port == port => s,
-                    Ok(s) => {
-                        return send_event(
-                            out,
-                            fail(format!("the snapshot is of port {}, not {port}", s.port)),
-                        )
-                        .await
-                    }
-                    Err(e) => return send_event(out, fail(e.to_string())).await,
+                let state = match migration::started_state(&bytes, port) {
+                    Ok(s) => s,
+                    Err(e) => return send_event(out, fail(e)).await,
                 };
                 let (reply, r) = sync_channel(1);
                 if !self.command(Command::Start {
                     migration: m,
                     port,
-                    state: Box::new(snap.state),
+                    state: Box::new(state),
                     reply,
                 }) {
                     return Ok(());
@@ -446,7 +401,7 @@ impl Control {
                     let e = match e {
                         Event::Wakeup { port, migration } => event(migration.unwrap_or(0), &port.to_string(), Kind::Wakeup),
                         Event::FirstForwarded { migration, at } => api::MigrationEvent {
-                            at_us: micros(at),
+                            at_us: at.as_micros() as u64,
                             ..event(migration, "", Kind::FirstForwarded)
                         },
                     };

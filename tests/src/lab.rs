@@ -25,10 +25,13 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use dvs_proto::api::{self, agent_message, controller_message};
+use dvs_proto::PortId;
 use dvs_proto::{MacAddr, VlanMode};
+use dvs_switch::config::{AgentConfig, PortSpec};
 use dvs_switch::datapath::{Datapath, PortIo, PortStats, RxMeta, Uplink};
+use dvs_switch::migration::{self, Command as MigrationCommand, Event, Migrations};
 use dvs_switch::wire::VnetHdr;
-use dvs_switch::{PortNo, Switch, SwitchConfig, TunnelCounters};
+use dvs_switch::{Switch, SwitchConfig, TunnelCounters};
 use serde::Serialize;
 use smoltcp::iface::{Config, Interface, SocketHandle, SocketSet};
 use smoltcp::phy::{self, ChecksumCapabilities, Device, DeviceCapabilities, Medium};
@@ -46,6 +49,8 @@ pub struct LabOptions {
     pub pings: u16,
     /// Seed for the VMs' stacks (TCP initial sequence numbers, ports).
     pub seed: u64,
+    /// Live migrations of vm1 (to the last host and back, alternately).
+    pub migrations: usize,
 }
 
 impl Default for LabOptions {
@@ -55,6 +60,7 @@ impl Default for LabOptions {
             tcp_bytes: 4 << 20,
             pings: 3,
             seed: 0x5eed,
+            migrations: 2,
         }
     }
 }
@@ -88,6 +94,10 @@ pub struct Report {
     pub hosts: Vec<HostReport>,
     pub pings: Vec<PingResult>,
     pub tcp: TcpResult,
+    pub migrations: Vec<MigrationResult>,
+    /// `dvs migrate list` as it prints.
+    #[serde(skip)]
+    pub migrations_table: String,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -118,6 +128,26 @@ pub struct PingResult {
     pub ok: bool,
 }
 
+/// A live migration under traffic, as the lab saw it.
+#[derive(Debug, Clone, Serialize)]
+pub struct MigrationResult {
+    pub vm: String,
+    pub from: String,
+    pub to: String,
+    /// How long the VM was paused (its stop-and-copy).
+    pub pause_ms: f64,
+    /// Pings every 10 ms to a peer for the whole migration.
+    pub pings_sent: u32,
+    pub pings_lost: u32,
+    /// The TCP stream to the peer that ran across it.
+    pub tcp_bytes: usize,
+    pub tcp_intact: bool,
+    /// The controller's record: phase and timeline (`dvs migrate list`).
+    pub record: serde_json::Value,
+    /// Done, the stream intact, and no more pings lost than the pause's.
+    pub ok: bool,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct TcpResult {
     pub from: String,
@@ -133,7 +163,7 @@ pub struct TcpResult {
 impl Report {
     /// Every check passed.
     pub fn ok(&self) -> bool {
-        self.tcp.ok && self.pings.iter().all(|p| p.ok)
+        self.tcp.ok && self.pings.iter().all(|p| p.ok) && self.migrations.iter().all(|m| m.ok)
     }
 
     /// The report as text tables.
@@ -222,6 +252,39 @@ impl Report {
             if t.intact { "intact" } else { "CORRUPT" },
             if t.ok { "ok" } else { "FAIL" }
         );
+        if !self.migrations.is_empty() {
+            let _ = writeln!(
+                s,
+                "\nlive migrations, each under a TCP stream and a ping every 10 ms (dvs migrate list):\n{}",
+                self.migrations_table
+            );
+        }
+        for m in &self.migrations {
+            let r = &m.record;
+            let ms = |k: &str| {
+                r[k].as_f64()
+                    .map_or_else(|| "-".to_string(), |v| format!("{v:.1} ms"))
+            };
+            let _ = writeln!(
+                s,
+                "  {} {} -> {}: policy ready {}, switchover {} ({}), last frame at source {}, first at destination {}, blackout {}; VM paused {:.1} ms; pings {}/{} lost; TCP {} B {} — {}",
+                m.vm,
+                m.from,
+                m.to,
+                ms("policy_ready_ms"),
+                ms("switchover_ms"),
+                r["trigger"].as_str().unwrap_or("-"),
+                ms("last_frame_at_source_ms"),
+                ms("first_frame_at_destination_ms"),
+                ms("blackout_ms"),
+                m.pause_ms,
+                m.pings_lost,
+                m.pings_sent,
+                m.tcp_bytes,
+                if m.tcp_intact { "intact" } else { "CORRUPT" },
+                if m.ok { "ok" } else { "FAIL" }
+            );
+        }
         let _ = writeln!(
             s,
             "\nresult: {}",
@@ -246,6 +309,18 @@ pub fn run(opts: LabOptions) -> Result<Report, LabError> {
     let mut lab = Lab::build(&opts)?;
     let pings = lab.ping_all(opts.pings);
     let tcp = lab.tcp_transfer(0, 2, opts.tcp_bytes);
+    // vm1 (h1, VLAN 10) moves to the last host and back, streaming to
+    // VLAN 10's VM on h2.
+    let mut migrations = Vec::new();
+    let last = opts.hosts - 1;
+    for k in 0..opts.migrations {
+        let to = if k % 2 == 0 { last } else { 0 };
+        migrations.push(lab.migrate(0, to, 2, 256 * 1024)?);
+    }
+    let migrations_table = lab.control.view(
+        dvs_controller::client::Command::MigrateList,
+        dvs_controller::client::Output::Table,
+    )?;
     let (chassis, chassis_table) = lab.chassis_view()?;
     Ok(Report {
         chassis,
@@ -253,6 +328,8 @@ pub fn run(opts: LabOptions) -> Result<Report, LabError> {
         hosts: lab.host_reports(),
         pings,
         tcp,
+        migrations,
+        migrations_table,
     })
 }
 
@@ -343,6 +420,12 @@ impl Device for VmDevice {
 
 struct Vm {
     name: String,
+    /// Its port, and the host whose port its NIC is plugged into.
+    port: PortId,
+    host: usize,
+    /// Paused (a migration's stop-and-copy): not run.
+    paused: bool,
+    mac: MacAddr,
     vlan: u16,
     ip: Ipv4Address,
     dev: VmDevice,
@@ -353,11 +436,17 @@ struct Vm {
     tcp: SocketHandle,
 }
 
+/// A lab host: its datapath, and the agent's part of it (the state it
+/// runs, its ports' in-memory wires, its migrations).
 struct Host {
     name: String,
     tunnel: IpAddr,
     dp: Datapath<MemPort>,
-    ports: Vec<PortNo>,
+    cfg: AgentConfig,
+    wires: BTreeMap<PortId, Rc<RefCell<Wire>>>,
+    migrations: Migrations,
+    /// Snapshots arriving in chunks, by migration.
+    incoming: BTreeMap<u64, Vec<u8>>,
 }
 
 struct Lab {
@@ -365,6 +454,10 @@ struct Lab {
     hosts: Vec<Host>,
     vms: Vec<Vm>,
     control: Control,
+    /// The fabric's VXLAN port.
+    vxlan_port: u16,
+    /// TCP streams opened so far (each on its own ports).
+    streams: u16,
 }
 
 const VLANS: [(u16, u32); 2] = [(10, 5010), (20, 5020)];
@@ -374,9 +467,12 @@ const ICMP_IDENT: u16 = 0x22;
 /// open, so that the host stays connected), and the state it has.
 struct Session {
     tx: tokio::sync::mpsc::Sender<api::AgentMessage>,
-    inbound: tonic::Streaming<api::ControllerMessage>,
+    /// What the controller sends (a task of the runtime reads the stream).
+    inbound: std::sync::mpsc::Receiver<api::ControllerMessage>,
     revision: u64,
     items: BTreeMap<String, serde_json::Value>,
+    /// Migration commands not yet carried out.
+    commands: VecDeque<api::MigrationCommand>,
 }
 
 /// The lab's embedded controller and its hosts' sessions.
@@ -433,7 +529,8 @@ fn absorb(s: &mut Session, m: api::ControllerMessage) -> Result<(), LabError> {
             }
             s.revision = d.revision;
         }
-        Some(controller_message::Msg::Migration(_)) | None => {}
+        Some(controller_message::Msg::Migration(c)) => s.commands.push_back(c),
+        None => {}
     }
     Ok(())
 }
@@ -515,7 +612,8 @@ impl Control {
     fn register(&mut self, name: &str, tunnel: IpAddr) -> Result<(), LabError> {
         let url = self.url.clone();
         let (name, tunnel) = (name.to_string(), tunnel.to_string());
-        let mut s = self.rt.block_on(async move {
+        let (fwd, inbound) = std::sync::mpsc::channel();
+        let s = self.rt.block_on(async move {
             let mut client = api::agent_client::AgentClient::connect(url)
                 .await
                 .map_err(|e| ctl_err("connecting to the controller", e))?;
@@ -529,42 +627,63 @@ impl Control {
                     })),
                 })
                 .await;
-            let inbound = client
+            let mut stream = client
                 .session(tokio_stream::wrappers::ReceiverStream::new(rx))
                 .await
                 .map_err(|s| ctl_err("registering", s.message()))?
                 .into_inner();
+            tokio::spawn(async move {
+                while let Ok(Some(m)) = stream.message().await {
+                    if fwd.send(m).is_err() {
+                        return;
+                    }
+                }
+            });
             Ok::<_, LabError>(Session {
                 tx,
                 inbound,
                 revision: 0,
                 items: BTreeMap::new(),
+                commands: VecDeque::new(),
             })
         })?;
-        let first = self
-            .rt
-            .block_on(s.inbound.message())
-            .map_err(|e| ctl_err("the session", e.message()))?
-            .ok_or_else(|| LabError::Controller("the session ended at once".into()))?;
+        let mut s = s;
+        let first = s
+            .inbound
+            .recv_timeout(Duration::from_secs(5))
+            .map_err(|_| LabError::Controller("the session ended at once".into()))?;
         absorb(&mut s, first)?;
         self.sessions.push(s);
         Ok(())
+    }
+
+    /// Take what came for host `i` without waiting; true when its desired
+    /// state changed.
+    fn pump(&mut self, i: usize) -> Result<bool, LabError> {
+        let s = &mut self.sessions[i];
+        let before = s.revision;
+        while let Ok(m) = s.inbound.try_recv() {
+            absorb(s, m)?;
+        }
+        Ok(s.revision != before)
+    }
+
+    /// Send host `i`'s agent message.
+    fn send(&self, i: usize, m: agent_message::Msg) {
+        let tx = self.sessions[i].tx.clone();
+        self.rt.block_on(async move {
+            let _ = tx.send(api::AgentMessage { msg: Some(m) }).await;
+        });
     }
 
     /// Take the changes sent to host `i` since (until none comes for a
     /// moment), as its agent would.
     fn settle(&mut self, i: usize) -> Result<(), LabError> {
         let s = &mut self.sessions[i];
-        loop {
-            let next = self.rt.block_on(async {
-                tokio::time::timeout(Duration::from_millis(150), s.inbound.message()).await
-            });
-            match next {
-                Ok(Ok(Some(m))) => absorb(s, m)?,
-                Ok(Ok(None)) | Err(_) => return Ok(()),
-                Ok(Err(e)) => return Err(ctl_err("the session", e.message())),
-            }
+        while let Ok(m) = s.inbound.recv_timeout(Duration::from_millis(150)) {
+            absorb(s, m)?;
         }
+        Ok(())
     }
 
     /// Host `i` acknowledges what it applied and reports `stats`.
@@ -627,26 +746,16 @@ impl Lab {
         let mut hosts = Vec::new();
         let mut vms = Vec::new();
         let now = SmolInstant::from_millis(0);
+        let epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+            .saturating_sub(start.elapsed());
         for (i, socket) in sockets.into_iter().enumerate() {
             let name = format!("h{}", i + 1);
             // The state, checked as an agent file, as an agent does.
-            let local =
-                serde_json::json!({ "tunnel": { "local": tunnels[i].to_string(), "port": port } });
-            let doc = dvs_switch::config::assemble(&name, &control.sessions[i].items, &local);
-            let cfg = dvs_switch::config::AgentConfig::parse(&doc.to_string())
-                .map_err(|e| LabError::Controller(format!("host {name}'s state: {e}")))?;
-            let mut sw = Switch::new(SwitchConfig::default());
-            for seg in &cfg.segments {
-                sw.set_segment(seg.clone())
-                    .map_err(|e| LabError::Switch(name.clone(), e))?;
-            }
-            for m in &cfg.static_macs {
-                if let dvs_switch::config::StaticLocation::Remote(ip) = m.at {
-                    sw.set_static_mac(m.vlan, m.mac, dvs_switch::Location::Remote(ip));
-                }
-            }
+            let cfg = host_config(&name, &control.sessions[i].items, tunnels[i], port)?;
             let mut dp = Datapath::new(
-                sw,
+                Switch::new(SwitchConfig::default()),
                 Some(Uplink {
                     socket,
                     remote_port: port,
@@ -657,17 +766,21 @@ impl Lab {
                 addr: SocketAddr::new(tunnels[i], port),
                 source,
             })?;
-            let mut ports = Vec::new();
-            for spec in &cfg.ports {
+            // Applied to an empty switch as an agent applies a change.
+            let mut wires = BTreeMap::new();
+            let mut running = AgentConfig {
+                ports: Vec::new(),
+                segments: Vec::new(),
+                static_macs: Vec::new(),
+                ..cfg.clone()
+            };
+            dvs_switch::agent::apply_with(&mut dp, &mut running, cfg, start.elapsed(), |p| {
+                Ok(open_wire(&mut wires, p))
+            })
+            .map_err(|e| LabError::Controller(format!("host {name}'s state: {e}")))?;
+            for spec in &running.ports {
                 let n = spec.port.id.number();
                 let vm_name = format!("vm{n}");
-                let no = dp
-                    .switch
-                    .add_port(spec.port.clone())
-                    .map_err(|e| LabError::Switch(name.clone(), e))?;
-                let wire = Rc::new(RefCell::new(Wire::default()));
-                let _ = dp.attach(no, MemPort(wire.clone()));
-                ports.push(no);
                 let vlan = match &spec.port.vlan {
                     VlanMode::Access(v) => v.get(),
                     VlanMode::Trunk { native, .. } => native.map_or(0, |v| v.get()),
@@ -675,7 +788,7 @@ impl Lab {
                 let j = VLANS.iter().position(|(v, _)| *v == vlan).unwrap_or(0);
                 let mac = vm_mac(i, j).0;
                 let ip = Ipv4Address::new(10, 0, 0, n as u8);
-                let mut dev = VmDevice(wire);
+                let mut dev = VmDevice(wires[&spec.port.id].clone());
                 let mut cfg = Config::new(EthernetAddress(mac).into());
                 cfg.random_seed = opts.seed ^ u64::from(n);
                 let mut iface = Interface::new(cfg, &mut dev, now);
@@ -701,12 +814,13 @@ impl Lab {
                         h
                     })
                     .collect();
-                let tcp = sockets.add(tcp::Socket::new(
-                    tcp::SocketBuffer::new(vec![0; 256 * 1024]),
-                    tcp::SocketBuffer::new(vec![0; 256 * 1024]),
-                ));
+                let tcp = sockets.add(tcp_socket());
                 vms.push(Vm {
                     name: vm_name,
+                    port: spec.port.id,
+                    host: i,
+                    paused: false,
+                    mac: MacAddr(mac),
                     vlan,
                     ip,
                     dev,
@@ -721,7 +835,10 @@ impl Lab {
                 name,
                 tunnel: tunnels[i],
                 dp,
-                ports,
+                cfg: running,
+                wires,
+                migrations: Migrations::new(epoch),
+                incoming: BTreeMap::new(),
             });
         }
         Ok(Lab {
@@ -729,11 +846,336 @@ impl Lab {
             hosts,
             vms,
             control,
+            vxlan_port: port,
+            streams: 0,
         })
     }
 
     fn now(&self) -> Duration {
         self.start.elapsed()
+    }
+
+    /// Host `i`'s agent: take what the controller sent (a changed desired
+    /// state is applied and acknowledged, migration commands carried out)
+    /// and report the datapath's migration events.
+    fn agent(&mut self, i: usize) -> Result<(), LabError> {
+        let now = self.now();
+        if self.control.pump(i)? {
+            let h = &mut self.hosts[i];
+            let new = host_config(
+                &h.name,
+                &self.control.sessions[i].items,
+                h.tunnel,
+                self.vxlan_port,
+            )?;
+            let old = h.cfg.ports.clone();
+            let wires = &mut h.wires;
+            dvs_switch::agent::apply_with(&mut h.dp, &mut h.cfg, new, now, |p| {
+                Ok(open_wire(wires, p))
+            })
+            .map_err(|e| LabError::Controller(format!("host {}: {e}", h.name)))?;
+            let live: Vec<PortId> = h.cfg.ports.iter().map(|p| p.port.id).collect();
+            h.wires.retain(|id, _| live.contains(id));
+            let cfg = h.cfg.clone();
+            h.migrations.sync_standby(&mut h.dp, &old, &cfg, false, now);
+            self.control.ack(i, None);
+        }
+        while let Some(c) = self.control.sessions[i].commands.pop_front() {
+            for e in self.migration_command(i, c, now) {
+                self.control.send(i, agent_message::Msg::Migration(e));
+            }
+        }
+        let h = &mut self.hosts[i];
+        for e in h.migrations.events(&mut h.dp.switch, &h.cfg.ports) {
+            let e = match e {
+                Event::Wakeup { port, migration } => migration::event(
+                    migration.unwrap_or(0),
+                    &port.to_string(),
+                    api::migration_event::Kind::Wakeup,
+                ),
+                Event::FirstForwarded { migration, at } => api::MigrationEvent {
+                    at_us: at.as_micros() as u64,
+                    ..migration::event(migration, "", api::migration_event::Kind::FirstForwarded)
+                },
+            };
+            self.control.send(i, agent_message::Msg::Migration(e));
+        }
+        Ok(())
+    }
+
+    /// Carry out a migration command on host `i` (as `dvs agent` does);
+    /// the events to report.
+    fn migration_command(
+        &mut self,
+        i: usize,
+        c: api::MigrationCommand,
+        now: Duration,
+    ) -> Vec<api::MigrationEvent> {
+        use api::migration_command::Op;
+        use api::migration_event::Kind;
+        let h = &mut self.hosts[i];
+        let m = c.migration;
+        let fail = |error: String| {
+            vec![api::MigrationEvent {
+                error,
+                ..migration::event(m, &c.port, Kind::Failed)
+            }]
+        };
+        let Ok(port) = c.port.parse::<PortId>() else {
+            return fail(format!("`{}` is not a port ID", c.port));
+        };
+        let specs = h.cfg.ports.clone();
+        match Op::try_from(c.op).unwrap_or(Op::Unspecified) {
+            Op::Stop => {
+                let (reply, r) = std::sync::mpsc::sync_channel(1);
+                let redirect = c.redirect.parse().ok();
+                let cmd = MigrationCommand::Stop {
+                    migration: m,
+                    port,
+                    redirect,
+                    reply,
+                };
+                h.migrations.command(&mut h.dp, &specs, cmd, now);
+                match r.try_recv() {
+                    Ok(Ok(handover)) => {
+                        migration::stopped_events(m, port, handover).unwrap_or_else(fail)
+                    }
+                    Ok(Err(e)) => fail(e),
+                    Err(e) => fail(e.to_string()),
+                }
+            }
+            Op::Start => {
+                h.incoming.entry(m).or_default().extend_from_slice(&c.chunk);
+                if c.more {
+                    return Vec::new();
+                }
+                let bytes = h.incoming.remove(&m).unwrap_or_default();
+                let state = match migration::started_state(&bytes, port) {
+                    Ok(s) => s,
+                    Err(e) => return fail(e),
+                };
+                let (reply, r) = std::sync::mpsc::sync_channel(1);
+                let cmd = MigrationCommand::Start {
+                    migration: m,
+                    port,
+                    state: Box::new(state),
+                    reply,
+                };
+                h.migrations.command(&mut h.dp, &specs, cmd, now);
+                match r.try_recv() {
+                    Ok(Ok(dropped)) => vec![api::MigrationEvent {
+                        dropped,
+                        ..migration::event(m, &c.port, Kind::Started)
+                    }],
+                    Ok(Err(e)) => fail(e),
+                    Err(e) => fail(e.to_string()),
+                }
+            }
+            Op::Resume => {
+                let cmd = MigrationCommand::Resume { migration: m, port };
+                h.migrations.command(&mut h.dp, &specs, cmd, now);
+                Vec::new()
+            }
+            Op::Announce => {
+                let cmd = MigrationCommand::Announce { port };
+                h.migrations.command(&mut h.dp, &specs, cmd, now);
+                Vec::new()
+            }
+            Op::Unspecified => fail(format!("unknown migration operation {}", c.op)),
+        }
+    }
+
+    /// The controller's record of migration `id`.
+    fn migration_record(&self, id: u64) -> Result<serde_json::Value, LabError> {
+        use dvs_controller::client::{Command, Output};
+        let text = self.control.view(Command::MigrateList, Output::Json)?;
+        let all: serde_json::Value =
+            serde_json::from_str(&text).map_err(|e| ctl_err("the migration list", e))?;
+        all.as_array()
+            .and_then(|a| a.iter().find(|m| m["id"] == id).cloned())
+            .ok_or_else(|| LabError::Controller(format!("migration {id} is not listed")))
+    }
+
+    /// Live-migrate VM `vm` to host `to` while it streams TCP to VM `peer`
+    /// (at most `window` bytes ahead of what arrived) and pings it every
+    /// 10 ms, as a hypervisor would: begin (the destination prepares the
+    /// port), pause the VM (stop-and-copy), plug its NIC into the
+    /// destination's port, resume it (QEMU's RARP announcement); the stream
+    /// ends 300 ms after the migration is done and must arrive whole.
+    fn migrate(
+        &mut self,
+        vm: usize,
+        to: usize,
+        peer: usize,
+        window: usize,
+    ) -> Result<MigrationResult, LabError> {
+        use dvs_controller::client::{Command, Output};
+        const PAUSE: Duration = Duration::from_millis(20);
+        let port = self.vms[vm].port;
+        let from = self.vms[vm].host;
+        self.streams += 1;
+        let (tcp_port, dst) = (5300 + self.streams, self.vms[peer].ip);
+        // A fresh TCP stream vm → peer.
+        let (tx, rx) = {
+            let a = self.vms[vm].sockets.add(tcp_socket());
+            let b = self.vms[peer].sockets.add(tcp_socket());
+            let _ = self.vms[peer]
+                .sockets
+                .get_mut::<tcp::Socket>(b)
+                .listen(tcp_port);
+            let v = &mut self.vms[vm];
+            let cx = v.iface.context();
+            let _ = v.sockets.get_mut::<tcp::Socket>(a).connect(
+                cx,
+                (IpAddress::Ipv4(dst), tcp_port),
+                40000 + tcp_port,
+            );
+            (a, b)
+        };
+        let (mut sent, mut got, mut intact) = (0usize, 0usize, true);
+        let n = self.vms.len();
+        let (mut pings_sent, mut replies) = (0u32, vec![vec![0u16; n]; n]);
+        let mut next_ping = self.now();
+        let began = self.now() + Duration::from_millis(300);
+        let deadline = self.now() + Duration::from_secs(30);
+        let mut id = None;
+        let mut step = 0u8;
+        let mut resume_at = Duration::ZERO;
+        let mut done_at = None;
+        let mut pause = Duration::ZERO;
+        let mut next_check = Duration::ZERO;
+        let mut chunk = vec![0u8; 16 * 1024];
+        while self.now() < deadline {
+            let now = self.now();
+            if !self.step() {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            for i in 0..self.hosts.len() {
+                self.agent(i)?;
+            }
+            // Traffic.
+            if !self.vms[vm].paused {
+                let v = &mut self.vms[vm];
+                let s = v.sockets.get_mut::<tcp::Socket>(tx);
+                let ending = done_at.is_some_and(|t| now > t + Duration::from_millis(300));
+                let bytes = if ending { sent } else { got + window };
+                if ending {
+                    s.close();
+                }
+                while sent < bytes && s.can_send() {
+                    let n = (bytes - sent).min(chunk.len());
+                    for (k, c) in chunk[..n].iter_mut().enumerate() {
+                        *c = pattern(sent + k);
+                    }
+                    match s.send_slice(&chunk[..n]) {
+                        Ok(0) | Err(_) => break,
+                        Ok(m) => sent += m,
+                    }
+                }
+                if now >= next_ping {
+                    pings_sent += 1;
+                    let seq = pings_sent as u16;
+                    send_echo(&mut self.vms[vm], peer, dst, seq);
+                    next_ping = now + Duration::from_millis(10);
+                }
+            }
+            {
+                let v = &mut self.vms[peer];
+                let r = v.sockets.get_mut::<tcp::Socket>(rx);
+                while r.can_recv() {
+                    let res = r.recv(|data| {
+                        for (k, c) in data.iter().enumerate() {
+                            intact &= *c == pattern(got + k);
+                        }
+                        (data.len(), data.len())
+                    });
+                    match res {
+                        Ok(0) | Err(_) => break,
+                        Ok(m) => got += m,
+                    }
+                }
+            }
+            collect_replies(self, &mut replies);
+            // The hypervisor's steps.
+            match step {
+                0 if now >= began => {
+                    let text = self.control.view(
+                        Command::MigrateStart {
+                            req: api::StartMigrationRequest {
+                                port: port.to_string(),
+                                to: self.hosts[to].name.clone(),
+                                ..Default::default()
+                            },
+                            wait: false,
+                        },
+                        Output::Json,
+                    )?;
+                    let v: serde_json::Value =
+                        serde_json::from_str(&text).map_err(|e| ctl_err("migrate start", e))?;
+                    id = v[0]["id"].as_u64();
+                    step = 1;
+                }
+                1 if now >= next_check => {
+                    next_check = now + Duration::from_millis(5);
+                    let m = self.migration_record(id.unwrap_or(0))?;
+                    if m["phase"] == "syncing" {
+                        // Stop-and-copy: the VM stops running.
+                        self.vms[vm].paused = true;
+                        resume_at = now + PAUSE;
+                        step = 2;
+                    } else if m["phase"] == "aborted" {
+                        return Err(LabError::Controller(format!("migration aborted: {m}")));
+                    }
+                }
+                2 if now >= resume_at => {
+                    // Its NIC is now the destination's port; it resumes and
+                    // QEMU announces it.
+                    let wire = self.hosts[to].wires.get(&port).cloned().ok_or_else(|| {
+                        LabError::Controller(format!("{} has no port {port}", self.hosts[to].name))
+                    })?;
+                    let rarp = dvs_switch::wire::announce::rarp(self.vms[vm].mac);
+                    wire.borrow_mut().from_vm.push_back(rarp.to_vec());
+                    let v = &mut self.vms[vm];
+                    v.dev = VmDevice(wire);
+                    v.host = to;
+                    v.paused = false;
+                    pause = PAUSE + (now - resume_at);
+                    step = 3;
+                }
+                3 if now >= next_check => {
+                    next_check = now + Duration::from_millis(20);
+                    let m = self.migration_record(id.unwrap_or(0))?;
+                    if m["phase"] == "done" && m["first_frame_at_destination_ms"].is_number() {
+                        done_at.get_or_insert(now);
+                    }
+                    if m["phase"] == "aborted" {
+                        return Err(LabError::Controller(format!("migration aborted: {m}")));
+                    }
+                }
+                _ => {}
+            }
+            if done_at.is_some_and(|t| now > t + Duration::from_millis(300)) && got == sent {
+                break;
+            }
+        }
+        let record = self.migration_record(id.unwrap_or(0))?;
+        let lost = pings_sent.saturating_sub(u32::from(replies[vm][peer]));
+        Ok(MigrationResult {
+            vm: self.vms[vm].name.clone(),
+            from: self.hosts[from].name.clone(),
+            to: self.hosts[to].name.clone(),
+            pause_ms: pause.as_secs_f64() * 1e3,
+            pings_sent,
+            pings_lost: lost,
+            tcp_bytes: got,
+            tcp_intact: intact && got == sent,
+            ok: record["phase"] == "done"
+                && intact
+                && got == sent
+                && got > 0
+                && f64::from(lost) <= pause.as_secs_f64() * 100.0 + 5.0,
+            record,
+        })
     }
 
     /// Move every frame once: switches first, then VM stacks. Returns whether
@@ -742,14 +1184,16 @@ impl Lab {
         let now = self.now();
         let mut busy = 0;
         for h in &mut self.hosts {
-            for no in &h.ports {
-                busy += h.dp.poll_port(now, *no).unwrap_or(0);
+            for p in &h.cfg.ports {
+                if let Some(no) = h.dp.switch.port_by_id(p.port.id) {
+                    busy += h.dp.poll_port(now, no).unwrap_or(0);
+                }
             }
             busy += h.dp.poll_uplink(now).unwrap_or(0);
             h.dp.handle_timeout(now);
         }
         let t = SmolInstant::from_micros(now.as_micros() as i64);
-        for vm in &mut self.vms {
+        for vm in self.vms.iter_mut().filter(|v| !v.paused) {
             let r = vm.iface.poll(t, &mut vm.dev, &mut vm.sockets);
             if r != smoltcp::iface::PollResult::None {
                 busy += 1;
@@ -970,6 +1414,33 @@ impl Lab {
     }
 }
 
+fn tcp_socket() -> tcp::Socket<'static> {
+    tcp::Socket::new(
+        tcp::SocketBuffer::new(vec![0; 256 * 1024]),
+        tcp::SocketBuffer::new(vec![0; 256 * 1024]),
+    )
+}
+
+/// A new in-memory port for `p` (its wire kept by port ID).
+fn open_wire(wires: &mut BTreeMap<PortId, Rc<RefCell<Wire>>>, p: &PortSpec) -> MemPort {
+    let w = Rc::new(RefCell::new(Wire::default()));
+    wires.insert(p.port.id, w.clone());
+    MemPort(w)
+}
+
+/// Host `name`'s desired state as an agent file, checked.
+fn host_config(
+    name: &str,
+    items: &BTreeMap<String, serde_json::Value>,
+    tunnel: IpAddr,
+    port: u16,
+) -> Result<AgentConfig, LabError> {
+    let local = serde_json::json!({ "tunnel": { "local": tunnel.to_string(), "port": port } });
+    let doc = dvs_switch::config::assemble(name, items, &local);
+    AgentConfig::parse(&doc.to_string())
+        .map_err(|e| LabError::Controller(format!("host {name}'s state: {e}")))
+}
+
 fn pattern(i: usize) -> u8 {
     (i % 251) as u8
 }
@@ -1057,6 +1528,23 @@ mod tests {
             );
         }
         assert_eq!(vm_mac(0, 0).to_string(), "02:d5:00:00:01:01");
+        // vm1 went to h2 and back under traffic; the stream arrived whole,
+        // and the port, with its counters, is on h1 again.
+        assert_eq!(r.migrations.len(), 2, "{text}");
+        for m in &r.migrations {
+            assert_eq!(m.record["phase"], "done", "{text}");
+            assert_eq!(m.record["trigger"], "first_frame", "{text}");
+            assert!(m.tcp_intact && m.tcp_bytes > 0, "{text}");
+        }
+        assert_eq!(r.chassis["interfaces"][0]["host"], "h1", "{text}");
+        let vm1 = &r.hosts[0]
+            .ports
+            .iter()
+            .find(|p| p.id == "veth1")
+            .unwrap()
+            .counters;
+        assert!(vm1.rx_frames > 1000, "counters carried over: {text}");
+        assert!(text.contains("live migrations"), "{text}");
     }
 
     #[test]

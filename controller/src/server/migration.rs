@@ -22,7 +22,7 @@ use super::{attach, parse_port, Controller};
 use crate::chassis::MigrationRec;
 
 /// Snapshots travel to the destination in pieces of this size.
-const CHUNK: usize = dvs_switch::remote::CHUNK;
+const CHUNK: usize = dvs_switch::migration::CHUNK;
 /// A destination that has not installed the port by then: aborted.
 pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(15);
 /// The largest snapshot a source may send (the format's own bound).
