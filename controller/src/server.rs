@@ -208,11 +208,22 @@ impl Controller {
         durable: bool,
         f: impl FnOnce(&mut Chassis) -> Result<T, Error>,
     ) -> Result<T, Status> {
+        self.mutate_keeping(durable, None, f)
+    }
+
+    /// [`Controller::mutate`], keeping a migration's snapshot with the
+    /// change in one transaction.
+    fn mutate_keeping<T>(
+        &self,
+        durable: bool,
+        handover: Option<(crate::store::Kept, u64, &[u8])>,
+        f: impl FnOnce(&mut Chassis) -> Result<T, Error>,
+    ) -> Result<T, Status> {
         let mut st = self.lock();
         let before = st.chassis.revision();
         let v = f(&mut st.chassis).map_err(status)?;
         let dirty = st.chassis.take_dirty();
-        if let Err(e) = st.store.commit_with(&st.chassis, &dirty, durable) {
+        if let Err(e) = st.store.commit_with(&st.chassis, &dirty, durable, handover) {
             tracing::error!(error = %e, "store commit failed; state reloaded");
             if let Ok(c) = st.store.load() {
                 st.chassis = c;

@@ -20,6 +20,27 @@ const MIGRATIONS: TableDefinition<u64, &[u8]> = TableDefinition::new("migrations
 /// A migration's snapshot from the source, kept (binary, as sent) until the
 /// destination runs from it.
 const HANDOVERS: TableDefinition<u64, &[u8]> = TableDefinition::new("handovers");
+/// A migration's pre-copy from the source, kept likewise (the handover is
+/// a delta of it).
+const BASES: TableDefinition<u64, &[u8]> = TableDefinition::new("bases");
+
+/// Which of a migration's snapshots.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kept {
+    /// The pre-copy.
+    Base,
+    /// What the source handed over when it stopped.
+    Handover,
+}
+
+impl Kept {
+    fn table(self) -> TableDefinition<'static, u64, &'static [u8]> {
+        match self {
+            Kept::Base => BASES,
+            Kept::Handover => HANDOVERS,
+        }
+    }
+}
 
 /// The database file.
 #[derive(Debug)]
@@ -51,7 +72,7 @@ impl Store {
             w.open_table(t).map_err(|e| s.err(e))?;
         }
         w.open_table(PORTS).map_err(|e| s.err(e))?;
-        for t in [MIGRATIONS, HANDOVERS] {
+        for t in [MIGRATIONS, HANDOVERS, BASES] {
             w.open_table(t).map_err(|e| s.err(e))?;
         }
         w.commit().map_err(|e| s.err(e))?;
@@ -109,12 +130,15 @@ impl Store {
     /// # Errors
     /// [`Error::Store`]; nothing is written then.
     pub fn commit(&self, chassis: &Chassis, dirty: &Dirty) -> Result<(), Error> {
-        self.commit_with(chassis, dirty, true)
+        self.commit_with(chassis, dirty, true, None)
     }
 
     /// [`Store::commit`]; without `durable` the transaction reaches the
     /// disk with the next durable one (for acks: frequent, and harmless to
     /// lose in a crash — agents ack again).
+    ///
+    /// `handover`: a migration's snapshot kept in the same transaction
+    /// (until the migration is finished).
     ///
     /// # Errors
     /// [`Error::Store`]; nothing is written then.
@@ -123,8 +147,9 @@ impl Store {
         chassis: &Chassis,
         dirty: &Dirty,
         durable: bool,
+        handover: Option<(Kept, u64, &[u8])>,
     ) -> Result<(), Error> {
-        if dirty.is_empty() {
+        if dirty.is_empty() && handover.is_none() {
             return Ok(());
         }
         let mut w = self.db.begin_write().map_err(|e| self.err(e))?;
@@ -167,14 +192,22 @@ impl Store {
                     }
                 }
             }
+            if let Some((kept, id, bytes)) = handover {
+                // With the record of the step that brought it: kept
+                // together or not at all.
+                let mut h = w.open_table(kept.table()).map_err(|e| self.err(e))?;
+                h.insert(id, bytes).map_err(|e| self.err(e))?;
+            }
             let mut t = w.open_table(MIGRATIONS).map_err(|e| self.err(e))?;
             for id in &dirty.migrations {
                 if let Some(m) = chassis.migration(*id) {
                     t.insert(*id, json(m).as_slice()).map_err(|e| self.err(e))?;
                 }
                 if chassis.migration(*id).is_none_or(|m| m.finished()) {
-                    let mut h = w.open_table(HANDOVERS).map_err(|e| self.err(e))?;
-                    h.remove(*id).map_err(|e| self.err(e))?;
+                    for kept in [Kept::Base, Kept::Handover] {
+                        let mut h = w.open_table(kept.table()).map_err(|e| self.err(e))?;
+                        h.remove(*id).map_err(|e| self.err(e))?;
+                    }
                 }
             }
             let mut t = w.open_table(HOSTS).map_err(|e| self.err(e))?;
@@ -195,26 +228,13 @@ impl Store {
 }
 
 impl Store {
-    /// Keep migration `id`'s snapshot (durably) until it is finished.
+    /// Migration `id`'s kept snapshot of kind `kept`.
     ///
     /// # Errors
     /// [`Error::Store`].
-    pub fn put_handover(&self, id: u64, bytes: &[u8]) -> Result<(), Error> {
-        let w = self.db.begin_write().map_err(|e| self.err(e))?;
-        {
-            let mut t = w.open_table(HANDOVERS).map_err(|e| self.err(e))?;
-            t.insert(id, bytes).map_err(|e| self.err(e))?;
-        }
-        w.commit().map_err(|e| self.err(e))
-    }
-
-    /// Migration `id`'s kept snapshot.
-    ///
-    /// # Errors
-    /// [`Error::Store`].
-    pub fn handover(&self, id: u64) -> Result<Option<Vec<u8>>, Error> {
+    pub fn kept(&self, kept: Kept, id: u64) -> Result<Option<Vec<u8>>, Error> {
         let r = self.db.begin_read().map_err(|e| self.err(e))?;
-        let t = r.open_table(HANDOVERS).map_err(|e| self.err(e))?;
+        let t = r.open_table(kept.table()).map_err(|e| self.err(e))?;
         Ok(t.get(id)
             .map_err(|e| self.err(e))?
             .map(|v| v.value().to_vec()))

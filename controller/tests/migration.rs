@@ -9,13 +9,13 @@
 use std::time::Duration;
 
 use dvs_controller::server::{serve_on, Controller};
-use dvs_migrate::snapshot::{Kind as SnapKind, Snapshot};
+use dvs_migrate::snapshot::Kind as SnapKind;
 use dvs_proto::api::{
     self, admin_client::AdminClient, agent_client::AgentClient, agent_message,
     controller_message::Msg, migration_command::Op, migration_event::Kind,
 };
 use dvs_proto::PortId;
-use dvs_switch::PortState;
+use dvs_switch::migration::{Handover, Inbound, Inbox, Snapshot, Transfer};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -254,22 +254,28 @@ async fn start(admin: &mut Admin) -> api::Migration {
 
 /// The port's snapshot as the source sends it, in chunks of `chunk` bytes.
 fn snapshot(migration: u64, conns: u32) -> Vec<u8> {
-    Snapshot::<PortState> {
+    Snapshot {
         port: PortId::new(1).unwrap(),
         migration,
         seq: 0,
         kind: SnapKind::Full,
-        state: dvs_switch::tracked_port_state(conns),
+        state: Transfer {
+            state: dvs_switch::tracked_port_state(conns),
+            gone: Vec::new(),
+            since_base: Duration::ZERO,
+        },
     }
     .encode()
     .unwrap()
 }
 
-async fn send_stopped(h1: &Agent, m: u64, bytes: &[u8], chunk: usize) {
+/// The source's STOPPED events: the snapshot in chunks, with what it holds.
+async fn send_stopped(h1: &Agent, m: u64, bytes: &[u8], chunk: usize, conns: u64) {
     let mut parts = bytes.chunks(chunk).peekable();
     while let Some(p) = parts.next() {
         h1.event(api::MigrationEvent {
             at_us: 1,
+            connections: conns,
             chunk: p.to_vec(),
             more: parts.peek().is_some(),
             ..event(m, "veth1", Kind::Stopped)
@@ -311,26 +317,53 @@ async fn a_migration_moves_the_port_with_its_state() {
     );
     prepare(&mut h2, m.id).await;
     phase(&mut admin, m.id, "syncing").await;
-    // h2 sees the VM's first frame: h1 is told to stop, redirecting to h2.
+    // The pre-copy: h1 sends its state while it forwards; h2 gets it.
+    h1.command(Op::Sync).await;
+    let port = PortId::new(1).unwrap();
+    let state = dvs_switch::tracked_port_state(100);
+    for e in dvs_switch::migration::synced_events(m.id, port, state.clone()).unwrap() {
+        h1.event(e).await;
+    }
+    let mut inbox = Inbox::default();
+    let pre = h2.command(Op::Presync).await;
+    assert!(matches!(inbox.take(&pre, port), Inbound::Based));
+    // h2 sees the VM's first frame: h1 is told to stop, redirecting to h2,
+    // and hands over what changed since (here: nothing but the counters).
     h2.event(event(m.id, "veth1", Kind::Wakeup)).await;
     let stop = h1.command(Op::Stop).await;
     assert_eq!(
         (stop.port.as_str(), stop.redirect.as_str()),
         ("veth1", "10.0.0.2")
     );
-    // h1's state (100 tracked connections) in small chunks; h2 gets the
-    // same bytes to start from.
-    let bytes = snapshot(m.id, 100);
-    send_stopped(&h1, m.id, &bytes, 4096).await;
-    let mut got = Vec::new();
-    loop {
-        let c = h2.command(Op::Start).await;
-        got.extend_from_slice(&c.chunk);
-        if !c.more {
-            break;
-        }
+    // A second on, no connection saw a packet: the delta holds none.
+    let later = dvs_switch::PortState {
+        conntrack: Vec::new(),
+        ..state.clone()
+    };
+    let h = Handover {
+        transfer: dvs_switch::migration::Transfer {
+            state: later,
+            gone: Vec::new(),
+            since_base: Duration::from_secs(1),
+        },
+        delta: true,
+        connections: 100,
+        last_frame: Some(Duration::from_micros(1)),
+    };
+    let stopped = dvs_switch::migration::stopped_events(m.id, port, h).unwrap();
+    let bytes: Vec<u8> = stopped.iter().flat_map(|e| e.chunk.clone()).collect();
+    for e in stopped {
+        h1.event(e).await;
     }
-    assert_eq!(got, bytes);
+    let start = loop {
+        let c = h2.command(Op::Start).await;
+        match inbox.take(&c, port) {
+            Inbound::More => continue,
+            Inbound::Start(s) => break s,
+            other => panic!("{other:?}"),
+        }
+    };
+    assert_eq!(start.conntrack.len(), 100, "the delta on its base");
     h2.event(api::MigrationEvent {
         dropped: 3,
         ..event(m.id, "veth1", Kind::Started)
@@ -341,6 +374,10 @@ async fn a_migration_moves_the_port_with_its_state() {
     assert_eq!(done.connections, 100);
     assert_eq!(done.dropped_frames, 3);
     assert_eq!(done.snapshot_bytes, bytes.len() as u64);
+    assert!(
+        done.base_snapshot_bytes > 10 * done.snapshot_bytes,
+        "the handover is a small delta: {done:?}"
+    );
     assert!(done.policy_ready_us >= done.begin_us && done.switchover_us >= done.policy_ready_us);
     assert_eq!(done.last_frame_source_us, 1);
     // The binding moved: h2 runs the port (no standby), h1 has it no more.
@@ -506,7 +543,7 @@ async fn a_corrupted_snapshot_aborts_and_the_source_resumes() {
     let mut bytes = snapshot(m.id, 10);
     let n = bytes.len();
     bytes[n - 7] ^= 0x20;
-    send_stopped(&h1, m.id, &bytes, 1 << 20).await;
+    send_stopped(&h1, m.id, &bytes, 1 << 20, 10).await;
     let x = phase(&mut admin, m.id, "aborted").await;
     assert!(
         x.abort_reason
@@ -526,7 +563,7 @@ async fn a_corrupted_snapshot_aborts_and_the_source_resumes() {
     h2.event(event(m.id, "veth1", Kind::Wakeup)).await;
     h1.command(Op::Stop).await;
     let bytes = snapshot(m.id, 10);
-    send_stopped(&h1, m.id, &bytes[..bytes.len() / 2], 1 << 20).await;
+    send_stopped(&h1, m.id, &bytes[..bytes.len() / 2], 1 << 20, 10).await;
     let x = phase(&mut admin, m.id, "aborted").await;
     assert!(
         x.abort_reason.contains("snapshot truncated"),
@@ -573,7 +610,7 @@ async fn a_restarted_controller_aborts_before_the_switchover_and_finishes_after(
     h2.event(event(m2.id, "veth1", Kind::Wakeup)).await;
     h1.command(Op::Stop).await;
     let bytes = snapshot(m2.id, 50);
-    send_stopped(&h1, m2.id, &bytes, 1 << 20).await;
+    send_stopped(&h1, m2.id, &bytes, 1 << 20, 50).await;
     h2.command(Op::Start).await;
     phase(&mut admin, m2.id, "activating").await;
     r.halt().await;

@@ -79,6 +79,53 @@ pub enum SnapshotError {
     Mismatch { said: Kind, found: Kind },
 }
 
+/// Check an envelope without reading its payload (magic, version, kind,
+/// size bound, length, CRC): what a relay that does not need the state
+/// checks. Returns the kind and the payload.
+///
+/// # Errors
+/// [`SnapshotError`] naming what is wrong.
+pub fn check(b: &[u8]) -> Result<(Kind, &[u8]), SnapshotError> {
+    let Some(h) = b.get(..HEADER) else {
+        return Err(SnapshotError::Truncated {
+            have: b.len(),
+            need: HEADER,
+        });
+    };
+    let magic = [h[0], h[1], h[2], h[3]];
+    if &magic != MAGIC {
+        return Err(SnapshotError::Magic(magic));
+    }
+    let version = u16::from_be_bytes([h[4], h[5]]);
+    if version != VERSION {
+        return Err(SnapshotError::Version(version));
+    }
+    let kind = match u16::from_be_bytes([h[6], h[7]]) {
+        1 => Kind::Full,
+        2 => Kind::Delta,
+        k => return Err(SnapshotError::Kind(k)),
+    };
+    let len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as usize;
+    if len > MAX_PAYLOAD {
+        return Err(SnapshotError::TooBig {
+            len,
+            max: MAX_PAYLOAD,
+        });
+    }
+    let want = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
+    let Some(payload) = b.get(HEADER..HEADER + len) else {
+        return Err(SnapshotError::Truncated {
+            have: b.len(),
+            need: HEADER + len,
+        });
+    };
+    let got = crc32fast::hash(payload);
+    if got != want {
+        return Err(SnapshotError::Crc { want, got });
+    }
+    Ok((kind, payload))
+}
+
 impl<S: Serialize + DeserializeOwned> Snapshot<S> {
     /// The envelope's bytes.
     ///
@@ -108,43 +155,7 @@ impl<S: Serialize + DeserializeOwned> Snapshot<S> {
     /// # Errors
     /// [`SnapshotError`] naming what is wrong; nothing is returned then.
     pub fn decode(b: &[u8]) -> Result<Snapshot<S>, SnapshotError> {
-        let Some(h) = b.get(..HEADER) else {
-            return Err(SnapshotError::Truncated {
-                have: b.len(),
-                need: HEADER,
-            });
-        };
-        let magic = [h[0], h[1], h[2], h[3]];
-        if &magic != MAGIC {
-            return Err(SnapshotError::Magic(magic));
-        }
-        let version = u16::from_be_bytes([h[4], h[5]]);
-        if version != VERSION {
-            return Err(SnapshotError::Version(version));
-        }
-        let kind = match u16::from_be_bytes([h[6], h[7]]) {
-            1 => Kind::Full,
-            2 => Kind::Delta,
-            k => return Err(SnapshotError::Kind(k)),
-        };
-        let len = u32::from_be_bytes([h[8], h[9], h[10], h[11]]) as usize;
-        if len > MAX_PAYLOAD {
-            return Err(SnapshotError::TooBig {
-                len,
-                max: MAX_PAYLOAD,
-            });
-        }
-        let want = u32::from_be_bytes([h[12], h[13], h[14], h[15]]);
-        let Some(payload) = b.get(HEADER..HEADER + len) else {
-            return Err(SnapshotError::Truncated {
-                have: b.len(),
-                need: HEADER + len,
-            });
-        };
-        let got = crc32fast::hash(payload);
-        if got != want {
-            return Err(SnapshotError::Crc { want, got });
-        }
+        let (kind, payload) = check(b)?;
         let s: Snapshot<S> =
             serde_json::from_slice(payload).map_err(|e| SnapshotError::Payload(e.to_string()))?;
         if s.kind != kind {

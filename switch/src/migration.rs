@@ -24,12 +24,87 @@ use dvs_proto::api;
 use dvs_proto::{AclRule, Action, MacAddr, PortId, VlanId, VlanMode};
 
 use crate::config::{AgentConfig, PortSpec};
+use crate::conntrack::{ConnKey, SavedConn};
 use crate::datapath::{Datapath, PortIo};
 use crate::pipeline::{Ingress, PortAcl, PortConfig, PortNo, PortState, Switch, SwitchConfig};
 use crate::wire;
+use crate::wire::FlowKey;
+use serde::{Deserialize, Serialize};
 
-/// A port's state in flight.
-pub type Snapshot = dvs_migrate::snapshot::Snapshot<PortState>;
+/// A port's state in flight: whole (the pre-copy, or a handover without
+/// one), or what changed since the pre-copy (a delta).
+pub type Snapshot = dvs_migrate::snapshot::Snapshot<Transfer>;
+
+/// What a snapshot carries.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Transfer {
+    /// The port's state; in a delta its `conntrack` holds only the
+    /// connections new or changed since the base.
+    pub state: PortState,
+    /// Delta: connections gone since the base (their first packet).
+    #[serde(default)]
+    pub gone: Vec<FlowKey>,
+    /// Delta: how long after the base it was taken (the base's idle times
+    /// grow by it).
+    #[serde(default)]
+    pub since_base: Duration,
+}
+
+impl Transfer {
+    /// The whole state: this delta applied to `base` (a whole one).
+    pub fn merged(self, base: Transfer) -> PortState {
+        let key = |c: &SavedConn| ConnKey::of(&c.first);
+        let gone: BTreeSet<_> = self
+            .gone
+            .iter()
+            .filter_map(ConnKey::of)
+            .map(Ordered)
+            .collect();
+        let changed: BTreeSet<_> = self
+            .state
+            .conntrack
+            .iter()
+            .filter_map(key)
+            .map(Ordered)
+            .collect();
+        let mut conntrack: Vec<SavedConn> = base
+            .state
+            .conntrack
+            .into_iter()
+            .filter(|c| {
+                key(c)
+                    .map(Ordered)
+                    .is_some_and(|k| !gone.contains(&k) && !changed.contains(&k))
+            })
+            .map(|mut c| {
+                c.idle += self.since_base;
+                c
+            })
+            .collect();
+        conntrack.extend(self.state.conntrack);
+        PortState {
+            conntrack,
+            ..self.state
+        }
+    }
+}
+
+/// A connection key with an order (for sets).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Ordered(ConnKey);
+
+impl Ord for Ordered {
+    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
+        let k = |c: &ConnKey| (c.proto, c.src, c.dst, c.src_port, c.dst_port);
+        k(&self.0).cmp(&k(&o.0))
+    }
+}
+
+impl PartialOrd for Ordered {
+    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(o))
+    }
+}
 
 /// Snapshots travel in pieces of this size (gRPC messages stay small).
 pub const CHUNK: usize = 1 << 20;
@@ -54,47 +129,181 @@ pub fn stopped_events(
     port: PortId,
     h: Handover,
 ) -> Result<Vec<api::MigrationEvent>, String> {
+    let (connections, flows) = (h.connections as u64, h.transfer.state.flows.len() as u64);
+    let at_us = h.last_frame.map_or(0, |d| d.as_micros() as u64);
+    let (kind, seq) = if h.delta {
+        (dvs_migrate::snapshot::Kind::Delta, 1)
+    } else {
+        (dvs_migrate::snapshot::Kind::Full, 0)
+    };
+    let mut events = snapshot_events(
+        migration,
+        port,
+        seq,
+        kind,
+        h.transfer,
+        api::migration_event::Kind::Stopped,
+    )?;
+    for e in &mut events {
+        (e.at_us, e.connections, e.flows) = (at_us, connections, flows);
+    }
+    Ok(events)
+}
+
+/// The SYNCED events of a pre-copy: the whole state in chunks.
+///
+/// # Errors
+/// The state is over the snapshot's size bound.
+pub fn synced_events(
+    migration: u64,
+    port: PortId,
+    state: PortState,
+) -> Result<Vec<api::MigrationEvent>, String> {
+    let t = Transfer {
+        state,
+        gone: Vec::new(),
+        since_base: Duration::ZERO,
+    };
+    let connections = t.state.conntrack.len() as u64;
+    let mut events = snapshot_events(
+        migration,
+        port,
+        0,
+        dvs_migrate::snapshot::Kind::Full,
+        t,
+        api::migration_event::Kind::Synced,
+    )?;
+    for e in &mut events {
+        e.connections = connections;
+    }
+    Ok(events)
+}
+
+fn snapshot_events(
+    migration: u64,
+    port: PortId,
+    seq: u32,
+    kind: dvs_migrate::snapshot::Kind,
+    state: Transfer,
+    event_kind: api::migration_event::Kind,
+) -> Result<Vec<api::MigrationEvent>, String> {
     let bytes = Snapshot {
         port,
         migration,
-        seq: 0,
-        kind: dvs_migrate::snapshot::Kind::Full,
-        state: h.state,
+        seq,
+        kind,
+        state,
     }
     .encode()
     .map_err(|e| e.to_string())?;
-    let at_us = h.last_frame.map_or(0, |d| d.as_micros() as u64);
     let name = port.to_string();
     let n = bytes.len().div_ceil(CHUNK).max(1);
     Ok(bytes
         .chunks(CHUNK)
         .enumerate()
         .map(|(i, c)| api::MigrationEvent {
-            at_us,
             chunk: c.to_vec(),
             more: i + 1 < n,
-            ..event(migration, &name, api::migration_event::Kind::Stopped)
+            ..event(migration, &name, event_kind)
         })
         .collect())
 }
 
-/// The state a destination starts `port` from: the snapshot of a START,
-/// checked.
+/// A snapshot of `port` for `migration`, checked.
 ///
 /// # Errors
-/// The snapshot is broken (the reason), or of another port.
-pub fn started_state(bytes: &[u8], port: PortId) -> Result<PortState, String> {
+/// The snapshot is broken (the reason), or of another port or migration.
+pub fn read_snapshot(bytes: &[u8], migration: u64, port: PortId) -> Result<Snapshot, String> {
     match Snapshot::decode(bytes) {
-        Ok(s) if s.port == port => Ok(s.state),
-        Ok(s) => Err(format!("the snapshot is of port {}, not {port}", s.port)),
+        Ok(s) if s.port == port && s.migration == migration => Ok(s),
+        Ok(s) => Err(format!(
+            "the snapshot is of port {} (migration {}), not {port} ({migration})",
+            s.port, s.migration
+        )),
         Err(e) => Err(e.to_string()),
+    }
+}
+
+/// The state a destination starts `port` from: the snapshot of a START —
+/// whole, or a delta applied to the pre-copy `base`.
+///
+/// # Errors
+/// The snapshot is broken (the reason), of another port, or a delta
+/// without its base.
+pub fn started_state(
+    bytes: &[u8],
+    migration: u64,
+    port: PortId,
+    base: Option<Snapshot>,
+) -> Result<PortState, String> {
+    let s = read_snapshot(bytes, migration, port)?;
+    match (s.kind, base) {
+        (dvs_migrate::snapshot::Kind::Full, _) => Ok(s.state.state),
+        (dvs_migrate::snapshot::Kind::Delta, Some(b)) => Ok(s.state.merged(b.state)),
+        (dvs_migrate::snapshot::Kind::Delta, None) => Err(format!(
+            "a delta for migration {migration} came without its pre-copy snapshot"
+        )),
+    }
+}
+
+/// A destination's incoming snapshots: chunks put together, pre-copies
+/// kept until their delta comes.
+#[derive(Debug, Default)]
+pub struct Inbox {
+    partial: BTreeMap<(u64, i32), Vec<u8>>,
+    bases: BTreeMap<u64, Snapshot>,
+}
+
+/// What a PRESYNC or START chunk came to.
+#[derive(Debug)]
+pub enum Inbound {
+    /// More chunks to come.
+    More,
+    /// A pre-copy is kept.
+    Based,
+    /// The state to start the port from.
+    Start(Box<PortState>),
+    /// The snapshot is refused (the reason).
+    Failed(String),
+}
+
+impl Inbox {
+    /// Take a PRESYNC or START chunk of `c` for `port`.
+    pub fn take(&mut self, c: &api::MigrationCommand, port: PortId) -> Inbound {
+        let key = (c.migration, c.op);
+        self.partial
+            .entry(key)
+            .or_default()
+            .extend_from_slice(&c.chunk);
+        if c.more {
+            return Inbound::More;
+        }
+        let bytes = self.partial.remove(&key).unwrap_or_default();
+        if c.op == api::migration_command::Op::Presync as i32 {
+            return match read_snapshot(&bytes, c.migration, port) {
+                Ok(s) => {
+                    self.bases.insert(c.migration, s);
+                    Inbound::Based
+                }
+                Err(e) => Inbound::Failed(format!("the pre-copy: {e}")),
+            };
+        }
+        let base = self.bases.remove(&c.migration);
+        match started_state(&bytes, c.migration, port, base) {
+            Ok(s) => Inbound::Start(Box::new(s)),
+            Err(e) => Inbound::Failed(e),
+        }
     }
 }
 
 /// What the source hands over when it stops.
 #[derive(Debug, Clone)]
 pub struct Handover {
-    pub state: PortState,
+    /// The state, or what changed since the pre-copy (`delta`).
+    pub transfer: Transfer,
+    pub delta: bool,
+    /// Tracked connections in the whole state.
+    pub connections: usize,
     /// When the source last forwarded a frame of the port (wall clock,
     /// since the Unix epoch).
     pub last_frame: Option<Duration>,
@@ -103,6 +312,12 @@ pub struct Handover {
 /// What the controller asks of a host's datapath during a migration.
 #[derive(Debug)]
 pub enum Command {
+    /// Source: a pre-copy of port `port`'s state (it keeps forwarding).
+    Sync {
+        migration: u64,
+        port: PortId,
+        reply: SyncSender<Result<PortState, String>>,
+    },
     /// Source: stop port `port`, redirect its VM's MAC to `redirect`, and
     /// hand its state over.
     Stop {
@@ -149,10 +364,54 @@ pub struct Migrations {
     /// The open flow records stopped ports handed over (theirs again if
     /// the migration is aborted).
     taken_flows: BTreeMap<PortId, Vec<crate::flow::SavedFlow>>,
+    /// Pre-copies taken: their migration, when, and the connections then.
+    bases: BTreeMap<PortId, (u64, Duration, Vec<SavedConn>)>,
     /// Redirected VM MACs of stopped ports.
     redirects: BTreeMap<PortId, (VlanId, MacAddr)>,
     /// Started ports whose first forwarded frame is awaited: since when.
     awaiting: Vec<(u64, PortNo, Duration)>,
+}
+
+/// What changed in `state` since the pre-copy's connections `base`, taken
+/// `since` before.
+fn delta(state: PortState, base: &[SavedConn], since: Duration) -> Transfer {
+    // Unchanged: the same connection, its last packet as long ago as then
+    // (plus the time since).
+    let seen: BTreeMap<Ordered, &SavedConn> = base
+        .iter()
+        .filter_map(|c| Some((Ordered(ConnKey::of(&c.first)?), c)))
+        .collect();
+    let mut now_keys = BTreeSet::new();
+    let mut changed = Vec::new();
+    for c in state.conntrack.iter() {
+        let Some(k) = ConnKey::of(&c.first).map(Ordered) else {
+            continue;
+        };
+        now_keys.insert(k);
+        let same = seen.get(&k).is_some_and(|b| {
+            b.origin == c.origin
+                && b.state == c.state
+                && b.fin == c.fin
+                && (b.idle + since).abs_diff(c.idle) < Duration::from_millis(1)
+        });
+        if !same {
+            changed.push(c.clone());
+        }
+    }
+    let gone = seen
+        .iter()
+        .filter(|(k, _)| !now_keys.contains(k))
+        .map(|(_, c)| c.first)
+        .collect();
+    Transfer {
+        state: PortState {
+            conntrack: changed,
+            ..state
+        },
+        gone,
+        // At least a nanosecond: a delta is told by it.
+        since_base: since.max(Duration::from_nanos(1)),
+    }
 }
 
 /// Switch the frames port `no`'s VM sent while it waited, now that it
@@ -191,6 +450,14 @@ impl Migrations {
     ) {
         let mac_of = |id: PortId| specs.iter().find(|s| s.port.id == id).and_then(|s| s.mac);
         match cmd {
+            Command::Sync {
+                migration,
+                port,
+                reply,
+            } => {
+                let r = self.sync(&mut dp.switch, migration, port, now);
+                let _ = reply.send(r);
+            }
             Command::Stop {
                 migration,
                 port,
@@ -223,6 +490,26 @@ impl Migrations {
         }
     }
 
+    fn sync(
+        &mut self,
+        sw: &mut Switch,
+        migration: u64,
+        id: PortId,
+        now: Duration,
+    ) -> Result<PortState, String> {
+        let no = sw
+            .port_by_id(id)
+            .ok_or_else(|| format!("port {id} is not on this host"))?;
+        let mut state = sw
+            .save_port(no, now)
+            .ok_or_else(|| format!("port {id} is not on this host"))?;
+        // Open flow records go with the handover only (taken then).
+        state.flows.clear();
+        self.bases
+            .insert(id, (migration, now, state.conntrack.clone()));
+        Ok(state)
+    }
+
     fn stop(
         &mut self,
         sw: &mut Switch,
@@ -240,15 +527,27 @@ impl Migrations {
             .save_port(no, now)
             .ok_or_else(|| format!("port {id} is not on this host"))?;
         state.flows = sw.take_port_flows(no, now);
+        let connections = state.conntrack.len();
+        let transfer = match self.bases.remove(&id).filter(|b| b.0 == migration) {
+            Some((_, then, base)) => delta(state, &base, now.saturating_sub(then)),
+            None => Transfer {
+                state,
+                gone: Vec::new(),
+                since_base: Duration::ZERO,
+            },
+        };
+        let is_delta = transfer.since_base > Duration::ZERO;
         if let (Some(ip), Some(mac), Some(vlan)) = (redirect, mac, home_vlan(sw, no)) {
             sw.set_redirect(vlan, mac, ip);
             self.redirects.insert(id, (vlan, mac));
         }
         self.stopped.insert(id, migration);
-        self.taken_flows.insert(id, state.flows.clone());
-        tracing::info!(port = %id, migration, conns = state.conntrack.len(), flows = state.flows.len(), "port stopped for its migration");
+        self.taken_flows.insert(id, transfer.state.flows.clone());
+        tracing::info!(port = %id, migration, conns = connections, changed = transfer.state.conntrack.len(), delta = is_delta, flows = transfer.state.flows.len(), "port stopped for its migration");
         Ok(Handover {
-            state,
+            transfer,
+            delta: is_delta,
+            connections,
             last_frame: sw.port_last_frame(no).map(|t| self.epoch + t),
         })
     }
@@ -348,6 +647,7 @@ impl Migrations {
             }
         }
         self.taken_flows.retain(|id, _| live.contains(id));
+        self.bases.retain(|id, _| live.contains(id));
         let migrations: BTreeSet<u64> = new.iter().filter_map(|p| p.migration).collect();
         self.started.retain(|m| migrations.contains(m));
     }
@@ -457,4 +757,93 @@ pub fn tracked_port_state(conns: u32) -> PortState {
     }
     sw.save_port(PortNo(0), Duration::from_secs(2))
         .unwrap_or_else(|| unreachable!())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const S: Duration = Duration::from_secs(1);
+
+    fn key(c: &SavedConn) -> (u16, Duration) {
+        (c.first.src_port, c.idle)
+    }
+
+    #[test]
+    fn a_delta_carries_what_changed_and_makes_the_whole_state_on_its_base() {
+        let base = tracked_port_state(100);
+        // Ten seconds on: every connection 10 s idler, but one that saw a
+        // packet; one gone; one new.
+        let mut now = base.clone();
+        for c in &mut now.conntrack {
+            c.idle += 10 * S;
+        }
+        now.conntrack[0].idle = Duration::ZERO;
+        let gone = now.conntrack.remove(5);
+        let mut new = now.conntrack[1].clone();
+        new.first.src_port = 9;
+        new.idle = Duration::ZERO;
+        now.conntrack.push(new);
+        let d = delta(now.clone(), &base.conntrack, 10 * S);
+        assert_eq!(d.state.conntrack.len(), 2, "the touched and the new one");
+        assert_eq!(d.gone, vec![gone.first]);
+        let whole = d.merged(Transfer {
+            state: base,
+            gone: Vec::new(),
+            since_base: Duration::ZERO,
+        });
+        let mut a: Vec<_> = whole.conntrack.iter().map(key).collect();
+        let mut b: Vec<_> = now.conntrack.iter().map(key).collect();
+        a.sort();
+        b.sort();
+        assert_eq!(a, b);
+        assert_eq!(whole.counters, now.counters);
+    }
+
+    #[test]
+    fn a_delta_needs_its_base_and_snapshots_name_their_port() {
+        let port = PortId::new(3).unwrap_or_else(|| unreachable!());
+        let state = tracked_port_state(10);
+        let h = Handover {
+            transfer: delta(state.clone(), &state.conntrack, S),
+            delta: true,
+            connections: 10,
+            last_frame: None,
+        };
+        let events = stopped_events(7, port, h).unwrap_or_default();
+        let bytes: Vec<u8> = events.iter().flat_map(|e| e.chunk.clone()).collect();
+        let e = started_state(&bytes, 7, port, None).unwrap_err();
+        assert_eq!(
+            e,
+            "a delta for migration 7 came without its pre-copy snapshot"
+        );
+        let other = PortId::new(4).unwrap_or_else(|| unreachable!());
+        let e = started_state(&bytes, 7, other, None).unwrap_err();
+        assert_eq!(
+            e,
+            "the snapshot is of port veth3 (migration 7), not veth4 (7)"
+        );
+        // With its base, through an inbox as a destination takes them.
+        let mut inbox = Inbox::default();
+        let base: Vec<u8> = synced_events(7, port, state)
+            .unwrap_or_default()
+            .iter()
+            .flat_map(|e| e.chunk.clone())
+            .collect();
+        let cmd = |op: api::migration_command::Op, chunk: Vec<u8>| api::MigrationCommand {
+            migration: 7,
+            port: port.to_string(),
+            op: op as i32,
+            chunk,
+            ..Default::default()
+        };
+        assert!(matches!(
+            inbox.take(&cmd(api::migration_command::Op::Presync, base), port),
+            Inbound::Based
+        ));
+        match inbox.take(&cmd(api::migration_command::Op::Start, bytes), port) {
+            Inbound::Start(s) => assert_eq!(s.conntrack.len(), 10),
+            other => panic!("{other:?}"),
+        }
+    }
 }

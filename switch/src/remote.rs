@@ -36,7 +36,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::agent::{self, ControlLink, Update};
 use crate::config::{assemble, AgentConfig};
-use crate::migration::{self, event, Command, Event};
+use crate::migration::{self, event, Command, Event, Inbound, Inbox};
 use crate::Error;
 
 /// How the agent meets its controller.
@@ -165,7 +165,7 @@ pub fn run(opts: &RemoteOptions) -> Result<(), Error> {
         stats,
         commands: commands_tx,
         events: events_rx,
-        incoming: BTreeMap::new(),
+        incoming: Inbox::default(),
     };
     std::thread::Builder::new()
         .name("dvs-control".into())
@@ -196,8 +196,8 @@ struct Control {
     stats: Arc<Mutex<String>>,
     commands: Sender<Command>,
     events: tokio::sync::mpsc::UnboundedReceiver<Event>,
-    /// Snapshots arriving in chunks, by migration.
-    incoming: BTreeMap<u64, Vec<u8>>,
+    /// Snapshots arriving in chunks.
+    incoming: Inbox,
 }
 
 type Outbox = tokio::sync::mpsc::Sender<api::AgentMessage>;
@@ -264,22 +264,39 @@ impl Control {
                     Err(e) => send_event(out, fail(e)).await?,
                 }
             }
-            Op::Start => {
-                let buf = self.incoming.entry(m).or_default();
-                buf.extend_from_slice(&c.chunk);
-                if c.more {
+            Op::Sync => {
+                let (reply, r) = sync_channel(1);
+                if !self.command(Command::Sync {
+                    migration: m,
+                    port,
+                    reply,
+                }) {
                     return Ok(());
                 }
-                let bytes = self.incoming.remove(&m).unwrap_or_default();
-                let state = match migration::started_state(&bytes, port) {
-                    Ok(s) => s,
-                    Err(e) => return send_event(out, fail(e)).await,
+                let r = tokio::task::spawn_blocking(move || r.recv())
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .map_err(|e| e.to_string())?;
+                match r.and_then(|state| migration::synced_events(m, port, state)) {
+                    Ok(events) => {
+                        for e in events {
+                            send_event(out, e).await?;
+                        }
+                    }
+                    Err(e) => send_event(out, fail(e)).await?,
+                }
+            }
+            Op::Presync | Op::Start => {
+                let state = match self.incoming.take(&c, port) {
+                    Inbound::More | Inbound::Based => return Ok(()),
+                    Inbound::Failed(e) => return send_event(out, fail(e)).await,
+                    Inbound::Start(s) => s,
                 };
                 let (reply, r) = sync_channel(1);
                 if !self.command(Command::Start {
                     migration: m,
                     port,
-                    state: Box::new(state),
+                    state,
                     reply,
                 }) {
                     return Ok(());

@@ -28,6 +28,8 @@ pub struct Chassis {
     pub vms: Vec<(String, String, String, String)>,
     /// VMs whose NIC is a TAP of their host's agent.
     pub taps: Vec<TapVm>,
+    /// When the last [`Chassis::swap_nic`] resumed its VM (its NIC up).
+    pub resumed_at: Option<std::time::SystemTime>,
     data_dir: PathBuf,
     /// Mutual TLS: the PKI directory (CA, controller and host certificates).
     pki: Option<PathBuf>,
@@ -59,6 +61,7 @@ impl Chassis {
             hosts: host_ns,
             vms: Vec::new(),
             taps: Vec::new(),
+            resumed_at: None,
             data_dir,
             pki,
         };
@@ -521,6 +524,7 @@ impl Chassis {
             ),
         );
         let pause = start.elapsed();
+        self.resumed_at = Some(std::time::SystemTime::now());
         // Resumed: QEMU announces the VM.
         self.topo.sh(
             "",

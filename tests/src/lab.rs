@@ -29,7 +29,7 @@ use dvs_proto::PortId;
 use dvs_proto::{MacAddr, VlanMode};
 use dvs_switch::config::{AgentConfig, PortSpec};
 use dvs_switch::datapath::{Datapath, PortIo, PortStats, RxMeta, Uplink};
-use dvs_switch::migration::{self, Command as MigrationCommand, Event, Migrations};
+use dvs_switch::migration::{self, Command as MigrationCommand, Event, Inbound, Inbox, Migrations};
 use dvs_switch::wire::VnetHdr;
 use dvs_switch::{Switch, SwitchConfig, TunnelCounters};
 use serde::Serialize;
@@ -445,8 +445,8 @@ struct Host {
     cfg: AgentConfig,
     wires: BTreeMap<PortId, Rc<RefCell<Wire>>>,
     migrations: Migrations,
-    /// Snapshots arriving in chunks, by migration.
-    incoming: BTreeMap<u64, Vec<u8>>,
+    /// Snapshots arriving in chunks.
+    incoming: Inbox,
 }
 
 struct Lab {
@@ -838,7 +838,7 @@ impl Lab {
                 cfg: running,
                 wires,
                 migrations: Migrations::new(epoch),
-                incoming: BTreeMap::new(),
+                incoming: Inbox::default(),
             });
         }
         Ok(Lab {
@@ -944,21 +944,32 @@ impl Lab {
                     Err(e) => fail(e.to_string()),
                 }
             }
-            Op::Start => {
-                h.incoming.entry(m).or_default().extend_from_slice(&c.chunk);
-                if c.more {
-                    return Vec::new();
+            Op::Sync => {
+                let (reply, r) = std::sync::mpsc::sync_channel(1);
+                let cmd = MigrationCommand::Sync {
+                    migration: m,
+                    port,
+                    reply,
+                };
+                h.migrations.command(&mut h.dp, &specs, cmd, now);
+                match r.try_recv() {
+                    Ok(r) => r
+                        .and_then(|state| migration::synced_events(m, port, state))
+                        .unwrap_or_else(fail),
+                    Err(e) => fail(e.to_string()),
                 }
-                let bytes = h.incoming.remove(&m).unwrap_or_default();
-                let state = match migration::started_state(&bytes, port) {
-                    Ok(s) => s,
-                    Err(e) => return fail(e),
+            }
+            Op::Presync | Op::Start => {
+                let state = match h.incoming.take(&c, port) {
+                    Inbound::More | Inbound::Based => return Vec::new(),
+                    Inbound::Failed(e) => return fail(e),
+                    Inbound::Start(s) => s,
                 };
                 let (reply, r) = std::sync::mpsc::sync_channel(1);
                 let cmd = MigrationCommand::Start {
                     migration: m,
                     port,
-                    state: Box::new(state),
+                    state,
                     reply,
                 };
                 h.migrations.command(&mut h.dp, &specs, cmd, now);

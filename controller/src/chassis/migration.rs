@@ -23,7 +23,11 @@ pub struct MigrationRec {
     pub from: Binding,
     pub to: Binding,
     pub machine: Migration,
-    /// What the source handed over.
+    /// The source's pre-copy (whole) while it still forwarded.
+    #[serde(default)]
+    pub base_bytes: u64,
+    /// What the source handed over when it stopped (a delta of the
+    /// pre-copy when there was one).
     #[serde(default)]
     pub snapshot_bytes: u64,
     #[serde(default)]
@@ -157,6 +161,7 @@ impl Chassis {
                 from,
                 to,
                 machine,
+                base_bytes: 0,
                 snapshot_bytes: 0,
                 connections: 0,
                 flows: 0,

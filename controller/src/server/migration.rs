@@ -15,11 +15,11 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use dvs_migrate::protocol::{Input, Output, Phase, Trigger};
 use dvs_proto::api::{self, controller_message, migration_command::Op, migration_event::Kind};
 use dvs_proto::PortId;
-use dvs_switch::PortState;
 use tonic::Status;
 
 use super::{attach, parse_port, Controller};
 use crate::chassis::MigrationRec;
+use crate::store::Kept;
 
 /// Snapshots travel to the destination in pieces of this size.
 const CHUNK: usize = dvs_switch::migration::CHUNK;
@@ -27,8 +27,6 @@ const CHUNK: usize = dvs_switch::migration::CHUNK;
 pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(15);
 /// The largest snapshot a source may send (the format's own bound).
 const MAX_SNAPSHOT: usize = dvs_migrate::snapshot::MAX_PAYLOAD + 64;
-
-type Snapshot = dvs_migrate::snapshot::Snapshot<PortState>;
 
 /// The wall clock, as migration timelines keep it.
 pub fn unix_now() -> Duration {
@@ -65,6 +63,7 @@ pub fn view(r: &MigrationRec) -> api::Migration {
         aborted_us: us(t.aborted.as_ref().map(|a| a.0)),
         abort_reason: t.aborted.as_ref().map(|a| a.1.clone()).unwrap_or_default(),
         snapshot_bytes: r.snapshot_bytes,
+        base_snapshot_bytes: r.base_bytes,
         dropped_frames: r.dropped,
         connections: r.connections,
         flows: r.flows,
@@ -105,9 +104,29 @@ impl Controller {
     /// # Errors
     /// The input does not fit where the migration is (nothing changed).
     pub(super) async fn input(&self, id: u64, input: Input) -> Result<(), Status> {
+        self.input_noting(id, input, |_| {}, None).await
+    }
+
+    /// [`Controller::input`]; what the input brought (`note`) and the
+    /// source's snapshot (`handover`) are kept in the same transaction.
+    async fn input_noting(
+        &self,
+        id: u64,
+        input: Input,
+        note: impl FnOnce(&mut MigrationRec) + Send,
+        handover: Option<(Kept, &[u8])>,
+    ) -> Result<(), Status> {
+        let (mut note, mut keep) = (Some(note), handover);
         let mut next = Some(input);
         while let Some(i) = next.take() {
-            let out = self.mutate(true, |c| c.migration_input(id, i, unix_now()))?;
+            let (n, h) = (note.take(), keep.take());
+            let out = self.mutate_keeping(true, h.map(|(k, b)| (k, id, b)), |c| {
+                let out = c.migration_input(id, i, unix_now())?;
+                if let Some(n) = n {
+                    c.note_migration(id, n);
+                }
+                Ok(out)
+            })?;
             if let Some(r) = self.record(id) {
                 tracing::info!(migration = id, port = %r.port, phase = r.machine.phase().as_str(), ?out, "migration step");
             }
@@ -136,20 +155,17 @@ impl Controller {
                     c.redirect = ip.map(|i| i.to_string()).unwrap_or_default();
                     self.send_command(&r.from.host, c).await?;
                 }
+                Output::StartSync => {
+                    // A pre-copy while the source still forwards: the
+                    // handover at the switchover is then only what changed.
+                    self.send_command(&r.from.host, command(&r, Op::Sync))
+                        .await?;
+                }
                 Output::ActivateDestination { .. } => {
                     let bytes = self
-                        .lock()
-                        .store
-                        .handover(id)
-                        .map_err(|e| e.to_string())?
+                        .kept(Kept::Handover, id)?
                         .ok_or("the source's snapshot is not kept")?;
-                    let mut chunks = bytes.chunks(CHUNK).peekable();
-                    while let Some(chunk) = chunks.next() {
-                        let mut c = command(&r, Op::Start);
-                        c.chunk = chunk.to_vec();
-                        c.more = chunks.peek().is_some();
-                        self.send_command(&r.to.host, c).await?;
-                    }
+                    self.send_chunks(&r, Op::Start, &bytes).await?;
                 }
                 Output::Announce => {
                     // Best effort: the VM's own frames announce it too.
@@ -165,11 +181,26 @@ impl Controller {
                         .await;
                 }
                 Output::PrepareDestination
-                | Output::StartSync
                 | Output::MoveMac
                 | Output::CleanDestination
                 | Output::KeepSource => {}
             }
+        }
+        Ok(())
+    }
+
+    fn kept(&self, kept: Kept, id: u64) -> Result<Option<Vec<u8>>, String> {
+        self.lock().store.kept(kept, id).map_err(|e| e.to_string())
+    }
+
+    /// Send `bytes` (a snapshot) to the destination in chunks.
+    async fn send_chunks(&self, r: &MigrationRec, op: Op, bytes: &[u8]) -> Result<(), String> {
+        let mut chunks = bytes.chunks(CHUNK).peekable();
+        while let Some(chunk) = chunks.next() {
+            let mut c = command(r, op);
+            c.chunk = chunk.to_vec();
+            c.more = chunks.peek().is_some();
+            self.send_command(&r.to.host, c).await?;
         }
         Ok(())
     }
@@ -278,7 +309,7 @@ impl Controller {
         &self,
         host: &str,
         e: api::MigrationEvent,
-        chunks: &mut BTreeMap<u64, Vec<u8>>,
+        chunks: &mut BTreeMap<(u64, i32), Vec<u8>>,
     ) {
         let kind = Kind::try_from(e.kind).unwrap_or(Kind::Unspecified);
         let mut id = e.migration;
@@ -297,29 +328,30 @@ impl Controller {
             Kind::Wakeup if destination => {
                 self.input(id, Input::Resumed(Trigger::FirstFrame)).await
             }
-            Kind::Stopped if source => {
-                let buf = chunks.entry(id).or_default();
+            Kind::Stopped | Kind::Synced if source => {
+                let key = (id, e.kind);
+                let buf = chunks.entry(key).or_default();
                 buf.extend_from_slice(&e.chunk);
                 if buf.len() > MAX_SNAPSHOT {
-                    chunks.remove(&id);
+                    chunks.remove(&key);
                     let why = format!("host {host} sent a snapshot over the bound");
                     self.input(id, Input::Abort(why)).await
                 } else if e.more {
                     Ok(())
                 } else {
-                    let bytes = chunks.remove(&id).unwrap_or_default();
-                    self.handover(&r, bytes, e.at_us).await
+                    let bytes = chunks.remove(&key).unwrap_or_default();
+                    if kind == Kind::Synced {
+                        self.presync(&r, bytes).await
+                    } else {
+                        self.handover(&r, bytes, &e).await
+                    }
                 }
             }
             Kind::Started if destination => {
-                let noted = self.mutate(true, |c| {
-                    c.note_migration(id, |m| m.dropped = e.dropped);
-                    Ok(())
-                });
-                match noted {
-                    Ok(()) => self.input(id, Input::Activated { first_frame: None }).await,
-                    Err(s) => Err(s),
-                }
+                let dropped = e.dropped;
+                let activated = Input::Activated { first_frame: None };
+                self.input_noting(id, activated, move |m| m.dropped = dropped, None)
+                    .await
             }
             Kind::FirstForwarded if destination => {
                 let at = Duration::from_micros(e.at_us);
@@ -339,48 +371,59 @@ impl Controller {
         }
     }
 
-    /// The source stopped and sent its state: check it, keep it, and have
-    /// the destination run from it.
-    async fn handover(&self, r: &MigrationRec, bytes: Vec<u8>, at_us: u64) -> Result<(), Status> {
+    /// The source stopped and sent its state (`last`: its last chunk's
+    /// event): check the envelope, keep it with the record that the source
+    /// stopped, and have the destination run from it (which reads it).
+    async fn handover(
+        &self,
+        r: &MigrationRec,
+        bytes: Vec<u8>,
+        last: &api::MigrationEvent,
+    ) -> Result<(), Status> {
         if r.machine.phase() != Phase::Switching {
             // Aborted meanwhile: the source was told to resume.
             return Ok(());
         }
-        let snap = match Snapshot::decode(&bytes) {
-            Ok(s) if s.port == r.port && s.migration == r.id => s,
-            Ok(s) => {
-                let why = format!(
-                    "the source's snapshot is of port {} (migration {}), not {} ({})",
-                    s.port, s.migration, r.port, r.id
-                );
-                return self.input(r.id, Input::Abort(why)).await;
-            }
-            Err(e) => {
-                let why = format!("the source's snapshot: {e}");
-                return self.input(r.id, Input::Abort(why)).await;
-            }
-        };
-        let kept = self.lock().store.put_handover(r.id, &bytes);
-        if let Err(e) = kept {
-            return self.input(r.id, Input::Abort(e.to_string())).await;
+        if let Err(e) = dvs_migrate::snapshot::check(&bytes) {
+            let why = format!("the source's snapshot: {e}");
+            return self.input(r.id, Input::Abort(why)).await;
         }
-        self.mutate(true, |c| {
-            c.note_migration(r.id, |m| {
-                m.snapshot_bytes = bytes.len() as u64;
-                m.connections = snap.state.conntrack.len() as u64;
-                m.flows = snap.state.flows.len() as u64;
-            });
-            Ok(())
-        })?;
-        let last_frame = (at_us > 0).then(|| Duration::from_micros(at_us));
-        self.input(
+        let (size, connections, flows) = (bytes.len() as u64, last.connections, last.flows);
+        let stopped = Input::SourceDeactivated {
+            last_seq: 0,
+            last_frame: (last.at_us > 0).then(|| Duration::from_micros(last.at_us)),
+        };
+        self.input_noting(
             r.id,
-            Input::SourceDeactivated {
-                last_seq: snap.seq,
-                last_frame,
+            stopped,
+            move |m| {
+                m.snapshot_bytes = size;
+                m.connections = connections;
+                m.flows = flows;
             },
+            Some((Kept::Handover, &bytes)),
         )
         .await
+    }
+
+    /// The source's pre-copy: checked and relayed to the destination, which
+    /// keeps it for the delta the handover will be.
+    async fn presync(&self, r: &MigrationRec, bytes: Vec<u8>) -> Result<(), Status> {
+        if !matches!(r.machine.phase(), Phase::Syncing | Phase::Switching) {
+            return Ok(());
+        }
+        if let Err(e) = dvs_migrate::snapshot::check(&bytes) {
+            let why = format!("the source's pre-copy: {e}");
+            return self.input(r.id, Input::Abort(why)).await;
+        }
+        if let Err(e) = self.send_chunks(r, Op::Presync, &bytes).await {
+            return self.input(r.id, Input::Abort(e)).await;
+        }
+        let size = bytes.len() as u64;
+        let synced = Input::Synced { seq: 0 };
+        let keep = Some((Kept::Base, bytes.as_slice()));
+        self.input_noting(r.id, synced, move |m| m.base_bytes = size, keep)
+            .await
     }
 
     /// After the controller restarted: activations under way go on when
@@ -394,8 +437,19 @@ impl Controller {
             .map(|m| m.id)
             .collect();
         for id in open {
+            // The pre-copy first (the handover may be a delta of it): the
+            // destination may have lost it with its session.
+            let base = match (self.kept(Kept::Base, id), self.record(id)) {
+                (Ok(Some(b)), Some(r)) => self.send_chunks(&r, Op::Presync, &b).await,
+                (Err(e), _) => Err(e),
+                _ => Ok(()),
+            };
             let out = [Output::ActivateDestination { through_seq: 0 }];
-            if let Err(e) = self.perform(id, &out).await {
+            let r = match base {
+                Ok(()) => self.perform(id, &out).await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = r {
                 let _ = self.input(id, Input::Abort(e)).await;
             }
         }
