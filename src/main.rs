@@ -45,8 +45,10 @@ enum OutputArg {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the whole system on one machine: an embedded controller, hosts
-    /// joined by VXLAN under it, VMs on two VLANs exchanging traffic, then a
-    /// report with the chassis view.
+    /// joined by VXLAN under it, VMs on two VLANs exchanging traffic, a VM
+    /// live-migrated to another host and back under a TCP stream and a
+    /// ping every 10 ms, then a report with the chassis view and the
+    /// migrations' timelines.
     Lab {
         /// Print the report as JSON instead of tables.
         #[arg(long)]

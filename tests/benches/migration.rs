@@ -53,6 +53,7 @@ struct Sample {
     added_ms: f64,
     lost: u32,
     snapshot_bytes: u64,
+    base_bytes: u64,
     connections: u64,
 }
 
@@ -84,6 +85,7 @@ fn migrate(c: &mut Chassis, to: usize) -> Sample {
         added_ms: (begin_us + f(&m, "first_frame_at_destination_ms") / 1e3 - resumed) * 1e3,
         lost: 0,
         snapshot_bytes: m["snapshot_bytes"].as_u64().unwrap_or(0),
+        base_bytes: m["base_snapshot_bytes"].as_u64().unwrap_or(0),
         connections: m["connections"].as_u64().unwrap_or(0),
     }
 }
@@ -247,7 +249,14 @@ fn main() {
         "tracked connections handed over",
         col(|s| s.connections as f64, &big),
     );
-    row("snapshot, KB", col(|s| s.snapshot_bytes as f64 / 1e3, &big));
+    row(
+        "pre-copy snapshot (sent while the port forwards), KB",
+        col(|s| s.base_bytes as f64 / 1e3, &big),
+    );
+    row(
+        "handover at the switchover (a delta of it), KB",
+        col(|s| s.snapshot_bytes as f64 / 1e3, &big),
+    );
     row(
         "switchover → done, ms",
         col(|s| s.switchover_to_done_ms, &big),
