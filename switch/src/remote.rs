@@ -210,7 +210,41 @@ async fn send_event(out: &Outbox, e: api::MigrationEvent) -> Result<(), String> 
     .map_err(|e| e.to_string())
 }
 
+/// Send `events`, or the failure `fail` makes of their error.
+async fn send_events(
+    out: &Outbox,
+    events: Result<Vec<api::MigrationEvent>, String>,
+    fail: impl FnOnce(String) -> api::MigrationEvent,
+) -> Result<(), String> {
+    match events {
+        Ok(events) => {
+            for e in events {
+                send_event(out, e).await?;
+            }
+            Ok(())
+        }
+        Err(e) => send_event(out, fail(e)).await,
+    }
+}
+
 impl Control {
+    /// Have the datapath carry out the command `make` builds and wait for
+    /// its reply (`None`: the datapath is gone).
+    async fn ask<T: Send + 'static>(
+        &self,
+        make: impl FnOnce(std::sync::mpsc::SyncSender<Result<T, String>>) -> Command,
+    ) -> Result<Option<Result<T, String>>, String> {
+        let (reply, r) = sync_channel(1);
+        if !self.command(make(reply)) {
+            return Ok(None);
+        }
+        tokio::task::spawn_blocking(move || r.recv())
+            .await
+            .map_err(|e| e.to_string())?
+            .map(Some)
+            .map_err(|e| e.to_string())
+    }
+
     fn command(&self, c: Command) -> bool {
         if self.commands.send(c).is_err() {
             return false;
@@ -238,53 +272,33 @@ impl Control {
         match Op::try_from(c.op).unwrap_or(Op::Unspecified) {
             Op::Stop => {
                 let redirect = c.redirect.parse().ok();
-                let (reply, r) = sync_channel(1);
-                if !self.command(Command::Stop {
-                    migration: m,
-                    port,
-                    redirect,
-                    reply,
-                }) {
+                let Some(r) = self
+                    .ask(|reply| Command::Stop {
+                        migration: m,
+                        port,
+                        redirect,
+                        reply,
+                    })
+                    .await?
+                else {
                     return Ok(());
-                }
-                let h = tokio::task::spawn_blocking(move || r.recv())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
-                let h = match h {
-                    Ok(h) => h,
-                    Err(e) => return send_event(out, fail(e)).await,
                 };
-                match migration::stopped_events(m, port, h) {
-                    Ok(events) => {
-                        for e in events {
-                            send_event(out, e).await?;
-                        }
-                    }
-                    Err(e) => send_event(out, fail(e)).await?,
-                }
+                let events = r.and_then(|h| migration::stopped_events(m, port, h));
+                send_events(out, events, fail).await?;
             }
             Op::Sync => {
-                let (reply, r) = sync_channel(1);
-                if !self.command(Command::Sync {
-                    migration: m,
-                    port,
-                    reply,
-                }) {
+                let Some(r) = self
+                    .ask(|reply| Command::Sync {
+                        migration: m,
+                        port,
+                        reply,
+                    })
+                    .await?
+                else {
                     return Ok(());
-                }
-                let r = tokio::task::spawn_blocking(move || r.recv())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
-                match r.and_then(|state| migration::synced_events(m, port, state)) {
-                    Ok(events) => {
-                        for e in events {
-                            send_event(out, e).await?;
-                        }
-                    }
-                    Err(e) => send_event(out, fail(e)).await?,
-                }
+                };
+                let events = r.and_then(|state| migration::synced_events(m, port, state));
+                send_events(out, events, fail).await?;
             }
             Op::Presync | Op::Start => {
                 let state = match self.incoming.take(&c, port) {
@@ -292,19 +306,17 @@ impl Control {
                     Inbound::Failed(e) => return send_event(out, fail(e)).await,
                     Inbound::Start(s) => s,
                 };
-                let (reply, r) = sync_channel(1);
-                if !self.command(Command::Start {
-                    migration: m,
-                    port,
-                    state,
-                    reply,
-                }) {
+                let Some(r) = self
+                    .ask(|reply| Command::Start {
+                        migration: m,
+                        port,
+                        state,
+                        reply,
+                    })
+                    .await?
+                else {
                     return Ok(());
-                }
-                let r = tokio::task::spawn_blocking(move || r.recv())
-                    .await
-                    .map_err(|e| e.to_string())?
-                    .map_err(|e| e.to_string())?;
+                };
                 let e = match r {
                     Ok(dropped) => api::MigrationEvent {
                         dropped,

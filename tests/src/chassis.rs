@@ -348,6 +348,20 @@ pub struct TapVm {
     pub mac: String,
 }
 
+impl TapVm {
+    /// The commands that make the TAP in namespace `from` the VM's `eth0`
+    /// in namespace `ns`, with its MAC and address, up.
+    fn plug(&self, from: &str, ns: &str) -> String {
+        format!(
+            "ip -n {from} link set {tap} netns {ns} && ip -n {ns} link set {tap} name eth0 address {mac} && \
+             ip -n {ns} addr add {addr} dev eth0 && ip -n {ns} link set eth0 up",
+            tap = self.tap,
+            mac = self.mac,
+            addr = self.addr
+        )
+    }
+}
+
 /// How a VM's move went, as the test saw it.
 #[derive(Debug, Clone)]
 pub struct Move {
@@ -383,36 +397,18 @@ impl Chassis {
             .trim()
             .to_string();
         self.wait_converged(Duration::from_secs(20));
-        let hns = self.hosts[host].clone();
-        let made = wait_for(Duration::from_secs(10), || {
-            self.topo
-                .try_sh(&hns, &format!("ip link show {tap}"))
-                .status
-                .success()
-        });
-        assert!(
-            made,
-            "the agent of h{} made no TAP {tap}:
-{}",
-            host + 1,
-            self.topo.logs()
-        );
-        self.topo.sh(
-            "",
-            &format!(
-                "ip -n {hns} link set {tap} netns {ns} && ip -n {ns} link set {tap} name eth0 address {mac} && \
-                 ip -n {ns} addr add {addr} dev eth0 && ip -n {ns} link set eth0 up"
-            ),
-        );
-        let ip = addr.split('/').next().unwrap_or(addr).to_string();
-        self.vms.push((name.to_string(), ns, ip, id));
-        self.taps.push(TapVm {
+        let t = TapVm {
             name: name.to_string(),
             tap,
             host,
             addr: addr.to_string(),
             mac: mac.to_string(),
-        });
+        };
+        self.wait_tap(host, &t.tap);
+        self.topo.sh("", &t.plug(&self.hosts[host], &ns));
+        let ip = addr.split('/').next().unwrap_or(addr).to_string();
+        self.vms.push((name.to_string(), ns, ip, id));
+        self.taps.push(t);
     }
 
     /// `dvs migrate list --output json`.
@@ -495,32 +491,15 @@ impl Chassis {
         let t = self.taps[i].clone();
         let ns = self.vm(name).1.clone();
         let (src, dst) = (self.hosts[t.host].clone(), self.hosts[to].clone());
-        let dst_has = wait_for(Duration::from_secs(10), || {
-            self.topo
-                .try_sh(&dst, &format!("ip link show {}", t.tap))
-                .status
-                .success()
-        });
-        assert!(
-            dst_has,
-            "h{} has no TAP {}:
-{}",
-            to + 1,
-            t.tap,
-            self.topo.logs()
-        );
+        self.wait_tap(to, &t.tap);
         let start = std::time::Instant::now();
         self.topo.sh(
             "",
             &format!(
                 "if ip -n {ns} link show eth0 >/dev/null 2>&1; then \
-                   ip -n {ns} link set eth0 netns {src} && ip -n {src} link set eth0 name {tap}x; fi && \
-                 ip -n {dst} link set {tap} netns {ns} && \
-                 ip -n {ns} link set {tap} name eth0 address {mac} && \
-                 ip -n {ns} addr add {addr} dev eth0 && ip -n {ns} link set eth0 up",
+                   ip -n {ns} link set eth0 netns {src} && ip -n {src} link set eth0 name {tap}x; fi && {}",
+                t.plug(&dst, &ns),
                 tap = t.tap,
-                mac = t.mac,
-                addr = t.addr,
             ),
         );
         let pause = start.elapsed();
@@ -542,29 +521,30 @@ impl Chassis {
     pub fn replug(&mut self, name: &str) {
         let t = self.tap_vm(name).clone();
         let (ns, hns) = (self.vm(name).1.clone(), self.hosts[t.host].clone());
+        self.wait_tap(t.host, &t.tap);
+        self.topo.sh(
+            "",
+            &format!(
+                "ip -n {ns} link del eth0 2>/dev/null; {}",
+                t.plug(&hns, &ns)
+            ),
+        );
+    }
+
+    /// Wait until host `host`'s agent made TAP `tap`.
+    fn wait_tap(&self, host: usize, tap: &str) {
+        let hns = &self.hosts[host];
         let made = wait_for(Duration::from_secs(10), || {
             self.topo
-                .try_sh(&hns, &format!("ip link show {}", t.tap))
+                .try_sh(hns, &format!("ip link show {tap}"))
                 .status
                 .success()
         });
         assert!(
             made,
-            "no TAP {} on h{}:\n{}",
-            t.tap,
-            t.host + 1,
+            "h{} has no TAP {tap}:\n{}",
+            host + 1,
             self.topo.logs()
-        );
-        self.topo.sh(
-            "",
-            &format!(
-                "ip -n {ns} link del eth0 2>/dev/null; ip -n {hns} link set {tap} netns {ns} && \
-                 ip -n {ns} link set {tap} name eth0 address {mac} && \
-                 ip -n {ns} addr add {addr} dev eth0 && ip -n {ns} link set eth0 up",
-                tap = t.tap,
-                mac = t.mac,
-                addr = t.addr
-            ),
         );
     }
 

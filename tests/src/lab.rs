@@ -1073,16 +1073,7 @@ impl Lab {
                 if ending {
                     s.close();
                 }
-                while sent < bytes && s.can_send() {
-                    let n = (bytes - sent).min(chunk.len());
-                    for (k, c) in chunk[..n].iter_mut().enumerate() {
-                        *c = pattern(sent + k);
-                    }
-                    match s.send_slice(&chunk[..n]) {
-                        Ok(0) | Err(_) => break,
-                        Ok(m) => sent += m,
-                    }
-                }
+                feed(s, &mut sent, bytes, &mut chunk);
                 if now >= next_ping {
                     pings_sent += 1;
                     let seq = pings_sent as u16;
@@ -1093,18 +1084,7 @@ impl Lab {
             {
                 let v = &mut self.vms[peer];
                 let r = v.sockets.get_mut::<tcp::Socket>(rx);
-                while r.can_recv() {
-                    let res = r.recv(|data| {
-                        for (k, c) in data.iter().enumerate() {
-                            intact &= *c == pattern(got + k);
-                        }
-                        (data.len(), data.len())
-                    });
-                    match res {
-                        Ok(0) | Err(_) => break,
-                        Ok(m) => got += m,
-                    }
-                }
+                drain(r, &mut got, &mut intact);
             }
             collect_replies(self, &mut replies);
             // The hypervisor's steps.
@@ -1315,35 +1295,13 @@ impl Lab {
         self.run_for(Duration::from_secs(30), |lab| {
             let vm = &mut lab.vms[a];
             let s = vm.sockets.get_mut::<tcp::Socket>(vm.tcp);
-            while sent < bytes && s.can_send() {
-                let n = (bytes - sent).min(chunk.len());
-                for (k, c) in chunk[..n].iter_mut().enumerate() {
-                    *c = pattern(sent + k);
-                }
-                match s.send_slice(&chunk[..n]) {
-                    Ok(0) | Err(_) => break,
-                    Ok(m) => sent += m,
-                }
-            }
+            feed(s, &mut sent, bytes, &mut chunk);
             if sent == bytes {
                 s.close();
             }
             let vm = &mut lab.vms[b];
             let r = vm.sockets.get_mut::<tcp::Socket>(vm.tcp);
-            while r.can_recv() {
-                let res = r.recv(|data| {
-                    for (k, c) in data.iter().enumerate() {
-                        if *c != pattern(got + k) {
-                            intact = false;
-                        }
-                    }
-                    (data.len(), data.len())
-                });
-                match res {
-                    Ok(0) | Err(_) => break,
-                    Ok(m) => got += m,
-                }
-            }
+            drain(r, &mut got, &mut intact);
             got >= bytes
         });
         let millis = (self.now() - started).as_millis() as u64;
@@ -1450,6 +1408,36 @@ fn host_config(
     let doc = dvs_switch::config::assemble(name, items, &local);
     AgentConfig::parse(&doc.to_string())
         .map_err(|e| LabError::Controller(format!("host {name}'s state: {e}")))
+}
+
+/// Write the test pattern into `s` from byte `sent` up to `upto`.
+fn feed(s: &mut tcp::Socket, sent: &mut usize, upto: usize, chunk: &mut [u8]) {
+    while *sent < upto && s.can_send() {
+        let n = (upto - *sent).min(chunk.len());
+        for (k, c) in chunk[..n].iter_mut().enumerate() {
+            *c = pattern(*sent + k);
+        }
+        match s.send_slice(&chunk[..n]) {
+            Ok(0) | Err(_) => break,
+            Ok(m) => *sent += m,
+        }
+    }
+}
+
+/// Read what `r` has, checking it against the pattern.
+fn drain(r: &mut tcp::Socket, got: &mut usize, intact: &mut bool) {
+    while r.can_recv() {
+        let res = r.recv(|data| {
+            for (k, c) in data.iter().enumerate() {
+                *intact &= *c == pattern(*got + k);
+            }
+            (data.len(), data.len())
+        });
+        match res {
+            Ok(0) | Err(_) => break,
+            Ok(m) => *got += m,
+        }
+    }
 }
 
 fn pattern(i: usize) -> u8 {
