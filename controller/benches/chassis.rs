@@ -196,7 +196,8 @@ async fn agent(
                         }
                         d.revision
                     }
-                    None => continue,
+                    // No migrations in this benchmark.
+                    Some(controller_message::Msg::Migration(_)) | None => continue,
                 };
                 if out.send(send(agent_message::Msg::Ack(api::Ack { revision }))).await.is_err() {
                     return;

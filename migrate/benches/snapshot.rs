@@ -36,7 +36,7 @@ fn main() {
             bytes = s.encode().unwrap();
             enc.push(t.elapsed());
             let t = Instant::now();
-            let back = Snapshot::decode(&bytes).unwrap();
+            let back: Snapshot<dvs_switch::PortState> = Snapshot::decode(&bytes).unwrap();
             dec.push(t.elapsed());
             assert_eq!(back.state.conntrack.len(), conns as usize);
         }

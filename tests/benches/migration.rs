@@ -183,7 +183,7 @@ fn main() {
             "/usr/bin/python3 -c 'import socket,time\ns=socket.socket(2,2)\nfor p in range(10000):\n  s.sendto(b\"x\",(\"{b_ip}\",20000+p))\n  if p % 200 == 199: time.sleep(0.005)'"
         ),
     );
-    let at = if moves % 2 == 0 { 0 } else { 1 };
+    let at = usize::from(!moves.is_multiple_of(2));
     let mut big = Vec::new();
     for k in 0..5 {
         big.push(migrate(&mut c, if (k + at) % 2 == 0 { 1 } else { 0 }));

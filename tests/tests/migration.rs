@@ -7,6 +7,8 @@
 //! UDP flow, a VLAN neighbour and a NetFlow-counted UDP flow, back and forth.
 //! Then aborts at every phase, and `kill -9` of each party.
 
+#![allow(clippy::unwrap_used)] // a test fails on the spot, saying where
+
 use std::time::{Duration, Instant};
 
 use dvs_tests::chassis::{Chassis, Move, METRICS};
@@ -438,6 +440,17 @@ fn aborts_and_crashes_at_every_phase_end_in_one_consistent_state() {
     c.topo.signal(&h2, "CONT");
     let m = c.wait_phase(id, "done", Duration::from_secs(20));
     assert!(m["snapshot_bytes"].as_u64().unwrap() > 0, "{m}");
+    // The VMM said it resumed and the VM had not spoken: the destination
+    // announced it.
+    assert_eq!(m["trigger"], "vmm_resumed");
+    assert!(
+        wait_for(Duration::from_secs(5), || c
+            .topo
+            .log(&h2)
+            .contains("announcing the VM (RARP)")),
+        "no announcement:\n{}",
+        c.topo.log(&h2)
+    );
     c.wait_converged(Duration::from_secs(20));
     c.swap_nic("a", 1);
     consistent(&c, 1, 0, "controller killed while activating");

@@ -5,6 +5,8 @@
 //! the right interfaces and VLAN and no sequence failure, and tshark must
 //! decode every export packet without a malformed mark.
 
+#![allow(clippy::unwrap_used)] // a test fails on the spot, saying where
+
 use std::collections::BTreeMap;
 use std::time::Duration;
 

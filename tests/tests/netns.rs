@@ -3,6 +3,8 @@
 //! device as an independent peer. Needs root; under CI a missing privilege or
 //! tool fails the test instead of skipping it.
 
+#![allow(clippy::unwrap_used)] // a test fails on the spot, saying where
+
 use std::time::Duration;
 
 use dvs_tests::netns::{e2e_ready, wait_for, Fabric, VmSpec};
@@ -289,7 +291,7 @@ fn different_vlans_never_cross_either_way() {
     for vm in names {
         for other in names.iter().filter(|o| **o != vm) {
             let n = nft_count(&f, vm, &f.vm(other).mac);
-            if vlan(vm) == vlan(*other) {
+            if vlan(vm) == vlan(other) {
                 assert!(n > 0, "{vm} never heard {other} on their shared VLAN");
             } else {
                 assert_eq!(

@@ -81,7 +81,7 @@ impl Rig {
         (p, normalised)
     }
 
-    fn from_port(&mut self, port: u16, f: Vec<u8>) -> Processed {
+    fn send_from_port(&mut self, port: u16, f: Vec<u8>) -> Processed {
         self.send(Ingress::Port(PortNo(port)), f).0
     }
 
@@ -105,7 +105,7 @@ fn floods_within_the_vlan_then_forwards_learned_unicast() {
         access(2, "b", 10),
         access(3, "c", 20),
     ]);
-    let p = r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    let p = r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
     assert_eq!(p.verdict, Verdict::Flood);
     assert_eq!(
         r.egress(),
@@ -113,13 +113,13 @@ fn floods_within_the_vlan_then_forwards_learned_unicast() {
         "VLAN 20 gets nothing"
     );
 
-    let p = r.from_port(1, frame(mac(1), mac(2), &[]));
+    let p = r.send_from_port(1, frame(mac(1), mac(2), &[]));
     assert_eq!(p.verdict, Verdict::Forward);
     assert_eq!(r.egress(), vec![Egress::Port(PortNo(0))]);
     assert_eq!(r.out[0].tag, None);
 
     // Unknown unicast floods, never to the ingress port.
-    let p = r.from_port(0, frame(mac(9), mac(1), &[]));
+    let p = r.send_from_port(0, frame(mac(9), mac(1), &[]));
     assert_eq!(p.verdict, Verdict::Flood);
     assert_eq!(r.egress(), vec![Egress::Port(PortNo(1))]);
 
@@ -133,25 +133,25 @@ fn floods_within_the_vlan_then_forwards_learned_unicast() {
 fn vlans_are_isolated_both_ways() {
     let mut r = Rig::new(vec![access(1, "a", 10), access(2, "b", 20)]);
     // Each learns the other's MAC on its own VLAN only; nothing crosses.
-    r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
     assert!(r.out.is_empty());
-    r.from_port(1, frame(mac(1), mac(2), &[]));
+    r.send_from_port(1, frame(mac(1), mac(2), &[]));
     assert!(r.out.is_empty());
-    r.from_port(0, frame(mac(2), mac(1), &[]));
+    r.send_from_port(0, frame(mac(2), mac(1), &[]));
     assert!(r.out.is_empty());
 }
 
 #[test]
 fn access_ports_drop_tagged_frames() {
     let mut r = Rig::new(vec![access(1, "a", 10), access(2, "b", 10)]);
-    let p = r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[(0x8100, 20)]));
+    let p = r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[(0x8100, 20)]));
     assert_eq!(p.verdict, Verdict::Drop(DropReason::TaggedOnAccess));
-    let p = r.from_port(
+    let p = r.send_from_port(
         0,
         frame(MacAddr::BROADCAST, mac(1), &[(0x8100, 10), (0x8100, 20)]),
     );
     assert_eq!(p.verdict, Verdict::Drop(DropReason::StackedTags));
-    let p = r.from_port(
+    let p = r.send_from_port(
         0,
         frame(MacAddr::BROADCAST, mac(1), &[(0x88a8, 10), (0x8100, 20)]),
     );
@@ -188,20 +188,20 @@ fn trunks_tag_untag_and_filter() {
     assert_eq!(r.egress(), vec![Egress::Port(PortNo(2))]);
 
     // Untagged from the trunk: native VLAN 10.
-    r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
     assert_eq!(r.egress(), vec![Egress::Port(PortNo(1))]);
 
     // Toward the trunk: VLAN 20 tagged, native untagged.
-    r.from_port(2, frame(MacAddr::BROADCAST, mac(3), &[]));
+    r.send_from_port(2, frame(MacAddr::BROADCAST, mac(3), &[]));
     assert_eq!(r.out[0].egress, Egress::Port(PortNo(0)));
     assert_eq!(r.out[0].tag, Some(20));
-    r.from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
+    r.send_from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
     assert_eq!(r.out[0].tag, None);
 
     // Not allowed, S-tag alone, stacked: dropped and counted.
-    let p = r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[(0x8100, 30)]));
+    let p = r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[(0x8100, 30)]));
     assert_eq!(p.verdict, Verdict::Drop(DropReason::VlanNotAllowed));
-    let p = r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[(0x88a8, 20)]));
+    let p = r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[(0x88a8, 20)]));
     assert_eq!(p.verdict, Verdict::Drop(DropReason::StackedTags));
     assert_eq!(r.drops(0, DropReason::VlanNotAllowed), 1);
 }
@@ -209,16 +209,16 @@ fn trunks_tag_untag_and_filter() {
 #[test]
 fn trunk_without_native_drops_untagged() {
     let mut r = Rig::new(vec![trunk(1, "t", &[10], None), access(2, "a", 10)]);
-    let p = r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    let p = r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
     assert_eq!(p.verdict, Verdict::Drop(DropReason::UntaggedNoNative));
 }
 
 #[test]
 fn hairpin_is_dropped() {
     let mut r = Rig::new(vec![access(1, "a", 10), access(2, "b", 10)]);
-    r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
-    r.from_port(0, frame(MacAddr::BROADCAST, mac(2), &[]));
-    let p = r.from_port(0, frame(mac(2), mac(1), &[]));
+    r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    r.send_from_port(0, frame(MacAddr::BROADCAST, mac(2), &[]));
+    let p = r.send_from_port(0, frame(mac(2), mac(1), &[]));
     assert_eq!(p.verdict, Verdict::Drop(DropReason::Hairpin));
 }
 
@@ -237,7 +237,7 @@ fn floods_to_remote_hosts_and_learns_from_the_tunnel() {
     with_segment(&mut r, 10, 5010, &["10.0.0.2", "10.0.0.3"]);
     let vni = Vni::new(5010).unwrap();
 
-    r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
     assert_eq!(
         r.egress(),
         vec![
@@ -263,7 +263,7 @@ fn floods_to_remote_hosts_and_learns_from_the_tunnel() {
     assert_eq!(r.egress(), vec![Egress::Port(PortNo(0))]);
 
     // Unicast back goes to host 3 alone.
-    r.from_port(0, frame(mac(7), mac(1), &[]));
+    r.send_from_port(0, frame(mac(7), mac(1), &[]));
     assert_eq!(r.egress(), vec![Egress::Tunnel { dst: src, vni }]);
 
     // Broadcast from the tunnel never goes back into it (split horizon).
@@ -281,7 +281,7 @@ fn static_remote_macs_need_no_flooding() {
     let mut r = Rig::new(vec![access(1, "a", 10)]);
     with_segment(&mut r, 10, 5010, &["10.0.0.2", "10.0.0.3"]);
     r.sw.set_static_mac(v(10), mac(8), Location::Remote(ip("10.0.0.2")));
-    let p = r.from_port(0, frame(mac(8), mac(1), &[]));
+    let p = r.send_from_port(0, frame(mac(8), mac(1), &[]));
     assert_eq!(p.verdict, Verdict::Forward);
     assert_eq!(r.out.len(), 1);
 }
@@ -329,28 +329,29 @@ fn bad_vxlan_is_counted_by_reason() {
 fn runts_oversized_and_bad_sources_are_counted() {
     let mut r = Rig::new(vec![access(1, "a", 10), access(2, "b", 10)]);
     assert_eq!(
-        r.from_port(0, vec![0; 13]).verdict,
+        r.send_from_port(0, vec![0; 13]).verdict,
         Verdict::Drop(DropReason::Runt)
     );
     let mut f = frame(MacAddr::BROADCAST, mac(1), &[]);
     f.resize(SwitchConfig::default().max_frame + 1, 0);
     assert_eq!(
-        r.from_port(0, f).verdict,
+        r.send_from_port(0, f).verdict,
         Verdict::Drop(DropReason::Oversized)
     );
     let mut f = frame(MacAddr::BROADCAST, mac(1), &[]);
     f.truncate(15);
     f[12..14].copy_from_slice(&0x8100u16.to_be_bytes());
     assert_eq!(
-        r.from_port(0, f).verdict,
+        r.send_from_port(0, f).verdict,
         Verdict::Drop(DropReason::TruncatedTag)
     );
     assert_eq!(
-        r.from_port(0, frame(mac(2), MacAddr::ZERO, &[])).verdict,
+        r.send_from_port(0, frame(mac(2), MacAddr::ZERO, &[]))
+            .verdict,
         Verdict::Drop(DropReason::InvalidSourceMac)
     );
     assert_eq!(
-        r.from_port(9, frame(mac(2), mac(1), &[])).verdict,
+        r.send_from_port(9, frame(mac(2), mac(1), &[])).verdict,
         Verdict::Drop(DropReason::UnknownPort)
     );
     let (_, c) = r.sw.port(PortNo(0)).unwrap();
@@ -360,7 +361,7 @@ fn runts_oversized_and_bad_sources_are_counted() {
 #[test]
 fn config_changes_bump_the_generation_and_flush_the_port() {
     let mut r = Rig::new(vec![access(1, "a", 10), access(2, "b", 10)]);
-    r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
     let g = r.sw.generation();
     r.sw.set_port_vlan(PortNo(0), VlanMode::Access(v(20)))
         .unwrap();
@@ -397,7 +398,7 @@ fn egress_tag_keeps_the_ingress_priority() {
         trunk(1, "t1", &[20], None),
         trunk(2, "t2", &[20], None),
     ]);
-    r.from_port(
+    r.send_from_port(
         0,
         frame(MacAddr::BROADCAST, mac(1), &[(0x8100, 5 << 13 | 20)]),
     );
@@ -475,15 +476,15 @@ fn inbound_and_outbound_acls_filter_and_count() {
     // Learn both MACs (ARP is permitted into `web`).
     let mut arp = frame(MacAddr::BROADCAST, mac(2), &[]);
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-    r.from_port(1, arp);
+    r.send_from_port(1, arp);
     let mut arp = frame(MacAddr::BROADCAST, mac(1), &[]);
     arp[12..14].copy_from_slice(&0x0806u16.to_be_bytes());
-    assert_eq!(r.from_port(0, arp).verdict, Verdict::Flood);
+    assert_eq!(r.send_from_port(0, arp).verdict, Verdict::Flood);
     assert_eq!(r.egress(), vec![Egress::Port(PortNo(1))]);
 
-    let p = r.from_port(0, ipv4_frame(mac(2), mac(1), 6, 80));
+    let p = r.send_from_port(0, ipv4_frame(mac(2), mac(1), 6, 80));
     assert_eq!(p.verdict, Verdict::Forward);
-    let p = r.from_port(0, ipv4_frame(mac(2), mac(1), 6, 22));
+    let p = r.send_from_port(0, ipv4_frame(mac(2), mac(1), 6, 22));
     assert_eq!(p.verdict, Verdict::Drop(DropReason::AclDeny));
     assert!(r.out.is_empty());
     let (_, web) = r.sw.port(PortNo(1)).unwrap();
@@ -510,12 +511,12 @@ fn inbound_and_outbound_acls_filter_and_count() {
     let mut syn = ipv4_frame(mac(1), mac(2), 6, 4000);
     syn[14 + 20 + 13] = 0x02;
     assert_eq!(
-        r.from_port(1, syn).verdict,
+        r.send_from_port(1, syn).verdict,
         Verdict::Drop(DropReason::AclDeny)
     );
     let mut ack = ipv4_frame(mac(1), mac(2), 6, 4000);
     ack[14 + 20 + 13] = 0x10;
-    assert_eq!(r.from_port(1, ack).verdict, Verdict::Forward);
+    assert_eq!(r.send_from_port(1, ack).verdict, Verdict::Forward);
     // The port's counters survive the policy change.
     let (_, web) = r.sw.port(PortNo(1)).unwrap();
     assert_eq!(web.tx_drops.get(DropReason::AclDeny), 1);
@@ -536,7 +537,7 @@ fn a_flood_loses_only_the_copies_a_list_denies() {
         },
     )
     .unwrap();
-    let p = r.from_port(0, ipv4_frame(MacAddr::BROADCAST, mac(1), 17, 53));
+    let p = r.send_from_port(0, ipv4_frame(MacAddr::BROADCAST, mac(1), 17, 53));
     assert_eq!(p.verdict, Verdict::Flood);
     assert_eq!(r.egress(), vec![Egress::Port(PortNo(1))]);
     assert_eq!(r.drops(0, DropReason::AclDeny), 0);
@@ -570,21 +571,21 @@ fn stateful_rules_let_replies_back_but_not_new_connections() {
     };
     r.sw.set_port_acl(PortNo(0), policy()).unwrap();
     // Both MACs learned.
-    r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
-    r.from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
+    r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    r.send_from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
     // vm (10.0.0.1) opens a connection to peer (10.0.0.2):80.
     let syn = tcp_frame(mac(2), mac(1), 1, 2, 40000, 80, 0x02);
-    assert_eq!(r.from_port(0, syn).verdict, Verdict::Forward);
+    assert_eq!(r.send_from_port(0, syn).verdict, Verdict::Forward);
     let synack = tcp_frame(mac(1), mac(2), 2, 1, 80, 40000, 0x12);
     assert_eq!(
-        r.from_port(1, synack.clone()).verdict,
+        r.send_from_port(1, synack.clone()).verdict,
         Verdict::Forward,
         "the reply comes back"
     );
     // A connection opened by peer toward vm is refused.
     let inbound_syn = tcp_frame(mac(1), mac(2), 2, 1, 5555, 22, 0x02);
     assert_eq!(
-        r.from_port(1, inbound_syn).verdict,
+        r.send_from_port(1, inbound_syn).verdict,
         Verdict::Drop(DropReason::AclDeny)
     );
     let ct = r.sw.port_conntrack(PortNo(0)).unwrap();
@@ -593,7 +594,10 @@ fn stateful_rules_let_replies_back_but_not_new_connections() {
     // The same policy again keeps the connection; one without the stateful
     // rule revokes it, and the reply is then refused.
     r.sw.set_port_acl(PortNo(0), policy()).unwrap();
-    assert_eq!(r.from_port(1, synack.clone()).verdict, Verdict::Forward);
+    assert_eq!(
+        r.send_from_port(1, synack.clone()).verdict,
+        Verdict::Forward
+    );
     r.sw.set_port_acl(
         PortNo(0),
         PortAcl {
@@ -607,7 +611,7 @@ fn stateful_rules_let_replies_back_but_not_new_connections() {
         1
     );
     assert_eq!(
-        r.from_port(1, synack).verdict,
+        r.send_from_port(1, synack).verdict,
         Verdict::Drop(DropReason::AclDeny)
     );
 }
@@ -632,13 +636,13 @@ fn a_port_saved_on_one_switch_continues_on_another() {
         let mut r = Rig::new(vec![access(1, "vm", 10), access(2, "peer", 10)]);
         r.sw.set_port_acl(PortNo(0), policy()).unwrap();
         r.sw.set_port_qos(PortNo(0), qos).unwrap();
-        r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
-        r.from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
+        r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+        r.send_from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
         r
     };
     let mut a = rig();
     assert_eq!(
-        a.from_port(0, tcp_frame(mac(2), mac(1), 1, 2, 40000, 80, 0x02))
+        a.send_from_port(0, tcp_frame(mac(2), mac(1), 1, 2, 40000, 80, 0x02))
             .verdict,
         Verdict::Forward
     );
@@ -700,21 +704,21 @@ fn flows_are_recorded_where_the_ports_say_and_only_past_their_policy() {
         monitored(8, "b", FlowDirection::In),
         access(9, "c", 10),
     ]);
-    r.from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
-    r.from_port(2, frame(MacAddr::BROADCAST, mac(3), &[]));
+    r.send_from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
+    r.send_from_port(2, frame(MacAddr::BROADCAST, mac(3), &[]));
     ended(&mut r);
     r.sw.handle_timeout(T * 100);
     ended(&mut r);
     // Three UDP packets a → b, one ICMP echo (type 8) a → c.
     for _ in 0..3 {
-        r.from_port(0, ipv4_frame(mac(2), mac(1), 17, 53));
+        r.send_from_port(0, ipv4_frame(mac(2), mac(1), 17, 53));
     }
     let mut echo = ipv4_frame(mac(3), mac(1), 1, 0);
     echo[14 + 20] = 8;
     echo[14 + 21] = 0;
-    r.from_port(0, echo);
+    r.send_from_port(0, echo);
     // b only records what comes in: its UDP reply is not counted.
-    r.from_port(1, ipv4_frame(mac(1), mac(2), 17, 40000));
+    r.send_from_port(1, ipv4_frame(mac(1), mac(2), 17, 40000));
     // A denied frame from a is not counted.
     r.sw.set_port_acl(
         PortNo(0),
@@ -724,7 +728,7 @@ fn flows_are_recorded_where_the_ports_say_and_only_past_their_policy() {
         },
     )
     .unwrap();
-    r.from_port(0, tcp_frame(mac(2), mac(1), 1, 2, 1000, 80, 0x02));
+    r.send_from_port(0, tcp_frame(mac(2), mac(1), 1, 2, 1000, 80, 0x02));
     r.sw.handle_timeout(T * 200);
     let mut recs = ended(&mut r);
     recs.sort_by_key(|x| (x.id.port, x.id.dir == Direction::ToVm, x.id.proto));
@@ -752,7 +756,7 @@ fn flows_are_recorded_where_the_ports_say_and_only_past_their_policy() {
         ]
     );
     // A port that goes takes its open records with it, exported.
-    r.from_port(0, ipv4_frame(mac(2), mac(1), 17, 53));
+    r.send_from_port(0, ipv4_frame(mac(2), mac(1), 17, 53));
     r.sw.remove_port(PortNo(0));
     let recs = ended(&mut r);
     assert!(recs
@@ -766,7 +770,7 @@ fn a_tso_frame_counts_as_the_segments_it_becomes() {
         monitored(7, "a", dvs_proto::FlowDirection::Both),
         access(8, "b", 10),
     ]);
-    r.from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
+    r.send_from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
     // 20 + 20 bytes of headers and 10,000 bytes of payload, MSS 1448.
     let mut f = tcp_frame(mac(2), mac(1), 1, 2, 40000, 80, 0x10);
     f.truncate(14 + 40);
@@ -789,7 +793,7 @@ fn a_standby_port_has_its_policy_but_forwards_nothing_until_activated() {
     let mut r = Rig::new(vec![access(1, "vm", 10), access(2, "peer", 10)]);
     r.sw.set_port_standby(PortNo(0), true).unwrap();
     // Nothing goes to it...
-    let p = r.from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
+    let p = r.send_from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
     assert_eq!(p.verdict, Verdict::Flood);
     assert!(r.egress().is_empty());
     assert_eq!(
@@ -803,15 +807,15 @@ fn a_standby_port_has_its_policy_but_forwards_nothing_until_activated() {
     // ...nothing comes from it, and its first frame is reported: the VM
     // runs here.
     assert!(r.sw.take_standby_wakeups().is_empty());
-    let p = r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    let p = r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
     assert_eq!(p.verdict, Verdict::Drop(DropReason::Standby));
-    r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
     assert_eq!(r.sw.take_standby_wakeups(), vec![PortNo(0)]);
     assert!(r.sw.take_standby_wakeups().is_empty());
     // Its small frames wait for the activation (up to a bound); the rest
     // are dropped and counted.
     for _ in 0..MAX_HELD {
-        r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+        r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
     }
     assert_eq!(r.drops(0, DropReason::Standby), 2);
     let held = r.sw.take_held(PortNo(0));
@@ -819,7 +823,7 @@ fn a_standby_port_has_its_policy_but_forwards_nothing_until_activated() {
     assert!(r.sw.take_held(PortNo(0)).is_empty());
     // Activated, it forwards.
     r.sw.set_port_standby(PortNo(0), false).unwrap();
-    let p = r.from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    let p = r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
     assert_eq!(p.verdict, Verdict::Flood);
     assert_eq!(r.egress(), vec![Egress::Port(PortNo(1))]);
 }
@@ -828,8 +832,8 @@ fn a_standby_port_has_its_policy_but_forwards_nothing_until_activated() {
 fn a_trunks_learned_macs_move_with_the_port() {
     let mut a = Rig::new(vec![trunk(1, "fw", &[10, 20], None), access(2, "peer", 10)]);
     let tagged = |vid: u16, src: u8| frame(MacAddr::BROADCAST, mac(src), &[(0x8100, vid)]);
-    a.from_port(0, tagged(10, 7));
-    a.from_port(0, tagged(20, 8));
+    a.send_from_port(0, tagged(10, 7));
+    a.send_from_port(0, tagged(20, 8));
     let state = a.sw.save_port(PortNo(0), T).unwrap();
     assert_eq!(state.learned_macs.len(), 2);
     let json = serde_json::to_string(&state).unwrap();
@@ -838,7 +842,7 @@ fn a_trunks_learned_macs_move_with_the_port() {
     b.sw.restore_port(PortNo(1), &state, T * 2).unwrap();
     // VLAN 10's VM is known behind the moved trunk at once; VLAN 20 is no
     // longer on the trunk there.
-    let p = b.from_port(0, frame(mac(7), mac(2), &[]));
+    let p = b.send_from_port(0, frame(mac(7), mac(2), &[]));
     assert_eq!(p.verdict, Verdict::Forward);
     assert_eq!(b.egress(), vec![Egress::Port(PortNo(1))]);
     assert_eq!(
