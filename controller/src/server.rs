@@ -781,6 +781,7 @@ impl Controller {
                         Some(agent_message::Msg::Ack(a)) => {
                             self.mutate(false, |c| c.ack(host, a.revision))?;
                             self.prepared(host, a.revision).await;
+                            self.released(host, Some(a.revision)).await;
                         }
                         Some(agent_message::Msg::Migration(e)) => {
                             self.migration_event(host, e, &mut chunks).await;

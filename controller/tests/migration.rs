@@ -636,3 +636,46 @@ async fn a_restarted_controller_aborts_before_the_switchover_and_finishes_after(
     r.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_abort_while_activating_resumes_the_source_once_the_destination_let_go() {
+    let dir = temp("letgo");
+    let mut r = Running::start(&dir).await;
+    let (mut admin, mut h1, mut h2) = setup(&r).await;
+    let m = start(&mut admin).await;
+    prepare(&mut h2, m.id).await;
+    h2.event(event(m.id, "veth1", Kind::Wakeup)).await;
+    h1.command(Op::Stop).await;
+    send_stopped(&h1, m.id, &snapshot(m.id, 10), 1 << 20, 10).await;
+    // h2 is told to start; before it says it did, an admin aborts.
+    h2.command(Op::Start).await;
+    phase(&mut admin, m.id, "activating").await;
+    admin
+        .abort_migration(api::MigrationRef {
+            id: m.id,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // h1 hears nothing yet: h2 may be forwarding.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    while let Ok(Ok(Some(x))) =
+        tokio::time::timeout(Duration::from_millis(20), h1.rx.message()).await
+    {
+        if let Some(Msg::Migration(c)) = x.msg {
+            assert_ne!(
+                c.op,
+                Op::Resume as i32,
+                "resumed while the destination may forward"
+            );
+        }
+    }
+    // h2 drops the port (its next state) and acks it: now h1 resumes.
+    h2.until(|a| !a.items.contains_key("port/veth1")).await;
+    let resume = h1.command(Op::Resume).await;
+    assert_eq!(resume.migration, m.id);
+    r.halt().await;
+    drop((h1, h2, admin));
+    r.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -382,20 +382,25 @@ fn aborts_and_crashes_at_every_phase_end_in_one_consistent_state() {
     consistent(&c, 0, 1, "abort while switching");
 
     // Abort while activating: the source stopped and handed over, the
-    // destination (frozen) has not started: the source forwards again at
-    // once, before the destination even wakes.
+    // destination (frozen) was told to start. The source takes the port
+    // back only once the destination has dropped it — never both active.
     let id = c.begin_move("a", 1);
     c.topo.signal(&h2, "STOP");
     c.ok(&["migrate", "activate", "--id", &id.to_string()]);
     c.wait_phase(id, "activating", Duration::from_secs(5));
     abort(&c, id, "admin: activating");
-    let back = wait_for(Duration::from_secs(5), || c.ping("a", "b", 1).1 == 1);
+    assert_eq!(
+        c.ping("a", "b", 2).1,
+        0,
+        "the source resumed before the destination let go"
+    );
+    c.topo.signal(&h2, "CONT");
+    let back = wait_for(Duration::from_secs(10), || c.ping("a", "b", 1).1 == 1);
     assert!(
         back,
         "the source did not take the port back\n{}",
         c.topo.logs()
     );
-    c.topo.signal(&h2, "CONT");
     consistent(&c, 0, 1, "abort while activating");
 
     // A refused second migration and a bad destination change nothing.

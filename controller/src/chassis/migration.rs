@@ -41,6 +41,10 @@ pub struct MigrationRec {
     /// of it means the port is in place with its policy.
     #[serde(default)]
     pub prepare_revision: u64,
+    /// Aborted while activating: the source resumes once the destination
+    /// acknowledged this revision (its port gone) or left.
+    #[serde(default)]
+    pub resume_after: Option<u64>,
 }
 
 impl MigrationRec {
@@ -167,6 +171,7 @@ impl Chassis {
                 flows: 0,
                 dropped: 0,
                 prepare_revision: self.meta.revision,
+                resume_after: None,
             },
         );
         self.dirty.migrations.insert(id);
@@ -201,6 +206,7 @@ impl Chassis {
             Error::NotFound(format!("no migration {id}: `dvs migrate list` shows them"))
         })?;
         let stopped = matches!(input, Input::SourceDeactivated { .. });
+        let activating = rec.machine.phase() == Phase::Activating;
         let out = rec
             .machine
             .handle(now, input)
@@ -231,6 +237,14 @@ impl Chassis {
                     self.index_add(n);
                     self.dirty.ports.insert(n);
                     self.bump();
+                }
+                Output::ReactivateSource if activating => {
+                    // The destination may have started: the source takes
+                    // the port back once the destination has dropped it.
+                    let revision = self.meta.revision;
+                    if let Some(r) = self.migrations.get_mut(&id) {
+                        r.resume_after = Some(revision);
+                    }
                 }
                 _ => {}
             }

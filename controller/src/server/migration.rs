@@ -174,11 +174,15 @@ impl Controller {
                         .await;
                 }
                 Output::ReactivateSource => {
-                    // A source that is away restarts the port from its full
-                    // state (no standby) when it is back.
-                    let _ = self
-                        .send_command(&r.from.host, command(&r, Op::Resume))
-                        .await;
+                    // Unless the destination may have started (then once it
+                    // dropped the port: `released`). A source that is away
+                    // restarts the port from its full state (no standby)
+                    // when it is back.
+                    if r.resume_after.is_none() {
+                        let _ = self
+                            .send_command(&r.from.host, command(&r, Op::Resume))
+                            .await;
+                    }
                 }
                 Output::PrepareDestination
                 | Output::MoveMac
@@ -282,6 +286,32 @@ impl Controller {
     pub(super) fn migration_list(&self) -> api::MigrationList {
         api::MigrationList {
             migrations: self.lock().chassis.migrations().map(view).collect(),
+        }
+    }
+
+    /// Aborted migrations whose destination `host` has dropped the port
+    /// (acknowledged `revision`; `None`: it left): their source resumes.
+    pub(super) async fn released(&self, host: &str, revision: Option<u64>) {
+        let ready: Vec<MigrationRec> = self
+            .lock()
+            .chassis
+            .migrations()
+            .filter(|m| {
+                m.to.host == host
+                    && m.resume_after
+                        .is_some_and(|r| revision.is_none_or(|acked| acked >= r))
+            })
+            .cloned()
+            .collect();
+        for m in ready {
+            tracing::info!(migration = m.id, source = %m.from.host, "the destination dropped the port: the source resumes");
+            let _ = self
+                .send_command(&m.from.host, command(&m, Op::Resume))
+                .await;
+            let _ = self.mutate(true, |c| {
+                c.note_migration(m.id, |r| r.resume_after = None);
+                Ok(())
+            });
         }
     }
 
@@ -483,6 +513,8 @@ impl Controller {
                 tracing::warn!(migration = id, error = %s.message(), "abort refused");
             }
         }
+        // A destination that left cannot hold its port against the source.
+        self.released(host, None).await;
     }
 
     /// Abort migrations whose destination never installed the port; ends
