@@ -517,6 +517,72 @@ fn aborts_and_crashes_at_every_phase_end_in_one_consistent_state() {
         c.replug("a");
         consistent(&c, 0, 1, &format!("source killed while {phase}"));
     }
+
+    // The other phases of each crash.
+    // The controller while preparing (the destination frozen holds it
+    // there) and while switching (the source frozen): aborted on restart.
+    for (phase, frozen) in [("preparing", &h2), ("switching", &h1)] {
+        let id = if phase == "preparing" {
+            c.topo.signal(frozen, "STOP");
+            start(&c)
+        } else {
+            let id = c.begin_move("a", 1);
+            c.topo.signal(frozen, "STOP");
+            c.ok(&["migrate", "activate", "--id", &id.to_string()]);
+            id
+        };
+        c.wait_phase(id, phase, Duration::from_secs(5));
+        c.topo.kill9("controller");
+        c.start_controller();
+        c.topo.signal(frozen, "CONT");
+        c.wait_converged(Duration::from_secs(20));
+        assert_eq!(c.migration(id)["phase"], "aborted");
+        consistent(&c, 0, 1, &format!("controller killed while {phase}"));
+    }
+    // The destination while preparing and while switching: aborted, the
+    // source forwards.
+    for phase in ["preparing", "switching"] {
+        let id = if phase == "preparing" {
+            c.topo.signal(&h2, "STOP");
+            start(&c)
+        } else {
+            let id = c.begin_move("a", 1);
+            c.topo.signal(&h1, "STOP");
+            c.ok(&["migrate", "activate", "--id", &id.to_string()]);
+            id
+        };
+        c.wait_phase(id, phase, Duration::from_secs(5));
+        c.topo.kill9(&h2);
+        c.wait_phase(id, "aborted", Duration::from_secs(20));
+        c.topo.signal(&h1, "CONT");
+        c.start_agent(1);
+        c.wait_converged(Duration::from_secs(20));
+        consistent(&c, 0, 1, &format!("destination killed while {phase}"));
+    }
+    // The source while preparing: aborted.
+    c.topo.signal(&h2, "STOP");
+    let id = start(&c);
+    c.wait_phase(id, "preparing", Duration::from_secs(5));
+    c.topo.kill9(&h1);
+    c.wait_phase(id, "aborted", Duration::from_secs(20));
+    c.topo.signal(&h2, "CONT");
+    c.start_agent(0);
+    c.wait_converged(Duration::from_secs(20));
+    c.replug("a");
+    consistent(&c, 0, 1, "source killed while preparing");
+    // The source while activating: it had stopped and handed over, so the
+    // migration finishes without it; the VM runs on h2.
+    let id = c.begin_move("a", 1);
+    c.topo.signal(&h2, "STOP");
+    c.ok(&["migrate", "activate", "--id", &id.to_string()]);
+    c.wait_phase(id, "activating", Duration::from_secs(5));
+    c.topo.kill9(&h1);
+    c.topo.signal(&h2, "CONT");
+    c.wait_phase(id, "done", Duration::from_secs(20));
+    c.swap_nic("a", 1);
+    c.start_agent(0);
+    c.wait_converged(Duration::from_secs(20));
+    consistent(&c, 1, 0, "source killed while activating");
     println!("{}", c.ok(&["migrate", "list"]));
     let _ = last(&c);
 }
