@@ -163,6 +163,7 @@ enum MigrateCmd {
     /// switches over on `dvs migrate activate` or on the VM's first frame
     /// at the destination, whichever comes first.
     Start {
+        /// The port (vethN).
         #[arg(long)]
         port: String,
         /// The destination host.
@@ -174,7 +175,8 @@ enum MigrateCmd {
         /// ...or the VMM's interface there.
         #[arg(long, default_value = "")]
         netdev: String,
-        /// Return once the destination has the port with its policy.
+        /// Return once the destination has the port with its policy (an
+        /// error if it was aborted, or after 20 s without it).
         #[arg(long)]
         wait: bool,
     },
@@ -190,10 +192,13 @@ enum MigrateCmd {
     /// Stop a migration: the source keeps (or takes back) the port and
     /// the destination's copy is removed.
     Abort {
+        /// The migration's ID...
         #[arg(long, default_value_t = 0, required_unless_present = "port")]
         id: u64,
+        /// ...or its port.
         #[arg(long, default_value = "")]
         port: String,
+        /// Why (kept in the migration's record).
         #[arg(long, default_value = "")]
         reason: String,
     },

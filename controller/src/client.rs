@@ -266,24 +266,8 @@ pub async fn call(c: &mut Admin, cmd: Command, out: Output) -> Result<String, Cl
         }
         Command::MigrateStart { req, wait } => {
             let mut m = c.start_migration(req).await.map_err(refused)?.into_inner();
-            let until = std::time::Instant::now() + std::time::Duration::from_secs(20);
-            while wait && m.phase == "preparing" && std::time::Instant::now() < until {
-                tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-                let all = c.list_migrations(api::Empty {}).await.map_err(refused)?;
-                if let Some(n) = all
-                    .into_inner()
-                    .migrations
-                    .into_iter()
-                    .find(|n| n.id == m.id)
-                {
-                    m = n;
-                }
-            }
-            if m.phase == "aborted" {
-                return Err(ClientError::Refused(format!(
-                    "migration {} of {} to {} aborted: {}",
-                    m.id, m.port, m.to, m.abort_reason
-                )));
+            if wait {
+                m = wait_prepared(c, m.id).await?;
             }
             render_migrations(std::slice::from_ref(&m), out)
         }
@@ -473,6 +457,48 @@ fn render_hosts(hosts: &[api::Host], out: Output) -> String {
         ],
         &rows,
     )
+}
+
+/// How long [`wait_prepared`] waits for a destination.
+pub const PREPARE_WAIT: std::time::Duration = std::time::Duration::from_secs(20);
+
+/// Wait until migration `id`'s destination has the port with its policy
+/// (the migration is past preparing); returns the migration then.
+///
+/// # Errors
+/// [`ClientError::Refused`] when it was aborted, is gone, or the
+/// destination did not install the port within [`PREPARE_WAIT`].
+pub async fn wait_prepared(c: &mut Admin, id: u64) -> Result<api::Migration, ClientError> {
+    let until = std::time::Instant::now() + PREPARE_WAIT;
+    loop {
+        let all = c
+            .list_migrations(api::Empty {})
+            .await
+            .map_err(refused)?
+            .into_inner()
+            .migrations;
+        let Some(m) = all.into_iter().find(|m| m.id == id) else {
+            return Err(ClientError::Refused(format!("migration {id} is gone")));
+        };
+        match m.phase.as_str() {
+            "preparing" if std::time::Instant::now() < until => {}
+            "preparing" => {
+                return Err(ClientError::Refused(format!(
+                    "migration {id}: the destination did not install port {} within {} s",
+                    m.port,
+                    PREPARE_WAIT.as_secs()
+                )))
+            }
+            "aborted" => {
+                return Err(ClientError::Refused(format!(
+                    "migration {id} of port {} to {} aborted: {}",
+                    m.port, m.to, m.abort_reason
+                )))
+            }
+            _ => return Ok(m),
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
 }
 
 /// Milliseconds from `from` to `to` (both µs since the epoch; 0: not yet).

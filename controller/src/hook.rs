@@ -2,15 +2,10 @@
 //! controller (what each operation means is `dvs_migrate::libvirt`'s).
 //! Ports are found by the MACs of the domain's interfaces.
 
-use std::time::{Duration, Instant};
-
 use dvs_migrate::libvirt::{self, Action};
 use dvs_proto::api;
 
 use crate::client::{Admin, ClientError};
-
-/// How long the hook waits for a destination to have a port in place.
-pub const READY_TIMEOUT: Duration = Duration::from_secs(20);
 
 /// How the hook was called.
 #[derive(Debug, Clone)]
@@ -188,41 +183,12 @@ pub async fn libvirt(c: &mut Admin, call: &HookCall) -> Result<String, ClientErr
     Ok(out)
 }
 
-/// Wait until migration `id`'s destination has the port with its policy.
+/// Wait until migration `id`'s destination has the port with its policy;
+/// the line to print.
 async fn wait_ready(c: &mut Admin, id: u64) -> Result<String, ClientError> {
-    let until = Instant::now() + READY_TIMEOUT;
-    loop {
-        let all = c
-            .list_migrations(api::Empty {})
-            .await
-            .map_err(refused)?
-            .into_inner()
-            .migrations;
-        let Some(m) = all.into_iter().find(|m| m.id == id) else {
-            return Err(ClientError::Refused(format!("migration {id} is gone")));
-        };
-        match m.phase.as_str() {
-            "preparing" if Instant::now() < until => {}
-            "preparing" => {
-                return Err(ClientError::Refused(format!(
-                    "migration {id}: the destination did not install port {} within {} s",
-                    m.port,
-                    READY_TIMEOUT.as_secs()
-                )))
-            }
-            "aborted" => {
-                return Err(ClientError::Refused(format!(
-                    "migration {id} of port {} aborted: {}",
-                    m.port, m.abort_reason
-                )))
-            }
-            phase => {
-                return Ok(format!(
-                    "{}: migration {id} {phase}, policy in place on {}",
-                    m.port, m.to
-                ))
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    let m = crate::client::wait_prepared(c, id).await?;
+    Ok(format!(
+        "{}: migration {id} {}, policy in place on {}",
+        m.port, m.phase, m.to
+    ))
 }

@@ -4,6 +4,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use dvs_controller::server::{serve_on, Controller};
 use dvs_proto::api::{self, admin_client::AdminClient, agent_client::AgentClient, agent_message};
 use tokio::sync::mpsc;
@@ -39,25 +41,7 @@ async fn start(tag: &str) -> Running {
         dir,
         _stop: stop,
     };
-    let mut admin = AdminClient::connect(r.url.clone()).await.unwrap();
-    admin
-        .apply_profiles(api::ApplyRequest {
-            yaml: "kind: PortProfile\nname: web\nvlan: { mode: access, id: 10 }\n".into(),
-            dry_run: false,
-        })
-        .await
-        .unwrap();
-    admin
-        .create_port(api::CreatePortRequest {
-            vm: "vm1".into(),
-            mac: "02:00:00:00:00:01".into(),
-            profile: "web".into(),
-            host: "h1".into(),
-            tap: "t1".into(),
-            netdev: String::new(),
-        })
-        .await
-        .unwrap();
+    common::seed(&r.url).await;
     r
 }
 

@@ -6,6 +6,8 @@
 
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
 use std::time::Duration;
 
 use dvs_controller::server::{serve_on, Controller};
@@ -207,25 +209,8 @@ fn event(m: u64, port: &str, kind: Kind) -> api::MigrationEvent {
 }
 
 async fn setup(r: &Running) -> (Admin, Agent, Agent) {
-    let mut admin = r.admin().await;
-    admin
-        .apply_profiles(api::ApplyRequest {
-            yaml: "kind: PortProfile\nname: web\nvlan: { mode: access, id: 10 }\n".into(),
-            dry_run: false,
-        })
-        .await
-        .unwrap();
-    admin
-        .create_port(api::CreatePortRequest {
-            vm: "vm1".into(),
-            mac: "02:00:00:00:00:01".into(),
-            profile: "web".into(),
-            host: "h1".into(),
-            tap: "t1".into(),
-            netdev: String::new(),
-        })
-        .await
-        .unwrap();
+    common::seed(&r.url).await;
+    let admin = r.admin().await;
     let h1 = Agent::connect(&r.url, "h1", "10.0.0.1").await;
     let h2 = Agent::connect(&r.url, "h2", "10.0.0.2").await;
     (admin, h1, h2)

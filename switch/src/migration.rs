@@ -29,6 +29,7 @@ use crate::datapath::{Datapath, PortIo};
 use crate::pipeline::{Ingress, PortAcl, PortConfig, PortNo, PortState, Switch, SwitchConfig};
 use crate::wire;
 use crate::wire::FlowKey;
+use rustc_hash::{FxHashMap, FxHashSet};
 use serde::{Deserialize, Serialize};
 
 /// A port's state in flight: whole (the pre-copy, or a handover without
@@ -54,28 +55,18 @@ impl Transfer {
     /// The whole state: this delta applied to `base` (a whole one).
     pub fn merged(self, base: Transfer) -> PortState {
         let key = |c: &SavedConn| ConnKey::of(&c.first);
-        let gone: BTreeSet<_> = self
+        // Replaced (changed) or gone: the base's entry goes.
+        let drop: FxHashSet<ConnKey> = self
             .gone
             .iter()
             .filter_map(ConnKey::of)
-            .map(Ordered)
-            .collect();
-        let changed: BTreeSet<_> = self
-            .state
-            .conntrack
-            .iter()
-            .filter_map(key)
-            .map(Ordered)
+            .chain(self.state.conntrack.iter().filter_map(key))
             .collect();
         let mut conntrack: Vec<SavedConn> = base
             .state
             .conntrack
             .into_iter()
-            .filter(|c| {
-                key(c)
-                    .map(Ordered)
-                    .is_some_and(|k| !gone.contains(&k) && !changed.contains(&k))
-            })
+            .filter(|c| key(c).is_some_and(|k| !drop.contains(&k)))
             .map(|mut c| {
                 c.idle += self.since_base;
                 c
@@ -89,23 +80,6 @@ impl Transfer {
     }
 }
 
-/// A connection key with an order (for sets).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-struct Ordered(ConnKey);
-
-impl Ord for Ordered {
-    fn cmp(&self, o: &Self) -> std::cmp::Ordering {
-        let k = |c: &ConnKey| (c.proto, c.src, c.dst, c.src_port, c.dst_port);
-        k(&self.0).cmp(&k(&o.0))
-    }
-}
-
-impl PartialOrd for Ordered {
-    fn partial_cmp(&self, o: &Self) -> Option<std::cmp::Ordering> {
-        Some(self.cmp(o))
-    }
-}
-
 /// Snapshots travel in pieces of this size (gRPC messages stay small).
 pub const CHUNK: usize = 1 << 20;
 
@@ -116,6 +90,116 @@ pub fn event(migration: u64, port: &str, kind: api::migration_event::Kind) -> ap
         port: port.to_string(),
         kind: kind as i32,
         ..api::MigrationEvent::default()
+    }
+}
+
+/// The message that reports a datapath's migration event.
+pub fn report(e: Event) -> api::MigrationEvent {
+    use api::migration_event::Kind;
+    match e {
+        Event::Wakeup { port, migration } => {
+            event(migration.unwrap_or(0), &port.to_string(), Kind::Wakeup)
+        }
+        Event::FirstForwarded { migration, at } => api::MigrationEvent {
+            at_us: at.as_micros() as u64,
+            ..event(migration, "", Kind::FirstForwarded)
+        },
+    }
+}
+
+/// Carry out a controller's migration command on a host: `run` hands the
+/// datapath its part (`false`: the datapath is gone), and the datapath's
+/// reply comes back through the channel in the command (this waits for
+/// it). Returns the events to report; what cannot be done is a FAILED
+/// event with the reason.
+pub fn carry_out(
+    inbox: &mut Inbox,
+    c: &api::MigrationCommand,
+    mut run: impl FnMut(Command) -> bool,
+) -> Vec<api::MigrationEvent> {
+    use api::migration_command::Op;
+    use api::migration_event::Kind;
+    // The datapath's reply to the command `make` builds (`None`: gone).
+    fn ask<T>(
+        run: &mut impl FnMut(Command) -> bool,
+        make: impl FnOnce(SyncSender<Result<T, String>>) -> Command,
+    ) -> Option<Result<T, String>> {
+        let (reply, r) = std::sync::mpsc::sync_channel(1);
+        if !run(make(reply)) {
+            return None;
+        }
+        r.recv().ok()
+    }
+    let m = c.migration;
+    let fail = |error: String| {
+        tracing::error!(migration = m, port = %c.port, %error, "migration command failed");
+        vec![api::MigrationEvent {
+            error,
+            ..event(m, &c.port, Kind::Failed)
+        }]
+    };
+    let Ok(port) = c.port.parse::<PortId>() else {
+        return fail(format!("`{}` is not a port ID", c.port));
+    };
+    match Op::try_from(c.op).unwrap_or(Op::Unspecified) {
+        Op::Stop => {
+            let redirect = c.redirect.parse().ok();
+            let stop = |reply| Command::Stop {
+                migration: m,
+                port,
+                redirect,
+                reply,
+            };
+            match ask(&mut run, stop) {
+                Some(r) => r
+                    .and_then(|h| stopped_events(m, port, h))
+                    .unwrap_or_else(fail),
+                None => Vec::new(),
+            }
+        }
+        Op::Sync => {
+            let sync = |reply| Command::Sync {
+                migration: m,
+                port,
+                reply,
+            };
+            match ask(&mut run, sync) {
+                Some(r) => r
+                    .and_then(|state| synced_events(m, port, state))
+                    .unwrap_or_else(fail),
+                None => Vec::new(),
+            }
+        }
+        Op::Presync | Op::Start => {
+            let state = match inbox.take(c, port) {
+                Inbound::More | Inbound::Based => return Vec::new(),
+                Inbound::Failed(e) => return fail(e),
+                Inbound::Start(s) => s,
+            };
+            let start = |reply| Command::Start {
+                migration: m,
+                port,
+                state,
+                reply,
+            };
+            match ask(&mut run, start) {
+                Some(Ok(dropped)) => vec![api::MigrationEvent {
+                    dropped,
+                    ..event(m, &c.port, Kind::Started)
+                }],
+                Some(Err(e)) => fail(e),
+                None => Vec::new(),
+            }
+        }
+        Op::Resume => {
+            run(Command::Resume { migration: m, port });
+            Vec::new()
+        }
+        Op::Announce => {
+            run(Command::Announce { port });
+            Vec::new()
+        }
+        Op::Unspecified => fail(format!("unknown migration operation {}", c.op)),
     }
 }
 
@@ -377,14 +461,14 @@ pub struct Migrations {
 fn delta(state: PortState, base: &[SavedConn], since: Duration) -> Transfer {
     // Unchanged: the same connection, its last packet as long ago as then
     // (plus the time since).
-    let seen: BTreeMap<Ordered, &SavedConn> = base
+    let seen: FxHashMap<ConnKey, &SavedConn> = base
         .iter()
-        .filter_map(|c| Some((Ordered(ConnKey::of(&c.first)?), c)))
+        .filter_map(|c| Some((ConnKey::of(&c.first)?, c)))
         .collect();
-    let mut now_keys = BTreeSet::new();
+    let mut now_keys = FxHashSet::default();
     let mut changed = Vec::new();
     for c in state.conntrack.iter() {
-        let Some(k) = ConnKey::of(&c.first).map(Ordered) else {
+        let Some(k) = ConnKey::of(&c.first) else {
             continue;
         };
         now_keys.insert(k);

@@ -212,8 +212,8 @@ struct Port {
     flow: Option<(usize, FlowDirection)>,
     /// In standby: installed with its policy, not forwarding.
     standby: bool,
-    /// When the port last had a frame forwarded from or to it.
-    last_frame: Option<Duration>,
+    /// When a frame last came from the VM or went to it (zero: never).
+    last_frame: Duration,
 }
 
 impl Port {
@@ -235,7 +235,7 @@ impl Port {
             guard: PortGuard::new(&cfg.security),
             flow: None,
             standby: false,
-            last_frame: None,
+            last_frame: Duration::ZERO,
             cfg,
             counters: PortCounters::default(),
         }
@@ -419,12 +419,13 @@ impl Switch {
             .is_some_and(|p| p.standby)
     }
 
-    /// When port `no` last had a frame forwarded from or to it.
+    /// When a frame last came from port `no`'s VM or went to it.
     pub fn port_last_frame(&self, no: PortNo) -> Option<Duration> {
         self.ports
             .get(usize::from(no.0))
             .and_then(Option::as_ref)
-            .and_then(|p| p.last_frame)
+            .map(|p| p.last_frame)
+            .filter(|t| !t.is_zero())
     }
 
     /// The port whose ID is `id`.
@@ -859,7 +860,7 @@ impl Switch {
         out.clear();
         let mut frame = 0..buf.len();
         let classified = match ingress {
-            Ingress::Port(no) => self.classify_port(no, buf),
+            Ingress::Port(no) => self.classify_port(now, no, buf),
             Ingress::Tunnel { .. } => self.classify_tunnel(buf, &mut frame),
         };
         let (vlan, view) = match classified {
@@ -960,7 +961,7 @@ impl Switch {
         if let Verdict::Drop(r) = verdict {
             self.count_drop(ingress, r);
         }
-        self.count_tx(now, ingress, out, len);
+        self.count_tx(now, out, len);
         Processed {
             verdict,
             frame,
@@ -968,11 +969,17 @@ impl Switch {
         }
     }
 
-    fn classify_port(&mut self, no: PortNo, buf: &[u8]) -> Result<(VlanId, EthView), DropReason> {
+    fn classify_port(
+        &mut self,
+        now: Duration,
+        no: PortNo,
+        buf: &[u8],
+    ) -> Result<(VlanId, EthView), DropReason> {
         let max = self.cfg.max_frame;
         let Some(Some(port)) = self.ports.get_mut(usize::from(no.0)) else {
             return Err(DropReason::UnknownPort);
         };
+        port.last_frame = now;
         let c = &mut port.counters;
         c.rx_frames += 1;
         c.rx_bytes += buf.len() as u64;
@@ -1255,17 +1262,12 @@ impl Switch {
         }
     }
 
-    fn count_tx(&mut self, now: Duration, ingress: Ingress, out: &[Output], len: u64) {
-        if let (Ingress::Port(no), false) = (ingress, out.is_empty()) {
-            if let Some(Some(port)) = self.ports.get_mut(usize::from(no.0)) {
-                port.last_frame = Some(now);
-            }
-        }
+    fn count_tx(&mut self, now: Duration, out: &[Output], len: u64) {
         for o in out {
             match o.egress {
                 Egress::Port(p) => {
                     if let Some(Some(port)) = self.ports.get_mut(usize::from(p.0)) {
-                        port.last_frame = Some(now);
+                        port.last_frame = now;
                         port.counters.tx_frames += 1;
                         port.counters.tx_bytes += len + if o.tag.is_some() { 4 } else { 0 };
                     }

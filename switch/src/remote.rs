@@ -36,7 +36,7 @@ use tokio_stream::wrappers::ReceiverStream;
 
 use crate::agent::{self, ControlLink, Update};
 use crate::config::{assemble, AgentConfig};
-use crate::migration::{self, event, Command, Event, Inbound, Inbox};
+use crate::migration::{self, Command, Event, Inbox};
 use crate::Error;
 
 /// How the agent meets its controller.
@@ -210,131 +210,30 @@ async fn send_event(out: &Outbox, e: api::MigrationEvent) -> Result<(), String> 
     .map_err(|e| e.to_string())
 }
 
-/// Send `events`, or the failure `fail` makes of their error.
-async fn send_events(
-    out: &Outbox,
-    events: Result<Vec<api::MigrationEvent>, String>,
-    fail: impl FnOnce(String) -> api::MigrationEvent,
-) -> Result<(), String> {
-    match events {
-        Ok(events) => {
-            for e in events {
-                send_event(out, e).await?;
-            }
-            Ok(())
-        }
-        Err(e) => send_event(out, fail(e)).await,
-    }
-}
-
 impl Control {
-    /// Have the datapath carry out the command `make` builds and wait for
-    /// its reply (`None`: the datapath is gone).
-    async fn ask<T: Send + 'static>(
-        &self,
-        make: impl FnOnce(std::sync::mpsc::SyncSender<Result<T, String>>) -> Command,
-    ) -> Result<Option<Result<T, String>>, String> {
-        let (reply, r) = sync_channel(1);
-        if !self.command(make(reply)) {
-            return Ok(None);
-        }
-        tokio::task::spawn_blocking(move || r.recv())
-            .await
-            .map_err(|e| e.to_string())?
-            .map(Some)
-            .map_err(|e| e.to_string())
-    }
-
-    fn command(&self, c: Command) -> bool {
-        if self.commands.send(c).is_err() {
-            return false;
-        }
-        let _ = (&self.wake).write_all(&[1]);
-        true
-    }
-
-    /// Do what the controller asks of this host in a migration; what
-    /// cannot be done is reported as FAILED with the reason.
+    /// Do what the controller asks of this host in a migration (the
+    /// datapath's part on its loop, waited for off this thread); report
+    /// what came of it.
     async fn migration(&mut self, c: api::MigrationCommand, out: &Outbox) -> Result<(), String> {
-        use api::migration_command::Op;
-        use api::migration_event::Kind;
-        let (m, port_name) = (c.migration, c.port.clone());
-        let fail = |error: String| {
-            tracing::error!(migration = m, port = %port_name, %error, "migration command failed");
-            api::MigrationEvent {
-                error,
-                ..event(m, &port_name, Kind::Failed)
-            }
-        };
-        let Ok(port) = c.port.parse::<dvs_proto::PortId>() else {
-            return send_event(out, fail(format!("`{}` is not a port ID", c.port))).await;
-        };
-        match Op::try_from(c.op).unwrap_or(Op::Unspecified) {
-            Op::Stop => {
-                let redirect = c.redirect.parse().ok();
-                let Some(r) = self
-                    .ask(|reply| Command::Stop {
-                        migration: m,
-                        port,
-                        redirect,
-                        reply,
-                    })
-                    .await?
-                else {
-                    return Ok(());
-                };
-                let events = r.and_then(|h| migration::stopped_events(m, port, h));
-                send_events(out, events, fail).await?;
-            }
-            Op::Sync => {
-                let Some(r) = self
-                    .ask(|reply| Command::Sync {
-                        migration: m,
-                        port,
-                        reply,
-                    })
-                    .await?
-                else {
-                    return Ok(());
-                };
-                let events = r.and_then(|state| migration::synced_events(m, port, state));
-                send_events(out, events, fail).await?;
-            }
-            Op::Presync | Op::Start => {
-                let state = match self.incoming.take(&c, port) {
-                    Inbound::More | Inbound::Based => return Ok(()),
-                    Inbound::Failed(e) => return send_event(out, fail(e)).await,
-                    Inbound::Start(s) => s,
-                };
-                let Some(r) = self
-                    .ask(|reply| Command::Start {
-                        migration: m,
-                        port,
-                        state,
-                        reply,
-                    })
-                    .await?
-                else {
-                    return Ok(());
-                };
-                let e = match r {
-                    Ok(dropped) => api::MigrationEvent {
-                        dropped,
-                        ..event(m, &c.port, Kind::Started)
-                    },
-                    Err(e) => fail(e),
-                };
-                send_event(out, e).await?;
-            }
-            Op::Resume => {
-                self.command(Command::Resume { migration: m, port });
-            }
-            Op::Announce => {
-                self.command(Command::Announce { port });
-            }
-            Op::Unspecified => {
-                send_event(out, fail(format!("unknown migration operation {}", c.op))).await?;
-            }
+        let mut inbox = std::mem::take(&mut self.incoming);
+        let commands = self.commands.clone();
+        let wake = self
+            .wake
+            .try_clone()
+            .map_err(|e| format!("the control link: {e}"))?;
+        let (inbox, events) = tokio::task::spawn_blocking(move || {
+            let events = migration::carry_out(&mut inbox, &c, |cmd| {
+                let sent = commands.send(cmd).is_ok();
+                let _ = (&wake).write_all(&[1]);
+                sent
+            });
+            (inbox, events)
+        })
+        .await
+        .map_err(|e| e.to_string())?;
+        self.incoming = inbox;
+        for e in events {
+            send_event(out, e).await?;
         }
         Ok(())
     }
@@ -426,15 +325,7 @@ impl Control {
                     }
                 }
                 Some(e) = self.events.recv() => {
-                    use api::migration_event::Kind;
-                    let e = match e {
-                        Event::Wakeup { port, migration } => event(migration.unwrap_or(0), &port.to_string(), Kind::Wakeup),
-                        Event::FirstForwarded { migration, at } => api::MigrationEvent {
-                            at_us: at.as_micros() as u64,
-                            ..event(migration, "", Kind::FirstForwarded)
-                        },
-                    };
-                    send_event(&out, e).await?;
+                    send_event(&out, migration::report(e)).await?;
                 }
                 _ = report.tick() => {
                     let s = self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();

@@ -90,23 +90,7 @@ impl Chassis {
                 .sh(&ns, "cat /sys/class/net/eth0/address")
                 .trim()
                 .to_string();
-            let id = c
-                .ok(&[
-                    "port",
-                    "create",
-                    "--vm",
-                    name,
-                    "--mac",
-                    &mac,
-                    "--profile",
-                    profile,
-                    "--host",
-                    &format!("h{}", host + 1),
-                    "--netdev",
-                    &h,
-                ])
-                .trim()
-                .to_string();
+            let id = c.create_port(name, &mac, profile, *host, ("--netdev", &h));
             let ip = addr.split('/').next().unwrap_or(addr).to_string();
             c.vms.push((name.to_string(), ns, ip, id));
         }
@@ -115,6 +99,35 @@ impl Chassis {
         }
         c.wait_converged(Duration::from_secs(20));
         c
+    }
+
+    /// `dvs port create` of VM `vm` bound to host `host` on `attach`
+    /// (`--tap NAME` or `--netdev NAME`); the port's ID.
+    fn create_port(
+        &self,
+        vm: &str,
+        mac: &str,
+        profile: &str,
+        host: usize,
+        attach: (&str, &str),
+    ) -> String {
+        let host = format!("h{}", host + 1);
+        self.ok(&[
+            "port",
+            "create",
+            "--vm",
+            vm,
+            "--mac",
+            mac,
+            "--profile",
+            profile,
+            "--host",
+            &host,
+            attach.0,
+            attach.1,
+        ])
+        .trim()
+        .to_string()
     }
 
     pub fn url(&self) -> String {
@@ -379,23 +392,7 @@ impl Chassis {
     pub fn add_tap_vm(&mut self, name: &str, host: usize, addr: &str, profile: &str, mac: &str) {
         let ns = self.topo.add_ns(&format!("v{name}"));
         let tap = self.topo.name(&format!("t{name}"));
-        let id = self
-            .ok(&[
-                "port",
-                "create",
-                "--vm",
-                name,
-                "--mac",
-                mac,
-                "--profile",
-                profile,
-                "--host",
-                &format!("h{}", host + 1),
-                "--tap",
-                &tap,
-            ])
-            .trim()
-            .to_string();
+        let id = self.create_port(name, mac, profile, host, ("--tap", &tap));
         self.wait_converged(Duration::from_secs(20));
         let t = TapVm {
             name: name.to_string(),

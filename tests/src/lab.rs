@@ -29,7 +29,7 @@ use dvs_proto::PortId;
 use dvs_proto::{MacAddr, VlanMode};
 use dvs_switch::config::{AgentConfig, PortSpec};
 use dvs_switch::datapath::{Datapath, PortIo, PortStats, RxMeta, Uplink};
-use dvs_switch::migration::{self, Command as MigrationCommand, Event, Inbound, Inbox, Migrations};
+use dvs_switch::migration::{self, Inbox, Migrations};
 use dvs_switch::wire::VnetHdr;
 use dvs_switch::{Switch, SwitchConfig, TunnelCounters};
 use serde::Serialize;
@@ -876,124 +876,27 @@ impl Lab {
             .map_err(|e| LabError::Controller(format!("host {}: {e}", h.name)))?;
             let live: Vec<PortId> = h.cfg.ports.iter().map(|p| p.port.id).collect();
             h.wires.retain(|id, _| live.contains(id));
-            let cfg = h.cfg.clone();
-            h.migrations.sync_standby(&mut h.dp, &old, &cfg, false, now);
+            h.migrations
+                .sync_standby(&mut h.dp, &old, &h.cfg, false, now);
             self.control.ack(i, None);
         }
         while let Some(c) = self.control.sessions[i].commands.pop_front() {
-            for e in self.migration_command(i, c, now) {
+            let h = &mut self.hosts[i];
+            let (dp, migrations, specs) = (&mut h.dp, &mut h.migrations, &h.cfg.ports);
+            let events = migration::carry_out(&mut h.incoming, &c, |cmd| {
+                migrations.command(dp, specs, cmd, now);
+                true
+            });
+            for e in events {
                 self.control.send(i, agent_message::Msg::Migration(e));
             }
         }
         let h = &mut self.hosts[i];
         for e in h.migrations.events(&mut h.dp.switch, &h.cfg.ports) {
-            let e = match e {
-                Event::Wakeup { port, migration } => migration::event(
-                    migration.unwrap_or(0),
-                    &port.to_string(),
-                    api::migration_event::Kind::Wakeup,
-                ),
-                Event::FirstForwarded { migration, at } => api::MigrationEvent {
-                    at_us: at.as_micros() as u64,
-                    ..migration::event(migration, "", api::migration_event::Kind::FirstForwarded)
-                },
-            };
-            self.control.send(i, agent_message::Msg::Migration(e));
+            self.control
+                .send(i, agent_message::Msg::Migration(migration::report(e)));
         }
         Ok(())
-    }
-
-    /// Carry out a migration command on host `i` (as `dvs agent` does);
-    /// the events to report.
-    fn migration_command(
-        &mut self,
-        i: usize,
-        c: api::MigrationCommand,
-        now: Duration,
-    ) -> Vec<api::MigrationEvent> {
-        use api::migration_command::Op;
-        use api::migration_event::Kind;
-        let h = &mut self.hosts[i];
-        let m = c.migration;
-        let fail = |error: String| {
-            vec![api::MigrationEvent {
-                error,
-                ..migration::event(m, &c.port, Kind::Failed)
-            }]
-        };
-        let Ok(port) = c.port.parse::<PortId>() else {
-            return fail(format!("`{}` is not a port ID", c.port));
-        };
-        let specs = h.cfg.ports.clone();
-        match Op::try_from(c.op).unwrap_or(Op::Unspecified) {
-            Op::Stop => {
-                let (reply, r) = std::sync::mpsc::sync_channel(1);
-                let redirect = c.redirect.parse().ok();
-                let cmd = MigrationCommand::Stop {
-                    migration: m,
-                    port,
-                    redirect,
-                    reply,
-                };
-                h.migrations.command(&mut h.dp, &specs, cmd, now);
-                match r.try_recv() {
-                    Ok(Ok(handover)) => {
-                        migration::stopped_events(m, port, handover).unwrap_or_else(fail)
-                    }
-                    Ok(Err(e)) => fail(e),
-                    Err(e) => fail(e.to_string()),
-                }
-            }
-            Op::Sync => {
-                let (reply, r) = std::sync::mpsc::sync_channel(1);
-                let cmd = MigrationCommand::Sync {
-                    migration: m,
-                    port,
-                    reply,
-                };
-                h.migrations.command(&mut h.dp, &specs, cmd, now);
-                match r.try_recv() {
-                    Ok(r) => r
-                        .and_then(|state| migration::synced_events(m, port, state))
-                        .unwrap_or_else(fail),
-                    Err(e) => fail(e.to_string()),
-                }
-            }
-            Op::Presync | Op::Start => {
-                let state = match h.incoming.take(&c, port) {
-                    Inbound::More | Inbound::Based => return Vec::new(),
-                    Inbound::Failed(e) => return fail(e),
-                    Inbound::Start(s) => s,
-                };
-                let (reply, r) = std::sync::mpsc::sync_channel(1);
-                let cmd = MigrationCommand::Start {
-                    migration: m,
-                    port,
-                    state,
-                    reply,
-                };
-                h.migrations.command(&mut h.dp, &specs, cmd, now);
-                match r.try_recv() {
-                    Ok(Ok(dropped)) => vec![api::MigrationEvent {
-                        dropped,
-                        ..migration::event(m, &c.port, Kind::Started)
-                    }],
-                    Ok(Err(e)) => fail(e),
-                    Err(e) => fail(e.to_string()),
-                }
-            }
-            Op::Resume => {
-                let cmd = MigrationCommand::Resume { migration: m, port };
-                h.migrations.command(&mut h.dp, &specs, cmd, now);
-                Vec::new()
-            }
-            Op::Announce => {
-                let cmd = MigrationCommand::Announce { port };
-                h.migrations.command(&mut h.dp, &specs, cmd, now);
-                Vec::new()
-            }
-            Op::Unspecified => fail(format!("unknown migration operation {}", c.op)),
-        }
     }
 
     /// The controller's record of migration `id`.
