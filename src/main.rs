@@ -107,6 +107,7 @@ enum Command {
         /// host) and key, PEM; the controller's CA is --tls-ca.
         #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_ca"])]
         tls_cert: Option<PathBuf>,
+        /// ...the key of that certificate (PEM)...
         #[arg(long, value_name = "FILE", requires = "tls_cert")]
         tls_key: Option<PathBuf>,
     },
@@ -128,12 +129,17 @@ enum Command {
         /// Serve with TLS: the controller's certificate and key (PEM)...
         #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_client_ca"])]
         tls_cert: Option<PathBuf>,
+        /// ...the key of that certificate (PEM)...
         #[arg(long, value_name = "FILE", requires = "tls_cert")]
         tls_key: Option<PathBuf>,
         /// ...and the CA whose certificates agents must present (each
         /// naming the host the agent registers).
         #[arg(long, value_name = "FILE", requires = "tls_cert")]
         tls_client_ca: Option<PathBuf>,
+        /// Abort a migration whose destination port has not found its
+        /// interface (the VMM's TAP) this many seconds after it began.
+        #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+        interface_timeout_s: u64,
     },
     /// Port profiles and NetFlow monitors (YAML documents).
     #[command(subcommand)]
@@ -172,9 +178,14 @@ enum MigrateCmd {
         /// The port's TAP on the destination (default: the one it has now)...
         #[arg(long, default_value = "")]
         tap: String,
-        /// ...or the VMM's interface there.
+        /// ...or the VMM's interface there (it may not exist yet: the port
+        /// waits for it)...
         #[arg(long, default_value = "")]
         netdev: String,
+        /// ...or the VMM's interface there, named later (start the
+        /// migration again with --netdev once it is).
+        #[arg(long)]
+        netdev_later: bool,
         /// Return once the destination has the port with its policy (an
         /// error if it was aborted, or after 20 s without it).
         #[arg(long)]
@@ -203,8 +214,9 @@ enum MigrateCmd {
         reason: String,
     },
     /// Every migration with its timeline (ms from its beginning): policy
-    /// ready on the destination, switchover, last frame at the source,
-    /// first at the destination, blackout, frames dropped, snapshot size.
+    /// ready on the destination, switchover and its trigger, last frame at
+    /// the source, first at the destination, blackout (what the VM's peers
+    /// lived through; from and to the VM), frames dropped, snapshot sizes.
     List,
 }
 
@@ -215,11 +227,17 @@ enum HookCmd {
     #[command(
         long_about = "libvirt's qemu hook: libvirt runs /etc/libvirt/hooks/qemu DOMAIN OPERATION SUB-OPERATION EXTRA \
         with the domain XML on stdin; install there a script running\n\n    exec dvs hook libvirt --host \"$(hostname)\" \"$@\"\n\n\
-        On the destination, `migrate begin` migrates each interface's port (found by MAC) here and waits \
-        until it is in place with its policy (a failure makes libvirt abort the migration); `prepare begin` \
-        checks it (or binds the port here for a plain start); the VM's first frame after resuming switches \
-        the port over. On the source, `stopped end`/`release end` activates the migration; on the destination \
-        they abort it (the incoming migration failed). Malformed XML is refused and nothing changes."
+        The calls are taken in libvirt's own order. A start: `prepare begin` binds each interface's port \
+        (found by MAC) here with its policy, before libvirt creates the TAP (its name may come only with \
+        `start begin`, which gives it to the port); the agent attaches the TAP when it appears. A stop: \
+        `release end` unbinds the port (the next start binds it wherever the VM starts). A migration: on the \
+        destination `migrate begin` migrates the port here and waits until it is in place with its policy \
+        (a failure makes libvirt abort the migration), `start begin` names the destination's TAP; the VM's \
+        first frame after resuming, or QEMU reading its TAP, switches the port over; on the source \
+        `stopped end` activates the migration if that has not happened yet; on the destination \
+        `stopped end`/`release end` abort it (the incoming migration failed or was cancelled). `restore`, \
+        `reconnect` and `attach` change nothing. Nothing is printed on stdout (libvirt reads it as a new XML); \
+        bad input is refused with one line on stderr and nothing changes."
     )]
     Libvirt {
         /// This host's name, as its agent registers.
@@ -287,13 +305,22 @@ enum PortCmd {
     },
     /// Put a port on a host (`--host ''` takes it off).
     Bind {
+        /// The port (vethN).
         id: String,
+        /// The host it goes on ('' takes it off its host).
         #[arg(long)]
         host: String,
+        /// A TAP the host's agent creates and owns...
         #[arg(long, default_value = "")]
         tap: String,
+        /// ...or an interface the VMM makes (the port waits for it with
+        /// its policy in place, and attaches again when it is re-created)...
         #[arg(long, default_value = "")]
         netdev: String,
+        /// ...or the VMM's interface, named later (bind again with
+        /// --netdev once it is).
+        #[arg(long)]
+        netdev_later: bool,
     },
 }
 
@@ -384,8 +411,10 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             tls_cert,
             tls_key,
             tls_client_ca,
+            interface_timeout_s,
         } => {
-            let mut c = dvs_controller::server::Controller::open(&data_dir)?;
+            let mut c = dvs_controller::server::Controller::open(&data_dir)?
+                .with_interface_timeout(std::time::Duration::from_secs(interface_timeout_s.max(1)));
             let tls = match (tls_cert, tls_key, tls_client_ca) {
                 (Some(cert), Some(key), Some(client_ca)) => {
                     c = c.with_agent_certificates();
@@ -544,11 +573,13 @@ fn admin(
             host,
             tap,
             netdev,
+            netdev_later,
         }) => C::PortBind(api::BindPortRequest {
             id,
             host,
             tap,
             netdev,
+            netdev_later,
         }),
         Command::Host(HostCmd::List) => C::HostList,
         Command::Show(ShowCmd::Chassis) => C::ShowChassis,
@@ -557,6 +588,7 @@ fn admin(
             to,
             tap,
             netdev,
+            netdev_later,
             wait,
         }) => C::MigrateStart {
             req: api::StartMigrationRequest {
@@ -564,6 +596,7 @@ fn admin(
                 to,
                 tap,
                 netdev,
+                netdev_later,
             },
             wait,
         },

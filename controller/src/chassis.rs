@@ -68,13 +68,17 @@ pub enum Attach {
     Tap(String),
     /// An interface the VMM made.
     Netdev(String),
+    /// The VMM's interface, not named yet (libvirt names its TAP after
+    /// `prepare begin` and `migrate begin`): the port waits with its policy.
+    Unnamed,
 }
 
 impl Attach {
-    /// The interface's name.
+    /// The interface's name (empty: not named yet).
     pub fn dev(&self) -> &str {
         match self {
             Attach::Tap(n) | Attach::Netdev(n) => n,
+            Attach::Unnamed => "",
         }
     }
 }
@@ -247,8 +251,10 @@ impl Chassis {
         let ix = &mut self.index;
         ix.by_mac.insert(p.mac, id);
         for b in p.binding.iter().chain(p.moving.as_ref().map(|m| &m.to)) {
-            ix.by_dev
-                .insert((b.host.clone(), b.attach.dev().to_string()), id);
+            if b.attach != Attach::Unnamed {
+                ix.by_dev
+                    .insert((b.host.clone(), b.attach.dev().to_string()), id);
+            }
             ix.by_host.entry(b.host.clone()).or_default().insert(id);
         }
         if let Some(v) = mac_vlan {
@@ -265,8 +271,12 @@ impl Chassis {
         let ix = &mut self.index;
         ix.by_mac.remove(&p.mac);
         for b in p.binding.iter().chain(p.moving.as_ref().map(|m| &m.to)) {
-            ix.by_dev
-                .remove(&(b.host.clone(), b.attach.dev().to_string()));
+            if b.attach != Attach::Unnamed
+                && ix.by_dev.get(&(b.host.clone(), b.attach.dev().to_string())) == Some(&id)
+            {
+                ix.by_dev
+                    .remove(&(b.host.clone(), b.attach.dev().to_string()));
+            }
             if let Some(s) = ix.by_host.get_mut(&b.host) {
                 s.remove(&id);
             }
@@ -627,26 +637,7 @@ impl Chassis {
         self.port_rec(id)?;
         self.not_moving(id)?;
         check_host_name(host)?;
-        let dev = match &attach {
-            Attach::Tap(n) | Attach::Netdev(n) => n,
-        };
-        if dev.is_empty() || dev.len() > 15 || dev.contains(['/', ' ']) {
-            return Err(Error::Invalid(format!(
-                "interface name `{dev}` is not valid: 1 to 15 characters, no '/' or spaces"
-            )));
-        }
-        if let Some(other) = self
-            .index
-            .by_dev
-            .get(&(host.to_string(), dev.clone()))
-            .filter(|o| **o != id.number())
-            .and_then(|o| self.ports.get(o))
-        {
-            return Err(Error::Conflict(format!(
-                "interface `{dev}` on host {host} belongs to port {}",
-                other.id
-            )));
-        }
+        self.free_dev(id, host, &attach)?;
         self.ensure_host(host);
         self.index_remove(id.number());
         if let Some(p) = self.ports.get_mut(&id.number()) {
@@ -658,6 +649,37 @@ impl Chassis {
         self.index_add(id.number());
         self.dirty.ports.insert(id.number());
         self.bump();
+        Ok(())
+    }
+
+    /// Check that `attach` names a valid interface that no port but `id`
+    /// has on `host` (an unnamed one is always free).
+    ///
+    /// # Errors
+    /// [`Error::Invalid`] for a bad name, [`Error::Conflict`] for another
+    /// port's interface.
+    pub(crate) fn free_dev(&self, id: PortId, host: &str, attach: &Attach) -> Result<(), Error> {
+        if *attach == Attach::Unnamed {
+            return Ok(());
+        }
+        let dev = attach.dev();
+        if dev.is_empty() || dev.len() > 15 || dev.contains(['/', ' ']) {
+            return Err(Error::Invalid(format!(
+                "interface name `{dev}` is not valid: 1 to 15 characters, no '/' or spaces"
+            )));
+        }
+        if let Some(other) = self
+            .index
+            .by_dev
+            .get(&(host.to_string(), dev.to_string()))
+            .filter(|o| **o != id.number())
+            .and_then(|o| self.ports.get(o))
+        {
+            return Err(Error::Conflict(format!(
+                "interface `{dev}` on host {host} belongs to port {}: name another (--tap, --netdev)",
+                other.id
+            )));
+        }
         Ok(())
     }
 
@@ -873,6 +895,7 @@ impl Chassis {
             match attach {
                 Attach::Tap(n) => item["tap"] = json!(n),
                 Attach::Netdev(n) => item["netdev"] = json!(n),
+                Attach::Unnamed => item["awaiting_netdev"] = json!(true),
             }
             items.insert(format!("port/{}", p.id), item);
             vlans.extend(self.port_vlans(p));

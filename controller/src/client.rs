@@ -312,7 +312,8 @@ fn port_json(p: &api::Port) -> Value {
     json!({
         "id": p.id, "vm": p.vm, "mac": p.mac, "profile": p.profile,
         "profile_version": p.profile_version, "host": p.host, "tap": p.tap,
-        "netdev": p.netdev, "state": p.state, "vlan": p.vlan, "stats": stats,
+        "netdev": p.netdev, "state": p.state, "attachment": p.attachment,
+        "vlan": p.vlan, "stats": stats,
     })
 }
 
@@ -343,7 +344,12 @@ fn render_ports(ports: &[api::Port], out: Output) -> String {
                 } else {
                     p.host.clone()
                 },
-                p.state.clone(),
+                // What the admin must know: the interface it waits for.
+                if p.attachment.is_empty() || p.attachment == "attached" {
+                    p.state.clone()
+                } else {
+                    p.attachment.clone()
+                },
                 rx,
                 tx,
                 drops,
@@ -385,9 +391,14 @@ fn counters(p: &api::Port) -> (String, String, String) {
 
 fn port_detail(p: &api::Port) -> String {
     let mut s = format!(
-        "{} is {}\n  VM {} ({}), profile {} version {}, {}\n  host {}{}\n",
+        "{} is {}{}\n  VM {} ({}), profile {} version {}, {}\n  host {}{}\n",
         p.id,
         p.state,
+        if p.attachment.is_empty() {
+            String::new()
+        } else {
+            format!(" ({})", p.attachment)
+        },
         p.vm,
         p.mac,
         p.profile,
@@ -402,6 +413,8 @@ fn port_detail(p: &api::Port) -> String {
             format!(", TAP {}", p.tap)
         } else if !p.netdev.is_empty() {
             format!(", interface {}", p.netdev)
+        } else if !p.host.is_empty() {
+            ", interface not named yet".to_string()
         } else {
             String::new()
         }
@@ -511,22 +524,40 @@ fn since_ms(begin: u64, t: u64) -> Option<f64> {
     (begin > 0 && t > 0).then(|| (t as f64 - begin as f64) / 1000.0)
 }
 
+/// A migration's blackout each way — the source's last frame to the
+/// destination's first, from the VM and to it — and what its peers lived
+/// through (see `dvs_migrate::protocol::Timeline::blackout`), in ms.
+pub fn blackouts(m: &api::Migration) -> (Option<f64>, Option<f64>, Option<f64>) {
+    let from = span_ms(m.last_frame_source_us, m.first_frame_destination_us);
+    let to = span_ms(m.last_to_vm_source_us, m.first_to_vm_destination_us);
+    let peers = (m.blackout_us > 0).then(|| m.blackout_us as f64 / 1000.0);
+    (from, to, peers)
+}
+
 /// A migration's timeline, relative to its beginning, in milliseconds (the
 /// source's last frame may come before it: an idle VM).
 pub fn migration_json(m: &api::Migration) -> Value {
     let rel = |t: u64| since_ms(m.begin_us, t);
+    let (from_vm, to_vm, blackout) = blackouts(m);
     json!({
         "id": m.id, "port": m.port, "vm": m.vm, "from": m.from, "to": m.to,
         "phase": m.phase, "trigger": m.trigger,
         "begin_unix_us": m.begin_us,
         "policy_ready_ms": rel(m.policy_ready_us),
         "switchover_ms": rel(m.switchover_us),
+        "destination_interface": m.destination_interface,
+        "interface_ready_ms": rel(m.interface_ready_us),
         "last_frame_at_source_ms": rel(m.last_frame_source_us),
         "first_frame_at_destination_ms": rel(m.first_frame_destination_us),
+        "last_to_vm_at_source_ms": rel(m.last_to_vm_source_us),
+        "first_to_vm_at_destination_ms": rel(m.first_to_vm_destination_us),
+        "first_to_peer_at_destination_ms": rel(m.first_to_peer_destination_us),
         "done_ms": rel(m.done_us),
         "aborted_ms": rel(m.aborted_us),
         "abort_reason": m.abort_reason,
-        "blackout_ms": span_ms(m.last_frame_source_us, m.first_frame_destination_us),
+        "blackout_ms": blackout,
+        "blackout_from_vm_ms": from_vm,
+        "blackout_to_vm_ms": to_vm,
         "dropped_frames": m.dropped_frames,
         "snapshot_bytes": m.snapshot_bytes,
         "base_snapshot_bytes": m.base_snapshot_bytes,
@@ -562,10 +593,10 @@ fn render_migrations(ms: &[api::Migration], out: Output) -> String {
                 },
                 rel(m.last_frame_source_us),
                 rel(m.first_frame_destination_us),
-                ms_cell(span_ms(
-                    m.last_frame_source_us,
-                    m.first_frame_destination_us,
-                )),
+                {
+                    let (from, to, worst) = blackouts(m);
+                    format!("{} ({}/{})", ms_cell(worst), ms_cell(from), ms_cell(to))
+                },
                 m.dropped_frames.to_string(),
                 format!("{:.1}", m.base_snapshot_bytes as f64 / 1024.0),
                 format!("{:.1}", m.snapshot_bytes as f64 / 1024.0),
@@ -585,7 +616,7 @@ fn render_migrations(ms: &[api::Migration], out: Output) -> String {
             "TRIGGER",
             "LAST-AT-SRC(ms)",
             "FIRST-AT-DST(ms)",
-            "BLACKOUT(ms)",
+            "BLACKOUT(ms: peers (from/to VM))",
             "DROPPED",
             "PRE-COPY(KiB)",
             "HANDOVER(KiB)",

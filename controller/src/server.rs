@@ -65,6 +65,9 @@ pub struct Controller {
     agent_certs: bool,
     /// Shutting down: sessions end because of it, not because hosts left.
     closing: Arc<std::sync::atomic::AtomicBool>,
+    /// A migration whose destination port has no interface by then is
+    /// aborted ([`migration::INTERFACE_TIMEOUT`] by default).
+    interface_timeout: std::time::Duration,
 }
 
 /// The files of the services' TLS: the controller's certificate and key
@@ -178,7 +181,16 @@ impl Controller {
             admin_token: None,
             agent_certs: false,
             closing: Arc::default(),
+            interface_timeout: migration::INTERFACE_TIMEOUT,
         })
+    }
+
+    /// Abort migrations whose destination port has not found its interface
+    /// `timeout` after they began.
+    #[must_use]
+    pub fn with_interface_timeout(mut self, timeout: std::time::Duration) -> Self {
+        self.interface_timeout = timeout;
+        self
     }
 
     /// Require of every agent a client certificate (checked by the TLS
@@ -253,6 +265,7 @@ impl Controller {
             Some(b) => match &b.attach {
                 Attach::Tap(t) => (b.host.clone(), t.clone(), String::new()),
                 Attach::Netdev(n) => (b.host.clone(), String::new(), n.clone()),
+                Attach::Unnamed => (b.host.clone(), String::new(), String::new()),
             },
             None => Default::default(),
         };
@@ -263,9 +276,16 @@ impl Controller {
             .and_then(Value::as_array)
             .and_then(|ps| ps.iter().find(|x| x["id"] == p.id.to_string()));
         let connected = st.sessions.contains_key(&host);
+        let attachment = stats
+            .and_then(|s| s["attachment"]["detail"].as_str())
+            .unwrap_or_default()
+            .to_string();
+        let attached = stats
+            .is_some_and(|s| s["attachment"].is_null() || s["attachment"]["state"] == "attached");
         let state = match (&p.binding, stats, connected) {
             (None, ..) => "unbound",
-            (Some(_), Some(_), true) => "up",
+            (Some(_), Some(_), true) if attached => "up",
+            (Some(_), Some(_), true) => "waiting",
             (Some(_), _, false) => "host-down",
             (Some(_), ..) => "pending",
         };
@@ -292,6 +312,7 @@ impl Controller {
             state: state.into(),
             vlan,
             stats_json: stats.map(Value::to_string).unwrap_or_default(),
+            attachment,
         }
     }
 
@@ -430,12 +451,13 @@ fn parse_port(id: &str) -> Result<PortId, Status> {
         .map_err(|e| Status::invalid_argument(e.to_string()))
 }
 
-fn attach(tap: &str, netdev: &str) -> Result<Attach, Status> {
-    match (tap.is_empty(), netdev.is_empty()) {
-        (false, true) => Ok(Attach::Tap(tap.to_string())),
-        (true, false) => Ok(Attach::Netdev(netdev.to_string())),
+fn attach(tap: &str, netdev: &str, later: bool) -> Result<Attach, Status> {
+    match (tap.is_empty(), netdev.is_empty(), later) {
+        (false, true, false) => Ok(Attach::Tap(tap.to_string())),
+        (true, false, false) => Ok(Attach::Netdev(netdev.to_string())),
+        (true, true, true) => Ok(Attach::Unnamed),
         _ => Err(Status::invalid_argument(
-            "give exactly one of --tap NAME (the agent creates the TAP) or --netdev IFACE (an interface the VMM made)",
+            "give exactly one of --tap NAME (the agent creates the TAP), --netdev IFACE (an interface the VMM makes, now or later) or --netdev-later (the VMM names it later)",
         )),
     }
 }
@@ -513,7 +535,7 @@ impl api::admin_server::Admin for Controller {
             }
             None
         } else {
-            Some(attach(&r.tap, &r.netdev)?)
+            Some(attach(&r.tap, &r.netdev, false)?)
         };
         let id = self.mutate(true, |c| {
             // Checked whole: a bad binding leaves no port behind.
@@ -567,7 +589,7 @@ impl api::admin_server::Admin for Controller {
         if r.host.is_empty() {
             self.mutate(true, |c| c.unbind_port(id))?;
         } else {
-            let a = attach(&r.tap, &r.netdev)?;
+            let a = attach(&r.tap, &r.netdev, r.netdev_later)?;
             self.mutate(true, |c| c.bind_port(id, &r.host, a))?;
         }
         let st = self.lock();

@@ -215,6 +215,7 @@ async fn bad_admin_calls_are_refused_and_change_nothing() {
             host: "h1".into(),
             tap: "t1".into(),
             netdev: "eth9".into(),
+            netdev_later: false,
         })
         .await
         .unwrap_err();
@@ -238,7 +239,7 @@ async fn bad_admin_calls_are_refused_and_change_nothing() {
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert_eq!(
         e.message(),
-        "interface `t1` on host h1 belongs to port veth1"
+        "interface `t1` on host h1 belongs to port veth1: name another (--tap, --netdev)"
     );
     let snap = r.controller.snapshot();
     assert_eq!(snap.revision(), before, "nothing changed");

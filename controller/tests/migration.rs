@@ -33,6 +33,13 @@ struct Running {
 
 impl Running {
     async fn start(dir: &std::path::Path) -> Running {
+        Self::start_with(dir, |c| c).await
+    }
+
+    async fn start_with(
+        dir: &std::path::Path,
+        options: impl FnOnce(Controller) -> Controller,
+    ) -> Running {
         // A controller that just stopped may still hold the store briefly.
         let mut controller = None;
         for _ in 0..50 {
@@ -44,7 +51,7 @@ impl Running {
                 Err(_) => tokio::time::sleep(Duration::from_millis(100)).await,
             }
         }
-        let controller = controller.expect("the store opens");
+        let controller = options(controller.expect("the store opens"));
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let url = format!("http://{}", listener.local_addr().unwrap());
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
@@ -333,7 +340,8 @@ async fn a_migration_moves_the_port_with_its_state() {
         },
         delta: true,
         connections: 100,
-        last_frame: Some(Duration::from_micros(1)),
+        last_from_vm: Some(Duration::from_micros(1)),
+        last_to_vm: None,
     };
     let stopped = dvs_switch::migration::stopped_events(m.id, port, h).unwrap();
     let bytes: Vec<u8> = stopped.iter().flat_map(|e| e.chunk.clone()).collect();
@@ -485,9 +493,11 @@ async fn bad_migrations_are_refused_and_change_nothing() {
     assert_eq!(revision().await, before, "nothing changed");
     assert!(list(&mut admin).await.is_empty());
 
-    // A second migration of a port already migrating.
+    // A second migration of a port already migrating: to the same host it
+    // is the same migration (a VMM's hook may ask again), elsewhere refused.
     let m = start(&mut admin).await;
-    let e = refuse("veth1", "h2").await;
+    assert_eq!(start(&mut admin).await.id, m.id);
+    let e = refuse("veth1", "h1").await;
     assert_eq!(e.code(), Code::FailedPrecondition);
     assert!(
         e.message().starts_with(&format!(
@@ -661,6 +671,52 @@ async fn an_abort_while_activating_resumes_the_source_once_the_destination_let_g
     assert_eq!(resume.migration, m.id);
     r.halt().await;
     drop((h1, h2, admin));
+    r.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_whose_interface_never_appears_is_aborted_naming_it() {
+    let dir = temp("iface");
+    let mut r =
+        Running::start_with(&dir, |c| c.with_interface_timeout(Duration::from_secs(1))).await;
+    let (mut admin, h1, mut h2) = setup(&r).await;
+    let m = admin
+        .start_migration(api::StartMigrationRequest {
+            port: "veth1".into(),
+            to: "h2".into(),
+            netdev: "vnet7".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // The destination has the port with its policy: prepared, waiting.
+    prepare(&mut h2, m.id).await;
+    assert_eq!(h2.items["port/veth1"]["netdev"], "vnet7");
+    phase(&mut admin, m.id, "syncing").await;
+    // The interface never appears: the migration's own timeout aborts it.
+    let mut x = None;
+    for _ in 0..100 {
+        let y = list(&mut admin)
+            .await
+            .into_iter()
+            .find(|y| y.id == m.id)
+            .unwrap();
+        if y.phase == "aborted" {
+            x = Some(y);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let x = x.expect("the migration was aborted");
+    assert_eq!(
+        x.abort_reason,
+        "host h2: interface `vnet7` did not appear within 1 s"
+    );
+    assert_eq!(x.destination_interface, "vnet7");
+    r.halt().await;
+    drop((admin, h1, h2));
     r.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -4,18 +4,36 @@
 //! each operation means for the VM's ports; `dvs hook libvirt` carries it
 //! out against the controller.
 //!
-//! A migration as libvirt runs it, and what dvs does at each step:
+//! The order below is libvirt's own (9.0, `src/qemu/qemu_process.c`:
+//! `qemuProcessInit` runs `prepare begin`, `qemuProcessLaunch` creates the
+//! TAPs — `qemuBuildInterfaceConnect` while building the command line —
+//! then runs `start begin` and execs QEMU, `qemuProcessFinishStartup`
+//! runs `started begin`, `qemuProcessStop` runs `stopped end` after QEMU is
+//! gone and deletes the TAPs before `release end`; `qemu_migration.c`:
+//! `qemuMigrationDstPrepareAny` runs `migrate begin` on the destination
+//! before all of that, `qemuMigrationDstFinish` resumes the VM there, and
+//! the source's `qemuMigrationSrcConfirmPhase` stops it at the source).
+//! A TAP libvirt names itself (`vnetN`, no `<target dev>` in the
+//! definition) has no name in the XML of `prepare begin` or `migrate begin`
+//! — a migrated domain's generated name is dropped on the destination — and
+//! has it from `start begin` on.
 //!
-//! | host | hook call | dvs |
+//! | operation | when | dvs |
 //! |---|---|---|
-//! | destination | `migrate begin` (incoming XML) | begin each port's migration to this host and wait until the port is here in standby with its policy; a failure fails the hook, and libvirt aborts the migration |
-//! | destination | `prepare begin`, `start begin` | the port is in place (or, for a plain start, bind it here) |
-//! | destination | `started begin` | nothing: QEMU waits paused for the incoming state; the VM's first frame after resuming (QEMU's RARP announcement) switches the port over |
-//! | source | `stopped end`, `release end` | libvirt stopped the VM here after the destination resumed it: activate (if the VM has not spoken yet) |
-//! | destination | `stopped end`, `release end` | the incoming migration failed: abort (the source keeps the port) |
+//! | `migrate begin` | destination, first: the incoming XML (libvirt takes stdout as a new XML: dvs prints nothing there) | begin each port's migration to this host (its interface if the XML names it, else named later) and return once the port is here in standby with its policy; a failure aborts the migration |
+//! | `prepare begin` | before the TAPs exist (a start, a restore, a migration's destination) | migrating here: wait for the policy. Otherwise bind the port here (named later if the XML has no name) and wait until the host applied it; a port that runs on another host is refused, one bound elsewhere without its interface there moves here (a cold move) |
+//! | `start begin` | the TAPs exist, QEMU not started yet | each port takes the interface the XML now names (the migration's destination, or the binding) |
+//! | `started begin` | QEMU runs (paused on a migration's destination) | nothing: a migrated VM's switchover comes from the destination (its first frame, or QEMU reading its TAP) |
+//! | `stopped end` | QEMU is gone | a migration's source: the VM runs at the destination, activate; its destination: the incoming migration failed, abort; a plain stop: nothing yet |
+//! | `release end` | the TAPs are deleted | a migration's destination: abort; a plain stop: the port leaves the host (unbound: the VM runs nowhere; the next start binds it wherever it starts) |
+//! | `restore begin` | before a saved VM starts (the XML may be rewritten: dvs prints nothing) | nothing: its `prepare begin` follows |
+//! | `reconnect begin` | libvirtd restarted; the VM runs on | nothing (its ports stay as they are) |
+//! | `attach begin` | `virsh qemu-attach`, which libvirt 9 no longer has | nothing |
 //!
-//! The migrate operation may print a changed XML; dvs prints nothing, which
-//! leaves it as it is.
+//! A cancelled migration (`migrate_cancel`, or a failure on either side):
+//! the source's VM runs on and no hook fires there; the destination's
+//! QEMU is stopped, so its `stopped end` and `release end` abort the
+//! migration and the source keeps the port.
 
 use dvs_proto::MacAddr;
 
@@ -33,17 +51,23 @@ pub struct Interface {
     pub target: Option<String>,
 }
 
-/// What an operation means for the domain's ports.
+/// What an operation means for the domain's ports (see the module doc).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Action {
-    /// An incoming migration begins here: migrate the ports here, wait for
-    /// their policy.
+    /// `migrate begin`: an incoming migration begins here: migrate the
+    /// ports here, wait for their policy.
     Incoming,
-    /// The VM is about to start here: its ports must be here with their
-    /// policy (migrating here, or bound).
+    /// `prepare begin`: the VM is about to start here: its ports must be
+    /// here with their policy (migrating here, or bound).
     Prepare,
-    /// The VM left this host (source: it runs at the destination now;
-    /// destination: the incoming migration failed).
+    /// `start begin`: the VMM made the interfaces the XML names: the ports
+    /// take them.
+    Plug,
+    /// `stopped end`: QEMU is gone (source: the VM runs at the
+    /// destination; destination: the incoming migration failed).
+    Stopped,
+    /// `release end`: the domain's resources are gone (destination: the
+    /// incoming migration failed; a plain stop: the port leaves the host).
     Released,
     /// Nothing for the network.
     Nothing,
@@ -113,7 +137,9 @@ pub fn action(op: &str, sub: &str) -> Result<Action, HookError> {
     Ok(match (op, sub) {
         ("migrate", "begin") => Action::Incoming,
         ("prepare", "begin") => Action::Prepare,
-        ("stopped" | "release", "end") => Action::Released,
+        ("start", "begin") => Action::Plug,
+        ("stopped", "end") => Action::Stopped,
+        ("release", "end") => Action::Released,
         (
             "prepare" | "start" | "started" | "stopped" | "release" | "migrate" | "restore"
             | "reconnect" | "attach",
@@ -189,8 +215,11 @@ mod tests {
         assert_eq!(action("migrate", "begin").unwrap(), Action::Incoming);
         assert_eq!(action("prepare", "begin").unwrap(), Action::Prepare);
         assert_eq!(action("started", "begin").unwrap(), Action::Nothing);
+        assert_eq!(action("start", "begin").unwrap(), Action::Plug);
         assert_eq!(action("release", "end").unwrap(), Action::Released);
-        assert_eq!(action("stopped", "end").unwrap(), Action::Released);
+        assert_eq!(action("stopped", "end").unwrap(), Action::Stopped);
+        assert_eq!(action("restore", "begin").unwrap(), Action::Nothing);
+        assert_eq!(action("reconnect", "begin").unwrap(), Action::Nothing);
         assert!(action("explode", "-")
             .unwrap_err()
             .to_string()

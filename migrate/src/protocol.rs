@@ -63,6 +63,9 @@ pub enum Trigger {
     VmmResumed,
     /// The destination saw the VM's first frame (QEMU's RARP, say).
     FirstFrame,
+    /// The destination saw the VMM read the port's interface (a quiet VM
+    /// runs there).
+    NicRead,
 }
 
 /// What hosts and the VMM report.
@@ -75,22 +78,32 @@ pub enum Input {
     /// The VM runs on the destination.
     Resumed(Trigger),
     /// The source stopped forwarding; its last delta is `last_seq`; its
-    /// last frame for the VM went out at `last_frame`.
-    SourceDeactivated {
-        last_seq: u32,
-        last_frame: Option<Duration>,
-    },
+    /// last frames from and to the VM passed at `last_frame`.
+    SourceDeactivated { last_seq: u32, last_frame: Frames },
     /// The destination applied everything through the last delta and
-    /// forwards; its first frame for the VM at `first_frame`.
+    /// forwards; its first frame from the VM at `first_frame`.
     Activated { first_frame: Option<Duration> },
-    /// The destination forwarded its first frame for the VM (reported
-    /// after activation, when it happens).
-    FirstFrameForwarded { at: Duration },
+    /// The destination forwarded its first frames from or to the VM
+    /// (reported after activation, as each happens).
+    FirstFrameForwarded { at: Frames },
     /// Every host has the VM's new location.
     MacMoved,
     /// Stop: the VMM's migration failed, an admin said so, or a party is
     /// gone.
     Abort(String),
+}
+
+/// When frames passed a port, each way (the wall clock; `None`: none).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Frames {
+    /// A frame from the VM (what its peers receive).
+    pub from_vm: Option<Duration>,
+    /// A frame to the VM.
+    pub to_vm: Option<Duration>,
+    /// A unicast frame from the VM — to one peer, not an announcement (a
+    /// peer hears from the VM again then).
+    #[serde(default)]
+    pub to_peer: Option<Duration>,
 }
 
 /// What the controller must have done.
@@ -122,21 +135,55 @@ pub struct Timeline {
     /// The switchover started (resume or first frame).
     pub switchover: Option<Duration>,
     pub trigger: Option<Trigger>,
-    /// The last frame the source forwarded for the VM.
+    /// The last frame the source forwarded from the VM.
     pub last_frame_at_source: Option<Duration>,
-    /// The first frame the destination forwarded for the VM.
+    /// The first frame the destination forwarded from the VM.
     pub first_frame_at_destination: Option<Duration>,
+    /// The last frame the source sent to the VM.
+    #[serde(default)]
+    pub last_to_vm_at_source: Option<Duration>,
+    /// The first frame the destination sent to the VM.
+    #[serde(default)]
+    pub first_to_vm_at_destination: Option<Duration>,
+    /// The first frame from the VM to one peer at the destination
+    /// (unicast: not an announcement).
+    #[serde(default)]
+    pub first_to_peer_at_destination: Option<Duration>,
     pub done: Option<Duration>,
     pub aborted: Option<(Duration, String)>,
 }
 
 impl Timeline {
-    /// From the source's last frame to the destination's first.
-    pub fn blackout(&self) -> Option<Duration> {
-        Some(
-            self.first_frame_at_destination?
-                .saturating_sub(self.last_frame_at_source?),
+    /// The blackout each way — from the source's last frame to the
+    /// destination's first — as (from the VM, to the VM). Frames "to the
+    /// VM" at the source include those written into a paused VM's NIC,
+    /// which it never reads.
+    pub fn blackouts(&self) -> (Option<Duration>, Option<Duration>) {
+        let gap =
+            |last: Option<Duration>, first: Option<Duration>| Some(first?.saturating_sub(last?));
+        (
+            gap(self.last_frame_at_source, self.first_frame_at_destination),
+            gap(self.last_to_vm_at_source, self.first_to_vm_at_destination),
         )
+    }
+
+    /// What the VM's peers live through: from the VM's last frame at the
+    /// source (it paused there) to its first frame to a peer at the
+    /// destination (unicast: QEMU's RARP and the guest's gratuitous ARP
+    /// announce the VM, they answer no one). A VM that sends no unicast
+    /// there yet: until its first frame. Without frames from the VM at the
+    /// source, the longer of the two ways.
+    pub fn blackout(&self) -> Option<Duration> {
+        let first = self
+            .first_to_peer_at_destination
+            .or(self.first_frame_at_destination);
+        match (self.last_frame_at_source, first) {
+            (Some(last), Some(first)) => Some(first.saturating_sub(last)),
+            _ => {
+                let (from, to) = self.blackouts();
+                from.max(to)
+            }
+        }
     }
 }
 
@@ -267,7 +314,8 @@ impl Migration {
                     last_frame,
                 },
             ) => {
-                self.timeline.last_frame_at_source = *last_frame;
+                self.timeline.last_frame_at_source = last_frame.from_vm;
+                self.timeline.last_to_vm_at_source = last_frame.to_vm;
                 self.synced = Some(*last_seq);
                 self.phase = Activating;
                 vec![Output::ActivateDestination {
@@ -281,13 +329,22 @@ impl Migration {
                 self.timeline.done = Some(now);
                 self.phase = Done;
                 let mut out = vec![Output::MoveMac];
-                if self.timeline.trigger == Some(Trigger::VmmResumed) {
+                // The VM has not spoken (the VMM said it resumed, or it was
+                // seen reading its NIC): announce it, so that every host
+                // learns at once where it is.
+                if matches!(
+                    self.timeline.trigger,
+                    Some(Trigger::VmmResumed | Trigger::NicRead)
+                ) {
                     out.push(Output::Announce);
                 }
                 out
             }
             (Activating | Done, Input::FirstFrameForwarded { at }) => {
-                self.timeline.first_frame_at_destination.get_or_insert(*at);
+                let t = &mut self.timeline;
+                t.first_frame_at_destination = t.first_frame_at_destination.or(at.from_vm);
+                t.first_to_vm_at_destination = t.first_to_vm_at_destination.or(at.to_vm);
+                t.first_to_peer_at_destination = t.first_to_peer_at_destination.or(at.to_peer);
                 Vec::new()
             }
             (Done, Input::MacMoved) => Vec::new(),
@@ -351,7 +408,10 @@ mod tests {
                 105 * MS,
                 Input::SourceDeactivated {
                     last_seq: 2,
-                    last_frame: Some(99 * MS)
+                    last_frame: Frames {
+                        from_vm: Some(99 * MS),
+                        ..Frames::default()
+                    }
                 }
             )
             .unwrap(),
@@ -391,7 +451,7 @@ mod tests {
             3 * MS,
             Input::SourceDeactivated {
                 last_seq: 0,
-                last_frame: None,
+                last_frame: Frames::default(),
             },
         )
         .unwrap();
@@ -412,7 +472,7 @@ mod tests {
                 Input::Resumed(Trigger::VmmResumed),
                 Input::SourceDeactivated {
                     last_seq: 0,
-                    last_frame: None,
+                    last_frame: Frames::default(),
                 },
             ];
             for i in script.into_iter().take(steps) {
@@ -452,7 +512,7 @@ mod tests {
             MS,
             Input::SourceDeactivated {
                 last_seq: 0,
-                last_frame: None,
+                last_frame: Frames::default(),
             },
         )
         .unwrap();
@@ -470,11 +530,13 @@ mod tests {
             Just(Input::Resumed(Trigger::FirstFrame)),
             (0u32..4).prop_map(|last_seq| Input::SourceDeactivated {
                 last_seq,
-                last_frame: None
+                last_frame: Frames::default()
             }),
             Just(Input::Activated { first_frame: None }),
             Just(Input::MacMoved),
-            Just(Input::FirstFrameForwarded { at: Duration::ZERO }),
+            Just(Input::FirstFrameForwarded {
+                at: Frames::default()
+            }),
             Just(Input::Abort("x".into())),
         ]
     }

@@ -12,8 +12,9 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+use crate::attach::{Attacher, Device};
 use crate::config::{AgentConfig, Attachment, PortSpec, StaticLocation, StaticMac};
-use crate::datapath::{Datapath, PortIo, RxMeta, Uplink};
+use crate::datapath::{self, Datapath, PortIo, RxMeta, Uplink};
 use crate::mactable::Location;
 use crate::migration::{self, Migrations};
 use crate::pipeline::{Switch, SwitchConfig};
@@ -27,7 +28,11 @@ pub enum HostPort {
     /// A TAP the agent created; it goes away when the agent exits. With
     /// `offloads`, frames carry virtio-net headers (checksum and TSO
     /// offloads pass through).
-    Tap { file: File, offloads: bool },
+    Tap {
+        file: File,
+        offloads: bool,
+        index: u32,
+    },
     /// An interface somebody else made, through AF_PACKET with virtio-net
     /// headers (its owner's offloads pass through, GSO frames included).
     Packet(PacketSocket),
@@ -48,6 +53,7 @@ impl HostPort {
                 Ok(HostPort::Tap {
                     file,
                     offloads: *offloads,
+                    index: sys::ifindex(name).unwrap_or(0),
                 })
             }
             Attachment::Netdev(name) => {
@@ -55,6 +61,19 @@ impl HostPort {
                     Error::io(format!("attaching to interface `{name}`"), e)
                 })?))
             }
+            Attachment::Unnamed => Err(Error::io(
+                "attaching to the VMM's interface",
+                io::Error::new(io::ErrorKind::NotFound, "the VMM has not named it yet"),
+            )),
+        }
+    }
+}
+
+impl Device for HostPort {
+    fn ifindex(&self) -> u32 {
+        match self {
+            HostPort::Tap { index, .. } => *index,
+            HostPort::Packet(s) => s.ifindex(),
         }
     }
 }
@@ -65,6 +84,7 @@ impl PortIo for HostPort {
             HostPort::Tap {
                 file,
                 offloads: false,
+                ..
             } => Ok(RxMeta {
                 len: file.read(buf)?,
                 ..RxMeta::default()
@@ -72,6 +92,7 @@ impl PortIo for HostPort {
             HostPort::Tap {
                 file,
                 offloads: true,
+                ..
             } => {
                 let mut hdr = [0u8; VnetHdr::LEN];
                 let n = sys::readv(
@@ -109,6 +130,7 @@ impl PortIo for HostPort {
             HostPort::Tap {
                 file,
                 offloads: true,
+                ..
             } => {
                 let (v, n) = with_hdr(VnetHdr::LEN);
                 sys::writev(file.as_raw_fd(), &v[..n]).map(drop)
@@ -116,6 +138,7 @@ impl PortIo for HostPort {
             HostPort::Tap {
                 file,
                 offloads: false,
+                ..
             } => sys::writev(file.as_raw_fd(), parts).map(drop),
             HostPort::Packet(s) => {
                 let (v, n) = with_hdr(VnetHdr::BASE_LEN);
@@ -126,9 +149,14 @@ impl PortIo for HostPort {
 
     fn try_clone(&self) -> io::Result<Self> {
         Ok(match self {
-            HostPort::Tap { file, offloads } => HostPort::Tap {
+            HostPort::Tap {
+                file,
+                offloads,
+                index,
+            } => HostPort::Tap {
                 file: file.try_clone()?,
                 offloads: *offloads,
+                index: *index,
             },
             HostPort::Packet(s) => HostPort::Packet(s.try_clone()?),
         })
@@ -154,7 +182,7 @@ impl PortIo for HostPort {
 ///
 /// # Errors
 /// [`Error::Io`] for a device or socket that cannot be opened.
-pub fn build(cfg: &AgentConfig) -> Result<Datapath<HostPort>, Error> {
+pub fn build(cfg: &AgentConfig, attacher: &mut Attacher) -> Result<Datapath<HostPort>, Error> {
     let mut sw = Switch::new(SwitchConfig {
         mac_table: cfg.mac_table,
         ..SwitchConfig::default()
@@ -170,7 +198,7 @@ pub fn build(cfg: &AgentConfig) -> Result<Datapath<HostPort>, Error> {
     dp.set_flow_identity(cfg.chassis_id, flow_source(cfg));
     let mut open = |p: &PortSpec| HostPort::open(&p.attach);
     for p in &cfg.ports {
-        add_port(&mut dp, p, &mut open)?;
+        add_port(&mut dp, p, &mut open, attacher)?;
     }
     for m in &cfg.static_macs {
         set_static_mac(&mut dp, m);
@@ -178,29 +206,35 @@ pub fn build(cfg: &AgentConfig) -> Result<Datapath<HostPort>, Error> {
     Ok(dp)
 }
 
-/// Add a port to the switch (its policy first), then open and attach its
-/// device; a device that cannot be opened takes the port away again.
-fn add_port<P: PortIo>(
+/// Add a port to the switch (its policy first), then attach its device: a
+/// TAP the agent cannot create takes the port away again; a VMM's
+/// interface that does not exist yet leaves the port waiting for it.
+fn add_port<P: PortIo + Device>(
     dp: &mut Datapath<P>,
     p: &PortSpec,
     open: &mut impl FnMut(&PortSpec) -> Result<P, Error>,
+    attacher: &mut Attacher,
 ) -> Result<(), Error> {
     let no = dp.switch.add_port(p.port.clone())?;
     // Standby before the device is attached: not one frame without it.
     dp.switch.set_port_standby(no, p.standby)?;
-    let name = match &p.attach {
-        Attachment::Tap { name, .. } | Attachment::Netdev(name) => name,
-    };
-    let io = match open(p) {
-        Ok(io) => io,
-        Err(e) => {
+    if let Attachment::Tap { name, .. } = &p.attach {
+        let io = match open(p) {
+            Ok(io) => io,
+            Err(e) => {
+                dp.switch.remove_port(no);
+                return Err(e);
+            }
+        };
+        let ifindex = io.ifindex();
+        if let Err(e) = dp.attach(no, io) {
             dp.switch.remove_port(no);
-            return Err(e);
+            return Err(Error::io(format!("duplicating the handle of `{name}`"), e));
         }
-    };
-    if let Err(e) = dp.attach(no, io) {
-        dp.switch.remove_port(no);
-        return Err(Error::io(format!("duplicating the handle of `{name}`"), e));
+        let device = name.clone();
+        dp.set_attachment(no, Some(datapath::Attachment::Attached { device, ifindex }));
+    } else {
+        attacher.attach(dp, no, p, open);
     }
     tracing::info!(port = %p.port.id, name = %p.port.name, attach = ?p.attach, vlan = ?p.port.vlan, "port up");
     Ok(())
@@ -292,7 +326,10 @@ pub fn run_with(
         .map_err(|e| Error::io(format!("serving metrics on {addr}"), e))?;
     }
     let mut cfg = cfg.clone();
-    let mut dp = build(&cfg)?;
+    // Listening to link changes first: an interface that appears while the
+    // ports are being set up is not missed.
+    let mut attacher = Attacher::new();
+    let mut dp = build(&cfg, &mut attacher)?;
     let start = Instant::now();
     dp.spawn_transmit(start)
         .map_err(|e| Error::io("starting the transmit thread", e))?;
@@ -302,12 +339,15 @@ pub fn run_with(
             .set_nonblocking(true)
             .map_err(|e| Error::io("setting the control link non-blocking", e))?;
     }
-    // The fds to wait on, rebuilt only when ports come or go.
+    // The fds to wait on, rebuilt only when ports come or go: the ports'
+    // and the uplink's, then the control link's, then the link monitor's.
+    let wake_fd = link.as_ref().map(|l| l.wake.as_raw_fd());
+    let links_fd = attacher.fd();
     let poll_set = |fds: &[(Option<crate::PortNo>, RawFd)]| -> Vec<libc::pollfd> {
-        let wake = link.as_ref().map(|l| l.wake.as_raw_fd());
         fds.iter()
             .map(|(_, fd)| *fd)
-            .chain(wake)
+            .chain(wake_fd)
+            .chain(links_fd)
             .map(|fd| libc::pollfd {
                 fd,
                 events: libc::POLLIN,
@@ -318,6 +358,8 @@ pub fn run_with(
     let mut fds = dp.fds();
     let mut pollfds = poll_set(&fds);
     let mut next_stats = Duration::ZERO;
+    let mut next_probe = Duration::ZERO;
+    let mut open = |p: &PortSpec| HostPort::open(&p.attach);
     // Migration times are reported on the wall clock (hosts' clocks are
     // synchronised; the controller compares them).
     let mut migrations = Migrations::new(
@@ -338,6 +380,9 @@ pub fn run_with(
             .min(next_stats)
             .saturating_sub(now)
             .min(Duration::from_millis(200));
+        if let Some(p) = attacher.poll_timeout() {
+            wait = wait.min(p);
+        }
         // A shaped port whose frames must wait is not read until then.
         for (pfd, (port, _)) in pollfds.iter_mut().zip(&fds) {
             if let Some(no) = port {
@@ -351,6 +396,7 @@ pub fn run_with(
         let ms = wait.as_micros().div_ceil(1000) as i32;
         sys::poll(&mut pollfds, ms).map_err(|e| Error::io("waiting for frames", e))?;
         let now = start.elapsed();
+        let mut changed = false;
         for (pfd, (port, _)) in pollfds.iter().zip(&fds) {
             if pfd.revents == 0 {
                 continue;
@@ -359,22 +405,28 @@ pub fn run_with(
                 Some(no) => dp.poll_port(now, *no),
                 None => dp.poll_uplink(now),
             };
-            if let Err(e) = r {
-                let what = match port {
-                    Some(no) => format!("reading port {}", no.0),
-                    None => "reading the VXLAN socket".to_string(),
-                };
-                tracing::warn!(error = %e, "{what}");
+            match (r, port) {
+                (Ok(_), _) => {}
+                (Err(e), Some(no)) => {
+                    changed |= attacher.on_port_error(&mut dp, &cfg.ports, *no, &e, &mut open);
+                }
+                (Err(e), None) => tracing::warn!(error = %e, "reading the VXLAN socket"),
             }
         }
+        if links_fd.is_some() && pollfds.last().is_some_and(|p| p.revents != 0) {
+            changed |= attacher.on_links(&mut dp, &cfg.ports, &mut open);
+        }
+        if now >= next_probe {
+            attacher.tick(&mut dp, &cfg.ports);
+            next_probe = now + crate::attach::PROBE_EVERY;
+        }
         dp.handle_timeout(now);
-        let mut changed = false;
         if sys::take_reload_request() {
             if let Some(path) = path {
                 match AgentConfig::load(path) {
                     Ok(new) => {
                         // Applied in part or whole: ports may have come or gone.
-                        let _ = apply(&mut dp, &mut cfg, new, now);
+                        let _ = apply(&mut dp, &mut cfg, new, now, &mut attacher);
                         changed = true;
                     }
                     Err(e) => {
@@ -388,7 +440,7 @@ pub fn run_with(
             while (&l.wake).read(&mut byte).is_ok_and(|n| n > 0) {}
             while let Ok(u) = l.updates.try_recv() {
                 let old = cfg.ports.clone();
-                let r = apply(&mut dp, &mut cfg, u.config, now);
+                let r = apply(&mut dp, &mut cfg, u.config, now, &mut attacher);
                 migrations.sync_standby(&mut dp, &old, &cfg, u.resync, now);
                 changed = true;
                 if r.is_ok() {
@@ -400,9 +452,15 @@ pub fn run_with(
             while let Ok(c) = l.commands.try_recv() {
                 migrations.command(&mut dp, &cfg.ports, c, now);
             }
-            for e in migrations.events(&mut dp.switch, &cfg.ports) {
+            let read = attacher.take_read();
+            for e in migrations.events(&mut dp.switch, &cfg.ports, &read) {
                 let _ = l.events.send(e);
             }
+            for e in attached_events(&dp, &cfg.ports, attacher.take_attached()) {
+                let _ = l.events.send(e);
+            }
+        } else {
+            attacher.take_attached();
         }
         if changed {
             fds = dp.fds();
@@ -445,8 +503,33 @@ pub fn apply(
     cfg: &mut AgentConfig,
     new: AgentConfig,
     now: Duration,
+    attacher: &mut Attacher,
 ) -> Result<(), String> {
-    apply_with(dp, cfg, new, now, |p| HostPort::open(&p.attach))
+    apply_with(dp, cfg, new, now, attacher, |p| HostPort::open(&p.attach))
+}
+
+/// The ATTACHED events of migrations' ports among `ports` (just attached).
+fn attached_events<P: PortIo>(
+    dp: &Datapath<P>,
+    specs: &[PortSpec],
+    ports: Vec<crate::PortNo>,
+) -> Vec<migration::Event> {
+    let wall = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    ports
+        .into_iter()
+        .filter_map(|no| {
+            let (cfg, _) = dp.switch.port(no)?;
+            let s = specs.iter().find(|s| s.port.id == cfg.id)?;
+            Some(migration::Event::Attached {
+                port: cfg.id,
+                migration: s.migration?,
+                device: s.attach.device()?.to_string(),
+                at: wall,
+            })
+        })
+        .collect()
 }
 
 /// [`apply`] on any kind of port, opening new ones with `open` (the
@@ -454,23 +537,27 @@ pub fn apply(
 ///
 /// # Errors
 /// What could not be applied, one item per problem.
-pub fn apply_with<P: PortIo>(
+pub fn apply_with<P: PortIo + Device>(
     dp: &mut Datapath<P>,
     cfg: &mut AgentConfig,
     new: AgentConfig,
     now: Duration,
+    attacher: &mut Attacher,
     mut open: impl FnMut(&PortSpec) -> Result<P, Error>,
 ) -> Result<(), String> {
     let mut problems = Vec::new();
     let mut changed = 0;
-    // Ports gone, or whose device or ID changed, leave first.
+    // Ports gone, or whose ID changed, leave first (a port whose device
+    // changed keeps its state and changes device below).
     for old in &cfg.ports {
-        let keep = new.ports.iter().any(|p| {
-            p.port.name == old.port.name && p.attach == old.attach && p.port.id == old.port.id
-        });
+        let keep = new
+            .ports
+            .iter()
+            .any(|p| p.port.name == old.port.name && p.port.id == old.port.id);
         if !keep {
             if let Some(no) = dp.switch.port_by_name(&old.port.name) {
                 dp.detach(no);
+                dp.set_attachment(no, None);
                 dp.switch.remove_port(no);
                 changed += 1;
                 tracing::info!(port = %old.port.id, name = %old.port.name, "port removed");
@@ -480,7 +567,7 @@ pub fn apply_with<P: PortIo>(
     let mut running = Vec::new();
     for p in &new.ports {
         let Some(no) = dp.switch.port_by_name(&p.port.name) else {
-            match add_port(dp, p, &mut open) {
+            match add_port(dp, p, &mut open, attacher) {
                 Ok(()) => {
                     changed += 1;
                     running.push(p.clone());
@@ -492,6 +579,13 @@ pub fn apply_with<P: PortIo>(
         let Some(old) = cfg.ports.iter().find(|o| o.port.name == p.port.name) else {
             continue;
         };
+        if old.attach != p.attach {
+            // The same port on another device (a VMM named its interface,
+            // or made another): its policy and state stay.
+            tracing::info!(port = %p.port.id, from = ?old.attach, to = ?p.attach, "the port changes device");
+            attacher.attach(dp, no, p, &mut open);
+            changed += 1;
+        }
         let r = (|| {
             if old.port.vlan != p.port.vlan {
                 dp.switch.set_port_vlan(no, p.port.vlan.clone())?;
@@ -519,7 +613,10 @@ pub fn apply_with<P: PortIo>(
             }
             Err(e) => {
                 problems.push(format!("port {} ({}): {e}", p.port.id, p.port.name));
-                running.push(old.clone());
+                running.push(PortSpec {
+                    attach: p.attach.clone(),
+                    ..old.clone()
+                });
             }
         }
     }

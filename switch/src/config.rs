@@ -84,7 +84,22 @@ pub enum Attachment {
     /// 64 KB TSO frames pass through.
     Tap { name: String, offloads: bool },
     /// An existing interface (a VMM's tap, a veth) read with AF_PACKET.
+    /// It may not exist yet: the port waits for it with its policy in
+    /// place, attaches when it appears and again when it is re-created.
     Netdev(String),
+    /// The VMM's interface, not named yet (libvirt names a TAP only when
+    /// it creates it): the port has its policy and waits for a name.
+    Unnamed,
+}
+
+impl Attachment {
+    /// The device's name (`None`: not named yet).
+    pub fn device(&self) -> Option<&str> {
+        match self {
+            Attachment::Tap { name, .. } | Attachment::Netdev(name) => Some(name),
+            Attachment::Unnamed => None,
+        }
+    }
 }
 
 /// One port of the file.
@@ -163,6 +178,9 @@ struct RawPort {
     netdev: Option<String>,
     #[serde(default)]
     offloads: Option<bool>,
+    /// The VMM's interface, not named yet.
+    #[serde(default)]
+    awaiting_netdev: bool,
     /// A port profile whose policy the port takes (its own lines win).
     #[serde(default)]
     profile: Option<String>,
@@ -307,6 +325,12 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
             return Err(format!("{at}: ID {} is used by another port", p.id));
         }
         let attach = match (p.tap, p.netdev) {
+            (None, None) if p.awaiting_netdev => Attachment::Unnamed,
+            (_, _) if p.awaiting_netdev => {
+                return Err(format!(
+                    "{at}: `awaiting_netdev` is for a port whose interface has no name yet: drop `tap`/`netdev` or it"
+                ))
+            }
             (Some(name), None) => Attachment::Tap {
                 name,
                 offloads: p.offloads.unwrap_or(true),
@@ -319,21 +343,21 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
             (None, Some(n)) => Attachment::Netdev(n),
             _ => {
                 return Err(format!(
-                    "{at}: give exactly one of `tap: NAME` (the agent creates the TAP) \
-                     or `netdev: IFACE` (the agent attaches to an existing interface)"
+                    "{at}: give exactly one of `tap: NAME` (the agent creates the TAP), \
+                     `netdev: IFACE` (the agent attaches to the interface, now or when it appears) \
+                     or `awaiting_netdev: true` (the VMM names it later)"
                 ))
             }
         };
-        let dev = match &attach {
-            Attachment::Tap { name, .. } | Attachment::Netdev(name) => name.clone(),
-        };
-        if dev.is_empty() || dev.len() > 15 || dev.contains(['/', ' ']) {
-            return Err(format!(
-                "{at}: interface name `{dev}` is not valid: 1 to 15 characters, no '/' or spaces"
-            ));
-        }
-        if !devs.insert(dev.clone()) {
-            return Err(format!("{at}: interface `{dev}` is used by another port"));
+        if let Some(dev) = attach.device() {
+            if dev.is_empty() || dev.len() > 15 || dev.contains(['/', ' ']) {
+                return Err(format!(
+                    "{at}: interface name `{dev}` is not valid: 1 to 15 characters, no '/' or spaces"
+                ));
+            }
+            if !devs.insert(dev.to_string()) {
+                return Err(format!("{at}: interface `{dev}` is used by another port"));
+            }
         }
         let own = Policy::from_raw(
             &RawPolicy {

@@ -157,6 +157,39 @@ pub struct Datapath<P> {
     flow_domain: u32,
     flow_source: IpAddr,
     next_export: Duration,
+    /// Each port's device, as the agent last found it.
+    attachments: Vec<Option<Attachment>>,
+}
+
+/// Where a port's device stands (the agent attaches a port to its device
+/// when the device exists, and again when it is re-created).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(tag = "state", rename_all = "snake_case")]
+pub enum Attachment {
+    /// Frames flow through `device` (interface index `ifindex`; 0: a TAP
+    /// the agent owns).
+    Attached { device: String, ifindex: u32 },
+    /// The policy is in place; `device` does not exist yet (`None`: the
+    /// VMM has not named it).
+    Waiting { device: Option<String> },
+    /// `device` was attached and went away; the port waits for it again.
+    Gone { device: String },
+    /// `device` exists but cannot be attached (the reason).
+    Failed { device: String, error: String },
+}
+
+impl std::fmt::Display for Attachment {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Attachment::Attached { .. } => write!(f, "attached"),
+            Attachment::Waiting { device: Some(d) } => write!(f, "waiting for interface {d}"),
+            Attachment::Waiting { device: None } => {
+                write!(f, "waiting for the VMM to name its interface")
+            }
+            Attachment::Gone { device } => write!(f, "interface {device} gone"),
+            Attachment::Failed { device, error } => write!(f, "cannot attach to {device}: {error}"),
+        }
+    }
 }
 
 /// How often ended flow records are exported.
@@ -191,7 +224,22 @@ impl<P: PortIo> Datapath<P> {
             flow_domain: 1,
             flow_source: IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED),
             next_export: Duration::ZERO,
+            attachments: Vec::new(),
         })
+    }
+
+    /// Note where port `no`'s device stands (views and stats show it).
+    pub fn set_attachment(&mut self, no: PortNo, a: Option<Attachment>) {
+        let i = usize::from(no.0);
+        if self.attachments.len() <= i {
+            self.attachments.resize(i + 1, None);
+        }
+        self.attachments[i] = a;
+    }
+
+    /// Where port `no`'s device stands.
+    pub fn attachment(&self, no: PortNo) -> Option<&Attachment> {
+        self.attachments.get(usize::from(no.0))?.as_ref()
     }
 
     /// Attach the device of port `no` (already added to the switch); the
@@ -704,6 +752,10 @@ impl<P: PortIo> Datapath<P> {
                         entries: ct.len(),
                         counters: ct.counters().clone(),
                     }),
+                    attachment: self.attachment(no).map(|a| AttachmentStats {
+                        detail: a.to_string(),
+                        state: a.clone(),
+                    }),
                 })
                 .collect(),
             tunnel: sw.tunnel_counters().clone(),
@@ -799,6 +851,18 @@ pub struct PortStats {
     /// The port's connection table, when its lists have stateful rules.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conntrack: Option<ConnStats>,
+    /// Where the port's device stands.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub attachment: Option<AttachmentStats>,
+}
+
+/// A port's [`Attachment`] in the stats, with the line views show.
+#[derive(Debug, Clone, Serialize)]
+pub struct AttachmentStats {
+    /// "attached", "waiting for interface vnet3", "interface vnet3 gone", …
+    pub detail: String,
+    #[serde(flatten)]
+    pub state: Attachment,
 }
 
 /// A connection table's size and counters.

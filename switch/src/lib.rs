@@ -31,6 +31,7 @@
 
 pub mod acl;
 pub mod agent;
+pub mod attach;
 pub mod config;
 pub mod conntrack;
 pub mod counters;
@@ -40,6 +41,7 @@ pub mod flow;
 pub mod mactable;
 pub mod metrics;
 pub mod migration;
+pub mod netlink;
 pub mod pipeline;
 pub mod qos;
 pub mod remote;
@@ -52,8 +54,8 @@ pub use counters::{DropReason, PortCounters, TunnelCounters};
 pub use mactable::Location;
 pub use migration::tracked_port_state;
 pub use pipeline::{
-    Egress, Ingress, Output, PortAcl, PortConfig, PortNetflow, PortNo, PortQos, PortState,
-    Processed, SegmentConfig, Switch, SwitchConfig, Verdict,
+    Egress, Ingress, LastFrames, Output, PortAcl, PortConfig, PortNetflow, PortNo, PortQos,
+    PortState, Processed, SegmentConfig, Switch, SwitchConfig, Verdict,
 };
 
 /// Errors of the datapath and the agent.
@@ -69,12 +71,10 @@ pub enum Error {
     VniInUse { vni: u32, vlan: u16 },
     #[error("config file {path}: {msg}")]
     Config { path: String, msg: String },
-    #[error("{what}")]
-    Io {
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
+    /// What was being done and the OS's reason, in one message ("attaching
+    /// to interface `vnet3`: No such device (os error 19)").
+    #[error("{what}: {cause}")]
+    Io { what: String, cause: std::io::Error },
 }
 
 impl Error {
@@ -82,7 +82,22 @@ impl Error {
     pub fn io(what: impl Into<String>, source: std::io::Error) -> Self {
         Error::Io {
             what: what.into(),
-            source,
+            cause: source,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn io_errors_name_the_object_and_keep_the_os_reason() {
+        let e = super::Error::io(
+            "attaching to interface `vnet3`",
+            std::io::Error::from_raw_os_error(libc::ENODEV),
+        );
+        assert_eq!(
+            e.to_string(),
+            "attaching to interface `vnet3`: No such device (os error 19)"
+        );
     }
 }

@@ -189,6 +189,19 @@ fn agent_into(f: &mut Families, stats: &Value, revision: Option<u64>) {
             }
         }
     }
+    for p in &ports {
+        let id = p["id"].as_str().unwrap_or("");
+        if let Some(state) = p["attachment"]["state"].as_str() {
+            let device = p["attachment"]["device"].as_str().unwrap_or("");
+            f.add(
+                "dvs_port_attached",
+                "gauge",
+                "1 when the port's interface is attached; 0 while it waits for it (state: waiting, gone, failed).",
+                &[("host", host), ("port", id), ("device", device), ("state", state)],
+                if state == "attached" { 1.0 } else { 0.0 },
+            );
+        }
+    }
     let t = &stats["tunnel"];
     for (name, key) in [
         ("dvs_tunnel_rx_packets_total", "rx_packets"),

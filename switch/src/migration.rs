@@ -97,14 +97,40 @@ pub fn event(migration: u64, port: &str, kind: api::migration_event::Kind) -> ap
 pub fn report(e: Event) -> api::MigrationEvent {
     use api::migration_event::Kind;
     match e {
-        Event::Wakeup { port, migration } => {
-            event(migration.unwrap_or(0), &port.to_string(), Kind::Wakeup)
-        }
-        Event::FirstForwarded { migration, at } => api::MigrationEvent {
-            at_us: at.as_micros() as u64,
+        Event::Wakeup {
+            port,
+            migration,
+            nic_read,
+        } => api::MigrationEvent {
+            nic_read,
+            ..event(migration.unwrap_or(0), &port.to_string(), Kind::Wakeup)
+        },
+        Event::FirstForwarded {
+            migration,
+            from_vm,
+            to_vm,
+            to_peer,
+        } => api::MigrationEvent {
+            at_us: us(from_vm),
+            at_to_vm_us: us(to_vm),
+            to_peer_us: us(to_peer),
             ..event(migration, "", Kind::FirstForwarded)
         },
+        Event::Attached {
+            port,
+            migration,
+            device,
+            at,
+        } => api::MigrationEvent {
+            at_us: us(Some(at)),
+            device,
+            ..event(migration, &port.to_string(), Kind::Attached)
+        },
     }
+}
+
+fn us(t: Option<Duration>) -> u64 {
+    t.map_or(0, |d| d.as_micros() as u64)
 }
 
 /// Carry out a controller's migration command on a host: `run` hands the
@@ -214,7 +240,7 @@ pub fn stopped_events(
     h: Handover,
 ) -> Result<Vec<api::MigrationEvent>, String> {
     let (connections, flows) = (h.connections as u64, h.transfer.state.flows.len() as u64);
-    let at_us = h.last_frame.map_or(0, |d| d.as_micros() as u64);
+    let (at_us, at_to_vm_us) = (us(h.last_from_vm), us(h.last_to_vm));
     let (kind, seq) = if h.delta {
         (dvs_migrate::snapshot::Kind::Delta, 1)
     } else {
@@ -229,7 +255,8 @@ pub fn stopped_events(
         api::migration_event::Kind::Stopped,
     )?;
     for e in &mut events {
-        (e.at_us, e.connections, e.flows) = (at_us, connections, flows);
+        (e.at_us, e.at_to_vm_us) = (at_us, at_to_vm_us);
+        (e.connections, e.flows) = (connections, flows);
     }
     Ok(events)
 }
@@ -388,9 +415,10 @@ pub struct Handover {
     pub delta: bool,
     /// Tracked connections in the whole state.
     pub connections: usize,
-    /// When the source last forwarded a frame of the port (wall clock,
-    /// since the Unix epoch).
-    pub last_frame: Option<Duration>,
+    /// When the source last forwarded a frame from the VM, and last sent
+    /// one to it (wall clock, since the Unix epoch).
+    pub last_from_vm: Option<Duration>,
+    pub last_to_vm: Option<Duration>,
 }
 
 /// What the controller asks of a host's datapath during a migration.
@@ -427,13 +455,30 @@ pub enum Command {
 /// What a host's datapath reports on its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
-    /// The VM sent a frame on a port in standby (it runs here now).
+    /// The VM sent a frame on a port in standby, or (`nic_read`) its VMM
+    /// read the port's interface: it runs here now.
     Wakeup {
         port: PortId,
         migration: Option<u64>,
+        nic_read: bool,
     },
-    /// A started port forwarded its first frame, at `at` (wall clock).
-    FirstForwarded { migration: u64, at: Duration },
+    /// A started port forwarded its first frame from the VM, to it, or
+    /// from it to one peer (unicast: not an announcement) — wall clock,
+    /// reported as each happens.
+    FirstForwarded {
+        migration: u64,
+        from_vm: Option<Duration>,
+        to_vm: Option<Duration>,
+        to_peer: Option<Duration>,
+    },
+    /// A migration's destination port has its interface `device` (at `at`,
+    /// wall clock).
+    Attached {
+        port: PortId,
+        migration: u64,
+        device: String,
+        at: Duration,
+    },
 }
 
 /// The migration state of one datapath.
@@ -452,8 +497,20 @@ pub struct Migrations {
     bases: BTreeMap<PortId, (u64, Duration, Vec<SavedConn>)>,
     /// Redirected VM MACs of stopped ports.
     redirects: BTreeMap<PortId, (VlanId, MacAddr)>,
-    /// Started ports whose first forwarded frame is awaited: since when.
-    awaiting: Vec<(u64, PortNo, Duration)>,
+    /// Started ports whose first forwarded frames are awaited: since
+    /// when, and whether each way (from, to the VM) was reported.
+    awaiting: Vec<Awaiting>,
+}
+
+#[derive(Debug)]
+struct Awaiting {
+    migration: u64,
+    no: PortNo,
+    since: Duration,
+    /// Reported: the first frame from the VM, to it, its first to a peer.
+    from_vm: bool,
+    to_vm: bool,
+    to_peer: bool,
 }
 
 /// What changed in `state` since the pre-copy's connections `base`, taken
@@ -612,6 +669,8 @@ impl Migrations {
             .ok_or_else(|| format!("port {id} is not on this host"))?;
         state.flows = sw.take_port_flows(no, now);
         let connections = state.conntrack.len();
+        let last = sw.port_last_frames(no);
+        let (last_from_vm, last_to_vm) = (last.from_vm, last.to_vm);
         let transfer = match self.bases.remove(&id).filter(|b| b.0 == migration) {
             Some((_, then, base)) => delta(state, &base, now.saturating_sub(then)),
             None => Transfer {
@@ -632,7 +691,8 @@ impl Migrations {
             transfer,
             delta: is_delta,
             connections,
-            last_frame: sw.port_last_frame(no).map(|t| self.epoch + t),
+            last_from_vm: last_from_vm.map(|t| self.epoch + t),
+            last_to_vm: last_to_vm.map(|t| self.epoch + t),
         })
     }
 
@@ -659,7 +719,14 @@ impl Migrations {
         sw.set_port_standby(no, false).map_err(|e| e.to_string())?;
         release_held(dp, no, now);
         self.started.insert(migration);
-        self.awaiting.push((migration, no, now));
+        self.awaiting.push(Awaiting {
+            migration,
+            no,
+            since: now,
+            from_vm: false,
+            to_vm: false,
+            to_peer: false,
+        });
         tracing::info!(port = %id, migration, "port started from its migration's state");
         Ok(dropped)
     }
@@ -737,7 +804,13 @@ impl Migrations {
     }
 
     /// Wakeups of standby ports and first frames of started ones.
-    pub fn events(&mut self, sw: &mut Switch, specs: &[PortSpec]) -> Vec<Event> {
+    /// `nic_read`: ports the agent saw their VMM read (the rest spoke).
+    pub fn events(
+        &mut self,
+        sw: &mut Switch,
+        specs: &[PortSpec],
+        nic_read: &[PortNo],
+    ) -> Vec<Event> {
         let mut out = Vec::new();
         for no in sw.take_standby_wakeups() {
             let Some((cfg, _)) = sw.port(no) else {
@@ -750,21 +823,31 @@ impl Migrations {
             out.push(Event::Wakeup {
                 port: cfg.id,
                 migration,
+                nic_read: nic_read.contains(&no),
             });
         }
         let epoch = self.epoch;
-        self.awaiting.retain(|(migration, no, since)| {
-            match sw.port_last_frame(*no).filter(|t| t >= since) {
-                Some(at) => {
-                    out.push(Event::FirstForwarded {
-                        migration: *migration,
-                        at: epoch + at,
-                    });
-                    false
-                }
-                // Keep waiting while the port is there.
-                None => sw.port(*no).is_some(),
+        self.awaiting.retain_mut(|a| {
+            let last = sw.port_last_frames(a.no);
+            let fresh = |t: Option<Duration>, seen: bool| {
+                t.filter(|t| !seen && *t >= a.since).map(|t| epoch + t)
+            };
+            let from = fresh(last.from_vm, a.from_vm);
+            let to = fresh(last.to_vm, a.to_vm);
+            let to_peer = fresh(last.unicast_from_vm, a.to_peer);
+            if from.is_some() || to.is_some() || to_peer.is_some() {
+                out.push(Event::FirstForwarded {
+                    migration: a.migration,
+                    from_vm: from,
+                    to_vm: to,
+                    to_peer,
+                });
+                a.from_vm |= from.is_some();
+                a.to_vm |= to.is_some();
+                a.to_peer |= to_peer.is_some();
             }
+            // Keep waiting while the port is there and something is unseen.
+            !(a.from_vm && a.to_vm && a.to_peer) && sw.port(a.no).is_some()
         });
         out
     }
@@ -892,7 +975,8 @@ mod tests {
             transfer: delta(state.clone(), &state.conntrack, S),
             delta: true,
             connections: 10,
-            last_frame: None,
+            last_from_vm: None,
+            last_to_vm: None,
         };
         let events = stopped_events(7, port, h).unwrap_or_default();
         let bytes: Vec<u8> = events.iter().flat_map(|e| e.chunk.clone()).collect();

@@ -212,8 +212,13 @@ struct Port {
     flow: Option<(usize, FlowDirection)>,
     /// In standby: installed with its policy, not forwarding.
     standby: bool,
-    /// When a frame last came from the VM or went to it (zero: never).
-    last_frame: Duration,
+    /// When the port last forwarded a frame from its VM (zero: never).
+    last_from_vm: Duration,
+    /// When the port last sent a frame to its VM (zero: never).
+    last_to_vm: Duration,
+    /// When the port last took a unicast frame from its VM — one meant for
+    /// a peer, not an announcement (zero: never).
+    last_unicast_from_vm: Duration,
 }
 
 impl Port {
@@ -235,7 +240,9 @@ impl Port {
             guard: PortGuard::new(&cfg.security),
             flow: None,
             standby: false,
-            last_frame: Duration::ZERO,
+            last_from_vm: Duration::ZERO,
+            last_to_vm: Duration::ZERO,
+            last_unicast_from_vm: Duration::ZERO,
             cfg,
             counters: PortCounters::default(),
         }
@@ -294,6 +301,17 @@ pub struct Switch {
 
 /// How often flow tables run their timeouts.
 const FLOW_TICK: Duration = Duration::from_millis(500);
+/// When a port last passed frames (the switch's clock; `None`: never).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LastFrames {
+    /// A frame from the VM.
+    pub from_vm: Option<Duration>,
+    /// A frame to the VM.
+    pub to_vm: Option<Duration>,
+    /// A unicast frame from the VM (to a peer, not an announcement).
+    pub unicast_from_vm: Option<Duration>,
+}
+
 /// Frames a standby port holds for its activation, at most.
 const MAX_HELD: usize = 32;
 /// The largest frame held (a full-size tagged frame).
@@ -419,13 +437,32 @@ impl Switch {
             .is_some_and(|p| p.standby)
     }
 
-    /// When a frame last came from port `no`'s VM or went to it.
+    /// When port `no` last forwarded a frame from its VM or sent one to it.
     pub fn port_last_frame(&self, no: PortNo) -> Option<Duration> {
-        self.ports
-            .get(usize::from(no.0))
-            .and_then(Option::as_ref)
-            .map(|p| p.last_frame)
-            .filter(|t| !t.is_zero())
+        let l = self.port_last_frames(no);
+        l.from_vm.max(l.to_vm)
+    }
+
+    /// When port `no` last took a frame from its VM (any, and unicast),
+    /// and when it last sent one to it (a migration's blackout, each way).
+    pub fn port_last_frames(&self, no: PortNo) -> LastFrames {
+        let Some(p) = self.ports.get(usize::from(no.0)).and_then(Option::as_ref) else {
+            return LastFrames::default();
+        };
+        let some = |t: Duration| (!t.is_zero()).then_some(t);
+        LastFrames {
+            from_vm: some(p.last_from_vm),
+            to_vm: some(p.last_to_vm),
+            unicast_from_vm: some(p.last_unicast_from_vm),
+        }
+    }
+
+    /// Report standby port `no` as woken — its VM runs here — as its first
+    /// frame would (the agent saw the VMM read the port's interface).
+    pub fn wake_port(&mut self, no: PortNo) {
+        if self.port_standby(no) && !self.wakeups.contains(&no) {
+            self.wakeups.push(no);
+        }
     }
 
     /// The port whose ID is `id`.
@@ -860,7 +897,7 @@ impl Switch {
         out.clear();
         let mut frame = 0..buf.len();
         let classified = match ingress {
-            Ingress::Port(no) => self.classify_port(now, no, buf),
+            Ingress::Port(no) => self.classify_port(no, buf),
             Ingress::Tunnel { .. } => self.classify_tunnel(buf, &mut frame),
         };
         let (vlan, view) = match classified {
@@ -910,6 +947,10 @@ impl Switch {
         let len = frame.len() as u64;
         if let Ingress::Port(no) = ingress {
             if let Some(Some(port)) = self.ports.get_mut(usize::from(no.0)) {
+                port.last_from_vm = now;
+                if !view.dst.is_multicast() {
+                    port.last_unicast_from_vm = now;
+                }
                 if let Some(g) = port.guard.as_mut() {
                     if let Err(reason) = g.check(now, &view, &buf[frame.clone()], vlan.get()) {
                         self.count_drop(ingress, reason);
@@ -969,17 +1010,11 @@ impl Switch {
         }
     }
 
-    fn classify_port(
-        &mut self,
-        now: Duration,
-        no: PortNo,
-        buf: &[u8],
-    ) -> Result<(VlanId, EthView), DropReason> {
+    fn classify_port(&mut self, no: PortNo, buf: &[u8]) -> Result<(VlanId, EthView), DropReason> {
         let max = self.cfg.max_frame;
         let Some(Some(port)) = self.ports.get_mut(usize::from(no.0)) else {
             return Err(DropReason::UnknownPort);
         };
-        port.last_frame = now;
         let c = &mut port.counters;
         c.rx_frames += 1;
         c.rx_bytes += buf.len() as u64;
@@ -1267,7 +1302,7 @@ impl Switch {
             match o.egress {
                 Egress::Port(p) => {
                     if let Some(Some(port)) = self.ports.get_mut(usize::from(p.0)) {
-                        port.last_frame = now;
+                        port.last_to_vm = now;
                         port.counters.tx_frames += 1;
                         port.counters.tx_bytes += len + if o.tag.is_some() { 4 } else { 0 };
                     }

@@ -263,16 +263,14 @@ pub fn set_link_up(name: &str) -> io::Result<()> {
     Ok(())
 }
 
-/// The index of interface `name`, or `NotFound`.
+/// The index of interface `name`; the OS's error (`ENODEV`, "No such
+/// device") when there is none.
 pub fn ifindex(name: &str) -> io::Result<u32> {
     let c = CString::new(name).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
     // SAFETY: `c` is a valid NUL-terminated string.
     let i = unsafe { libc::if_nametoindex(c.as_ptr()) };
     if i == 0 {
-        Err(io::Error::new(
-            io::ErrorKind::NotFound,
-            format!("no network interface named `{name}`"),
-        ))
+        Err(io::Error::last_os_error())
     } else {
         Ok(i)
     }
@@ -304,6 +302,8 @@ fn setsockopt<T>(fd: RawFd, level: libc::c_int, name: libc::c_int, val: &T) -> i
 #[derive(Debug)]
 pub struct PacketSocket {
     fd: OwnedFd,
+    /// The interface it is bound to.
+    index: u32,
 }
 
 /// A VLAN tag the kernel took off a received frame (PACKET_AUXDATA).
@@ -369,7 +369,12 @@ impl PacketSocket {
             libc::PACKET_ADD_MEMBERSHIP,
             &mreq,
         )?;
-        Ok(Self { fd })
+        Ok(Self { fd, index })
+    }
+
+    /// The index of the interface the socket is bound to.
+    pub fn ifindex(&self) -> u32 {
+        self.index
     }
 
     /// Receive one frame into `buf` and its 10-byte virtio-net header into
@@ -444,6 +449,7 @@ impl PacketSocket {
     pub fn try_clone(&self) -> io::Result<Self> {
         Ok(Self {
             fd: self.fd.try_clone()?,
+            index: self.index,
         })
     }
 
@@ -455,6 +461,132 @@ impl PacketSocket {
 }
 
 impl AsRawFd for PacketSocket {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd.as_raw_fd()
+    }
+}
+
+/// A route-netlink socket: subscribed to link changes
+/// ([`LinkMonitor::subscribe`]: interfaces appearing, changing, going), or
+/// for asking about one interface ([`LinkMonitor::query`]).
+#[derive(Debug)]
+pub struct LinkMonitor {
+    fd: OwnedFd,
+    seq: u32,
+    buf: Vec<u8>,
+}
+
+const RTMGRP_LINK: u32 = 1;
+
+impl LinkMonitor {
+    /// A non-blocking socket that hears every link change in the caller's
+    /// network namespace.
+    pub fn subscribe() -> io::Result<Self> {
+        Self::open(RTMGRP_LINK, libc::SOCK_NONBLOCK)
+    }
+
+    /// A socket for requests ([`LinkMonitor::link`]), hearing nothing else.
+    pub fn query() -> io::Result<Self> {
+        let m = Self::open(0, 0)?;
+        // A request is answered at once; never wait long for it.
+        let tv = libc::timeval {
+            tv_sec: 0,
+            tv_usec: 200_000,
+        };
+        setsockopt(m.fd.as_raw_fd(), libc::SOL_SOCKET, libc::SO_RCVTIMEO, &tv)?;
+        Ok(m)
+    }
+
+    fn open(groups: u32, flags: libc::c_int) -> io::Result<Self> {
+        let fd = socket(
+            libc::AF_NETLINK,
+            libc::SOCK_RAW | flags,
+            libc::NETLINK_ROUTE,
+        )?;
+        // SAFETY: sockaddr_nl is plain data; all-zero is a valid value.
+        let mut addr: libc::sockaddr_nl = unsafe { mem::zeroed() };
+        addr.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        addr.nl_groups = groups;
+        // SAFETY: addr is a valid sockaddr_nl and its size is passed.
+        cvt(unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_nl).cast(),
+                mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        })?;
+        Ok(Self {
+            fd,
+            seq: 0,
+            buf: vec![0; 64 << 10],
+        })
+    }
+
+    /// The link messages waiting (empty when none). `ENOBUFS` means the
+    /// kernel dropped some: the caller must look at every interface again.
+    pub fn read(&mut self) -> io::Result<Vec<crate::netlink::LinkEvent>> {
+        let mut out = Vec::new();
+        loop {
+            match self.recv() {
+                Ok(n) => out.extend(crate::netlink::parse(&self.buf[..n])),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(out),
+                Err(e) => return Err(e),
+            }
+        }
+    }
+
+    /// One datagram into the buffer; its length.
+    fn recv(&mut self) -> io::Result<usize> {
+        // SAFETY: buf is live and writable for its length.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                self.buf.as_mut_ptr().cast(),
+                self.buf.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            Err(io::Error::last_os_error())
+        } else {
+            Ok(n as usize)
+        }
+    }
+
+    /// What the kernel says of interface `index` now (its name, kind and
+    /// counters); `NotFound` when there is none.
+    pub fn link(&mut self, index: u32) -> io::Result<crate::netlink::LinkEvent> {
+        self.seq = self.seq.wrapping_add(1);
+        let req = crate::netlink::get_link(index, self.seq);
+        // SAFETY: req is live for its length; the kernel only reads it.
+        let n = unsafe { libc::send(self.fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: buf is live and writable for its length.
+        let n = unsafe {
+            libc::recv(
+                self.fd.as_raw_fd(),
+                self.buf.as_mut_ptr().cast(),
+                self.buf.len(),
+                0,
+            )
+        };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        match crate::netlink::parse(&self.buf[..n as usize])
+            .into_iter()
+            .next()
+        {
+            Some(crate::netlink::LinkEvent::Error(e)) => Err(io::Error::from_raw_os_error(-e)),
+            Some(e) => Ok(e),
+            None => Err(io::Error::from(io::ErrorKind::NotFound)),
+        }
+    }
+}
+
+impl AsRawFd for LinkMonitor {
     fn as_raw_fd(&self) -> RawFd {
         self.fd.as_raw_fd()
     }

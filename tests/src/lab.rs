@@ -344,6 +344,12 @@ struct Wire {
 #[derive(Debug)]
 struct MemPort(Rc<RefCell<Wire>>);
 
+impl dvs_switch::attach::Device for MemPort {
+    fn ifindex(&self) -> u32 {
+        0
+    }
+}
+
 impl PortIo for MemPort {
     fn recv(&mut self, buf: &mut [u8]) -> io::Result<RxMeta> {
         let Some(f) = self.0.borrow_mut().from_vm.pop_front() else {
@@ -774,9 +780,15 @@ impl Lab {
                 static_macs: Vec::new(),
                 ..cfg.clone()
             };
-            dvs_switch::agent::apply_with(&mut dp, &mut running, cfg, start.elapsed(), |p| {
-                Ok(open_wire(&mut wires, p))
-            })
+            let mut attacher = dvs_switch::attach::Attacher::quiet();
+            dvs_switch::agent::apply_with(
+                &mut dp,
+                &mut running,
+                cfg,
+                start.elapsed(),
+                &mut attacher,
+                |p| Ok(open_wire(&mut wires, p)),
+            )
             .map_err(|e| LabError::Controller(format!("host {name}'s state: {e}")))?;
             for spec in &running.ports {
                 let n = spec.port.id.number();
@@ -870,7 +882,8 @@ impl Lab {
             )?;
             let old = h.cfg.ports.clone();
             let wires = &mut h.wires;
-            dvs_switch::agent::apply_with(&mut h.dp, &mut h.cfg, new, now, |p| {
+            let mut attacher = dvs_switch::attach::Attacher::quiet();
+            dvs_switch::agent::apply_with(&mut h.dp, &mut h.cfg, new, now, &mut attacher, |p| {
                 Ok(open_wire(wires, p))
             })
             .map_err(|e| LabError::Controller(format!("host {}: {e}", h.name)))?;
@@ -892,7 +905,7 @@ impl Lab {
             }
         }
         let h = &mut self.hosts[i];
-        for e in h.migrations.events(&mut h.dp.switch, &h.cfg.ports) {
+        for e in h.migrations.events(&mut h.dp.switch, &h.cfg.ports, &[]) {
             self.control
                 .send(i, agent_message::Msg::Migration(migration::report(e)));
         }

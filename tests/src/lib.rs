@@ -9,7 +9,8 @@
 //!   `tests/netflow.rs` checks flow exports with real collectors
 //!   ([`collector`]: nfcapd/nfdump and tshark); `tests/controller.rs` runs
 //!   a whole chassis — controller and agents — through the `dvs` command
-//!   line ([`chassis`]).
+//!   line ([`chassis`]); `tests/qemu.rs` runs real QEMU guests as its VMs,
+//!   the libvirt hook called in libvirt's order ([`qemu`]).
 
 #![forbid(unsafe_code)]
 
@@ -17,3 +18,4 @@ pub mod chassis;
 pub mod collector;
 pub mod lab;
 pub mod netns;
+pub mod qemu;

@@ -147,6 +147,22 @@ fn by_flow(records: &[NfRecord]) -> Flows {
     m
 }
 
+/// VMs `a` (host 1) and `b` (host 2) recording their flows with the
+/// monitors of `monitors`, nfcapd and a tshark capture in the core.
+fn two_hosts(monitors: &str) -> (Fabric, (Nfcapd, Capture)) {
+    Fabric::new_with(
+        2,
+        &[vm(0, "a", "10.10.0.1/24"), vm(1, "b", "10.10.0.2/24")],
+        &[],
+        monitors,
+        |topo, core| {
+            let n = Nfcapd::start(topo, core, CORE_IP, COLLECTOR);
+            let c = Capture::start(topo, core, "br0", COLLECTOR, &underlay_ip(0));
+            (n, c)
+        },
+    )
+}
+
 fn exports_to_nfdump(version: &str) {
     if !e2e_ready(TOOLS) {
         return;
@@ -155,17 +171,7 @@ fn exports_to_nfdump(version: &str) {
     let monitors = format!(
         "chassis_id: 5\nmonitors:\n  - {{ name: m, version: {version}, collectors: [\"{CORE_IP}:{COLLECTOR}\", \"{CORE_IP}:{DOWN}\"], active_timeout_s: 2, inactive_timeout_s: 30 }}\n"
     );
-    let (mut f, (nfcapd, capture)) = Fabric::new_with(
-        2,
-        &[vm(0, "a", "10.10.0.1/24"), vm(1, "b", "10.10.0.2/24")],
-        &[],
-        &monitors,
-        |topo, core| {
-            let n = Nfcapd::start(topo, core, CORE_IP, COLLECTOR);
-            let c = Capture::start(topo, core, "br0", COLLECTOR, &underlay_ip(0));
-            (n, c)
-        },
-    );
+    let (mut f, (nfcapd, capture)) = two_hosts(&monitors);
     let (a, b) = (f.vm("a").ns.clone(), f.vm("b").ns.clone());
     for (name, text) in [
         ("udp_send.py", UDP_SEND.to_string()),
@@ -344,4 +350,70 @@ fn netflow_v9_reaches_nfdump_with_exact_counts() {
 #[test]
 fn ipfix_reaches_nfdump_with_exact_counts() {
     exports_to_nfdump("ipfix");
+}
+
+/// An export that lasts several template refreshes (templates and the
+/// options record every second, records every second): nfdump and
+/// tshark's sequence analysis both see every sequence number they expect.
+fn sequence_holds_over_template_refreshes(version: &str) {
+    if !e2e_ready(TOOLS) {
+        return;
+    }
+    let monitors = format!(
+        "monitors:\n  - {{ name: m, version: {version}, collectors: [\"{CORE_IP}:{COLLECTOR}\"], active_timeout_s: 1, inactive_timeout_s: 1, template_refresh_s: 1 }}\n"
+    );
+    let (mut f, (nfcapd, capture)) = two_hosts(&monitors);
+    let a = f.vm("a").ns.clone();
+    std::fs::write(f.topo.dir.join("udp_send.py"), UDP_SEND).expect("write script");
+    let send = f
+        .topo
+        .dir
+        .join("udp_send.py")
+        .to_string_lossy()
+        .into_owned();
+    // 6 s of two flows (and their replies' absence: UDP one way).
+    f.topo.sh(
+        &a,
+        &format!(
+            "/usr/bin/python3 {send} 10.10.0.2 7000 6000 60 100 0.1 & \
+             /usr/bin/python3 {send} 10.10.0.2 7001 6001 60 100 0.1; wait"
+        ),
+    );
+    let templates: Vec<u64> = (0..2)
+        .map(|i| {
+            f.stats(i)["netflow"][0]["export"]["template_messages"]
+                .as_u64()
+                .unwrap_or(0)
+        })
+        .collect();
+    for i in 0..2 {
+        let label = f.hosts[i].label.clone();
+        f.topo.stop(&label);
+    }
+    let decoded = capture.finish(&mut f.topo);
+    let (records, exporters) = nfcapd.finish(&mut f.topo);
+    eprintln!("{version}: template messages {templates:?}; {decoded:?}\n{exporters}");
+    assert!(
+        templates[0] >= 4,
+        "fewer than 3 template refreshes: {templates:?}"
+    );
+    assert_eq!(sequence_failures(&exporters), Some(0), "{exporters}");
+    assert!(decoded.problems.is_empty(), "{decoded:?}");
+    assert_eq!(decoded.malformed, 0, "{decoded:?}");
+    let sent: u64 = records
+        .iter()
+        .filter(|r| r.proto == 17 && r.input == 1)
+        .map(|r| r.packets)
+        .sum();
+    assert_eq!(sent, 120, "{records:?}");
+}
+
+#[test]
+fn netflow_v9_sequence_holds_over_template_refreshes() {
+    sequence_holds_over_template_refreshes("v9");
+}
+
+#[test]
+fn ipfix_sequence_holds_over_template_refreshes() {
+    sequence_holds_over_template_refreshes("ipfix");
 }

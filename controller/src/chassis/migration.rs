@@ -45,6 +45,9 @@ pub struct MigrationRec {
     /// acknowledged this revision (its port gone) or left.
     #[serde(default)]
     pub resume_after: Option<u64>,
+    /// When the destination's standby port had its interface (wall clock).
+    #[serde(default)]
+    pub interface_ready: Option<Duration>,
 }
 
 impl MigrationRec {
@@ -79,7 +82,9 @@ impl Chassis {
 
     /// Begin migrating port `port` to host `to` (on interface `attach`,
     /// by default the one it has now); the destination gets the port in
-    /// standby with the next revision.
+    /// standby with the next revision. Begun again toward the host it is
+    /// under way to, it only changes the destination's interface (to
+    /// `attach`, when given) and returns the migration with no outputs.
     ///
     /// # Errors
     /// [`Error::NotFound`] for an unknown port or host, [`Error::Conflict`]
@@ -115,6 +120,23 @@ impl Chassis {
                 "port {port} is not bound to a host: bind it (dvs port bind) rather than migrate it"
             )));
         };
+        if let Some(m) = p.moving.clone().filter(|m| m.to.host == to) {
+            // Under way to this host already: only its interface may change
+            // (libvirt names the destination's TAP after `migrate begin`).
+            if let Some(a) = attach.filter(|a| *a != m.to.attach) {
+                self.free_dev(port, to, &a)?;
+                let to = Binding {
+                    host: to.to_string(),
+                    attach: a,
+                };
+                if let Some(r) = self.migrations.get_mut(&m.migration) {
+                    r.to = to.clone();
+                    self.dirty.migrations.insert(m.migration);
+                }
+                self.set_moving(port, Some(Moving { to, ..m.clone() }));
+            }
+            return Ok((m.migration, Vec::new()));
+        }
         if let Some(m) = &p.moving {
             let phase = self
                 .migrations
@@ -131,15 +153,7 @@ impl Chassis {
             )));
         }
         let attach = attach.unwrap_or_else(|| from.attach.clone());
-        let dev = attach.dev().to_string();
-        if let Some(other) = self.index.by_dev.get(&(to.to_string(), dev.clone())) {
-            return Err(Error::Conflict(format!(
-                "interface `{dev}` on host {to} belongs to port {}: name another (--tap, --netdev)",
-                self.ports
-                    .get(other)
-                    .map_or_else(String::new, |o| o.id.to_string())
-            )));
-        }
+        self.free_dev(port, to, &attach)?;
         let vm = p.vm.clone();
         let id = self.meta.next_migration;
         self.meta.next_migration += 1;
@@ -172,6 +186,7 @@ impl Chassis {
                 dropped: 0,
                 prepare_revision: self.meta.revision,
                 resume_after: None,
+                interface_ready: None,
             },
         );
         self.dirty.migrations.insert(id);

@@ -12,19 +12,23 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use dvs_migrate::protocol::{Input, Output, Phase, Trigger};
+use dvs_migrate::protocol::{Frames, Input, Output, Phase, Trigger};
 use dvs_proto::api::{self, controller_message, migration_command::Op, migration_event::Kind};
 use dvs_proto::PortId;
 use tonic::Status;
 
 use super::{attach, parse_port, Controller};
-use crate::chassis::MigrationRec;
+use crate::chassis::{Attach, MigrationRec};
 use crate::store::Kept;
 
 /// Snapshots travel to the destination in pieces of this size.
 const CHUNK: usize = dvs_switch::migration::CHUNK;
 /// A destination that has not installed the port by then: aborted.
 pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(15);
+/// A destination whose port has not found its interface by then (after
+/// the migration began): aborted. A VMM makes the interface before the
+/// incoming VM can arrive: libvirt creates it right after `migrate begin`.
+pub const INTERFACE_TIMEOUT: Duration = Duration::from_secs(30);
 /// The largest snapshot a source may send (the format's own bound).
 const MAX_SNAPSHOT: usize = dvs_migrate::snapshot::MAX_PAYLOAD + 64;
 
@@ -37,6 +41,16 @@ pub fn unix_now() -> Duration {
 
 fn us(d: Option<Duration>) -> u64 {
     d.map_or(0, |d| d.as_micros() as u64)
+}
+
+/// Frame times of an event (microseconds; 0: none).
+fn frames(from_vm_us: u64, to_vm_us: u64) -> Frames {
+    let at = |us: u64| (us > 0).then(|| Duration::from_micros(us));
+    Frames {
+        from_vm: at(from_vm_us),
+        to_vm: at(to_vm_us),
+        to_peer: None,
+    }
 }
 
 /// A migration as the admin service shows it.
@@ -55,10 +69,17 @@ pub fn view(r: &MigrationRec) -> api::Migration {
         trigger: match t.trigger {
             Some(Trigger::VmmResumed) => "vmm_resumed".into(),
             Some(Trigger::FirstFrame) => "first_frame".into(),
+            Some(Trigger::NicRead) => "nic_read".into(),
             None => String::new(),
         },
         last_frame_source_us: us(t.last_frame_at_source),
         first_frame_destination_us: us(t.first_frame_at_destination),
+        last_to_vm_source_us: us(t.last_to_vm_at_source),
+        first_to_vm_destination_us: us(t.first_to_vm_at_destination),
+        interface_ready_us: us(r.interface_ready),
+        destination_interface: r.to.attach.dev().to_string(),
+        blackout_us: us(t.blackout()),
+        first_to_peer_destination_us: us(t.first_to_peer_at_destination),
         done_us: us(t.done),
         aborted_us: us(t.aborted.as_ref().map(|a| a.0)),
         abort_reason: t.aborted.as_ref().map(|a| a.1.clone()).unwrap_or_default(),
@@ -120,7 +141,12 @@ impl Controller {
         let mut next = Some(input);
         while let Some(i) = next.take() {
             let (n, h) = (note.take(), keep.take());
-            let out = self.mutate_keeping(true, h.map(|(k, b)| (k, id, b)), |c| {
+            // Durable only what a restarted controller needs (the kept
+            // snapshots, with the steps they come with, and aborts): the
+            // switchover's other steps stay off the disk's flush, and a
+            // restart before the handover is kept aborts anyway.
+            let durable = h.is_some() || matches!(i, Input::Abort(_));
+            let out = self.mutate_keeping(durable, h.map(|(k, b)| (k, id, b)), |c| {
                 let out = c.migration_input(id, i, unix_now())?;
                 if let Some(n) = n {
                     c.note_migration(id, n);
@@ -240,10 +266,10 @@ impl Controller {
         r: api::StartMigrationRequest,
     ) -> Result<api::Migration, Status> {
         let port = parse_port(&r.port)?;
-        let a = if r.tap.is_empty() && r.netdev.is_empty() {
+        let a = if r.tap.is_empty() && r.netdev.is_empty() && !r.netdev_later {
             None
         } else {
-            Some(attach(&r.tap, &r.netdev)?)
+            Some(attach(&r.tap, &r.netdev, r.netdev_later)?)
         };
         {
             let st = self.lock();
@@ -356,7 +382,23 @@ impl Controller {
         let (source, destination) = (r.from.host == host, r.to.host == host);
         let result = match kind {
             Kind::Wakeup if destination => {
-                self.input(id, Input::Resumed(Trigger::FirstFrame)).await
+                let t = if e.nic_read {
+                    Trigger::NicRead
+                } else {
+                    Trigger::FirstFrame
+                };
+                self.input(id, Input::Resumed(t)).await
+            }
+            Kind::Attached if destination => {
+                let at = Duration::from_micros(e.at_us);
+                tracing::info!(migration = id, %host, device = %e.device, "the destination's port has its interface");
+                self.mutate(true, |c| {
+                    c.note_migration(id, |m| {
+                        m.interface_ready.get_or_insert(at);
+                    });
+                    Ok(())
+                })
+                .map(drop)
             }
             Kind::Stopped | Kind::Synced if source => {
                 let key = (id, e.kind);
@@ -384,7 +426,8 @@ impl Controller {
                     .await
             }
             Kind::FirstForwarded if destination => {
-                let at = Duration::from_micros(e.at_us);
+                let mut at = frames(e.at_us, e.at_to_vm_us);
+                at.to_peer = (e.to_peer_us > 0).then(|| Duration::from_micros(e.to_peer_us));
                 self.input(id, Input::FirstFrameForwarded { at }).await
             }
             Kind::Failed if source || destination => {
@@ -421,7 +464,7 @@ impl Controller {
         let (size, connections, flows) = (bytes.len() as u64, last.connections, last.flows);
         let stopped = Input::SourceDeactivated {
             last_seq: 0,
-            last_frame: (last.at_us > 0).then(|| Duration::from_micros(last.at_us)),
+            last_frame: frames(last.at_us, last.at_to_vm_us),
         };
         self.input_noting(
             r.id,
@@ -517,8 +560,9 @@ impl Controller {
         self.released(host, None).await;
     }
 
-    /// Abort migrations whose destination never installed the port; ends
-    /// when the controller is dropped.
+    /// Abort migrations whose destination never installed the port, or
+    /// whose port there never found its interface; ends when the
+    /// controller is dropped.
     pub(super) async fn migration_timer(self) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
@@ -527,21 +571,41 @@ impl Controller {
                 return;
             }
             let now = unix_now();
+            let wait = self.interface_timeout;
             let late: Vec<(u64, String)> = self
                 .lock()
                 .chassis
                 .migrations()
-                .filter(|m| {
-                    m.machine.phase() == Phase::Preparing
-                        && now.saturating_sub(m.machine.timeline().begin) > PREPARE_TIMEOUT
+                .filter_map(|m| {
+                    let age = now.saturating_sub(m.machine.timeline().begin);
+                    let host = &m.to.host;
+                    match m.machine.phase() {
+                        Phase::Preparing if age > PREPARE_TIMEOUT => Some(format!(
+                            "host {host} did not install the port within {} s (see its agent's log)",
+                            PREPARE_TIMEOUT.as_secs()
+                        )),
+                        Phase::Syncing
+                            if age > wait
+                                && m.interface_ready.is_none()
+                                && !matches!(m.to.attach, Attach::Tap(_)) =>
+                        {
+                            Some(match m.to.attach.dev() {
+                                "" => format!(
+                                    "host {host}: the VMM did not name the port's interface within {} s",
+                                    wait.as_secs()
+                                ),
+                                dev => format!(
+                                    "host {host}: interface `{dev}` did not appear within {} s",
+                                    wait.as_secs()
+                                ),
+                            })
+                        }
+                        _ => None,
+                    }
+                    .map(|why| (m.id, why))
                 })
-                .map(|m| (m.id, m.to.host.clone()))
                 .collect();
-            for (id, host) in late {
-                let why = format!(
-                    "host {host} did not install the port within {} s (see its agent's log)",
-                    PREPARE_TIMEOUT.as_secs()
-                );
+            for (id, why) in late {
                 let _ = self.input(id, Input::Abort(why)).await;
             }
         }

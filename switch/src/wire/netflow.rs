@@ -14,8 +14,15 @@
 //!   IPFIX sends flowStart/EndMilliseconds (IE 152/153) — nfdump 1.7 misreads
 //!   IPFIX's sysUpTime forms;
 //! - **sequence**: v5 counts flows sent before the message, v9 export
-//!   packets, IPFIX data records (options records included, as RFC 7011
-//!   says and Wireshark checks) — each per source ID / observation domain;
+//!   packets, IPFIX flow data records — each per source ID / observation
+//!   domain. RFC 7011 counts options data records too, and so does
+//!   Wireshark's sequence analysis, but nfdump (1.7) counts only data
+//!   records of data templates, as softflowd and pmacct's nfprobe export
+//!   them: an options record in every template refresh made nfdump report
+//!   a sequence failure each time. So IPFIX carries the options record
+//!   (sampling) only when the monitor samples, and the sequence counts flow
+//!   records: nfdump and Wireshark then agree on every unsampled export
+//!   (a sampled one shows a Wireshark warning per options record);
 //! - **v9 header count** is every record in the packet, template and option
 //!   records included (softflowd counts data records only and tshark stops
 //!   reading its packets early);
@@ -227,7 +234,10 @@ impl Encoder {
         // v9's count: every record, template and option records included.
         let mut count: u16 = 0;
         if templates {
-            count += self.write_templates(out);
+            // IPFIX sends the options record only when it says something
+            // (see the module doc on sequence numbers).
+            let options = v9 || self.sampling > 1;
+            count += self.write_templates(out, options);
         }
         let mut e = Encoded::default();
         let mut i = 0;
@@ -270,16 +280,15 @@ impl Encoder {
             h[4..8].copy_from_slice(&((clock.unix_ms / 1000) as u32).to_be_bytes());
             h[8..12].copy_from_slice(&self.sequence.to_be_bytes());
             h[12..16].copy_from_slice(&self.domain.to_be_bytes());
-            // Options data records are data records too (RFC 7011 §3.1).
-            let options = u32::from(templates);
-            self.sequence = self.sequence.wrapping_add(e.records as u32 + options);
+            // Flow records only, as nfdump counts (see the module doc).
+            self.sequence = self.sequence.wrapping_add(e.records as u32);
         }
         e
     }
 
-    /// The template set, the options template set and the options record;
-    /// returns the records written (for v9's count).
-    fn write_templates(&self, out: &mut Vec<u8>) -> u16 {
+    /// The template set and, with `options`, the options template set and
+    /// the options record; returns the records written (for v9's count).
+    fn write_templates(&self, out: &mut Vec<u8>, options: bool) -> u16 {
         let v9 = self.version == FlowVersion::V9;
         let tail = if v9 { V9_TAIL } else { IPFIX_TAIL };
         let start = out.len();
@@ -298,6 +307,9 @@ impl Encoder {
             }
         }
         end_set(out, start, v9);
+        if !options {
+            return 2;
+        }
         // Options: scope = this exporter's source ID / observation domain.
         let addr_field = match self.exporter {
             IpAddr::V4(_) => (130, 4),
@@ -557,21 +569,27 @@ mod tests {
         ];
         want.extend(tail(n0, n7, d1));
         expect(&data[1], &want);
+        // Unsampled: no options record; the sequence counts flow records.
+        assert!(records(&packets, "OptionsData").is_empty());
+        enc.encode(CLOCK, false, &recs[..1], &mut msg);
+        assert_eq!(u32::from_be_bytes([msg[8], msg[9], msg[10], msg[11]]), 2);
+        // Sampled: the options record says how, and is not counted.
+        let mut enc = Encoder::new(FlowVersion::Ipfix, 42, "192.0.2.1".parse().unwrap(), 10);
+        enc.encode(CLOCK, true, &recs, &mut msg);
+        let (packets, _) = json(&msg);
         expect(
             &records(&packets, "OptionsData")[0],
             &[
                 ("ObservationDomainId", r#"{"DataNumber":{"U32":42}}"#),
                 ("ExporterIpv4address", r#"{"Ip4Addr":"192.0.2.1"}"#),
-                ("SamplingInterval", r#"{"DataNumber":{"U32":1}}"#),
-                ("SamplingAlgorithm", r#"{"DataNumber":{"U8":0}}"#),
+                ("SamplingInterval", r#"{"DataNumber":{"U32":10}}"#),
+                ("SamplingAlgorithm", r#"{"DataNumber":{"U8":1}}"#),
                 ("SamplingPacketInterval", r#"{"DataNumber":{"U32":1}}"#),
-                ("SamplingPacketSpace", r#"{"DataNumber":{"U32":0}}"#),
+                ("SamplingPacketSpace", r#"{"DataNumber":{"U32":9}}"#),
             ],
         );
-        // The next message continues the sequence: 2 data records and the
-        // options record sent.
         enc.encode(CLOCK, false, &recs[..1], &mut msg);
-        assert_eq!(u32::from_be_bytes([msg[8], msg[9], msg[10], msg[11]]), 3);
+        assert_eq!(u32::from_be_bytes([msg[8], msg[9], msg[10], msg[11]]), 2);
     }
 
     #[test]
