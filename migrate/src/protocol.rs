@@ -329,13 +329,7 @@ impl Migration {
                 self.timeline.done = Some(now);
                 self.phase = Done;
                 let mut out = vec![Output::MoveMac];
-                // The VM has not spoken (the VMM said it resumed, or it was
-                // seen reading its NIC): announce it, so that every host
-                // learns at once where it is.
-                if matches!(
-                    self.timeline.trigger,
-                    Some(Trigger::VmmResumed | Trigger::NicRead)
-                ) {
+                if self.timeline.trigger == Some(Trigger::VmmResumed) {
                     out.push(Output::Announce);
                 }
                 out

@@ -6,8 +6,9 @@
 //! with 10,000 tracked connections moves a few times: its snapshot's size
 //! and how long the switchover takes with it.
 //!
-//! Per migration: blackout (the source's last frame to the destination's
-//! first, from the controller's timeline), begin → policy ready on the
+//! Per migration: blackout (what the VM's peers live through: its last
+//! frame at the source to its first to a peer at the destination, from the
+//! controller's timeline), begin → policy ready on the
 //! destination, resume → first frame forwarded at the destination (what dvs
 //! adds to the VM's own pause), switchover → done (stop, snapshot,
 //! transfer, start), pings lost (gaps in `ping -D` replies, each assigned
@@ -211,7 +212,7 @@ fn main() {
     );
     println!("| per migration | median | p99 | max |\n|---|---|---|---|");
     row(
-        "blackout, ms (source's last frame → destination's first)",
+        "blackout, ms (the VM's last frame at the source → its first to a peer at the destination)",
         col(|s| s.blackout_ms, &samples),
     );
     row(

@@ -4,7 +4,9 @@
 //! effect on real traffic; traffic keeps flowing when the controller dies;
 //! an agent restarted with the controller away forwards again from its saved
 //! state; a restarted controller keeps every ID, and its agents reconnect
-//! without flapping a port.
+//! without flapping a port; a port bound to an interface that is not there
+//! waits for it — across an agent restart, and whatever kind of device
+//! comes under its name.
 
 #![allow(clippy::unwrap_used)] // a test fails on the spot, saying where
 
@@ -247,4 +249,99 @@ fn stats_rx(c: &Chassis, i: usize, id: &str) -> u64 {
         .and_then(|ps| ps.iter().find(|p| p["id"] == id))
         .and_then(|p| p["counters"]["rx_frames"].as_u64())
         .unwrap_or(0)
+}
+
+/// The state of port `id` as `dvs port show` reports it: its attachment.
+fn attachment(c: &Chassis, id: &str) -> String {
+    c.json(&["port", "show", id])["attachment"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string()
+}
+
+/// Wait until port `id`'s attachment reads `want`.
+fn wait_attachment(c: &Chassis, id: &str, want: &str) {
+    let ok = wait_for(Duration::from_secs(10), || attachment(c, id) == want);
+    assert!(ok, "port {id}: `{}`, not `{want}`", attachment(c, id));
+}
+
+/// A veth `dev` in host namespace `host` whose other end is the NIC of VM
+/// namespace `vm` (MAC 02:00:00:00:0e:01, 10.10.0.9/24).
+fn plug_veth(c: &Chassis, host: &str, dev: &str, vm: &str) {
+    c.topo.sh(
+        "",
+        &format!("ip link add {dev} netns {host} type veth peer name eth0 netns {vm}"),
+    );
+    c.topo.sh(host, &format!("ip link set {dev} up"));
+    c.topo.sh(
+        vm,
+        "ip link set eth0 address 02:00:00:00:0e:01 up && ip addr add 10.10.0.9/24 dev eth0",
+    );
+}
+
+#[test]
+fn a_port_waits_for_its_interface_across_agent_restarts_and_device_kinds() {
+    if !e2e_ready(TOOLS) {
+        return;
+    }
+    let mut c = Chassis::new(
+        1,
+        &profiles("permit", 10, ""),
+        &[("a", 0, "10.10.0.1/24", "web")],
+    );
+    let h1 = c.hosts[0].clone();
+    let dev = c.topo.name("w0");
+    // Bound to an interface that does not exist: the host applies it (its
+    // policy is in place) and the port waits, saying for what.
+    let id = c
+        .ok(&[
+            "port",
+            "create",
+            "--vm",
+            "w",
+            "--mac",
+            "02:00:00:00:0e:01",
+            "--profile",
+            "web",
+            "--host",
+            "h1",
+            "--netdev",
+            &dev,
+        ])
+        .trim()
+        .to_string();
+    c.wait_converged(Duration::from_secs(10));
+    let waiting = format!("waiting for interface {dev}");
+    wait_attachment(&c, &id, &waiting);
+    // A veth comes under that name: attached, and the VM behind it pings.
+    let vm = c.topo.add_ns("vw");
+    plug_veth(&c, &h1, &dev, &vm);
+    wait_attachment(&c, &id, "attached");
+    let ping = |c: &Chassis| {
+        dvs_tests::netns::parse_ping(&String::from_utf8_lossy(
+            &c.topo
+                .try_sh(&c.vm("a").1, "ping -c 3 -i 0.2 -W 1 10.10.0.9")
+                .stdout,
+        ))
+    };
+    assert_eq!(ping(&c), (3, 3), "{}", c.topo.logs());
+    // The agent restarts while the interface is gone: it starts with the
+    // port waiting (from its saved state) and attaches when it is back.
+    c.topo.stop(&Chassis::agent_label(0));
+    c.topo.sh(&h1, &format!("ip link del {dev}"));
+    c.start_agent(0);
+    c.wait_converged(Duration::from_secs(10));
+    wait_attachment(&c, &id, &waiting);
+    plug_veth(&c, &h1, &dev, &vm);
+    wait_attachment(&c, &id, "attached");
+    assert_eq!(ping(&c), (3, 3), "{}", c.topo.logs());
+    // The name comes back as another kind of device (a TAP where a veth
+    // was): attached the same way.
+    c.topo.sh(&h1, &format!("ip link del {dev}"));
+    wait_attachment(&c, &id, &format!("interface {dev} gone"));
+    c.topo.sh(
+        &h1,
+        &format!("ip tuntap add {dev} mode tap && ip link set {dev} up"),
+    );
+    wait_attachment(&c, &id, "attached");
 }
