@@ -390,15 +390,17 @@ fn counters(p: &api::Port) -> (String, String, String) {
 }
 
 fn port_detail(p: &api::Port) -> String {
+    // "veth2 is up", "veth2 is waiting for interface vnet3", "veth2 is
+    // down: interface vnet3 gone".
+    let state = match p.attachment.as_str() {
+        "" | "attached" => p.state.clone(),
+        a if a.starts_with("waiting") => a.to_string(),
+        a => format!("down: {a}"),
+    };
     let mut s = format!(
-        "{} is {}{}\n  VM {} ({}), profile {} version {}, {}\n  host {}{}\n",
+        "{} is {}\n  VM {} ({}), profile {} version {}, {}\n  host {}{}\n",
         p.id,
-        p.state,
-        if p.attachment.is_empty() {
-            String::new()
-        } else {
-            format!(" ({})", p.attachment)
-        },
+        state,
         p.vm,
         p.mac,
         p.profile,

@@ -439,7 +439,7 @@ pub fn run_with(
             let mut byte = [0u8; 64];
             while (&l.wake).read(&mut byte).is_ok_and(|n| n > 0) {}
             while let Ok(u) = l.updates.try_recv() {
-                let old = cfg.ports.clone();
+                let old = cfg.clone();
                 let r = apply(&mut dp, &mut cfg, u.config, now, &mut attacher);
                 migrations.sync_standby(&mut dp, &old, &cfg, u.resync, now);
                 changed = true;
@@ -452,6 +452,7 @@ pub fn run_with(
             while let Ok(c) = l.commands.try_recv() {
                 migrations.command(&mut dp, &cfg.ports, c, now);
             }
+            migrations.expire(&mut dp, &cfg, now);
             let read = attacher.take_read();
             for e in migrations.events(&mut dp.switch, &cfg.ports, &read) {
                 let _ = l.events.send(e);

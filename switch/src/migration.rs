@@ -500,6 +500,22 @@ pub struct Migrations {
     /// Started ports whose first forwarded frames are awaited: since
     /// when, and whether each way (from, to the VM) was reported.
     awaiting: Vec<Awaiting>,
+    /// Redirects of ports that left, kept a while.
+    lingering: Vec<Linger>,
+}
+
+/// How long a stopped source keeps redirecting the VM's frames after its
+/// port left: while the other hosts apply the VM's new location.
+pub const REDIRECT_GRACE: Duration = Duration::from_secs(3);
+
+/// A redirect kept after its port left (and whether its segment was put
+/// back for it).
+#[derive(Debug)]
+struct Linger {
+    vlan: VlanId,
+    mac: MacAddr,
+    segment: bool,
+    until: Duration,
 }
 
 #[derive(Debug)]
@@ -751,12 +767,13 @@ impl Migrations {
     pub fn sync_standby<P: PortIo>(
         &mut self,
         dp: &mut Datapath<P>,
-        old: &[PortSpec],
+        old: &AgentConfig,
         new: &AgentConfig,
         resync: bool,
         now: Duration,
     ) {
-        let (static_macs, new) = (&new.static_macs, &new.ports);
+        let (old_segments, old) = (&old.segments, &old.ports);
+        let (static_macs, segments, new) = (&new.static_macs, &new.segments, &new.ports);
         for p in new {
             let Some(no) = dp.switch.port_by_id(p.port.id) else {
                 continue;
@@ -786,21 +803,68 @@ impl Migrations {
                 tracing::info!(port = %p.port.id, standby, "port standby set from the desired state");
             }
         }
-        // Forget what is gone; a gone port's redirect goes too, unless the
-        // desired state now places the VM there.
+        // Forget what is gone. A gone port's redirect stays a little while
+        // — other hosts may still send the VM's frames here until they
+        // apply its new location — with its segment if that went too,
+        // unless the desired state now places the VM (see `expire`).
         let live: BTreeSet<PortId> = new.iter().map(|p| p.port.id).collect();
         self.stopped.retain(|id, _| live.contains(id));
         for (id, (vlan, mac)) in std::mem::take(&mut self.redirects) {
             if live.contains(&id) {
                 self.redirects.insert(id, (vlan, mac));
             } else if !static_macs.iter().any(|m| m.vlan == vlan && m.mac == mac) {
-                dp.switch.remove_mac(vlan, mac);
+                let kept = (!segments.iter().any(|g| g.vlan == vlan))
+                    .then(|| old_segments.iter().find(|g| g.vlan == vlan).cloned())
+                    .flatten();
+                if let Some(g) = &kept {
+                    let _ = dp.switch.set_segment(g.clone());
+                }
+                self.lingering.push(Linger {
+                    vlan,
+                    mac,
+                    segment: kept.is_some(),
+                    until: now + REDIRECT_GRACE,
+                });
             }
         }
+        // A VM that is back on a port here is not redirected any more.
+        let here: Vec<MacAddr> = new.iter().filter_map(|p| p.mac).collect();
+        self.lingering.retain(|l| {
+            let back = here.contains(&l.mac);
+            if back {
+                dp.switch.remove_mac(l.vlan, l.mac);
+            }
+            !back
+        });
         self.taken_flows.retain(|id, _| live.contains(id));
         self.bases.retain(|id, _| live.contains(id));
         let migrations: BTreeSet<u64> = new.iter().filter_map(|p| p.migration).collect();
         self.started.retain(|m| migrations.contains(m));
+    }
+
+    /// Drop the redirects kept after their port left once their time is up
+    /// (with the segment kept for them, unless `cfg` has it now).
+    pub fn expire<P: PortIo>(&mut self, dp: &mut Datapath<P>, cfg: &AgentConfig, now: Duration) {
+        if self.lingering.is_empty() {
+            return;
+        }
+        let (due, keep): (Vec<Linger>, Vec<Linger>) = std::mem::take(&mut self.lingering)
+            .into_iter()
+            .partition(|l| l.until <= now);
+        self.lingering = keep;
+        for l in due {
+            if cfg
+                .static_macs
+                .iter()
+                .any(|m| m.vlan == l.vlan && m.mac == l.mac)
+            {
+                continue;
+            }
+            dp.switch.remove_mac(l.vlan, l.mac);
+            if l.segment && !cfg.segments.iter().any(|g| g.vlan == l.vlan) {
+                dp.switch.remove_segment(l.vlan);
+            }
+        }
     }
 
     /// Wakeups of standby ports and first frames of started ones.

@@ -880,7 +880,7 @@ impl Lab {
                 h.tunnel,
                 self.vxlan_port,
             )?;
-            let old = h.cfg.ports.clone();
+            let old = h.cfg.clone();
             let wires = &mut h.wires;
             let mut attacher = dvs_switch::attach::Attacher::quiet();
             dvs_switch::agent::apply_with(&mut h.dp, &mut h.cfg, new, now, &mut attacher, |p| {
@@ -905,6 +905,7 @@ impl Lab {
             }
         }
         let h = &mut self.hosts[i];
+        h.migrations.expire(&mut h.dp, &h.cfg, now);
         for e in h.migrations.events(&mut h.dp.switch, &h.cfg.ports, &[]) {
             self.control
                 .send(i, agent_message::Msg::Migration(migration::report(e)));
