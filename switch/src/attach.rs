@@ -82,14 +82,10 @@ impl Attacher {
         let monitor = LinkMonitor::subscribe()
             .map_err(|e| tracing::warn!(error = %e, "no link notifications: interfaces that appear later will not be attached"))
             .ok();
-        let query = LinkMonitor::query().ok();
         Attacher {
             monitor,
-            query,
-            probes: Vec::new(),
-            probed: BTreeSet::new(),
-            attached: Vec::new(),
-            read: Vec::new(),
+            query: LinkMonitor::query().ok(),
+            ..Self::quiet()
         }
     }
 
@@ -327,6 +323,11 @@ impl Attacher {
         let Some(q) = self.query.as_mut() else {
             return;
         };
+        // Nothing to probe or watch (the usual case): no work, no allocation.
+        let migrating = |s: &PortSpec| s.standby && s.migration.is_some();
+        if self.probes.is_empty() && self.probed.is_empty() && !specs.iter().any(migrating) {
+            return;
+        }
         for s in specs {
             let (true, Some(m), Spec::Netdev(_)) = (s.standby, s.migration, &s.attach) else {
                 continue;

@@ -563,22 +563,8 @@ impl LinkMonitor {
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
-        // SAFETY: buf is live and writable for its length.
-        let n = unsafe {
-            libc::recv(
-                self.fd.as_raw_fd(),
-                self.buf.as_mut_ptr().cast(),
-                self.buf.len(),
-                0,
-            )
-        };
-        if n < 0 {
-            return Err(io::Error::last_os_error());
-        }
-        match crate::netlink::parse(&self.buf[..n as usize])
-            .into_iter()
-            .next()
-        {
+        let n = self.recv()?;
+        match crate::netlink::parse(&self.buf[..n]).into_iter().next() {
             Some(crate::netlink::LinkEvent::Error(e)) => Err(io::Error::from_raw_os_error(-e)),
             Some(e) => Ok(e),
             None => Err(io::Error::from(io::ErrorKind::NotFound)),

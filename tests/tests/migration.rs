@@ -173,6 +173,9 @@ fn a_vm_moves_back_and_forth_under_traffic_and_its_port_moves_with_it() {
             let id = c.migrations().last().unwrap()["id"].as_u64().unwrap();
             let pause = c.swap_nic("a", to);
             let record = c.wait_phase(id, "done", Duration::from_secs(10));
+            // libvirt's Confirm stops QEMU at the source: `stopped end`, then
+            // `release end`.
+            c.libvirt_hook(1 - to, "a", "stopped", "end");
             c.libvirt_hook(1 - to, "a", "release", "end");
             Move {
                 migration: id,
