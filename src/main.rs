@@ -369,7 +369,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             metrics,
             ..
         } => {
-            let cfg = dvs_switch::config::AgentConfig::load(&config)?;
+            let cfg = dvs_switch::agent::config::AgentConfig::load(&config)?;
             dvs_switch::agent::run_with(&cfg, Some(&config), None, metrics)?;
             Ok(())
         }
@@ -385,11 +385,11 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         } => {
             let tls = match (tls_cert, tls_key, cli.tls_ca) {
                 (Some(cert), Some(key), Some(ca)) => {
-                    Some(dvs_switch::remote::ClientTls { ca, cert, key })
+                    Some(dvs_switch::agent::remote::ClientTls { ca, cert, key })
                 }
                 _ => None,
             };
-            dvs_switch::remote::run(&dvs_switch::remote::RemoteOptions {
+            dvs_switch::agent::remote::run(&dvs_switch::agent::remote::RemoteOptions {
                 host,
                 controller: cli.controller,
                 tunnel_ip,

@@ -819,7 +819,7 @@ impl Chassis {
     /// What `host` must run, as keyed items of an agent file: `chassis`,
     /// `segments`, `profile/NAME`, `monitor/NAME`, `port/vethN` and
     /// `mac/VLAN/MAC` (the agent puts them together:
-    /// `dvs_switch::config::assemble`).
+    /// `dvs_switch::agent::config::assemble`).
     pub fn host_items(&self, host: &str) -> BTreeMap<String, Value> {
         let mut items = BTreeMap::new();
         items.insert("chassis".to_string(), json!(self.meta.chassis_id));
@@ -1233,12 +1233,12 @@ mod tests {
         assert!(items2.contains_key("mac/10/02:00:00:00:00:0a"));
         assert_eq!(items2["port/veth3"]["netdev"], "vnet0");
         // The assembled file is a valid agent file.
-        let doc = dvs_switch::config::assemble(
+        let doc = dvs_switch::agent::config::assemble(
             "h2",
             &items2,
             &json!({ "tunnel": { "local": "10.0.0.2" } }),
         );
-        let cfg = dvs_switch::config::AgentConfig::parse(&doc.to_string()).unwrap();
+        let cfg = dvs_switch::agent::config::AgentConfig::parse(&doc.to_string()).unwrap();
         assert_eq!(cfg.ports.len(), 2);
         assert_eq!(cfg.static_macs.len(), 1);
         assert!(cfg.ports[1].port.netflow.is_some());

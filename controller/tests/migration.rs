@@ -17,7 +17,7 @@ use dvs_proto::api::{
     controller_message::Msg, migration_command::Op, migration_event::Kind,
 };
 use dvs_proto::PortId;
-use dvs_switch::migration::{Handover, Inbound, Inbox, Snapshot, Transfer};
+use dvs_switch::agent::migration::{Handover, Inbound, Inbox, Snapshot, Transfer};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::Code;
@@ -313,7 +313,7 @@ async fn a_migration_moves_the_port_with_its_state() {
     h1.command(Op::Sync).await;
     let port = PortId::new(1).unwrap();
     let state = dvs_switch::tracked_port_state(100);
-    for e in dvs_switch::migration::synced_events(m.id, port, state.clone()).unwrap() {
+    for e in dvs_switch::agent::migration::synced_events(m.id, port, state.clone()).unwrap() {
         h1.event(e).await;
     }
     let mut inbox = Inbox::default();
@@ -333,7 +333,7 @@ async fn a_migration_moves_the_port_with_its_state() {
         ..state.clone()
     };
     let h = Handover {
-        transfer: dvs_switch::migration::Transfer {
+        transfer: dvs_switch::agent::migration::Transfer {
             state: later,
             gone: Vec::new(),
             since_base: Duration::from_secs(1),
@@ -343,7 +343,7 @@ async fn a_migration_moves_the_port_with_its_state() {
         last_from_vm: Some(Duration::from_micros(1)),
         last_to_vm: None,
     };
-    let stopped = dvs_switch::migration::stopped_events(m.id, port, h).unwrap();
+    let stopped = dvs_switch::agent::migration::stopped_events(m.id, port, h).unwrap();
     let bytes: Vec<u8> = stopped.iter().flat_map(|e| e.chunk.clone()).collect();
     for e in stopped {
         h1.event(e).await;

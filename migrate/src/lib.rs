@@ -4,7 +4,7 @@
 //! - [`protocol`]: the coordinator's state machine for one port's
 //!   migration (its sequence diagram is in the module); the controller runs
 //!   it (`dvs_controller::server`), the hosts do their part
-//!   (`dvs_switch::migration`);
+//!   (`dvs_switch::agent::migration`);
 //! - [`snapshot`]: the versioned, CRC-checked, size-bounded envelope in
 //!   which a port's runtime state travels from the source host to the
 //!   destination;

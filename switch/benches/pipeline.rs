@@ -349,7 +349,7 @@ fn open_flows(sw: &mut Switch, base: &[u8], n: u32) {
 /// the heap bytes per open record; and export records/s per version.
 fn bench_flows(c: &mut Criterion) {
     use dvs_proto::{FlowDirection, FlowVersion};
-    use dvs_switch::export::{Collectors, Exporter};
+    use dvs_switch::flow::export::{Collectors, Exporter};
     use dvs_switch::wire::netflow::ExportClock;
     use dvs_switch::PortNetflow;
 
@@ -461,7 +461,7 @@ fn bench_flows(c: &mut Criterion) {
                 now += Duration::from_millis(1);
                 x.export(now, clock, &records, |m| {
                     black_box(m);
-                    dvs_switch::export::SendResult { sent: 1, failed: 0 }
+                    dvs_switch::flow::export::SendResult { sent: 1, failed: 0 }
                 });
             })
         });

@@ -1,58 +1,40 @@
 //! dvs's per-host datapath and host agent.
 //!
-//! Organisation, from the bytes up:
+//! Organisation, from the bytes up (each layer uses only those above it):
 //! - [`wire`]: the only module that reads or writes packet bytes;
 //! - [`pipeline`]: the sans-IO switch core ([`Switch`]): VLAN handling, MAC
-//!   learning, forwarding and flooding, VXLAN segments, counters;
-//! - [`mactable`], [`counters`]: its tables and counters;
-//! - [`acl`], [`conntrack`], [`qos`], [`security`]: port policy in the
-//!   pipeline;
+//!   learning ([`pipeline::mactable`]), forwarding and flooding, VXLAN
+//!   segments, counters ([`pipeline::counters`]);
+//! - [`policy`]: port policy the pipeline runs — access lists, connection
+//!   tracking, rate limits, port security;
 //! - [`flow`]: the flow tables the pipeline feeds for NetFlow/IPFIX, and
-//!   [`export`], which turns their records into v5/v9/IPFIX messages
+//!   [`flow::export`], which turns their records into v5/v9/IPFIX messages
 //!   (`wire::netflow`) for the collectors;
-//! - [`config`]: the static agent file (`dvs agent --config`), validated whole;
-//! - [`sys`]: the system calls (TAP devices, AF_PACKET sockets, UDP batching)
-//!   — the only module allowed `unsafe`;
-//! - [`datapath`] and [`transmit`]: the driver that wires the core to ports
-//!   and the VXLAN socket — receive and switch on one thread, send on
-//!   another;
-//! - [`metrics`]: the Prometheus text endpoint of agents and controller;
-//! - [`migration`]: a host's part in a live migration (standby, stop and
-//!   hand over, start from the handed-over state, announce);
-//! - [`agent`]: the agent's datapath loop built on them (a static file, or
-//!   configurations from a controller), and [`remote`]: the agent's session
-//!   with the controller (full state, deltas, acks, reports, the saved
-//!   state for headless restarts).
+//! - [`driver`]: the core wired to ports and the VXLAN socket (receive and
+//!   switch on one thread, send on another), interfaces reconciled with
+//!   ports, and the system calls — the only `unsafe` code;
+//! - [`agent`]: the host agent built on them — the static file
+//!   ([`agent::config`]), a host's part in a live migration
+//!   ([`agent::migration`]), the session with the controller
+//!   ([`agent::remote`]);
+//! - [`metrics`]: the Prometheus text endpoint of agents and controller.
 //!
 //! What this crate must not do: talk to the controller's store, or read the
-//! clock or touch I/O inside `pipeline`.
+//! clock or touch I/O inside `wire`, `pipeline`, `policy` or `flow`.
 
 #![deny(unsafe_code)]
 
-pub mod acl;
 pub mod agent;
-pub mod attach;
-pub mod config;
-pub mod conntrack;
-pub mod counters;
-pub mod datapath;
-pub mod export;
+pub mod driver;
 pub mod flow;
-pub mod mactable;
 pub mod metrics;
-pub mod migration;
-pub mod netlink;
 pub mod pipeline;
-pub mod qos;
-pub mod remote;
-pub mod security;
-pub mod sys;
-pub mod transmit;
+pub mod policy;
 pub mod wire;
 
-pub use counters::{DropReason, PortCounters, TunnelCounters};
-pub use mactable::Location;
-pub use migration::tracked_port_state;
+pub use agent::migration::tracked_port_state;
+pub use pipeline::counters::{DropReason, PortCounters, TunnelCounters};
+pub use pipeline::mactable::Location;
 pub use pipeline::{
     Egress, Ingress, LastFrames, Output, PortAcl, PortConfig, PortNetflow, PortNo, PortQos,
     PortState, Processed, SegmentConfig, Switch, SwitchConfig, Verdict,

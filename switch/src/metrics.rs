@@ -105,7 +105,7 @@ impl Families {
 }
 
 /// The metrics of agents from their stats documents (see
-/// [`crate::datapath::Stats`]), each with the controller revision it runs
+/// [`crate::driver::datapath::Stats`]), each with the controller revision it runs
 /// when it has a controller.
 pub fn agents(hosts: &[(&Value, Option<u64>)]) -> String {
     let mut f = Families::default();

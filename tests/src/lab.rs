@@ -27,9 +27,10 @@ use std::time::{Duration, Instant};
 use dvs_proto::api::{self, agent_message, controller_message};
 use dvs_proto::PortId;
 use dvs_proto::{MacAddr, VlanMode};
-use dvs_switch::config::{AgentConfig, PortSpec};
-use dvs_switch::datapath::{Datapath, PortIo, PortStats, RxMeta, Uplink};
-use dvs_switch::migration::{self, Inbox, Migrations};
+use dvs_switch::agent::config::{AgentConfig, PortSpec};
+use dvs_switch::agent::migration::{self, Inbox, Migrations};
+use dvs_switch::driver::datapath::{Datapath, PortStats};
+use dvs_switch::driver::port::{PortIo, RxMeta, Uplink};
 use dvs_switch::wire::VnetHdr;
 use dvs_switch::{Switch, SwitchConfig, TunnelCounters};
 use serde::Serialize;
@@ -344,7 +345,7 @@ struct Wire {
 #[derive(Debug)]
 struct MemPort(Rc<RefCell<Wire>>);
 
-impl dvs_switch::attach::Device for MemPort {
+impl dvs_switch::driver::attach::Device for MemPort {
     fn ifindex(&self) -> u32 {
         0
     }
@@ -780,7 +781,7 @@ impl Lab {
                 static_macs: Vec::new(),
                 ..cfg.clone()
             };
-            let mut attacher = dvs_switch::attach::Attacher::quiet();
+            let mut attacher = dvs_switch::driver::attach::Attacher::quiet();
             dvs_switch::agent::apply_with(
                 &mut dp,
                 &mut running,
@@ -882,7 +883,7 @@ impl Lab {
             )?;
             let old = h.cfg.clone();
             let wires = &mut h.wires;
-            let mut attacher = dvs_switch::attach::Attacher::quiet();
+            let mut attacher = dvs_switch::driver::attach::Attacher::quiet();
             dvs_switch::agent::apply_with(&mut h.dp, &mut h.cfg, new, now, &mut attacher, |p| {
                 Ok(open_wire(wires, p))
             })
@@ -1322,7 +1323,7 @@ fn host_config(
     port: u16,
 ) -> Result<AgentConfig, LabError> {
     let local = serde_json::json!({ "tunnel": { "local": tunnel.to_string(), "port": port } });
-    let doc = dvs_switch::config::assemble(name, items, &local);
+    let doc = dvs_switch::agent::config::assemble(name, items, &local);
     AgentConfig::parse(&doc.to_string())
         .map_err(|e| LabError::Controller(format!("host {name}'s state: {e}")))
 }

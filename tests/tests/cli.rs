@@ -120,7 +120,7 @@ fn documented_agent_files_parse() {
         .expect("README has the h1.yaml example")
         + 8;
     let len = readme[start..].find("```").expect("the example block ends");
-    dvs_switch::config::AgentConfig::parse(&readme[start..start + len])
+    dvs_switch::agent::config::AgentConfig::parse(&readme[start..start + len])
         .unwrap_or_else(|e| panic!("README's agent file: {e}"));
 
     let (code, help, _) = dvs(&["agent", "--help"]);
@@ -129,7 +129,7 @@ fn documented_agent_files_parse() {
     let len = help[start..]
         .find("\n\n")
         .expect("the example ends with a blank line");
-    dvs_switch::config::AgentConfig::parse(&help[start..start + len])
+    dvs_switch::agent::config::AgentConfig::parse(&help[start..start + len])
         .unwrap_or_else(|e| panic!("the help's agent file: {e}"));
 }
 

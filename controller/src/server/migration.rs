@@ -22,7 +22,7 @@ use crate::chassis::{Attach, MigrationRec};
 use crate::store::Kept;
 
 /// Snapshots travel to the destination in pieces of this size.
-const CHUNK: usize = dvs_switch::migration::CHUNK;
+const CHUNK: usize = dvs_switch::agent::migration::CHUNK;
 /// A destination that has not installed the port by then: aborted.
 pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(15);
 /// A destination whose port has not found its interface by then (after

@@ -1,14 +1,14 @@
 //! The driver around the switch core, receive side: reads frames from ports
 //! and the VXLAN socket into pooled buffers, runs [`Switch::process`], and
-//! hands each switched frame to the [`transmit`](crate::transmit) side —
+//! hands each switched frame to the [`transmit`](crate::driver::transmit) side —
 //! inline, or on a thread of its own. No allocation per frame: buffers
 //! circulate between the two sides.
 //!
 //! Ports are anything that implements [`PortIo`]: TAP devices and AF_PACKET
 //! sockets in the agent, in-memory queues in the lab.
 
-use std::io::{self, IoSlice};
-use std::net::{IpAddr, SocketAddr, UdpSocket};
+use std::io;
+use std::net::{IpAddr, UdpSocket};
 use std::ops::Range;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -19,89 +19,16 @@ use std::time::Duration;
 
 use serde::Serialize;
 
-use crate::counters::{MacCounters, PortCounters, TunnelCounters};
-use crate::export::{Collectors, Exporter};
+use crate::driver::sys;
+
+use crate::driver::port::{PortIo, RxMeta, Uplink, BATCH, HEADROOM, MAX_READ};
+use crate::driver::transmit::{Job, Msg, Transmit, TxFailure};
+use crate::flow::export::{Collectors, Exporter};
+use crate::pipeline::counters::{MacCounters, PortCounters, TunnelCounters};
 use crate::pipeline::{Egress, Ingress, PortNo, Switch};
-use crate::sys::{self, StrippedTag};
-use crate::transmit::{Job, Msg, Transmit, TxFailure};
 use crate::wire::netflow::ExportClock;
 use crate::wire::{self, VnetHdr};
 use dvs_proto::RateLimit;
-
-/// Bytes kept free before every received frame: room to re-insert a tag the
-/// kernel stripped and to write a VXLAN header in place.
-pub const HEADROOM: usize = 64;
-/// The largest frame or datagram read (a 64 KB GSO frame fits).
-pub const MAX_READ: usize = 65_535 + 14 + 8 + 8;
-/// Frames read from one source per wakeup before moving to the next.
-pub const BATCH: usize = 64;
-
-/// What a port's read returned besides the bytes.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct RxMeta {
-    /// Length of the frame now at the start of the buffer.
-    pub len: usize,
-    /// A VLAN tag the kernel took off (AF_PACKET); the driver puts it back.
-    pub tag: Option<StrippedTag>,
-    /// The virtio-net header of a port with offloads.
-    pub vnet: Option<VnetHdr>,
-}
-
-/// A port's device, as the driver sees it.
-pub trait PortIo {
-    /// Read one frame into `buf`; `WouldBlock` when none is waiting,
-    /// `InvalidData` when it did not fit.
-    fn recv(&mut self, buf: &mut [u8]) -> io::Result<RxMeta>;
-    /// Send one frame gathered from `parts`. `vnet` is `Some` exactly when
-    /// the port [`offloads`](PortIo::offloads).
-    fn send(&mut self, vnet: Option<&VnetHdr>, parts: &[IoSlice<'_>]) -> io::Result<()>;
-    /// The fd to wait on, when the port has one.
-    fn raw_fd(&self) -> Option<RawFd>;
-    /// Whether the port takes and gives virtio-net headers: checksum-partial
-    /// and 64 KB GSO frames pass through it whole.
-    fn offloads(&self) -> bool {
-        false
-    }
-    /// A second handle on the same device, for the transmit side.
-    fn try_clone(&self) -> io::Result<Self>
-    where
-        Self: Sized;
-}
-
-/// The VXLAN uplink: a UDP socket on the host's tunnel address.
-#[derive(Debug)]
-pub struct Uplink {
-    pub socket: UdpSocket,
-    /// The UDP port of remote tunnel endpoints.
-    pub remote_port: u16,
-}
-
-impl Uplink {
-    /// Bind the tunnel endpoint at `local`, non-blocking, with UDP GRO on.
-    ///
-    /// # Errors
-    /// The socket errors, with the address in the message.
-    pub fn bind(local: SocketAddr, remote_port: u16) -> Result<Self, crate::Error> {
-        let socket = UdpSocket::bind(local)
-            .map_err(|e| crate::Error::io(format!("binding the VXLAN socket to {local}"), e))?;
-        socket
-            .set_nonblocking(true)
-            .map_err(|e| crate::Error::io("setting the VXLAN socket non-blocking", e))?;
-        sys::enable_udp_gro(socket.as_raw_fd())
-            .map_err(|e| crate::Error::io("enabling UDP GRO on the VXLAN socket", e))?;
-        // A burst of segmented 64 KB frames from a peer must not overflow
-        // the default ~200 KB while the switch thread is busy.
-        sys::set_recv_buffer(socket.as_raw_fd(), UPLINK_RCVBUF)
-            .map_err(|e| crate::Error::io("sizing the VXLAN socket's receive buffer", e))?;
-        Ok(Self {
-            socket,
-            remote_port,
-        })
-    }
-}
-
-/// The VXLAN socket's receive buffer.
-const UPLINK_RCVBUF: i32 = 4 << 20;
 
 /// Buffers in flight between the receive and transmit sides.
 const JOBS_IN_FLIGHT: usize = 64;
@@ -820,12 +747,12 @@ pub struct Stats {
 pub struct MonitorStats {
     pub name: String,
     pub version: String,
-    pub collectors: Vec<crate::export::CollectorStatus>,
+    pub collectors: Vec<crate::flow::export::CollectorStatus>,
     /// Records open now.
     pub open_flows: usize,
     /// Records created, ended, evicted; packets passed over by sampling.
     pub flows: crate::flow::FlowCounters,
-    pub export: crate::export::ExportCounters,
+    pub export: crate::flow::export::ExportCounters,
 }
 
 /// One port's line of [`Stats`].
@@ -838,16 +765,16 @@ pub struct PortStats {
     pub counters: PortCounters,
     /// Hits per rule of the inbound list (into the VM), implicit deny last.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub acl_in: Option<Vec<crate::acl::RuleHits>>,
+    pub acl_in: Option<Vec<crate::policy::acl::RuleHits>>,
     /// Hits per rule of the outbound list (from the VM), implicit deny last.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub acl_out: Option<Vec<crate::acl::RuleHits>>,
+    pub acl_out: Option<Vec<crate::policy::acl::RuleHits>>,
     /// The inbound policer (into the VM), when the port has a limit.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub police_in: Option<crate::qos::PolicerCounters>,
+    pub police_in: Option<crate::policy::qos::PolicerCounters>,
     /// The outbound policer (from the VM), when the port has a limit.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub police_out: Option<crate::qos::PolicerCounters>,
+    pub police_out: Option<crate::policy::qos::PolicerCounters>,
     /// The port's connection table, when its lists have stateful rules.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub conntrack: Option<ConnStats>,
@@ -869,5 +796,5 @@ pub struct AttachmentStats {
 #[derive(Debug, Clone, Serialize)]
 pub struct ConnStats {
     pub entries: usize,
-    pub counters: crate::conntrack::ConnCounters,
+    pub counters: crate::policy::conntrack::ConnCounters,
 }

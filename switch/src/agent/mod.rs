@@ -5,6 +5,10 @@
 //! configured whole first, then each port's device is opened and attached;
 //! a device that cannot be opened stops startup with its name in the error.
 
+pub mod config;
+pub mod migration;
+pub mod remote;
+
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::net::SocketAddr;
@@ -12,15 +16,16 @@ use std::os::fd::{AsRawFd, RawFd};
 use std::path::Path;
 use std::time::{Duration, Instant};
 
-use crate::attach::{Attacher, Device};
-use crate::config::{AgentConfig, Attachment, PortSpec, StaticLocation, StaticMac};
-use crate::datapath::{self, Datapath, PortIo, RxMeta, Uplink};
-use crate::mactable::Location;
-use crate::migration::{self, Migrations};
+use crate::agent::config::{AgentConfig, Attachment, PortSpec, StaticLocation, StaticMac};
+use crate::driver::attach::{Attacher, Device};
+use crate::driver::datapath::{self, Datapath};
+use crate::driver::port::{PortIo, RxMeta, Uplink};
+use crate::driver::sys::{self, PacketSocket};
+use crate::pipeline::mactable::Location;
 use crate::pipeline::{Switch, SwitchConfig};
-use crate::sys::{self, PacketSocket};
 use crate::wire::VnetHdr;
 use crate::Error;
+use migration::Migrations;
 
 /// A port's device on a real host.
 #[derive(Debug)]
@@ -418,7 +423,7 @@ pub fn run_with(
         }
         if now >= next_probe {
             attacher.tick(&mut dp, &cfg.ports);
-            next_probe = now + crate::attach::PROBE_EVERY;
+            next_probe = now + crate::driver::attach::PROBE_EVERY;
         }
         dp.handle_timeout(now);
         if sys::take_reload_request() {

@@ -13,7 +13,7 @@ use std::time::Duration;
 use dvs_proto::Security;
 use rustc_hash::FxHashSet;
 
-use crate::counters::DropReason;
+use crate::pipeline::counters::DropReason;
 use crate::wire::{EthView, FlowKey, ETH_HLEN};
 
 /// One port's security state.

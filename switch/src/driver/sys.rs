@@ -524,11 +524,11 @@ impl LinkMonitor {
 
     /// The link messages waiting (empty when none). `ENOBUFS` means the
     /// kernel dropped some: the caller must look at every interface again.
-    pub fn read(&mut self) -> io::Result<Vec<crate::netlink::LinkEvent>> {
+    pub fn read(&mut self) -> io::Result<Vec<crate::driver::netlink::LinkEvent>> {
         let mut out = Vec::new();
         loop {
             match self.recv() {
-                Ok(n) => out.extend(crate::netlink::parse(&self.buf[..n])),
+                Ok(n) => out.extend(crate::driver::netlink::parse(&self.buf[..n])),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(out),
                 Err(e) => return Err(e),
             }
@@ -555,17 +555,22 @@ impl LinkMonitor {
 
     /// What the kernel says of interface `index` now (its name, kind and
     /// counters); `NotFound` when there is none.
-    pub fn link(&mut self, index: u32) -> io::Result<crate::netlink::LinkEvent> {
+    pub fn link(&mut self, index: u32) -> io::Result<crate::driver::netlink::LinkEvent> {
         self.seq = self.seq.wrapping_add(1);
-        let req = crate::netlink::get_link(index, self.seq);
+        let req = crate::driver::netlink::get_link(index, self.seq);
         // SAFETY: req is live for its length; the kernel only reads it.
         let n = unsafe { libc::send(self.fd.as_raw_fd(), req.as_ptr().cast(), req.len(), 0) };
         if n < 0 {
             return Err(io::Error::last_os_error());
         }
         let n = self.recv()?;
-        match crate::netlink::parse(&self.buf[..n]).into_iter().next() {
-            Some(crate::netlink::LinkEvent::Error(e)) => Err(io::Error::from_raw_os_error(-e)),
+        match crate::driver::netlink::parse(&self.buf[..n])
+            .into_iter()
+            .next()
+        {
+            Some(crate::driver::netlink::LinkEvent::Error(e)) => {
+                Err(io::Error::from_raw_os_error(-e))
+            }
             Some(e) => Ok(e),
             None => Err(io::Error::from(io::ErrorKind::NotFound)),
         }

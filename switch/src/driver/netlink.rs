@@ -1,7 +1,7 @@
 //! Route-netlink link messages, sans-IO: what the kernel says when an
 //! interface appears, changes or goes (`RTM_NEWLINK` / `RTM_DELLINK`), and
 //! the `RTM_GETLINK` request that asks for one interface's counters. The
-//! socket is [`crate::sys::LinkMonitor`]'s; this module only reads and
+//! socket is [`crate::driver::sys::LinkMonitor`]'s; this module only reads and
 //! writes bytes, and never panics on them (a message that does not parse
 //! is skipped).
 //!

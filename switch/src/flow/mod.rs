@@ -8,6 +8,8 @@
 //! from a full table (the oldest goes, counted) or a flush of its port.
 //! With 1-in-N sampling, only every Nth packet of a port is counted.
 
+pub mod export;
+
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::IpAddr;

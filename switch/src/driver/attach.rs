@@ -33,11 +33,12 @@ use std::io::{self, IoSlice};
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-use crate::config::{Attachment as Spec, PortSpec};
-use crate::datapath::{Attachment, Datapath, PortIo};
-use crate::netlink::LinkEvent;
+use crate::agent::config::{Attachment as Spec, PortSpec};
+use crate::driver::datapath::{Attachment, Datapath};
+use crate::driver::netlink::LinkEvent;
+use crate::driver::port::PortIo;
+use crate::driver::sys::LinkMonitor;
 use crate::pipeline::PortNo;
-use crate::sys::LinkMonitor;
 use crate::wire::VnetHdr;
 use crate::Error;
 
@@ -190,7 +191,7 @@ impl Attacher {
             tracing::warn!(port = %s.port.id, error = %error, "reading the port's TAP");
             return false;
         };
-        let now_index = crate::sys::ifindex(dev).ok();
+        let now_index = crate::driver::sys::ifindex(dev).ok();
         let had = dp.port_io(no).map(|io| io.ifindex());
         if now_index.is_some() && now_index == had {
             // Still the same interface (set down, say): keep it.
@@ -218,7 +219,7 @@ impl Attacher {
             else {
                 continue;
             };
-            let now_index = crate::sys::ifindex(dev).ok();
+            let now_index = crate::driver::sys::ifindex(dev).ok();
             let had = dp.port_io(no).map(|io| io.ifindex());
             if now_index == had || matches!(s.attach, Spec::Tap { .. }) {
                 continue;

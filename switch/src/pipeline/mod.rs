@@ -25,6 +25,9 @@
 //! Every drop has a [`DropReason`] and is counted on the ingress port or the
 //! tunnel.
 
+pub mod counters;
+pub mod mactable;
+
 use std::net::IpAddr;
 use std::ops::Range;
 use std::time::Duration;
@@ -36,14 +39,14 @@ use dvs_proto::{
 };
 use rustc_hash::FxHashMap;
 
-use crate::acl::{Acl, RuleHits};
-use crate::conntrack::SavedConn;
-use crate::conntrack::{self, ConnTrack, Origin};
-use crate::counters::{DropReason, MacCounters, PortCounters, TunnelCounters};
 use crate::flow::{Direction, FlowId, Monitors, SavedFlow};
-use crate::mactable::{Location, MacEntry, MacTable, MacTableConfig};
-use crate::qos::{Policer, PolicerCounters, PolicerState};
-use crate::security::PortGuard;
+use crate::pipeline::counters::{DropReason, MacCounters, PortCounters, TunnelCounters};
+use crate::pipeline::mactable::{Location, MacEntry, MacTable, MacTableConfig};
+use crate::policy::acl::{Acl, RuleHits};
+use crate::policy::conntrack::SavedConn;
+use crate::policy::conntrack::{self, ConnTrack, Origin};
+use crate::policy::qos::{Policer, PolicerCounters, PolicerState};
+use crate::policy::security::PortGuard;
 use crate::wire::{self, vxlan, EthView, FlowKey};
 use crate::Error;
 

@@ -20,12 +20,12 @@ use std::time::{Duration, Instant};
 
 use dvs_proto::RateLimit;
 
-use crate::qos::Policer;
+use crate::policy::qos::Policer;
 use std::sync::Arc;
 
-use crate::datapath::{PortIo, Uplink, HEADROOM, MAX_READ};
+use crate::driver::port::{PortIo, Uplink, HEADROOM, MAX_READ};
+use crate::driver::sys;
 use crate::pipeline::{Egress, Output, PortNo};
-use crate::sys;
 use crate::wire::{self, vxlan, Coalescer, Segments, VnetHdr};
 
 /// The most datagrams one UDP GSO send carries, and their total size.
@@ -693,7 +693,7 @@ fn send_tagged<P: PortIo>(
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::datapath::RxMeta;
+    use crate::driver::port::RxMeta;
     use std::cell::RefCell;
     use std::rc::Rc;
 

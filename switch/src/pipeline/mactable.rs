@@ -11,7 +11,7 @@ use std::time::Duration;
 use dvs_proto::{MacAddr, VlanId};
 use rustc_hash::FxHashMap;
 
-use crate::counters::MacCounters;
+use crate::pipeline::counters::MacCounters;
 use crate::pipeline::PortNo;
 
 /// Where a MAC address lives.

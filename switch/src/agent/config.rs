@@ -41,7 +41,7 @@ use dvs_proto::security::RawSecurity;
 use dvs_proto::{MacAddr, PortId, VlanId, Vni};
 use serde::Deserialize;
 
-use crate::mactable::MacTableConfig;
+use crate::pipeline::mactable::MacTableConfig;
 use crate::pipeline::{PortAcl, PortConfig, PortNetflow, PortQos, SegmentConfig};
 use crate::Error;
 

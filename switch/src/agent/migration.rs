@@ -23,10 +23,11 @@ use std::time::Duration;
 use dvs_proto::api;
 use dvs_proto::{AclRule, Action, MacAddr, PortId, VlanId, VlanMode};
 
-use crate::config::{AgentConfig, PortSpec};
-use crate::conntrack::{ConnKey, SavedConn};
-use crate::datapath::{Datapath, PortIo};
+use crate::agent::config::{AgentConfig, PortSpec};
+use crate::driver::datapath::Datapath;
+use crate::driver::port::PortIo;
 use crate::pipeline::{Ingress, PortAcl, PortConfig, PortNo, PortState, Switch, SwitchConfig};
+use crate::policy::conntrack::{ConnKey, SavedConn};
 use crate::wire;
 use crate::wire::FlowKey;
 use rustc_hash::{FxHashMap, FxHashSet};

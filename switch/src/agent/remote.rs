@@ -15,7 +15,7 @@
 //! saved state; on reconnection, only real differences are applied.
 //!
 //! Migrations: the session also carries the controller's migration
-//! commands (stop, start, resume, announce — see [`crate::migration`]) to
+//! commands (stop, start, resume, announce — see [`crate::agent::migration`]) to
 //! the datapath loop, and its events back; a stopped port's state travels
 //! to the controller as a `dvs_migrate` snapshot in chunks of 1 MiB, and
 //! comes to the destination the same way.
@@ -34,9 +34,9 @@ use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 use tokio_stream::wrappers::ReceiverStream;
 
+use crate::agent::config::{assemble, AgentConfig};
+use crate::agent::migration::{self, Command, Event, Inbox};
 use crate::agent::{self, ControlLink, Update};
-use crate::config::{assemble, AgentConfig};
-use crate::migration::{self, Command, Event, Inbox};
 use crate::Error;
 
 /// How the agent meets its controller.
