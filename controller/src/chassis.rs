@@ -817,12 +817,25 @@ impl Chassis {
     }
 
     /// What `host` must run, as keyed items of an agent file: `chassis`,
-    /// `segments`, `profile/NAME`, `monitor/NAME`, `port/vethN` and
+    /// `tunnel_peers`, `segments`, `profile/NAME`, `monitor/NAME`, `port/vethN` and
     /// `mac/VLAN/MAC` (the agent puts them together:
     /// `dvs_switch::agent::config::assemble`).
     pub fn host_items(&self, host: &str) -> BTreeMap<String, Value> {
         let mut items = BTreeMap::new();
         items.insert("chassis".to_string(), json!(self.meta.chassis_id));
+        // The other hosts' tunnel endpoints: the only sources of VXLAN it
+        // takes (a host that leaves a segment may still redirect a
+        // migrated VM's frames to it for a moment).
+        let others: BTreeSet<IpAddr> = self
+            .hosts
+            .values()
+            .filter(|h| h.name != host)
+            .filter_map(|h| h.tunnel_ip)
+            .collect();
+        items.insert(
+            "tunnel_peers".to_string(),
+            json!(others.iter().map(ToString::to_string).collect::<Vec<_>>()),
+        );
         let mine: Vec<&PortRec> = self
             .index
             .by_host
@@ -1221,9 +1234,11 @@ mod tests {
                 "port/veth1",
                 "profile/base",
                 "profile/web",
-                "segments"
+                "segments",
+                "tunnel_peers"
             ]
         );
+        assert_eq!(items["tunnel_peers"], json!(["10.0.0.2"]));
         assert_eq!(
             items["segments"],
             json!([{ "vlan": 10, "vni": 10010, "peers": ["10.0.0.2"] }])
@@ -1242,6 +1257,10 @@ mod tests {
         assert_eq!(cfg.ports.len(), 2);
         assert_eq!(cfg.static_macs.len(), 1);
         assert!(cfg.ports[1].port.netflow.is_some());
+        assert_eq!(
+            cfg.tunnel_peers,
+            vec!["10.0.0.1".parse::<IpAddr>().unwrap()]
+        );
         // Acks from the future are refused.
         let r = c.revision();
         assert!(c

@@ -84,6 +84,7 @@ fn switch_with(cfg: SwitchConfig) -> Switch {
             qos: Default::default(),
             security: Default::default(),
             netflow: None,
+            mac: None,
         })
         .unwrap();
     }

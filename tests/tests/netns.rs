@@ -1061,3 +1061,59 @@ fn agent_stops_cleanly_on_sigterm_and_removes_its_taps() {
         .status
         .success()));
 }
+
+/// VXLAN to host `to` (underlay address) from `ns`, bound to `src`: `count`
+/// broadcast frames on VNI 5010 whose source MAC is `mac`.
+fn forge_vxlan(f: &Fabric, ns: &str, src: &str, to: &str, mac: &str, count: u32) {
+    let script = format!(
+        "/usr/bin/python3 -c '
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((\"{src}\", 0))
+vx = bytes([8, 0, 0, 0]) + (5010).to_bytes(3, \"big\") + bytes(1)
+inner = bytes.fromhex(\"ffffffffffff{}0800\") + bytes(46)
+for _ in range({count}):
+    s.sendto(vx + inner, (\"{to}\", 4789))
+'",
+        mac.replace(':', "")
+    );
+    f.topo.sh(ns, &script);
+}
+
+#[test]
+fn the_underlay_cannot_steal_a_vms_mac() {
+    if !e2e_ready(TOOLS) {
+        return;
+    }
+    let f = vm_and_peer(access(0, "a", 10, "10.10.0.1/24"));
+    assert_eq!(f.ping("peer", "10.10.0.1", 3).1, 3, "{}", f.topo.logs());
+    let mac = f.vm("a").mac.clone();
+    let (h1, h2) = (
+        dvs_tests::netns::underlay_ip(0),
+        dvs_tests::netns::underlay_ip(1),
+    );
+    // From the underlay's management address, which is no tunnel endpoint
+    // of the fabric: counted and dropped, nothing learned.
+    let core = format!("dvs-{}-core", f.topo.id);
+    forge_vxlan(&f, &core, dvs_tests::netns::CORE_IP, &h1, &mac, 5);
+    let dropped = || f.stats(0)["tunnel"]["drops"]["unknown_peer"].as_u64() == Some(5);
+    assert!(wait_for(Duration::from_secs(5), dropped), "{}", f.stats(0));
+    assert_eq!(f.ping("peer", "10.10.0.1", 5).1, 5);
+    // From a real peer (host 2's own address) once the port names its
+    // VM's MAC: the VM keeps it; without this, host 1 would send the VM's
+    // frames back into the tunnel.
+    f.reload(0, |y| {
+        y.replace("name: a,", &format!("name: a, mac: \"{mac}\","))
+    });
+    let applied = || f.topo.log("agent-h1").contains("configuration applied");
+    assert!(
+        wait_for(Duration::from_secs(5), applied),
+        "{}",
+        f.topo.logs()
+    );
+    forge_vxlan(&f, &f.hosts[1].ns, &h2, &h1, &mac, 5);
+    let owned = || f.stats(0)["tunnel"]["drops"]["mac_owned"].as_u64() == Some(5);
+    assert!(wait_for(Duration::from_secs(5), owned), "{}", f.stats(0));
+    assert_eq!(f.stats(0)["mac"]["owned_refused"], 5);
+    assert_eq!(f.ping("peer", "10.10.0.1", 5).1, 5, "{}", f.stats(0));
+}

@@ -15,7 +15,7 @@
 //! static_macs:                                  # optional
 //!   - { vlan: 10, mac: "02:00:00:00:00:09", remote: 10.0.0.2 }
 //!   - { vlan: 10, mac: "02:00:00:00:00:01", port: vm1 }
-//! mac_table: { max_entries: 16384, aging_s: 300 }   # optional
+//! mac_table: { max_entries: 16384, aging_s: 300, max_per_peer: 4096 }   # optional
 //! stats_file: /run/dvs/h1-stats.json                 # optional
 //! chassis_id: 1          # NetFlow source ID / IPFIX observation domain
 //! monitors:              # NetFlow monitors ports and profiles may name
@@ -24,6 +24,13 @@
 //!
 //! Ports (and `profiles:`) take a monitor with
 //! `netflow: { monitor: default, direction: both }`.
+//!
+//! The underlay is not trusted: VXLAN is taken only from the segments'
+//! peers and the addresses in `tunnel: { peers: [...] }` (other tunnel
+//! endpoints of the chassis — under a controller, every host's); anything
+//! else is dropped and counted (`unknown_peer`). A port's `mac` is its
+//! own: while the port forwards, that MAC seen anywhere else is dropped
+//! (`mac_owned`) and never learned there.
 //!
 //! The file is checked whole before anything is opened: a wrong file changes
 //! nothing and the error names the field (with its line) or the item at fault
@@ -50,6 +57,9 @@ use crate::Error;
 pub struct AgentConfig {
     pub host: String,
     pub tunnel: Option<TunnelConfig>,
+    /// Tunnel endpoints VXLAN is also accepted from (besides the segments'
+    /// peers): `tunnel.peers`.
+    pub tunnel_peers: Vec<IpAddr>,
     pub segments: Vec<SegmentConfig>,
     pub ports: Vec<PortSpec>,
     pub static_macs: Vec<StaticMac>,
@@ -62,14 +72,23 @@ pub struct AgentConfig {
 }
 
 /// The host's VXLAN tunnel endpoint.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct TunnelConfig {
     /// The address VXLAN packets are sent from and received on.
     pub local: IpAddr,
     /// The UDP port of every tunnel endpoint (default 4789).
-    #[serde(default = "default_vxlan_port")]
     pub port: u16,
+}
+
+/// The file form of `tunnel:`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawTunnel {
+    local: IpAddr,
+    #[serde(default = "default_vxlan_port")]
+    port: u16,
+    #[serde(default)]
+    peers: Vec<IpAddr>,
 }
 
 fn default_vxlan_port() -> u16 {
@@ -107,8 +126,6 @@ impl Attachment {
 pub struct PortSpec {
     pub port: PortConfig,
     pub attach: Attachment,
-    /// The VM's MAC, when the file names it.
-    pub mac: Option<MacAddr>,
     /// Installed with its policy but not forwarding: a migration's
     /// destination before activation, or its source after it stopped.
     pub standby: bool,
@@ -137,7 +154,7 @@ pub enum StaticLocation {
 struct Raw {
     host: String,
     #[serde(default)]
-    tunnel: Option<TunnelConfig>,
+    tunnel: Option<RawTunnel>,
     #[serde(default)]
     segments: Vec<RawSegment>,
     #[serde(default)]
@@ -222,6 +239,8 @@ struct RawMacTable {
     max_entries: Option<usize>,
     #[serde(default)]
     aging_s: Option<u64>,
+    #[serde(default)]
+    max_per_peer: Option<usize>,
 }
 
 impl AgentConfig {
@@ -250,8 +269,8 @@ impl AgentConfig {
 }
 
 /// An agent file (JSON) from the keyed items a controller sends
-/// (`chassis`, `segments`, `profile/NAME`, `monitor/NAME`, `port/vethN`,
-/// `mac/VLAN/MAC`), for `host` with its own settings (`tunnel`,
+/// (`chassis`, `segments`, `tunnel_peers`, `profile/NAME`, `monitor/NAME`,
+/// `port/vethN`, `mac/VLAN/MAC`), for `host` with its own settings (`tunnel`,
 /// `stats_file`, …) in `local`.
 pub fn assemble(
     host: &str,
@@ -272,6 +291,7 @@ pub fn assemble(
         match k.split_once('/').map_or(k.as_str(), |(a, _)| a) {
             "chassis" => doc["chassis_id"] = v.clone(),
             "segments" => doc["segments"] = v.clone(),
+            "tunnel_peers" if doc["tunnel"].is_object() => doc["tunnel"]["peers"] = v.clone(),
             "profile" => profiles.push(v.clone()),
             "monitor" => monitors.push(v.clone()),
             "port" => ports.push(v.clone()),
@@ -304,7 +324,34 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
             }
             mac_table.aging = Duration::from_secs(s);
         }
+        if let Some(n) = m.max_per_peer {
+            if n == 0 {
+                return Err(
+                    "mac_table.max_per_peer: 0 is not valid, use at least 1 (entries one tunnel endpoint may teach)"
+                        .into(),
+                );
+            }
+            mac_table.max_per_peer = n;
+        }
     }
+    let (tunnel, tunnel_peers) = match raw.tunnel {
+        Some(t) => {
+            if let Some(i) = t.peers.iter().position(|p| *p == t.local) {
+                return Err(format!(
+                    "tunnel.peers[{i}]: {} is this host's own tunnel address",
+                    t.local
+                ));
+            }
+            (
+                Some(TunnelConfig {
+                    local: t.local,
+                    port: t.port,
+                }),
+                t.peers,
+            )
+        }
+        None => (None, Vec::new()),
+    };
 
     let monitors = NetflowMonitor::set_from_raw(&raw.monitors).map_err(|e| e.to_string())?;
     let profiles = profile::resolve(&raw.profiles).map_err(|e| e.to_string())?;
@@ -426,15 +473,15 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
                 qos,
                 security,
                 netflow,
+                mac: p.mac,
             },
             attach,
-            mac: p.mac,
             standby: p.standby,
             migration: p.migration,
         });
     }
 
-    if !raw.segments.is_empty() && raw.tunnel.is_none() {
+    if !raw.segments.is_empty() && tunnel.is_none() {
         return Err(
             "segments need a tunnel endpoint: add `tunnel: { local: ADDRESS }` (this host's VXLAN address)"
                 .into(),
@@ -451,7 +498,7 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
         if !vnis.insert(s.vni) {
             return Err(format!("{at}: VNI {} is used by another segment", s.vni));
         }
-        if let Some(t) = raw.tunnel {
+        if let Some(t) = tunnel {
             if s.peers.contains(&t.local) {
                 return Err(format!(
                     "{at}: peer {} is this host's own tunnel address",
@@ -517,7 +564,8 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
 
     Ok(AgentConfig {
         host: raw.host,
-        tunnel: raw.tunnel,
+        tunnel,
+        tunnel_peers,
         segments,
         ports,
         static_macs,
@@ -774,5 +822,23 @@ monitors:
             "host: h\ntunnel: { local: 10.0.0.1 }\nsegments:\n  - { vlan: 10, vni: 1, peers: [10.0.0.1] }\n",
         );
         assert!(e.contains("this host's own tunnel address"), "{e}");
+    }
+
+    #[test]
+    fn tunnel_peers_and_the_per_peer_bound() {
+        let c = AgentConfig::parse(
+            "host: h\ntunnel: { local: 10.0.0.1, peers: [10.0.0.5] }\nmac_table: { max_per_peer: 10 }\n",
+        )
+        .unwrap();
+        assert_eq!(c.tunnel_peers, vec!["10.0.0.5".parse::<IpAddr>().unwrap()]);
+        assert_eq!(c.tunnel.unwrap().port, 4789);
+        assert_eq!(c.mac_table.max_per_peer, 10);
+        let e = err("host: h\ntunnel: { local: 10.0.0.1, peers: [10.0.0.1] }\n");
+        assert_eq!(
+            e,
+            "tunnel.peers[0]: 10.0.0.1 is this host's own tunnel address"
+        );
+        let e = err("host: h\nmac_table: { max_per_peer: 0 }\n");
+        assert!(e.contains("mac_table.max_per_peer: 0 is not valid"), "{e}");
     }
 }

@@ -606,7 +606,12 @@ impl Migrations {
         cmd: Command,
         now: Duration,
     ) {
-        let mac_of = |id: PortId| specs.iter().find(|s| s.port.id == id).and_then(|s| s.mac);
+        let mac_of = |id: PortId| {
+            specs
+                .iter()
+                .find(|s| s.port.id == id)
+                .and_then(|s| s.port.mac)
+        };
         match cmd {
             Command::Sync {
                 migration,
@@ -829,7 +834,7 @@ impl Migrations {
             }
         }
         // A VM that is back on a port here is not redirected any more.
-        let here: Vec<MacAddr> = new.iter().filter_map(|p| p.mac).collect();
+        let here: Vec<MacAddr> = new.iter().filter_map(|p| p.port.mac).collect();
         self.lingering.retain(|l| {
             let back = here.contains(&l.mac);
             if back {
@@ -945,6 +950,7 @@ pub fn tracked_port_state(conns: u32) -> PortState {
             qos: Default::default(),
             security: Default::default(),
             netflow: None,
+            mac: None,
         })
         .unwrap_or_else(|e| unreachable!("{e}"));
     }

@@ -195,6 +195,7 @@ pub fn build(cfg: &AgentConfig, attacher: &mut Attacher) -> Result<Datapath<Host
     for s in &cfg.segments {
         sw.set_segment(s.clone())?;
     }
+    sw.set_tunnel_peers(cfg.tunnel_peers.clone());
     let uplink = match cfg.tunnel {
         Some(t) => Some(Uplink::bind(SocketAddr::new(t.local, t.port), t.port)?),
         None => None,
@@ -426,6 +427,7 @@ pub fn run_with(
             next_probe = now + crate::driver::attach::PROBE_EVERY;
         }
         dp.handle_timeout(now);
+        report_flaps(&mut dp.switch);
         if sys::take_reload_request() {
             if let Some(path) = path {
                 match AgentConfig::load(path) {
@@ -608,6 +610,9 @@ pub fn apply_with<P: PortIo + Device>(
             if old.port.netflow != p.port.netflow {
                 dp.switch.set_port_netflow(no, p.port.netflow.clone())?;
             }
+            if old.port.mac != p.port.mac {
+                dp.switch.set_port_mac(no, p.port.mac)?;
+            }
             Ok::<(), Error>(())
         })();
         match r {
@@ -640,6 +645,9 @@ pub fn apply_with<P: PortIo + Device>(
         if !new.segments.iter().any(|n| n.vlan == s.vlan) {
             dp.switch.remove_segment(s.vlan);
         }
+    }
+    if new.tunnel_peers != cfg.tunnel_peers {
+        dp.switch.set_tunnel_peers(new.tunnel_peers.clone());
     }
     for m in &cfg.static_macs {
         if !new.static_macs.contains(m) {
@@ -674,6 +682,21 @@ pub fn apply_with<P: PortIo + Device>(
             tracing::error!("{p}");
         }
         Err(problems.join("; "))
+    }
+}
+
+/// Log the MAC table entries that began to flap (a loop, or two senders
+/// fighting over one MAC): each is held where it was for a while.
+fn report_flaps(sw: &mut Switch) {
+    for f in sw.take_flaps() {
+        tracing::warn!(
+            vlan = f.vlan.get(),
+            mac = %f.mac,
+            at = ?f.at,
+            refused = ?f.refused,
+            hold_s = crate::pipeline::mactable::MOVE_HOLD.as_secs(),
+            "MAC flapping: held where it is, further moves refused"
+        );
     }
 }
 

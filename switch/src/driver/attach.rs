@@ -423,7 +423,7 @@ fn absent(e: &Error) -> bool {
 /// A probe for port `s`'s TAP: to a locally administered MAC that is not
 /// the VM's, ethertype 0x88B5, "dvs probe" and the port ID.
 fn probe_frame(s: &PortSpec) -> Vec<u8> {
-    let vm = s.mac.map(|m| m.0).unwrap_or_default();
+    let vm = s.port.mac.map(|m| m.0).unwrap_or_default();
     // Not the VM's MAC: flip a bit of its last octet.
     let mut dst = [0x02, 0x64, 0x76, 0x73, 0x00, 0x00];
     dst[5] = vm[5] ^ 0x01;

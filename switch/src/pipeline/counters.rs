@@ -76,6 +76,12 @@ drop_reasons! {
     /// The port is in standby (a migration's destination before it is
     /// activated): its policy is in place, it does not forward.
     Standby => "standby",
+    /// A VXLAN packet from an address that is no tunnel endpoint of the
+    /// chassis (not a segment's peer, nor a listed one).
+    UnknownPeer => "unknown_peer",
+    /// The source MAC is a local port's own `mac`, and the frame came from
+    /// elsewhere (the tunnel or another port) while that port forwards.
+    MacOwned => "mac_owned",
 }
 
 /// A counter per [`DropReason`].
@@ -182,4 +188,14 @@ pub struct MacCounters {
     pub table_full: u64,
     /// Frames whose source MAC is statically placed elsewhere (not learned).
     pub static_conflicts: u64,
+    /// Learning refused because the tunnel endpoint had taught its most
+    /// entries (`mac_table.max_per_peer`).
+    pub peer_full: u64,
+    /// Moves refused because the entry was flapping.
+    pub move_held: u64,
+    /// Entries that began to flap (moved more than 4 times in 2 s).
+    pub flaps: u64,
+    /// Frames from elsewhere whose source MAC is a local port's own `mac`
+    /// (not learned, dropped as `mac_owned`).
+    pub owned_refused: u64,
 }

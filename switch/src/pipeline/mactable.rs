@@ -4,6 +4,14 @@
 //! controller) never age and are never overwritten by learning. The table has a
 //! size bound: when full, new addresses are not learned (their frames are
 //! flooded) and the refusal is counted.
+//!
+//! The underlay is not trusted to be polite: what one tunnel endpoint may
+//! teach the table is bounded ([`MacTableConfig::max_per_peer`]), so that a
+//! flood of random source MACs from one host cannot evict every other's
+//! entries; and an entry that moves more than [`MOVE_LIMIT`] times within
+//! [`MOVE_WINDOW`] (a loop, or two senders fighting over one MAC) stays
+//! where it is for [`MOVE_HOLD`] — further moves are refused and counted —
+//! and is reported once as a [`Flap`], as NX-OS reports MAC moves.
 
 use std::net::IpAddr;
 use std::time::Duration;
@@ -40,6 +48,31 @@ struct Slot {
     location: Location,
     last_seen: Duration,
     is_static: bool,
+    /// Moves since `window` began.
+    moves: u8,
+    window: Duration,
+    /// Moves are refused until then (the entry flapped).
+    held_until: Duration,
+}
+
+/// Moves of one entry within [`MOVE_WINDOW`] beyond which it is held.
+pub const MOVE_LIMIT: u8 = 4;
+/// The window [`MOVE_LIMIT`] counts moves in.
+pub const MOVE_WINDOW: Duration = Duration::from_secs(2);
+/// How long a flapping entry stays where it is.
+pub const MOVE_HOLD: Duration = Duration::from_secs(10);
+/// Flaps kept for [`MacTable::take_flaps`] between two takes.
+const MAX_PENDING_FLAPS: usize = 64;
+
+/// An entry that began to flap: it moved more than [`MOVE_LIMIT`] times
+/// within [`MOVE_WINDOW`]; it stays at `at` for [`MOVE_HOLD`] and `refused`
+/// is where it was seen next.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Flap {
+    pub vlan: VlanId,
+    pub mac: MacAddr,
+    pub at: Location,
+    pub refused: Location,
 }
 
 /// Size and aging of a MAC table.
@@ -47,6 +80,8 @@ struct Slot {
 pub struct MacTableConfig {
     pub max_entries: usize,
     pub aging: Duration,
+    /// The most entries one tunnel endpoint may have learned.
+    pub max_per_peer: usize,
 }
 
 impl Default for MacTableConfig {
@@ -54,6 +89,7 @@ impl Default for MacTableConfig {
         Self {
             max_entries: 16_384,
             aging: Duration::from_secs(300),
+            max_per_peer: 4_096,
         }
     }
 }
@@ -63,6 +99,9 @@ impl Default for MacTableConfig {
 pub struct MacTable {
     cfg: MacTableConfig,
     slots: FxHashMap<u64, Slot>,
+    /// Learned entries behind each tunnel endpoint.
+    per_peer: FxHashMap<IpAddr, usize>,
+    flaps: Vec<Flap>,
     counters: MacCounters,
 }
 
@@ -75,7 +114,42 @@ impl MacTable {
         Self {
             cfg,
             slots: FxHashMap::default(),
+            per_peer: FxHashMap::default(),
+            flaps: Vec::new(),
             counters: MacCounters::default(),
+        }
+    }
+
+    /// Entries that began to flap since the last take.
+    pub fn take_flaps(&mut self) -> Vec<Flap> {
+        std::mem::take(&mut self.flaps)
+    }
+
+    /// Learning refused because `mac` belongs to a local port (counted).
+    pub fn refuse_owned(&mut self) {
+        self.counters.owned_refused += 1;
+    }
+
+    fn peer_count(&mut self, location: Location, up: bool) {
+        if let Location::Remote(ip) = location {
+            let n = self.per_peer.entry(ip).or_default();
+            if up {
+                *n += 1;
+            } else {
+                *n = n.saturating_sub(1);
+                if *n == 0 {
+                    self.per_peer.remove(&ip);
+                }
+            }
+        }
+    }
+
+    fn peer_full(&self, location: Location) -> bool {
+        match location {
+            Location::Remote(ip) => {
+                self.per_peer.get(&ip).copied().unwrap_or(0) >= self.cfg.max_per_peer
+            }
+            Location::Port(_) => false,
         }
     }
 
@@ -98,21 +172,13 @@ impl MacTable {
     /// Learn that `mac` on `vlan` was seen at `location` at `now`.
     pub fn learn(&mut self, now: Duration, vlan: VlanId, mac: MacAddr, location: Location) {
         let full = self.slots.len() >= self.cfg.max_entries;
-        match self.slots.get_mut(&key(vlan, mac)) {
-            Some(s) if s.is_static => {
-                if s.location != location {
-                    self.counters.static_conflicts += 1;
-                }
-            }
-            Some(s) => {
-                if s.location != location {
-                    s.location = location;
-                    self.counters.moves += 1;
-                }
-                s.last_seen = now;
-            }
-            None if full => self.counters.table_full += 1,
-            None => {
+        let peer_full = self.peer_full(location);
+        let Some(s) = self.slots.get_mut(&key(vlan, mac)) else {
+            if full {
+                self.counters.table_full += 1;
+            } else if peer_full {
+                self.counters.peer_full += 1;
+            } else {
                 self.slots.insert(
                     key(vlan, mac),
                     Slot {
@@ -121,11 +187,62 @@ impl MacTable {
                         location,
                         last_seen: now,
                         is_static: false,
+                        moves: 0,
+                        window: now,
+                        held_until: Duration::ZERO,
                     },
                 );
+                self.peer_count(location, true);
                 self.counters.learned += 1;
             }
+            return;
+        };
+        if s.is_static {
+            if s.location != location {
+                self.counters.static_conflicts += 1;
+            }
+            return;
         }
+        if s.location == location {
+            s.last_seen = now;
+            return;
+        }
+        // An aged entry is a new one: it may go anywhere.
+        let aged = now.saturating_sub(s.last_seen) >= self.cfg.aging;
+        if !aged && now < s.held_until {
+            self.counters.move_held += 1;
+            return;
+        }
+        if peer_full {
+            self.counters.peer_full += 1;
+            return;
+        }
+        if aged || now.saturating_sub(s.window) >= MOVE_WINDOW {
+            s.moves = 0;
+            s.window = now;
+        }
+        if s.moves >= MOVE_LIMIT {
+            s.held_until = now + MOVE_HOLD;
+            s.moves = 0;
+            self.counters.flaps += 1;
+            self.counters.move_held += 1;
+            if self.flaps.len() < MAX_PENDING_FLAPS {
+                self.flaps.push(Flap {
+                    vlan,
+                    mac,
+                    at: s.location,
+                    refused: location,
+                });
+            }
+            return;
+        }
+        s.moves += 1;
+        let from = s.location;
+        s.location = location;
+        s.last_seen = now;
+        self.counters.moves += 1;
+        self.peer_count(from, false);
+        self.peer_count(location, true);
     }
 
     /// Where `mac` on `vlan` is, if known and not aged out at `now`.
@@ -141,7 +258,7 @@ impl MacTable {
     /// Place `mac` on `vlan` at `location` for good (replaces any entry; static
     /// entries do not count against the learning bound).
     pub fn set_static(&mut self, vlan: VlanId, mac: MacAddr, location: Location) {
-        self.slots.insert(
+        let old = self.slots.insert(
             key(vlan, mac),
             Slot {
                 vlan,
@@ -149,13 +266,27 @@ impl MacTable {
                 location,
                 last_seen: Duration::ZERO,
                 is_static: true,
+                moves: 0,
+                window: Duration::ZERO,
+                held_until: Duration::ZERO,
             },
         );
+        if let Some(o) = old.filter(|o| !o.is_static) {
+            self.peer_count(o.location, false);
+        }
     }
 
     /// Remove the entry of `mac` on `vlan`, static or learned.
     pub fn remove(&mut self, vlan: VlanId, mac: MacAddr) -> bool {
-        self.slots.remove(&key(vlan, mac)).is_some()
+        match self.slots.remove(&key(vlan, mac)) {
+            Some(o) => {
+                if !o.is_static {
+                    self.peer_count(o.location, false);
+                }
+                true
+            }
+            None => false,
+        }
     }
 
     /// Forget every learned entry pointing at `port` (when a port goes away or
@@ -169,8 +300,17 @@ impl MacTable {
     pub fn age(&mut self, now: Duration) {
         let aging = self.cfg.aging;
         let before = self.slots.len();
-        self.slots
-            .retain(|_, s| s.is_static || now.saturating_sub(s.last_seen) < aging);
+        let per_peer = &mut self.per_peer;
+        self.slots.retain(|_, s| {
+            let keep = s.is_static || now.saturating_sub(s.last_seen) < aging;
+            if let (false, Location::Remote(ip)) = (keep, s.location) {
+                if let Some(n) = per_peer.get_mut(&ip) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            keep
+        });
+        self.per_peer.retain(|_, n| *n > 0);
         self.counters.aged += (before - self.slots.len()) as u64;
     }
 
@@ -227,6 +367,7 @@ mod tests {
         let mut t = MacTable::new(MacTableConfig {
             max_entries: 10,
             aging: 10 * S,
+            ..MacTableConfig::default()
         });
         t.learn(S, v(10), m(1), Location::Port(PortNo(1)));
         assert_eq!(t.lookup(S, v(10), m(1)), Some(Location::Port(PortNo(1))));
@@ -252,6 +393,7 @@ mod tests {
         let mut t = MacTable::new(MacTableConfig {
             max_entries: 2,
             aging: 10 * S,
+            ..MacTableConfig::default()
         });
         for i in 0..5 {
             t.learn(S, v(1), m(i), Location::Port(PortNo(1)));
@@ -276,5 +418,88 @@ mod tests {
         let e = t.entries(S);
         assert_eq!(e.len(), 1);
         assert_eq!((e[0].vlan, e[0].mac, e[0].is_static), (v(1), m(1), true));
+    }
+
+    #[test]
+    fn one_peer_cannot_fill_the_table() {
+        let mut t = MacTable::new(MacTableConfig {
+            max_entries: 100,
+            max_per_peer: 3,
+            ..MacTableConfig::default()
+        });
+        let (a, b) = (
+            Location::Remote("10.0.0.2".parse().unwrap()),
+            Location::Remote("10.0.0.3".parse().unwrap()),
+        );
+        for i in 0..10 {
+            t.learn(S, v(1), m(i), a);
+        }
+        assert_eq!((t.len(), t.counters().peer_full), (3, 7));
+        // Another peer and local ports still learn.
+        t.learn(S, v(1), m(50), b);
+        t.learn(S, v(1), m(51), Location::Port(PortNo(1)));
+        assert_eq!(t.len(), 5);
+        // A move to the full peer is refused; a move away frees a place.
+        t.learn(2 * S, v(1), m(50), a);
+        assert_eq!(t.lookup(2 * S, v(1), m(50)), Some(b));
+        t.learn(3 * S, v(1), m(0), b);
+        t.learn(3 * S, v(1), m(60), a);
+        assert_eq!(t.lookup(3 * S, v(1), m(60)), Some(a));
+        // Aging and removal give places back.
+        t.remove(v(1), m(60));
+        t.learn(4 * S, v(1), m(61), a);
+        assert_eq!(t.lookup(4 * S, v(1), m(61)), Some(a));
+        t.age(Duration::from_secs(1000));
+        assert!(t.is_empty());
+        for i in 0..3 {
+            t.learn(Duration::from_secs(1000), v(1), m(100 + i), a);
+        }
+        assert_eq!(t.len(), 3, "aged entries no longer count against the peer");
+    }
+
+    #[test]
+    fn a_flapping_entry_is_held_and_reported_once() {
+        let mut t = MacTable::new(MacTableConfig::default());
+        let (a, b) = (Location::Port(PortNo(1)), Location::Port(PortNo(2)));
+        let ms = Duration::from_millis(1);
+        t.learn(S, v(1), m(1), a);
+        // A migration's move, and its abort, are moves like any other.
+        for k in 0..u32::from(MOVE_LIMIT) {
+            let to = if k % 2 == 0 { b } else { a };
+            t.learn(S + 10 * k * ms, v(1), m(1), to);
+            assert_eq!(t.lookup(S + 10 * k * ms, v(1), m(1)), Some(to));
+        }
+        assert!(t.take_flaps().is_empty());
+        // The next move within the window is refused and reported.
+        t.learn(S + 100 * ms, v(1), m(1), b);
+        assert_eq!(t.lookup(S + 100 * ms, v(1), m(1)), Some(a));
+        assert_eq!(
+            t.take_flaps(),
+            vec![Flap {
+                vlan: v(1),
+                mac: m(1),
+                at: a,
+                refused: b
+            }]
+        );
+        t.learn(S + 200 * ms, v(1), m(1), b);
+        assert!(t.take_flaps().is_empty(), "reported once");
+        assert_eq!(
+            (
+                t.counters().flaps,
+                t.counters().move_held,
+                t.counters().moves
+            ),
+            (1, 2, u64::from(MOVE_LIMIT))
+        );
+        // The hold ends; moves spaced out are never held.
+        let later = S + 100 * ms + MOVE_HOLD;
+        t.learn(later, v(1), m(1), b);
+        assert_eq!(t.lookup(later, v(1), m(1)), Some(b));
+        for k in 1..20 {
+            let to = if k % 2 == 0 { b } else { a };
+            t.learn(later + MOVE_WINDOW * k, v(1), m(1), to);
+            assert_eq!(t.lookup(later + MOVE_WINDOW * k, v(1), m(1)), Some(to));
+        }
     }
 }

@@ -37,11 +37,11 @@ use dvs_proto::{
     AclRule, Action, FlowDirection, MacAddr, NetflowMonitor, PortId, RateLimit, Security, VlanId,
     VlanMode, Vni,
 };
-use rustc_hash::FxHashMap;
+use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::flow::{Direction, FlowId, Monitors, SavedFlow};
 use crate::pipeline::counters::{DropReason, MacCounters, PortCounters, TunnelCounters};
-use crate::pipeline::mactable::{Location, MacEntry, MacTable, MacTableConfig};
+use crate::pipeline::mactable::{Flap, Location, MacEntry, MacTable, MacTableConfig};
 use crate::policy::acl::{Acl, RuleHits};
 use crate::policy::conntrack::SavedConn;
 use crate::policy::conntrack::{self, ConnTrack, Origin};
@@ -114,6 +114,9 @@ pub struct PortConfig {
     pub security: Security,
     /// The NetFlow monitor that records the port's flows.
     pub netflow: Option<PortNetflow>,
+    /// The VM's MAC, when known: while the port forwards, no other port
+    /// and no tunnel endpoint may use it as a source.
+    pub mac: Option<MacAddr>,
 }
 
 /// A port's NetFlow monitor and which of its traffic it records.
@@ -300,6 +303,12 @@ pub struct Switch {
     held: Vec<(PortNo, Vec<u8>)>,
     /// MACs of VMs that left: [`Switch::set_redirect`].
     redirects: Vec<(VlanId, MacAddr)>,
+    /// Tunnel endpoints VXLAN is taken from besides the segments' peers.
+    tunnel_peers: Vec<IpAddr>,
+    /// The segments' peers and `tunnel_peers`: the only sources of VXLAN.
+    known_peers: FxHashSet<IpAddr>,
+    /// Each port's own MAC ([`PortConfig::mac`]).
+    owned: FxHashMap<u64, PortNo>,
 }
 
 /// How often flow tables run their timeouts.
@@ -339,7 +348,32 @@ impl Switch {
             wakeups: Vec::new(),
             held: Vec::new(),
             redirects: Vec::new(),
+            tunnel_peers: Vec::new(),
+            known_peers: FxHashSet::default(),
+            owned: FxHashMap::default(),
         }
+    }
+
+    /// The tunnel endpoints VXLAN is also taken from, besides the
+    /// segments' peers (the chassis's other hosts).
+    pub fn set_tunnel_peers(&mut self, peers: Vec<IpAddr>) {
+        self.tunnel_peers = peers;
+        self.rebuild();
+    }
+
+    /// Change the VM's MAC a port owns.
+    ///
+    /// # Errors
+    /// [`Error::UnknownPortNo`].
+    pub fn set_port_mac(&mut self, no: PortNo, mac: Option<MacAddr>) -> Result<(), Error> {
+        self.port_mut(no)?.cfg.mac = mac;
+        self.rebuild();
+        Ok(())
+    }
+
+    /// MAC table entries that began to flap since the last take.
+    pub fn take_flaps(&mut self) -> Vec<Flap> {
+        self.macs.take_flaps()
     }
 
     /// Bumped by every configuration change; caches of forwarding decisions
@@ -901,7 +935,7 @@ impl Switch {
         let mut frame = 0..buf.len();
         let classified = match ingress {
             Ingress::Port(no) => self.classify_port(no, buf),
-            Ingress::Tunnel { .. } => self.classify_tunnel(buf, &mut frame),
+            Ingress::Tunnel { src } => self.classify_tunnel(src, buf, &mut frame),
         };
         let (vlan, view) = match classified {
             Ok(c) => c,
@@ -1033,11 +1067,15 @@ impl Switch {
 
     fn classify_tunnel(
         &mut self,
+        src: IpAddr,
         buf: &[u8],
         frame: &mut Range<usize>,
     ) -> Result<(VlanId, EthView), DropReason> {
         self.tunnel.rx_packets += 1;
         self.tunnel.rx_bytes += buf.len() as u64;
+        if !self.known_peers.contains(&src) {
+            return Err(DropReason::UnknownPeer);
+        }
         let (vni, inner) = vxlan::decode(buf).map_err(|e| match e {
             wire::WireError::VxlanFlags(_) => DropReason::VxlanFlags,
             _ => DropReason::VxlanTruncated,
@@ -1063,6 +1101,12 @@ impl Switch {
             Ingress::Port(no) => Location::Port(no),
             Ingress::Tunnel { src } => Location::Remote(src),
         };
+        if let Some(&owner) = self.owned.get(&view.src.to_u64()) {
+            if here != Location::Port(owner) && !self.port_standby(owner) {
+                self.macs.refuse_owned();
+                return Verdict::Drop(DropReason::MacOwned);
+            }
+        }
         self.macs.learn(now, vlan, view.src, here);
         let pcp = view.outer.map_or(0, |t| t.pcp);
         let Some(state) = self.vlans.get(&vlan) else {
@@ -1340,15 +1384,22 @@ impl Switch {
         self.generation += 1;
         self.vlans.clear();
         self.by_vni.clear();
+        self.known_peers.clear();
+        self.known_peers.extend(self.tunnel_peers.iter().copied());
         for seg in self.segments.values() {
             self.by_vni.insert(seg.vni.get(), seg.vlan);
             let st = self.vlans.entry(seg.vlan).or_default();
             st.vni = Some(seg.vni);
             st.peers = seg.peers.clone();
+            self.known_peers.extend(seg.peers.iter().copied());
         }
+        self.owned.clear();
         for (i, p) in self.ports.iter().enumerate() {
             let Some(p) = p else { continue };
             let no = PortNo(i as u16);
+            if let Some(m) = p.cfg.mac {
+                self.owned.insert(m.to_u64(), no);
+            }
             match &p.cfg.vlan {
                 VlanMode::Access(v) => self.vlans.entry(*v).or_default().members.push((no, None)),
                 VlanMode::Trunk { allowed, native } => {

@@ -23,6 +23,7 @@ fn access(id: u32, name: &str, vlan: u32) -> PortConfig {
         qos: Default::default(),
         security: Default::default(),
         netflow: None,
+        mac: None,
     }
 }
 
@@ -35,6 +36,7 @@ fn trunk(id: u32, name: &str, allowed: &[u32], native: Option<u32>) -> PortConfi
         qos: Default::default(),
         security: Default::default(),
         netflow: None,
+        mac: None,
     }
 }
 
@@ -849,5 +851,61 @@ fn a_trunks_learned_macs_move_with_the_port() {
         b.sw.mac_entries(T * 2).len(),
         2,
         "VM 7 and the peer, not VM 8"
+    );
+}
+
+#[test]
+fn the_underlay_is_not_trusted() {
+    let mut vm = access(1, "vm", 10);
+    vm.mac = Some(mac(1));
+    let mut r = Rig::new(vec![vm, access(2, "b", 10)]);
+    with_segment(&mut r, 10, 5010, &["10.0.0.2"]);
+    r.sw.set_tunnel_peers(vec![ip("10.0.0.9")]);
+    let from = |a: &str| Ingress::Tunnel { src: ip(a) };
+    // VXLAN from an address that is no tunnel endpoint of the chassis.
+    let (p, _) = r.send(
+        from("10.0.0.66"),
+        vxlan_packet(5010, &frame(MacAddr::BROADCAST, mac(7), &[])),
+    );
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::UnknownPeer));
+    assert!(r.out.is_empty());
+    assert_eq!(r.sw.tunnel_counters().drops.get(DropReason::UnknownPeer), 1);
+    assert!(r.sw.mac_entries(T).is_empty(), "nothing learned from it");
+    // A listed endpoint that is no segment's peer is one of the chassis.
+    let (p, _) = r.send(
+        from("10.0.0.9"),
+        vxlan_packet(5010, &frame(MacAddr::BROADCAST, mac(8), &[])),
+    );
+    assert_eq!(p.verdict, Verdict::Flood);
+    // A peer forging the VM's own MAC: dropped, the VM's entry stays.
+    r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    let (p, _) = r.send(
+        from("10.0.0.2"),
+        vxlan_packet(5010, &frame(mac(2), mac(1), &[])),
+    );
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::MacOwned));
+    assert!(r.out.is_empty());
+    // So is another port using it.
+    let p = r.send_from_port(1, frame(MacAddr::BROADCAST, mac(1), &[]));
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::MacOwned));
+    assert_eq!(r.sw.mac_counters().owned_refused, 2);
+    let p = r.send_from_port(1, frame(mac(1), mac(2), &[]));
+    assert_eq!(p.verdict, Verdict::Forward);
+    assert_eq!(r.egress(), vec![Egress::Port(PortNo(0))]);
+    // A port in standby (its VM runs elsewhere: a migration) owns nothing.
+    r.sw.set_port_standby(PortNo(0), true).unwrap();
+    let (p, _) = r.send(
+        from("10.0.0.2"),
+        vxlan_packet(5010, &frame(mac(2), mac(1), &[])),
+    );
+    assert_eq!(p.verdict, Verdict::Forward);
+    let p = r.send_from_port(1, frame(mac(1), mac(2), &[]));
+    assert_eq!(p.verdict, Verdict::Forward);
+    assert_eq!(
+        r.egress(),
+        vec![Egress::Tunnel {
+            dst: ip("10.0.0.2"),
+            vni: Vni::new(5010).unwrap()
+        }]
     );
 }
