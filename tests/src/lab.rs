@@ -6,9 +6,11 @@
 //! IP subnet so that any VLAN leak would show.
 //!
 //! The controller gets the lab's port profiles and VM ports through its
-//! admin API; each host registers over the agent API, takes its state (full,
-//! then the deltas the other hosts' arrival caused), checks it as an agent
-//! file and runs it, acknowledges it and reports its counters.
+//! admin API; each host registers over the agent API and runs the agent
+//! core of `dvs agent` ([`AgentCore`]) on its in-memory ports: it takes its
+//! state (full, then the deltas the other hosts' arrival caused), checks it
+//! as an agent file and runs it, acknowledges it, carries out migration
+//! commands and reports its counters.
 //!
 //! A run: every VM pings every other VM (replies expected only within a
 //! VLAN), then a TCP transfer between two hosts' VLAN 10 VMs; the report
@@ -24,11 +26,12 @@ use std::os::fd::RawFd;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
-use dvs_proto::api::{self, agent_message, controller_message};
+use dvs_proto::api::{self, agent_message};
 use dvs_proto::PortId;
 use dvs_proto::{MacAddr, VlanMode};
-use dvs_switch::agent::config::{AgentConfig, PortSpec};
-use dvs_switch::agent::migration::{self, Inbox, Migrations};
+use dvs_switch::agent::config::PortSpec;
+use dvs_switch::agent::core::{desired_config, AgentCore, Desired, Outbound};
+use dvs_switch::driver::attach::Attacher;
 use dvs_switch::driver::datapath::{Datapath, PortStats};
 use dvs_switch::driver::port::{PortIo, RxMeta, Uplink};
 use dvs_switch::wire::VnetHdr;
@@ -443,26 +446,23 @@ struct Vm {
     tcp: SocketHandle,
 }
 
-/// A lab host: its datapath, and the agent's part of it (the state it
-/// runs, its ports' in-memory wires, its migrations).
+/// A lab host: the agent core of `dvs agent` on in-memory ports (their
+/// wires to the VMs).
 struct Host {
     name: String,
     tunnel: IpAddr,
-    dp: Datapath<MemPort>,
-    cfg: AgentConfig,
+    core: AgentCore<MemPort>,
+    attacher: Attacher,
     wires: BTreeMap<PortId, Rc<RefCell<Wire>>>,
-    migrations: Migrations,
-    /// Snapshots arriving in chunks.
-    incoming: Inbox,
 }
 
 struct Lab {
     start: Instant,
+    /// The wall-clock time of `start`.
+    epoch: Duration,
     hosts: Vec<Host>,
     vms: Vec<Vm>,
     control: Control,
-    /// The fabric's VXLAN port.
-    vxlan_port: u16,
     /// TCP streams opened so far (each on its own ports).
     streams: u16,
 }
@@ -470,16 +470,12 @@ struct Lab {
 const VLANS: [(u16, u32); 2] = [(10, 5010), (20, 5020)];
 const ICMP_IDENT: u16 = 0x22;
 
-/// An agent session of a lab host: what it sends, what it receives (kept
-/// open, so that the host stays connected), and the state it has.
+/// An agent session of a lab host: what it sends, and what it receives
+/// (kept open, so that the host stays connected).
 struct Session {
     tx: tokio::sync::mpsc::Sender<api::AgentMessage>,
     /// What the controller sends (a task of the runtime reads the stream).
     inbound: std::sync::mpsc::Receiver<api::ControllerMessage>,
-    revision: u64,
-    items: BTreeMap<String, serde_json::Value>,
-    /// Migration commands not yet carried out.
-    commands: VecDeque<api::MigrationCommand>,
 }
 
 /// The lab's embedded controller and its hosts' sessions.
@@ -514,32 +510,6 @@ fn lab_profiles() -> String {
         })
         .collect::<Vec<_>>()
         .join("---\n")
-}
-
-/// Apply a full state or a delta to `s`.
-fn absorb(s: &mut Session, m: api::ControllerMessage) -> Result<(), LabError> {
-    let parse = |j: &str| serde_json::from_str(j).map_err(|e| ctl_err("an item", e));
-    match m.msg {
-        Some(controller_message::Msg::Full(f)) => {
-            s.items.clear();
-            for it in f.items {
-                s.items.insert(it.key, parse(&it.json)?);
-            }
-            s.revision = f.revision;
-        }
-        Some(controller_message::Msg::Delta(d)) => {
-            for it in d.upsert {
-                s.items.insert(it.key, parse(&it.json)?);
-            }
-            for k in d.remove {
-                s.items.remove(&k);
-            }
-            s.revision = d.revision;
-        }
-        Some(controller_message::Msg::Migration(c)) => s.commands.push_back(c),
-        None => {}
-    }
-    Ok(())
 }
 
 impl Control {
@@ -646,33 +616,10 @@ impl Control {
                     }
                 }
             });
-            Ok::<_, LabError>(Session {
-                tx,
-                inbound,
-                revision: 0,
-                items: BTreeMap::new(),
-                commands: VecDeque::new(),
-            })
+            Ok::<_, LabError>(Session { tx, inbound })
         })?;
-        let mut s = s;
-        let first = s
-            .inbound
-            .recv_timeout(Duration::from_secs(5))
-            .map_err(|_| LabError::Controller("the session ended at once".into()))?;
-        absorb(&mut s, first)?;
         self.sessions.push(s);
         Ok(())
-    }
-
-    /// Take what came for host `i` without waiting; true when its desired
-    /// state changed.
-    fn pump(&mut self, i: usize) -> Result<bool, LabError> {
-        let s = &mut self.sessions[i];
-        let before = s.revision;
-        while let Ok(m) = s.inbound.try_recv() {
-            absorb(s, m)?;
-        }
-        Ok(s.revision != before)
     }
 
     /// Send host `i`'s agent message.
@@ -680,36 +627,6 @@ impl Control {
         let tx = self.sessions[i].tx.clone();
         self.rt.block_on(async move {
             let _ = tx.send(api::AgentMessage { msg: Some(m) }).await;
-        });
-    }
-
-    /// Take the changes sent to host `i` since (until none comes for a
-    /// moment), as its agent would.
-    fn settle(&mut self, i: usize) -> Result<(), LabError> {
-        let s = &mut self.sessions[i];
-        while let Ok(m) = s.inbound.recv_timeout(Duration::from_millis(150)) {
-            absorb(s, m)?;
-        }
-        Ok(())
-    }
-
-    /// Host `i` acknowledges what it applied and reports `stats`.
-    fn ack(&self, i: usize, stats: Option<String>) {
-        let s = &self.sessions[i];
-        let (tx, revision) = (s.tx.clone(), s.revision);
-        self.rt.block_on(async move {
-            let _ = tx
-                .send(api::AgentMessage {
-                    msg: Some(agent_message::Msg::Ack(api::Ack { revision })),
-                })
-                .await;
-            if let Some(s) = stats {
-                let _ = tx
-                    .send(api::AgentMessage {
-                        msg: Some(agent_message::Msg::Report(api::Report { stats_json: s })),
-                    })
-                    .await;
-            }
         });
     }
 }
@@ -741,27 +658,25 @@ impl Lab {
             })?;
             sockets.push(s);
         }
-        // Every host registers as an agent, then takes the changes the
-        // others' arrival made (their tunnel addresses: segment peers and
-        // VM locations).
+        // Every host registers as an agent and runs the agent core on an
+        // empty switch; it takes its state (full, then the changes the
+        // others' arrival made: their tunnel addresses, segment peers and
+        // VM locations) as `dvs agent` does.
         for (i, t) in tunnels.iter().enumerate() {
             control.register(&format!("h{}", i + 1), *t)?;
         }
-        for i in 0..opts.hosts {
-            control.settle(i)?;
-        }
-        let mut hosts = Vec::new();
-        let mut vms = Vec::new();
-        let now = SmolInstant::from_millis(0);
         let epoch = std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
             .unwrap_or_default()
             .saturating_sub(start.elapsed());
+        let mut hosts = Vec::new();
         for (i, socket) in sockets.into_iter().enumerate() {
             let name = format!("h{}", i + 1);
-            // The state, checked as an agent file, as an agent does.
-            let cfg = host_config(&name, &control.sessions[i].items, tunnels[i], port)?;
-            let mut dp = Datapath::new(
+            let local =
+                serde_json::json!({ "tunnel": { "local": tunnels[i].to_string(), "port": port } });
+            let empty = desired_config(&name, &BTreeMap::new(), &local)
+                .map_err(|e| LabError::Controller(format!("host {name}: {e}")))?;
+            let dp = Datapath::new(
                 Switch::new(SwitchConfig::default()),
                 Some(Uplink {
                     socket,
@@ -773,25 +688,26 @@ impl Lab {
                 addr: SocketAddr::new(tunnels[i], port),
                 source,
             })?;
-            // Applied to an empty switch as an agent applies a change.
-            let mut wires = BTreeMap::new();
-            let mut running = AgentConfig {
-                ports: Vec::new(),
-                segments: Vec::new(),
-                static_macs: Vec::new(),
-                ..cfg.clone()
-            };
-            let mut attacher = dvs_switch::driver::attach::Attacher::quiet();
-            dvs_switch::agent::apply_with(
-                &mut dp,
-                &mut running,
-                cfg,
-                start.elapsed(),
-                &mut attacher,
-                |p| Ok(open_wire(&mut wires, p)),
-            )
-            .map_err(|e| LabError::Controller(format!("host {name}'s state: {e}")))?;
-            for spec in &running.ports {
+            hosts.push(Host {
+                name,
+                tunnel: tunnels[i],
+                core: AgentCore::new(dp, empty, local, Desired::default(), epoch),
+                attacher: Attacher::quiet(),
+                wires: BTreeMap::new(),
+            });
+        }
+        let mut lab = Lab {
+            start,
+            epoch,
+            hosts,
+            vms: Vec::new(),
+            control,
+            streams: 0,
+        };
+        lab.settle()?;
+        let now = SmolInstant::from_millis(0);
+        for i in 0..opts.hosts {
+            for spec in lab.hosts[i].core.config().ports.clone() {
                 let n = spec.port.id.number();
                 let vm_name = format!("vm{n}");
                 let vlan = match &spec.port.vlan {
@@ -801,7 +717,7 @@ impl Lab {
                 let j = VLANS.iter().position(|(v, _)| *v == vlan).unwrap_or(0);
                 let mac = vm_mac(i, j).0;
                 let ip = Ipv4Address::new(10, 0, 0, n as u8);
-                let mut dev = VmDevice(wires[&spec.port.id].clone());
+                let mut dev = VmDevice(lab.hosts[i].wires[&spec.port.id].clone());
                 let mut cfg = Config::new(EthernetAddress(mac).into());
                 cfg.random_seed = opts.seed ^ u64::from(n);
                 let mut iface = Interface::new(cfg, &mut dev, now);
@@ -828,7 +744,7 @@ impl Lab {
                     })
                     .collect();
                 let tcp = sockets.add(tcp_socket());
-                vms.push(Vm {
+                lab.vms.push(Vm {
                     name: vm_name,
                     port: spec.port.id,
                     host: i,
@@ -843,75 +759,62 @@ impl Lab {
                     tcp,
                 });
             }
-            control.ack(i, None);
-            hosts.push(Host {
-                name,
-                tunnel: tunnels[i],
-                dp,
-                cfg: running,
-                wires,
-                migrations: Migrations::new(epoch),
-                incoming: Inbox::default(),
-            });
         }
-        Ok(Lab {
-            start,
-            hosts,
-            vms,
-            control,
-            vxlan_port: port,
-            streams: 0,
-        })
+        Ok(lab)
+    }
+
+    /// Run the hosts' agents until every host has its state and nothing
+    /// has come for a moment.
+    fn settle(&mut self) -> Result<(), LabError> {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        let mut quiet = 0;
+        while quiet < 3 {
+            if Instant::now() > deadline {
+                return Err(LabError::Controller(
+                    "the hosts' states did not settle within 10 s".into(),
+                ));
+            }
+            std::thread::sleep(Duration::from_millis(50));
+            let mut any = false;
+            for i in 0..self.hosts.len() {
+                any |= self.agent(i);
+            }
+            let all = self.hosts.iter().all(|h| h.core.revision() > 0);
+            quiet = if any || !all { 0 } else { quiet + 1 };
+        }
+        Ok(())
     }
 
     fn now(&self) -> Duration {
         self.start.elapsed()
     }
 
-    /// Host `i`'s agent: take what the controller sent (a changed desired
-    /// state is applied and acknowledged, migration commands carried out)
-    /// and report the datapath's migration events.
-    fn agent(&mut self, i: usize) -> Result<(), LabError> {
+    /// Host `i`'s agent: what the controller sent goes to the agent core
+    /// (a changed desired state is applied and acknowledged, migration
+    /// commands carried out), and what the core has goes back: acks,
+    /// migration events, reports. Returns whether anything came.
+    fn agent(&mut self, i: usize) -> bool {
         let now = self.now();
-        if self.control.pump(i)? {
-            let h = &mut self.hosts[i];
-            let new = host_config(
-                &h.name,
-                &self.control.sessions[i].items,
-                h.tunnel,
-                self.vxlan_port,
-            )?;
-            let old = h.cfg.clone();
+        let msgs: Vec<_> = self.control.sessions[i].inbound.try_iter().collect();
+        let any = !msgs.is_empty();
+        let h = &mut self.hosts[i];
+        for m in msgs {
             let wires = &mut h.wires;
-            let mut attacher = dvs_switch::driver::attach::Attacher::quiet();
-            dvs_switch::agent::apply_with(&mut h.dp, &mut h.cfg, new, now, &mut attacher, |p| {
-                Ok(open_wire(wires, p))
-            })
-            .map_err(|e| LabError::Controller(format!("host {}: {e}", h.name)))?;
-            let live: Vec<PortId> = h.cfg.ports.iter().map(|p| p.port.id).collect();
-            h.wires.retain(|id, _| live.contains(id));
-            h.migrations
-                .sync_standby(&mut h.dp, &old, &h.cfg, false, now);
-            self.control.ack(i, None);
+            h.core
+                .on_controller(m, now, &mut h.attacher, |p| Ok(open_wire(wires, p)));
         }
-        while let Some(c) = self.control.sessions[i].commands.pop_front() {
-            let h = &mut self.hosts[i];
-            let (dp, migrations, specs) = (&mut h.dp, &mut h.migrations, &h.cfg.ports);
-            let events = migration::carry_out(&mut h.incoming, &c, |cmd| {
-                migrations.command(dp, specs, cmd, now);
-                true
-            });
-            for e in events {
-                self.control.send(i, agent_message::Msg::Migration(e));
+        if h.core.take_changed() {
+            let live: Vec<PortId> = h.core.config().ports.iter().map(|p| p.port.id).collect();
+            h.wires.retain(|id, _| live.contains(id));
+        }
+        h.core.tick(now, self.epoch + now, &mut h.attacher);
+        for o in h.core.take_outbound() {
+            // The lab keeps no state directory: nothing is saved.
+            if let Outbound::Send(m) = o {
+                self.control.send(i, m);
             }
         }
-        let h = &mut self.hosts[i];
-        h.migrations.expire(&mut h.dp, &h.cfg, now);
-        for e in h.migrations.events(&mut h.dp.switch, &h.cfg.ports, &[]) {
-            self.control
-                .send(i, agent_message::Msg::Migration(migration::report(e)));
-        }
-        Ok(())
+        any
     }
 
     /// The controller's record of migration `id`.
@@ -980,7 +883,7 @@ impl Lab {
                 std::thread::sleep(Duration::from_micros(100));
             }
             for i in 0..self.hosts.len() {
-                self.agent(i)?;
+                self.agent(i);
             }
             // Traffic.
             if !self.vms[vm].paused {
@@ -1093,13 +996,14 @@ impl Lab {
         let now = self.now();
         let mut busy = 0;
         for h in &mut self.hosts {
-            for p in &h.cfg.ports {
-                if let Some(no) = h.dp.switch.port_by_id(p.port.id) {
-                    busy += h.dp.poll_port(now, no).unwrap_or(0);
+            let (dp, cfg) = h.core.parts();
+            for p in &cfg.ports {
+                if let Some(no) = dp.switch.port_by_id(p.port.id) {
+                    busy += dp.poll_port(now, no).unwrap_or(0);
                 }
             }
-            busy += h.dp.poll_uplink(now).unwrap_or(0);
-            h.dp.handle_timeout(now);
+            busy += dp.poll_uplink(now).unwrap_or(0);
+            dp.handle_timeout(now);
         }
         let t = SmolInstant::from_micros(now.as_micros() as i64);
         for vm in self.vms.iter_mut().filter(|v| !v.paused) {
@@ -1239,9 +1143,12 @@ impl Lab {
     fn chassis_view(&mut self) -> Result<(serde_json::Value, String), LabError> {
         use dvs_controller::client::{Command, Output};
         let now = self.now();
-        for (i, h) in self.hosts.iter().enumerate() {
-            let stats = serde_json::to_string(&h.dp.stats(&h.name, now)).ok();
-            self.control.ack(i, stats);
+        for i in 0..self.hosts.len() {
+            let h = &self.hosts[i];
+            if let Ok(stats_json) = serde_json::to_string(&h.core.dp.stats(&h.name, now)) {
+                self.control
+                    .send(i, agent_message::Msg::Report(api::Report { stats_json }));
+            }
         }
         // Reports are taken in by the controller's session tasks.
         let mut json = serde_json::Value::Null;
@@ -1265,14 +1172,14 @@ impl Lab {
         self.hosts
             .iter()
             .map(|h| {
-                let stats = h.dp.stats(&h.name, now);
+                let dp = &h.core.dp;
+                let stats = dp.stats(&h.name, now);
                 HostReport {
                     name: h.name.clone(),
                     tunnel: h.tunnel.to_string(),
                     ports: stats.ports,
                     uplink: stats.tunnel,
-                    macs: h
-                        .dp
+                    macs: dp
                         .switch
                         .mac_entries(now)
                         .into_iter()
@@ -1280,7 +1187,7 @@ impl Lab {
                             vlan: e.vlan.get(),
                             mac: e.mac.to_string(),
                             at: match e.location {
-                                dvs_switch::Location::Port(p) => h.dp.switch.port(p).map_or_else(
+                                dvs_switch::Location::Port(p) => dp.switch.port(p).map_or_else(
                                     || format!("port {}", p.0),
                                     |(c, _)| format!("{} ({})", c.id, c.name),
                                 ),
@@ -1316,19 +1223,6 @@ fn open_wire(wires: &mut BTreeMap<PortId, Rc<RefCell<Wire>>>, p: &PortSpec) -> M
 }
 
 /// Host `name`'s desired state as an agent file, checked.
-fn host_config(
-    name: &str,
-    items: &BTreeMap<String, serde_json::Value>,
-    tunnel: IpAddr,
-    port: u16,
-) -> Result<AgentConfig, LabError> {
-    let local = serde_json::json!({ "tunnel": { "local": tunnel.to_string(), "port": port } });
-    let doc = dvs_switch::agent::config::assemble(name, items, &local);
-    AgentConfig::parse(&doc.to_string())
-        .map_err(|e| LabError::Controller(format!("host {name}'s state: {e}")))
-}
-
-/// Write the test pattern into `s` from byte `sent` up to `upto`.
 fn feed(s: &mut tcp::Socket, sent: &mut usize, upto: usize, chunk: &mut [u8]) {
     while *sent < upto && s.can_send() {
         let n = (upto - *sent).min(chunk.len());

@@ -17,7 +17,6 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
-use std::sync::mpsc::SyncSender;
 use std::time::Duration;
 
 use dvs_proto::api;
@@ -132,102 +131,6 @@ pub fn report(e: Event) -> api::MigrationEvent {
 
 fn us(t: Option<Duration>) -> u64 {
     t.map_or(0, |d| d.as_micros() as u64)
-}
-
-/// Carry out a controller's migration command on a host: `run` hands the
-/// datapath its part (`false`: the datapath is gone), and the datapath's
-/// reply comes back through the channel in the command (this waits for
-/// it). Returns the events to report; what cannot be done is a FAILED
-/// event with the reason.
-pub fn carry_out(
-    inbox: &mut Inbox,
-    c: &api::MigrationCommand,
-    mut run: impl FnMut(Command) -> bool,
-) -> Vec<api::MigrationEvent> {
-    use api::migration_command::Op;
-    use api::migration_event::Kind;
-    // The datapath's reply to the command `make` builds (`None`: gone).
-    fn ask<T>(
-        run: &mut impl FnMut(Command) -> bool,
-        make: impl FnOnce(SyncSender<Result<T, String>>) -> Command,
-    ) -> Option<Result<T, String>> {
-        let (reply, r) = std::sync::mpsc::sync_channel(1);
-        if !run(make(reply)) {
-            return None;
-        }
-        r.recv().ok()
-    }
-    let m = c.migration;
-    let fail = |error: String| {
-        tracing::error!(migration = m, port = %c.port, %error, "migration command failed");
-        vec![api::MigrationEvent {
-            error,
-            ..event(m, &c.port, Kind::Failed)
-        }]
-    };
-    let Ok(port) = c.port.parse::<PortId>() else {
-        return fail(format!("`{}` is not a port ID", c.port));
-    };
-    match Op::try_from(c.op).unwrap_or(Op::Unspecified) {
-        Op::Stop => {
-            let redirect = c.redirect.parse().ok();
-            let stop = |reply| Command::Stop {
-                migration: m,
-                port,
-                redirect,
-                reply,
-            };
-            match ask(&mut run, stop) {
-                Some(r) => r
-                    .and_then(|h| stopped_events(m, port, h))
-                    .unwrap_or_else(fail),
-                None => Vec::new(),
-            }
-        }
-        Op::Sync => {
-            let sync = |reply| Command::Sync {
-                migration: m,
-                port,
-                reply,
-            };
-            match ask(&mut run, sync) {
-                Some(r) => r
-                    .and_then(|state| synced_events(m, port, state))
-                    .unwrap_or_else(fail),
-                None => Vec::new(),
-            }
-        }
-        Op::Presync | Op::Start => {
-            let state = match inbox.take(c, port) {
-                Inbound::More | Inbound::Based => return Vec::new(),
-                Inbound::Failed(e) => return fail(e),
-                Inbound::Start(s) => s,
-            };
-            let start = |reply| Command::Start {
-                migration: m,
-                port,
-                state,
-                reply,
-            };
-            match ask(&mut run, start) {
-                Some(Ok(dropped)) => vec![api::MigrationEvent {
-                    dropped,
-                    ..event(m, &c.port, Kind::Started)
-                }],
-                Some(Err(e)) => fail(e),
-                None => Vec::new(),
-            }
-        }
-        Op::Resume => {
-            run(Command::Resume { migration: m, port });
-            Vec::new()
-        }
-        Op::Announce => {
-            run(Command::Announce { port });
-            Vec::new()
-        }
-        Op::Unspecified => fail(format!("unknown migration operation {}", c.op)),
-    }
 }
 
 /// The STOPPED events that carry a source's handover: its snapshot in
@@ -422,37 +325,6 @@ pub struct Handover {
     pub last_to_vm: Option<Duration>,
 }
 
-/// What the controller asks of a host's datapath during a migration.
-#[derive(Debug)]
-pub enum Command {
-    /// Source: a pre-copy of port `port`'s state (it keeps forwarding).
-    Sync {
-        migration: u64,
-        port: PortId,
-        reply: SyncSender<Result<PortState, String>>,
-    },
-    /// Source: stop port `port`, redirect its VM's MAC to `redirect`, and
-    /// hand its state over.
-    Stop {
-        migration: u64,
-        port: PortId,
-        redirect: Option<IpAddr>,
-        reply: SyncSender<Result<Handover, String>>,
-    },
-    /// Destination: continue `port` from `state` and forward. The reply is
-    /// the frames its standby dropped.
-    Start {
-        migration: u64,
-        port: PortId,
-        state: Box<PortState>,
-        reply: SyncSender<Result<u64, String>>,
-    },
-    /// Source, after an abort: forward again.
-    Resume { migration: u64, port: PortId },
-    /// Destination: announce the VM (RARP from its MAC) for it.
-    Announce { port: PortId },
-}
-
 /// What a host's datapath reports on its own.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
@@ -598,58 +470,74 @@ impl Migrations {
         }
     }
 
-    /// Run `cmd` on `dp` at `now`.
-    pub fn command<P: PortIo>(
+    /// Carry out the controller's migration command `c` on this host's
+    /// datapath (`specs`: the ports it runs; `inbox`: snapshots arriving
+    /// in chunks). Returns the events to report; what cannot be done is a
+    /// FAILED event with the reason.
+    pub fn carry_out<P: PortIo>(
         &mut self,
         dp: &mut Datapath<P>,
         specs: &[PortSpec],
-        cmd: Command,
+        inbox: &mut Inbox,
+        c: &api::MigrationCommand,
         now: Duration,
-    ) {
-        let mac_of = |id: PortId| {
-            specs
-                .iter()
-                .find(|s| s.port.id == id)
-                .and_then(|s| s.port.mac)
+    ) -> Vec<api::MigrationEvent> {
+        use api::migration_command::Op;
+        use api::migration_event::Kind;
+        let m = c.migration;
+        let fail = |error: String| {
+            tracing::error!(migration = m, port = %c.port, %error, "migration command failed");
+            vec![api::MigrationEvent {
+                error,
+                ..event(m, &c.port, Kind::Failed)
+            }]
         };
-        match cmd {
-            Command::Sync {
-                migration,
-                port,
-                reply,
-            } => {
-                let r = self.sync(&mut dp.switch, migration, port, now);
-                let _ = reply.send(r);
+        let Ok(port) = c.port.parse::<PortId>() else {
+            return fail(format!("`{}` is not a port ID", c.port));
+        };
+        let mac = specs
+            .iter()
+            .find(|s| s.port.id == port)
+            .and_then(|s| s.port.mac);
+        match Op::try_from(c.op).unwrap_or(Op::Unspecified) {
+            Op::Stop => {
+                let redirect = c.redirect.parse().ok();
+                self.stop(&mut dp.switch, m, port, mac, redirect, now)
+                    .and_then(|h| stopped_events(m, port, h))
+                    .unwrap_or_else(fail)
             }
-            Command::Stop {
-                migration,
-                port,
-                redirect,
-                reply,
-            } => {
-                let r = self.stop(&mut dp.switch, migration, port, mac_of(port), redirect, now);
-                let _ = reply.send(r);
-            }
-            Command::Start {
-                migration,
-                port,
-                state,
-                reply,
-            } => {
-                let r = self.start(dp, migration, port, &state, now);
-                let _ = reply.send(r);
-            }
-            Command::Resume { migration, port } => {
-                if self.stopped.get(&port) == Some(&migration) {
-                    self.resume(dp, port, now);
+            Op::Sync => self
+                .sync(&mut dp.switch, m, port, now)
+                .and_then(|state| synced_events(m, port, state))
+                .unwrap_or_else(fail),
+            Op::Presync | Op::Start => {
+                let state = match inbox.take(c, port) {
+                    Inbound::More | Inbound::Based => return Vec::new(),
+                    Inbound::Failed(e) => return fail(e),
+                    Inbound::Start(s) => s,
+                };
+                match self.start(dp, m, port, &state, now) {
+                    Ok(dropped) => vec![api::MigrationEvent {
+                        dropped,
+                        ..event(m, &c.port, Kind::Started)
+                    }],
+                    Err(e) => fail(e),
                 }
             }
-            Command::Announce { port } => {
-                if let (Some(no), Some(mac)) = (dp.switch.port_by_id(port), mac_of(port)) {
+            Op::Resume => {
+                if self.stopped.get(&port) == Some(&m) {
+                    self.resume(dp, port, now);
+                }
+                Vec::new()
+            }
+            Op::Announce => {
+                if let (Some(no), Some(mac)) = (dp.switch.port_by_id(port), mac) {
                     tracing::info!(%port, %mac, "announcing the VM (RARP)");
                     dp.inject(now, Ingress::Port(no), &wire::announce::rarp(mac));
                 }
+                Vec::new()
             }
+            Op::Unspecified => fail(format!("unknown migration operation {}", c.op)),
         }
     }
 

@@ -1,11 +1,21 @@
-//! The static agent: one host's switch from an [`AgentConfig`], on real TAP
-//! devices, AF_PACKET sockets and a VXLAN UDP socket, until SIGTERM.
+//! The host agent: one host's switch on real TAP devices, AF_PACKET
+//! sockets and a VXLAN UDP socket, until SIGTERM — from a static file
+//! (`dvs agent --config`) or under a controller.
+//!
+//! - [`core`]: the sans-IO agent core (desired state and datapath events
+//!   in; port changes, acks, migration events and reports out) — run by
+//!   [`run_with`] here and by the lab;
+//! - [`config`]: the agent file, validated whole;
+//! - [`migration`]: a host's part in a live migration;
+//! - [`remote`]: the session with the controller (a transport: it carries
+//!   messages between the controller and the core, and saves the state).
 //!
 //! Startup order keeps the "never forward without policy" rule: the switch is
 //! configured whole first, then each port's device is opened and attached;
 //! a device that cannot be opened stops startup with its name in the error.
 
 pub mod config;
+pub mod core;
 pub mod migration;
 pub mod remote;
 
@@ -25,7 +35,7 @@ use crate::pipeline::mactable::Location;
 use crate::pipeline::{Switch, SwitchConfig};
 use crate::wire::VnetHdr;
 use crate::Error;
-use migration::Migrations;
+use dvs_proto::api;
 
 /// A port's device on a real host.
 #[derive(Debug)]
@@ -266,32 +276,20 @@ fn flow_source(cfg: &AgentConfig) -> std::net::IpAddr {
         })
 }
 
-/// A new desired state from the controller, and where to say whether it
-/// was applied.
-#[derive(Debug)]
-pub struct Update {
-    pub revision: u64,
-    pub config: AgentConfig,
-    /// A full state (after a (re)connection): every port's standby is set
-    /// from it.
-    pub resync: bool,
-    pub done: std::sync::mpsc::SyncSender<Result<u64, String>>,
-}
-
-/// How a controller-driven agent talks to its datapath loop.
+/// How a controller-driven agent's datapath loop meets its session
+/// thread ([`remote`]).
 #[derive(Debug)]
 pub struct ControlLink {
-    pub updates: std::sync::mpsc::Receiver<Update>,
-    /// Readable when an update waits (the control side writes a byte).
+    /// The controller's messages.
+    pub inbound: std::sync::mpsc::Receiver<api::ControllerMessage>,
+    /// Readable when a message waits (the session writes a byte).
     pub wake: std::os::unix::net::UnixStream,
-    /// The latest stats document, for the control side's reports.
-    pub stats: std::sync::Arc<std::sync::Mutex<String>>,
-    /// The controller revision that runs (set when one is applied whole).
-    pub revision: std::sync::Arc<std::sync::atomic::AtomicU64>,
-    /// Migration commands (the wake byte tells of them too).
-    pub commands: std::sync::mpsc::Receiver<migration::Command>,
-    /// Migration events for the controller.
-    pub events: tokio::sync::mpsc::UnboundedSender<migration::Event>,
+    /// What the core sends and saves, in order.
+    pub outbound: tokio::sync::mpsc::UnboundedSender<core::Outbound>,
+    /// The desired state the agent started from (saved by a previous run).
+    pub desired: core::Desired,
+    /// The host's own settings the controller's items go with.
+    pub local: serde_json::Value,
 }
 
 /// Run the agent of `cfg` until SIGTERM or SIGINT; with `path`, SIGHUP
@@ -315,27 +313,23 @@ pub fn run_with(
     metrics: Option<SocketAddr>,
 ) -> Result<(), Error> {
     sys::catch_signals().map_err(|e| Error::io("installing signal handlers", e))?;
-    let stats = link.as_ref().map_or_else(
-        || std::sync::Arc::new(std::sync::Mutex::new(String::new())),
-        |l| l.stats.clone(),
-    );
+    let stats = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let revision = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     if let Some(addr) = metrics {
-        let (stats, revision) = (stats.clone(), link.as_ref().map(|l| l.revision.clone()));
+        let (stats, revision) = (stats.clone(), revision.clone());
+        let controlled = link.is_some();
         crate::metrics::serve(addr, move || {
             let text = stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
             let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
-            let rev = revision
-                .as_ref()
-                .map(|r| r.load(std::sync::atomic::Ordering::Relaxed));
+            let rev = controlled.then(|| revision.load(std::sync::atomic::Ordering::Relaxed));
             crate::metrics::agent(&v, rev)
         })
         .map_err(|e| Error::io(format!("serving metrics on {addr}"), e))?;
     }
-    let mut cfg = cfg.clone();
     // Listening to link changes first: an interface that appears while the
     // ports are being set up is not missed.
     let mut attacher = Attacher::new();
-    let mut dp = build(&cfg, &mut attacher)?;
+    let mut dp = build(cfg, &mut attacher)?;
     let start = Instant::now();
     dp.spawn_transmit(start)
         .map_err(|e| Error::io("starting the transmit thread", e))?;
@@ -345,6 +339,24 @@ pub fn run_with(
             .set_nonblocking(true)
             .map_err(|e| Error::io("setting the control link non-blocking", e))?;
     }
+    // Migration times are reported on the wall clock (hosts' clocks are
+    // synchronised; the controller compares them).
+    let wall = || {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default()
+    };
+    let (local, desired) = link
+        .as_ref()
+        .map(|l| (l.local.clone(), l.desired.clone()))
+        .unwrap_or_default();
+    let mut agent = core::AgentCore::new(
+        dp,
+        cfg.clone(),
+        local,
+        desired,
+        wall().saturating_sub(start.elapsed()),
+    );
     // The fds to wait on, rebuilt only when ports come or go: the ports'
     // and the uplink's, then the control link's, then the link monitor's.
     let wake_fd = link.as_ref().map(|l| l.wake.as_raw_fd());
@@ -361,25 +373,18 @@ pub fn run_with(
             })
             .collect()
     };
-    let mut fds = dp.fds();
+    let mut fds = agent.dp.fds();
     let mut pollfds = poll_set(&fds);
     let mut next_stats = Duration::ZERO;
     let mut next_probe = Duration::ZERO;
     let mut open = |p: &PortSpec| HostPort::open(&p.attach);
-    // Migration times are reported on the wall clock (hosts' clocks are
-    // synchronised; the controller compares them).
-    let mut migrations = Migrations::new(
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-            .saturating_sub(start.elapsed()),
-    );
     while !sys::terminate_requested() {
         for pfd in &mut pollfds {
             pfd.events = libc::POLLIN;
             pfd.revents = 0;
         }
         let now = start.elapsed();
+        let dp = &mut agent.dp;
         let mut wait = dp
             .switch
             .poll_timeout()
@@ -403,6 +408,8 @@ pub fn run_with(
         sys::poll(&mut pollfds, ms).map_err(|e| Error::io("waiting for frames", e))?;
         let now = start.elapsed();
         let mut changed = false;
+        let (dp, cfg_now) = agent.parts();
+        let ports = &cfg_now.ports;
         for (pfd, (port, _)) in pollfds.iter().zip(&fds) {
             if pfd.revents == 0 {
                 continue;
@@ -414,16 +421,16 @@ pub fn run_with(
             match (r, port) {
                 (Ok(_), _) => {}
                 (Err(e), Some(no)) => {
-                    changed |= attacher.on_port_error(&mut dp, &cfg.ports, *no, &e, &mut open);
+                    changed |= attacher.on_port_error(dp, ports, *no, &e, &mut open);
                 }
                 (Err(e), None) => tracing::warn!(error = %e, "reading the VXLAN socket"),
             }
         }
         if links_fd.is_some() && pollfds.last().is_some_and(|p| p.revents != 0) {
-            changed |= attacher.on_links(&mut dp, &cfg.ports, &mut open);
+            changed |= attacher.on_links(dp, ports, &mut open);
         }
         if now >= next_probe {
-            attacher.tick(&mut dp, &cfg.ports);
+            attacher.tick(dp, ports);
             next_probe = now + crate::driver::attach::PROBE_EVERY;
         }
         dp.handle_timeout(now);
@@ -431,10 +438,9 @@ pub fn run_with(
         if sys::take_reload_request() {
             if let Some(path) = path {
                 match AgentConfig::load(path) {
+                    // Applied in part or whole: ports may have come or gone.
                     Ok(new) => {
-                        // Applied in part or whole: ports may have come or gone.
-                        let _ = apply(&mut dp, &mut cfg, new, now, &mut attacher);
-                        changed = true;
+                        let _ = agent.apply_file(new, now, &mut attacher, &mut open);
                     }
                     Err(e) => {
                         tracing::error!(error = %e, "reload refused; the running configuration stays");
@@ -445,41 +451,29 @@ pub fn run_with(
         if let Some(l) = &link {
             let mut byte = [0u8; 64];
             while (&l.wake).read(&mut byte).is_ok_and(|n| n > 0) {}
-            while let Ok(u) = l.updates.try_recv() {
-                let old = cfg.clone();
-                let r = apply(&mut dp, &mut cfg, u.config, now, &mut attacher);
-                migrations.sync_standby(&mut dp, &old, &cfg, u.resync, now);
-                changed = true;
-                if r.is_ok() {
-                    l.revision
-                        .store(u.revision, std::sync::atomic::Ordering::Relaxed);
-                }
-                let _ = u.done.send(r.map(|()| u.revision));
+            while let Ok(m) = l.inbound.try_recv() {
+                agent.on_controller(m, now, &mut attacher, &mut open);
             }
-            while let Ok(c) = l.commands.try_recv() {
-                migrations.command(&mut dp, &cfg.ports, c, now);
+            agent.tick(now, wall(), &mut attacher);
+            for o in agent.take_outbound() {
+                let _ = l.outbound.send(o);
             }
-            migrations.expire(&mut dp, &cfg, now);
-            let read = attacher.take_read();
-            for e in migrations.events(&mut dp.switch, &cfg.ports, &read) {
-                let _ = l.events.send(e);
-            }
-            for e in attached_events(&dp, &cfg.ports, attacher.take_attached()) {
-                let _ = l.events.send(e);
-            }
+            revision.store(agent.revision(), std::sync::atomic::Ordering::Relaxed);
         } else {
             attacher.take_attached();
+            attacher.take_read();
         }
-        if changed {
-            fds = dp.fds();
+        if changed | agent.take_changed() {
+            fds = agent.dp.fds();
             pollfds = poll_set(&fds);
         }
         if now >= next_stats {
+            let cfg = agent.config();
             if let Some(path) = &cfg.stats_file {
-                write_stats(&dp, &cfg.host, now, path);
+                write_stats(&agent.dp, &cfg.host, now, path);
             }
-            if link.is_some() || metrics.is_some() {
-                if let Ok(j) = serde_json::to_string(&dp.stats(&cfg.host, now)) {
+            if metrics.is_some() {
+                if let Ok(j) = serde_json::to_string(&agent.dp.stats(&cfg.host, now)) {
                     *stats.lock().unwrap_or_else(|p| p.into_inner()) = j;
                 }
             }
@@ -488,9 +482,10 @@ pub fn run_with(
     }
     let now = start.elapsed();
     // Open flow records end with the agent: collectors get them now.
-    dp.flush_flows(now);
+    agent.dp.flush_flows(now);
+    let cfg = agent.config();
     if let Some(path) = &cfg.stats_file {
-        write_stats(&dp, &cfg.host, now, path);
+        write_stats(&agent.dp, &cfg.host, now, path);
     }
     tracing::info!(host = %cfg.host, "agent stopped");
     Ok(())
@@ -516,15 +511,14 @@ pub fn apply(
     apply_with(dp, cfg, new, now, attacher, |p| HostPort::open(&p.attach))
 }
 
-/// The ATTACHED events of migrations' ports among `ports` (just attached).
+/// The ATTACHED events of migrations' ports among `ports` (just attached
+/// at `wall`).
 fn attached_events<P: PortIo>(
     dp: &Datapath<P>,
     specs: &[PortSpec],
     ports: Vec<crate::PortNo>,
+    wall: Duration,
 ) -> Vec<migration::Event> {
-    let wall = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap_or_default();
     ports
         .into_iter()
         .filter_map(|no| {

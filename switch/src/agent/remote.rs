@@ -1,42 +1,35 @@
 //! The agent under a controller (`dvs agent --host H --controller URL
 //! --tunnel-ip IP --state-dir DIR`).
 //!
-//! Two threads: the datapath loop of [`agent::run_with`] and a control
-//! thread (tokio) that holds the session with the controller. The session
-//! registers, receives the host's full state and then deltas as keyed items
-//! of an agent file, puts them together, checks the result with the same
-//! code as `dvs agent --config`, hands it to the datapath loop (which changes
-//! only what differs), saves it to `DIR/desired.json` and acknowledges the
-//! revision. Every 2 s it reports the host's counters.
+//! Two threads: the datapath loop of [`agent::run_with`], which runs the
+//! [agent core](crate::agent::core) — it puts the controller's items
+//! together, checks them with the same code as `dvs agent --config`,
+//! applies what differs, carries out migration commands and reports — and
+//! this session thread (tokio), a transport: it registers, hands every
+//! message from the controller to the datapath loop (and wakes it), sends
+//! what the core has for the controller, and saves the state the core
+//! runs to `DIR/desired.json` before the acknowledgement that follows it.
 //!
 //! Headless: when the controller is away the datapath keeps forwarding with
-//! what it has, and the session is retried (0.5 s, doubling to 5 s). An
-//! agent that starts while the controller is away runs its ports from the
-//! saved state; on reconnection, only real differences are applied.
-//!
-//! Migrations: the session also carries the controller's migration
-//! commands (stop, start, resume, announce — see [`crate::agent::migration`]) to
-//! the datapath loop, and its events back; a stopped port's state travels
-//! to the controller as a `dvs_migrate` snapshot in chunks of 1 MiB, and
-//! comes to the destination the same way.
+//! what it has, and the session is retried (0.5 s, doubling to 5 s); the
+//! reports of that time are dropped. An agent that starts while the
+//! controller is away runs its ports from the saved state; on
+//! reconnection, only real differences are applied.
 
-use std::collections::BTreeMap;
 use std::io::Write;
 use std::net::IpAddr;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
-use std::sync::mpsc::{sync_channel, Sender};
-use std::sync::{Arc, Mutex};
+use std::sync::mpsc::Sender;
 use std::time::Duration;
 
-use dvs_proto::api::{self, agent_client::AgentClient, agent_message, controller_message};
-use serde::{Deserialize, Serialize};
+use dvs_proto::api::{self, agent_client::AgentClient, agent_message};
 use serde_json::{json, Value};
+use tokio::sync::mpsc::UnboundedReceiver;
 use tokio_stream::wrappers::ReceiverStream;
 
-use crate::agent::config::{assemble, AgentConfig};
-use crate::agent::migration::{self, Command, Event, Inbox};
-use crate::agent::{self, ControlLink, Update};
+use crate::agent::core::{desired_config, Desired, Outbound};
+use crate::agent::{self, ControlLink};
 use crate::Error;
 
 /// How the agent meets its controller.
@@ -75,13 +68,8 @@ impl ClientTls {
     }
 }
 
-/// What the agent last applied, as saved in the state directory.
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-struct Cache {
-    revision: u64,
-    items: BTreeMap<String, Value>,
-}
-
+/// The file in the state directory that holds the desired state the agent
+/// runs ([`Desired`]).
 const CACHE: &str = "desired.json";
 
 impl RemoteOptions {
@@ -92,14 +80,9 @@ impl RemoteOptions {
         }
         v
     }
-
-    fn config(&self, items: &BTreeMap<String, Value>) -> Result<AgentConfig, String> {
-        let doc = assemble(&self.host, items, &self.local());
-        AgentConfig::parse(&doc.to_string())
-    }
 }
 
-fn load_cache(dir: &Path) -> Option<Cache> {
+fn load_cache(dir: &Path) -> Option<Desired> {
     let text = std::fs::read_to_string(dir.join(CACHE)).ok()?;
     match serde_json::from_str(&text) {
         Ok(c) => Some(c),
@@ -110,7 +93,7 @@ fn load_cache(dir: &Path) -> Option<Cache> {
     }
 }
 
-fn save_cache(dir: &Path, c: &Cache) -> std::io::Result<()> {
+fn save_cache(dir: &Path, c: &Desired) -> std::io::Result<()> {
     let tmp = dir.join(format!("{CACHE}.tmp"));
     let mut f = std::fs::File::create(&tmp)?;
     f.write_all(&serde_json::to_vec(c).map_err(std::io::Error::other)?)?;
@@ -131,10 +114,11 @@ pub fn run(opts: &RemoteOptions) -> Result<(), Error> {
         )
     })?;
     let cache = load_cache(&opts.state_dir).unwrap_or_default();
-    let cfg = opts.config(&cache.items).map_err(|msg| Error::Config {
-        path: opts.state_dir.join(CACHE).display().to_string(),
-        msg,
-    })?;
+    let cfg =
+        desired_config(&opts.host, &cache.items, &opts.local()).map_err(|msg| Error::Config {
+            path: opts.state_dir.join(CACHE).display().to_string(),
+            msg,
+        })?;
     if cache.revision > 0 {
         tracing::info!(
             revision = cache.revision,
@@ -142,30 +126,24 @@ pub fn run(opts: &RemoteOptions) -> Result<(), Error> {
             "restored the saved state"
         );
     }
-    let (updates_tx, updates) = std::sync::mpsc::channel();
+    let (inbound_tx, inbound) = std::sync::mpsc::channel();
     let (wake, wake_tx) =
         UnixStream::pair().map_err(|e| Error::io("making the control link", e))?;
-    let stats = Arc::new(Mutex::new(String::new()));
-    let revision = Arc::new(std::sync::atomic::AtomicU64::new(0));
-    let (commands_tx, commands) = std::sync::mpsc::channel();
-    let (events, events_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (outbound, outbound_rx) = tokio::sync::mpsc::unbounded_channel();
     let link = ControlLink {
-        updates,
+        inbound,
         wake,
-        stats: stats.clone(),
-        revision,
-        commands,
-        events,
+        outbound,
+        desired: cache.clone(),
+        local: opts.local(),
     };
-    let control = Control {
+    let session = Session {
         opts: opts.clone(),
-        cache,
-        updates: updates_tx,
+        saved: cache,
+        inbound: inbound_tx,
         wake: wake_tx,
-        stats,
-        commands: commands_tx,
-        events: events_rx,
-        incoming: Inbox::default(),
+        outbound: outbound_rx,
+        held: Vec::new(),
     };
     std::thread::Builder::new()
         .name("dvs-control".into())
@@ -180,64 +158,30 @@ pub fn run(opts: &RemoteOptions) -> Result<(), Error> {
                     return;
                 }
             };
-            rt.block_on(control.run());
+            rt.block_on(session.run());
         })
         .map_err(|e| Error::io("starting the control thread", e))?;
     agent::run_with(&cfg, None, Some(link), opts.metrics)
 }
 
-/// The control side.
+/// The session thread: the controller's messages to the datapath loop,
+/// the core's to the controller.
 #[derive(Debug)]
-struct Control {
+struct Session {
     opts: RemoteOptions,
-    cache: Cache,
-    updates: Sender<Update>,
+    /// The desired state last saved (its revision goes in the register).
+    saved: Desired,
+    inbound: Sender<api::ControllerMessage>,
     wake: UnixStream,
-    stats: Arc<Mutex<String>>,
-    commands: Sender<Command>,
-    events: tokio::sync::mpsc::UnboundedReceiver<Event>,
-    /// Snapshots arriving in chunks.
-    incoming: Inbox,
+    outbound: UnboundedReceiver<Outbound>,
+    /// What came for the controller while it was away (reports aside).
+    held: Vec<agent_message::Msg>,
 }
 
-type Outbox = tokio::sync::mpsc::Sender<api::AgentMessage>;
+/// Messages kept for the next session, at most (the oldest go first).
+const MAX_HELD: usize = 1024;
 
-async fn send_event(out: &Outbox, e: api::MigrationEvent) -> Result<(), String> {
-    out.send(api::AgentMessage {
-        msg: Some(agent_message::Msg::Migration(e)),
-    })
-    .await
-    .map_err(|e| e.to_string())
-}
-
-impl Control {
-    /// Do what the controller asks of this host in a migration (the
-    /// datapath's part on its loop, waited for off this thread); report
-    /// what came of it.
-    async fn migration(&mut self, c: api::MigrationCommand, out: &Outbox) -> Result<(), String> {
-        let mut inbox = std::mem::take(&mut self.incoming);
-        let commands = self.commands.clone();
-        let wake = self
-            .wake
-            .try_clone()
-            .map_err(|e| format!("the control link: {e}"))?;
-        let (inbox, events) = tokio::task::spawn_blocking(move || {
-            let events = migration::carry_out(&mut inbox, &c, |cmd| {
-                let sent = commands.send(cmd).is_ok();
-                let _ = (&wake).write_all(&[1]);
-                sent
-            });
-            (inbox, events)
-        })
-        .await
-        .map_err(|e| e.to_string())?;
-        self.incoming = inbox;
-        for e in events {
-            send_event(out, e).await?;
-        }
-        Ok(())
-    }
-
+impl Session {
     async fn run(mut self) {
         let mut backoff = Duration::from_millis(500);
         loop {
@@ -250,9 +194,36 @@ impl Control {
                     tracing::warn!(error = %e, retry_in = ?backoff, "no controller session; forwarding headless");
                 }
             }
-            tokio::time::sleep(backoff).await;
+            // Headless: the state is still saved; reports are dropped,
+            // the rest waits for the next session.
+            let retry = tokio::time::sleep(backoff);
+            tokio::pin!(retry);
+            let mut pending = Vec::new();
+            loop {
+                tokio::select! {
+                    () = &mut retry => break,
+                    Some(o) = self.outbound.recv() => match o {
+                        Outbound::Save(d) => self.save(d).await,
+                        Outbound::Send(agent_message::Msg::Report(_)) => {}
+                        Outbound::Send(m) => pending.push(m),
+                    },
+                }
+            }
+            self.held.extend(pending);
+            let over = self.held.len().saturating_sub(MAX_HELD);
+            self.held.drain(..over);
             backoff = (backoff * 2).min(Duration::from_secs(5));
         }
+    }
+
+    async fn save(&mut self, d: Desired) {
+        let dir = self.opts.state_dir.clone();
+        let copy = d.clone();
+        let r = tokio::task::spawn_blocking(move || save_cache(&dir, &copy)).await;
+        if let Ok(Err(e)) = r {
+            tracing::warn!(error = %e, "cannot save the state");
+        }
+        self.saved = d;
     }
 
     async fn session(&mut self) -> Result<(), String> {
@@ -278,7 +249,7 @@ impl Control {
         out.send(send(agent_message::Msg::Register(api::Register {
             host: self.opts.host.clone(),
             tunnel_ip: self.opts.tunnel_ip.to_string(),
-            revision: self.cache.revision,
+            revision: self.saved.revision,
         })))
         .await
         .map_err(|e| e.to_string())?;
@@ -288,100 +259,24 @@ impl Control {
             .map_err(|s| format!("the controller refused the session: {}", s.message()))?
             .into_inner();
         tracing::info!(controller = %self.opts.controller, "connected to the controller");
-        let mut report = tokio::time::interval(Duration::from_secs(2));
+        for m in std::mem::take(&mut self.held) {
+            out.send(send(m)).await.map_err(|e| e.to_string())?;
+        }
         loop {
             tokio::select! {
                 m = inbound.message() => {
                     let m = m.map_err(|s| format!("session: {}", s.message()))?;
                     let Some(m) = m else { return Ok(()) };
-                    let (revision, items, resync) = match m.msg {
-                        Some(controller_message::Msg::Full(f)) => {
-                            let mut items = BTreeMap::new();
-                            for i in f.items {
-                                items.insert(i.key, parse_item(&i.json)?);
-                            }
-                            (f.revision, items, true)
-                        }
-                        Some(controller_message::Msg::Delta(d)) => {
-                            let mut items = self.cache.items.clone();
-                            for i in d.upsert {
-                                items.insert(i.key, parse_item(&i.json)?);
-                            }
-                            for k in d.remove {
-                                items.remove(&k);
-                            }
-                            (d.revision, items, false)
-                        }
-                        Some(controller_message::Msg::Migration(c)) => {
-                            self.migration(c, &out).await?;
-                            continue;
-                        }
-                        None => continue,
-                    };
-                    if self.apply(revision, items, resync).await {
-                        out.send(send(agent_message::Msg::Ack(api::Ack { revision })))
-                            .await
-                            .map_err(|e| e.to_string())?;
+                    if self.inbound.send(m).is_err() {
+                        return Err("the datapath loop is gone".into());
                     }
+                    let _ = (&self.wake).write_all(&[1]);
                 }
-                Some(e) = self.events.recv() => {
-                    send_event(&out, migration::report(e)).await?;
-                }
-                _ = report.tick() => {
-                    let s = self.stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
-                    if !s.is_empty() {
-                        out.send(send(agent_message::Msg::Report(api::Report { stats_json: s })))
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    }
-                }
+                Some(o) = self.outbound.recv() => match o {
+                    Outbound::Save(d) => self.save(d).await,
+                    Outbound::Send(m) => out.send(send(m)).await.map_err(|e| e.to_string())?,
+                },
             }
         }
     }
-
-    /// Check and apply a desired state; true when all of it runs.
-    async fn apply(&mut self, revision: u64, items: BTreeMap<String, Value>, resync: bool) -> bool {
-        let cfg = match self.opts.config(&items) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(revision, error = %e, "the controller's state does not validate here; not applied");
-                return false;
-            }
-        };
-        let (done, result) = sync_channel(1);
-        if self
-            .updates
-            .send(Update {
-                revision,
-                config: cfg,
-                resync,
-                done,
-            })
-            .is_err()
-        {
-            return false;
-        }
-        let _ = (&self.wake).write_all(&[1]);
-        let r = tokio::task::spawn_blocking(move || result.recv())
-            .await
-            .ok()
-            .and_then(Result::ok);
-        // Applied or not, this is what the datapath now works from.
-        self.cache = Cache { revision, items };
-        if let Err(e) = save_cache(&self.opts.state_dir, &self.cache) {
-            tracing::warn!(error = %e, "cannot save the state");
-        }
-        match r {
-            Some(Ok(_)) => true,
-            Some(Err(e)) => {
-                tracing::error!(revision, error = %e, "revision applied in part");
-                false
-            }
-            None => false,
-        }
-    }
-}
-
-fn parse_item(json: &str) -> Result<Value, String> {
-    serde_json::from_str(json).map_err(|e| format!("an item from the controller is not JSON: {e}"))
 }
