@@ -350,7 +350,7 @@ fn main() -> ExitCode {
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Lab { json, hosts } => {
-            let report = dvs_tests::lab::run(dvs_tests::lab::LabOptions {
+            let report = dvs_lab::run(dvs_lab::LabOptions {
                 hosts: usize::from(hosts),
                 ..Default::default()
             })?;

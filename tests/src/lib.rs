@@ -1,8 +1,7 @@
 //! dvs's multi-host tests.
 //!
-//! - [`lab`]: the in-process lab — an embedded controller and several switch
-//!   datapaths under it, joined by real VXLAN over loopback UDP, VMs as
-//!   smoltcp stacks on in-memory ports. Used by `cargo test` and by `dvs lab`.
+//! (The in-process lab, `dvs lab`, is its own crate: `dvs-lab`.)
+//!
 //! - `tests/netns.rs`: the end-to-end suite on real kernels (network
 //!   namespaces, TAP devices, the Linux vxlan device as a peer); needs root,
 //!   and uses [`netns`] to build and clean up its topologies;
@@ -16,6 +15,5 @@
 
 pub mod chassis;
 pub mod collector;
-pub mod lab;
 pub mod netns;
 pub mod qemu;
