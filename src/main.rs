@@ -451,7 +451,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             }
             if let Some(addr) = metrics {
                 let c = c.clone();
-                dvs_switch::metrics::serve(addr, move || c.metrics())
+                dvs_metrics::serve(addr, move || c.metrics())
                     .map_err(|e| anyhow::anyhow!("serving metrics on {addr}: {e}"))?;
             }
             let rt = tokio::runtime::Runtime::new()?;

@@ -2,6 +2,7 @@
 //! `Admin` service and their rendering as tables (like NX-OS `show`) or
 //! JSON (`--output json`).
 
+use dvs_proto::stats::PortStats;
 use std::fmt::Write as _;
 
 use dvs_proto::api::{self, admin_client::AdminClient};
@@ -307,8 +308,13 @@ fn profile_json(p: &api::Profile) -> Value {
     json!({ "kind": p.kind, "name": p.name, "version": p.version, "yaml": p.yaml, "ports": p.ports })
 }
 
+/// A port's last reported line (`None`: no report yet).
+fn port_stats(p: &api::Port) -> Option<PortStats> {
+    serde_json::from_str(&p.stats_json).ok()
+}
+
 fn port_json(p: &api::Port) -> Value {
-    let stats: Value = serde_json::from_str(&p.stats_json).unwrap_or(Value::Null);
+    let stats = port_stats(p).map_or(Value::Null, |s| json!(s));
     json!({
         "id": p.id, "vm": p.vm, "mac": p.mac, "profile": p.profile,
         "profile_version": p.profile_version, "host": p.host, "tap": p.tap,
@@ -375,18 +381,16 @@ fn render_ports(ports: &[api::Port], out: Output) -> String {
 
 /// (rx frames, tx frames, drops) from a port's last report.
 fn counters(p: &api::Port) -> (String, String, String) {
-    let Ok(s) = serde_json::from_str::<Value>(&p.stats_json) else {
+    let Some(s) = port_stats(p) else {
         return ("-".into(), "-".into(), "-".into());
     };
-    let c = &s["counters"];
-    let n = |v: &Value| v.as_u64().map_or("-".to_string(), |x| x.to_string());
-    let drops: u64 = ["drops", "tx_drops"]
-        .iter()
-        .filter_map(|k| c[k].as_object())
-        .flat_map(|m| m.values())
-        .filter_map(Value::as_u64)
-        .sum();
-    (n(&c["rx_frames"]), n(&c["tx_frames"]), drops.to_string())
+    let c = &s.counters;
+    let drops = c.drops.total() + c.tx_drops.total();
+    (
+        c.rx_frames.to_string(),
+        c.tx_frames.to_string(),
+        drops.to_string(),
+    )
 }
 
 fn port_detail(p: &api::Port) -> String {
@@ -421,16 +425,16 @@ fn port_detail(p: &api::Port) -> String {
             String::new()
         }
     );
-    if let Ok(st) = serde_json::from_str::<Value>(&p.stats_json) {
-        let c = &st["counters"];
+    if let Some(st) = port_stats(p) {
+        let c = &st.counters;
         let _ = writeln!(
             s,
             "  input: {} frames, {} bytes; output: {} frames, {} bytes",
-            c["rx_frames"], c["rx_bytes"], c["tx_frames"], c["tx_bytes"]
+            c.rx_frames, c.rx_bytes, c.tx_frames, c.tx_bytes
         );
-        for (what, k) in [("input drops", "drops"), ("output drops", "tx_drops")] {
-            if let Some(m) = c[k].as_object().filter(|m| !m.is_empty()) {
-                let parts: Vec<String> = m.iter().map(|(r, n)| format!("{r} {n}")).collect();
+        for (what, d) in [("input drops", &c.drops), ("output drops", &c.tx_drops)] {
+            let parts: Vec<String> = d.nonzero().map(|(r, n)| format!("{r} {n}")).collect();
+            if !parts.is_empty() {
                 let _ = writeln!(s, "  {what}: {}", parts.join(", "));
             }
         }

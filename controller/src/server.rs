@@ -8,6 +8,7 @@
 //! at the start (the full state). An agent acknowledges each revision once
 //! applied, so the controller knows how far every host has converged.
 
+use dvs_proto::stats::{Attachment, Stats};
 use std::collections::hash_map::DefaultHasher;
 use std::collections::BTreeMap;
 use std::hash::{Hash, Hasher};
@@ -49,8 +50,8 @@ struct State {
     chassis: Chassis,
     store: Store,
     sessions: BTreeMap<String, Session>,
-    /// Each host's last stats report (the agent's stats document).
-    reports: BTreeMap<String, Value>,
+    /// Each host's last stats report.
+    reports: BTreeMap<String, Stats>,
     /// When each revision was made (for convergence lag).
     revised: BTreeMap<u64, Instant>,
 }
@@ -269,19 +270,21 @@ impl Controller {
             },
             None => Default::default(),
         };
+        let id = p.id.to_string();
         let stats = st
             .reports
             .get(&host)
-            .and_then(|r| r.get("ports"))
-            .and_then(Value::as_array)
-            .and_then(|ps| ps.iter().find(|x| x["id"] == p.id.to_string()));
+            .and_then(|r| r.ports.iter().find(|x| x.id == id));
         let connected = st.sessions.contains_key(&host);
         let attachment = stats
-            .and_then(|s| s["attachment"]["detail"].as_str())
-            .unwrap_or_default()
-            .to_string();
-        let attached = stats
-            .is_some_and(|s| s["attachment"].is_null() || s["attachment"]["state"] == "attached");
+            .and_then(|s| s.attachment.as_ref())
+            .map(|a| a.detail.clone())
+            .unwrap_or_default();
+        let attached = stats.is_some_and(|s| {
+            s.attachment
+                .as_ref()
+                .is_none_or(|a| matches!(a.state, Attachment::Attached { .. }))
+        });
         let state = match (&p.binding, stats, connected) {
             (None, ..) => "unbound",
             (Some(_), Some(_), true) if attached => "up",
@@ -311,7 +314,9 @@ impl Controller {
             netdev,
             state: state.into(),
             vlan,
-            stats_json: stats.map(Value::to_string).unwrap_or_default(),
+            stats_json: stats
+                .and_then(|s| serde_json::to_string(s).ok())
+                .unwrap_or_default(),
             attachment,
         }
     }
@@ -349,7 +354,7 @@ impl Controller {
     /// revisions and convergence lag, ports by state, and the counters and
     /// drops by reason that each host last reported.
     pub fn metrics(&self) -> String {
-        use dvs_switch::metrics::{family, sample};
+        use dvs_metrics::{family, sample};
         let st = self.lock();
         let mut o = String::new();
         family(
@@ -414,12 +419,12 @@ impl Controller {
         for (s, n) in states {
             sample(&mut o, "dvs_ports", &[("state", &s)], n as f64);
         }
-        let reports: Vec<(&Value, Option<u64>)> = st
+        let reports: Vec<(&Stats, Option<u64>)> = st
             .reports
             .iter()
             .map(|(h, r)| (r, st.chassis.host(h).map(|x| x.acked)))
             .collect();
-        o.push_str(&dvs_switch::metrics::agents(&reports));
+        o.push_str(&dvs_metrics::agents(&reports));
         o
     }
 
@@ -809,8 +814,8 @@ impl Controller {
                             self.migration_event(host, e, &mut chunks).await;
                         }
                         Some(agent_message::Msg::Report(r)) => {
-                            let v: Value = serde_json::from_str(&r.stats_json).map_err(|e| {
-                                Status::invalid_argument(format!("report: not JSON: {e}"))
+                            let v: Stats = serde_json::from_str(&r.stats_json).map_err(|e| {
+                                Status::invalid_argument(format!("report: not a stats document: {e}"))
                             })?;
                             self.lock().reports.insert(host.to_string(), v);
                         }

@@ -27,12 +27,13 @@ use std::rc::Rc;
 use std::time::{Duration, Instant};
 
 use dvs_proto::api::{self, agent_message};
+use dvs_proto::stats::PortStats;
 use dvs_proto::PortId;
 use dvs_proto::{MacAddr, VlanMode};
 use dvs_switch::agent::config::PortSpec;
 use dvs_switch::agent::core::{desired_config, AgentCore, Desired, Outbound};
 use dvs_switch::driver::attach::Attacher;
-use dvs_switch::driver::datapath::{Datapath, PortStats};
+use dvs_switch::driver::datapath::Datapath;
 use dvs_switch::driver::port::{PortIo, RxMeta, Uplink};
 use dvs_switch::wire::VnetHdr;
 use dvs_switch::{Switch, SwitchConfig, TunnelCounters};

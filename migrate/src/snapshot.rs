@@ -28,6 +28,19 @@ pub const VERSION: u16 = 1;
 /// fits with room to spare.
 pub const MAX_PAYLOAD: usize = 64 << 20;
 const HEADER: usize = 16;
+/// Snapshots travel in pieces of this size (a gRPC message stays small).
+pub const CHUNK: usize = 1 << 20;
+
+/// `bytes` (an encoded snapshot) cut into pieces of at most [`CHUNK`],
+/// each with whether more follow: how both the source's events and the
+/// controller's commands carry a snapshot.
+pub fn pieces(bytes: &[u8]) -> impl Iterator<Item = (&[u8], bool)> {
+    let n = bytes.len().div_ceil(CHUNK);
+    bytes
+        .chunks(CHUNK)
+        .enumerate()
+        .map(move |(i, c)| (c, i + 1 < n))
+}
 
 /// Full state, or what changed since the previous snapshot.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

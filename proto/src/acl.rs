@@ -24,7 +24,7 @@ use serde::{Deserialize, Serialize};
 use crate::{Error, MacAddr, VlanId};
 
 /// What a matching rule does.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Action {
     Permit,

@@ -20,6 +20,7 @@ pub mod netflow;
 pub mod profile;
 pub mod qos;
 pub mod security;
+pub mod stats;
 
 pub use acl::{AclRule, Action};
 pub use ids::PortId;

@@ -4,7 +4,8 @@
 //! - [`wire`]: the only module that reads or writes packet bytes;
 //! - [`pipeline`]: the sans-IO switch core ([`Switch`]): VLAN handling, MAC
 //!   learning ([`pipeline::mactable`]), forwarding and flooding, VXLAN
-//!   segments, counters ([`pipeline::counters`]);
+//!   segments, counters (their types are `dvs_proto::stats`, the stats
+//!   every side reads);
 //! - [`policy`]: port policy the pipeline runs — access lists, connection
 //!   tracking, rate limits, port security;
 //! - [`flow`]: the flow tables the pipeline feeds for NetFlow/IPFIX, and
@@ -17,7 +18,9 @@
 //!   ([`agent::config`]), a host's part in a live migration
 //!   ([`agent::migration`]), the session with the controller
 //!   ([`agent::remote`]);
-//! - [`metrics`]: the Prometheus text endpoint of agents and controller.
+//!
+//! Prometheus metrics are `dvs-metrics`'s, from the stats types of
+//! `dvs_proto::stats` that every side shares.
 //!
 //! What this crate must not do: talk to the controller's store, or read the
 //! clock or touch I/O inside `wire`, `pipeline`, `policy` or `flow`.
@@ -27,13 +30,12 @@
 pub mod agent;
 pub mod driver;
 pub mod flow;
-pub mod metrics;
 pub mod pipeline;
 pub mod policy;
 pub mod wire;
 
 pub use agent::migration::tracked_port_state;
-pub use pipeline::counters::{DropReason, PortCounters, TunnelCounters};
+pub use dvs_proto::stats::{DropReason, PortCounters, TunnelCounters};
 pub use pipeline::mactable::Location;
 pub use pipeline::{
     Egress, Ingress, LastFrames, Output, PortAcl, PortConfig, PortNetflow, PortNo, PortQos,

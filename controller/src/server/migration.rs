@@ -22,7 +22,6 @@ use crate::chassis::{Attach, MigrationRec};
 use crate::store::Kept;
 
 /// Snapshots travel to the destination in pieces of this size.
-const CHUNK: usize = dvs_switch::agent::migration::CHUNK;
 /// A destination that has not installed the port by then: aborted.
 pub const PREPARE_TIMEOUT: Duration = Duration::from_secs(15);
 /// A destination whose port has not found its interface by then (after
@@ -225,11 +224,10 @@ impl Controller {
 
     /// Send `bytes` (a snapshot) to the destination in chunks.
     async fn send_chunks(&self, r: &MigrationRec, op: Op, bytes: &[u8]) -> Result<(), String> {
-        let mut chunks = bytes.chunks(CHUNK).peekable();
-        while let Some(chunk) = chunks.next() {
+        for (chunk, more) in dvs_migrate::snapshot::pieces(bytes) {
             let mut c = command(r, op);
             c.chunk = chunk.to_vec();
-            c.more = chunks.peek().is_some();
+            c.more = more;
             self.send_command(&r.to.host, c).await?;
         }
         Ok(())

@@ -80,9 +80,6 @@ impl Transfer {
     }
 }
 
-/// Snapshots travel in pieces of this size (gRPC messages stay small).
-pub const CHUNK: usize = 1 << 20;
-
 /// A migration event of `kind` about `port`.
 pub fn event(migration: u64, port: &str, kind: api::migration_event::Kind) -> api::MigrationEvent {
     api::MigrationEvent {
@@ -212,13 +209,10 @@ fn snapshot_events(
     .encode()
     .map_err(|e| e.to_string())?;
     let name = port.to_string();
-    let n = bytes.len().div_ceil(CHUNK).max(1);
-    Ok(bytes
-        .chunks(CHUNK)
-        .enumerate()
-        .map(|(i, c)| api::MigrationEvent {
+    Ok(dvs_migrate::snapshot::pieces(&bytes)
+        .map(|(c, more)| api::MigrationEvent {
             chunk: c.to_vec(),
-            more: i + 1 < n,
+            more,
             ..event(migration, &name, event_kind)
         })
         .collect())

@@ -313,16 +313,15 @@ pub fn run_with(
     metrics: Option<SocketAddr>,
 ) -> Result<(), Error> {
     sys::catch_signals().map_err(|e| Error::io("installing signal handlers", e))?;
-    let stats = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stats = std::sync::Arc::new(std::sync::Mutex::new(dvs_proto::stats::Stats::default()));
     let revision = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
     if let Some(addr) = metrics {
         let (stats, revision) = (stats.clone(), revision.clone());
         let controlled = link.is_some();
-        crate::metrics::serve(addr, move || {
-            let text = stats.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        dvs_metrics::serve(addr, move || {
+            let s = stats.lock().unwrap_or_else(|p| p.into_inner());
             let rev = controlled.then(|| revision.load(std::sync::atomic::Ordering::Relaxed));
-            crate::metrics::agent(&v, rev)
+            dvs_metrics::agent(&s, rev)
         })
         .map_err(|e| Error::io(format!("serving metrics on {addr}"), e))?;
     }
@@ -473,9 +472,7 @@ pub fn run_with(
                 write_stats(&agent.dp, &cfg.host, now, path);
             }
             if metrics.is_some() {
-                if let Ok(j) = serde_json::to_string(&agent.dp.stats(&cfg.host, now)) {
-                    *stats.lock().unwrap_or_else(|p| p.into_inner()) = j;
-                }
+                *stats.lock().unwrap_or_else(|p| p.into_inner()) = agent.dp.stats(&cfg.host, now);
             }
             next_stats = now + Duration::from_secs(1);
         }

@@ -7,6 +7,9 @@
 //! Ports are anything that implements [`PortIo`]: TAP devices and AF_PACKET
 //! sockets in the agent, in-memory queues in the lab.
 
+pub use dvs_proto::stats::{
+    Attachment, AttachmentStats, ConnStats, MonitorStats, PortStats, Stats,
+};
 use std::io;
 use std::net::{IpAddr, UdpSocket};
 use std::ops::Range;
@@ -17,14 +20,11 @@ use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde::Serialize;
-
 use crate::driver::sys;
 
 use crate::driver::port::{PortIo, RxMeta, Uplink, BATCH, HEADROOM, MAX_READ};
 use crate::driver::transmit::{Job, Msg, Transmit, TxFailure};
 use crate::flow::export::{Collectors, Exporter};
-use crate::pipeline::counters::{MacCounters, PortCounters, TunnelCounters};
 use crate::pipeline::{Egress, Ingress, PortNo, Switch};
 use crate::wire::netflow::ExportClock;
 use crate::wire::{self, VnetHdr};
@@ -86,37 +86,6 @@ pub struct Datapath<P> {
     next_export: Duration,
     /// Each port's device, as the agent last found it.
     attachments: Vec<Option<Attachment>>,
-}
-
-/// Where a port's device stands (the agent attaches a port to its device
-/// when the device exists, and again when it is re-created).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-#[serde(tag = "state", rename_all = "snake_case")]
-pub enum Attachment {
-    /// Frames flow through `device` (interface index `ifindex`; 0: a TAP
-    /// the agent owns).
-    Attached { device: String, ifindex: u32 },
-    /// The policy is in place; `device` does not exist yet (`None`: the
-    /// VMM has not named it).
-    Waiting { device: Option<String> },
-    /// `device` was attached and went away; the port waits for it again.
-    Gone { device: String },
-    /// `device` exists but cannot be attached (the reason).
-    Failed { device: String, error: String },
-}
-
-impl std::fmt::Display for Attachment {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            Attachment::Attached { .. } => write!(f, "attached"),
-            Attachment::Waiting { device: Some(d) } => write!(f, "waiting for interface {d}"),
-            Attachment::Waiting { device: None } => {
-                write!(f, "waiting for the VMM to name its interface")
-            }
-            Attachment::Gone { device } => write!(f, "interface {device} gone"),
-            Attachment::Failed { device, error } => write!(f, "cannot attach to {device}: {error}"),
-        }
-    }
 }
 
 /// How often ended flow records are exported.
@@ -724,77 +693,4 @@ impl<P> Drop for Datapath<P> {
             let _ = h.join();
         }
     }
-}
-
-/// A snapshot of a host's counters.
-#[derive(Debug, Clone, Serialize)]
-pub struct Stats {
-    pub host: String,
-    pub uptime_s: f64,
-    /// The switch's configuration generation.
-    pub generation: u64,
-    pub ports: Vec<PortStats>,
-    pub tunnel: TunnelCounters,
-    pub mac: MacCounters,
-    /// Entries in the MAC table now.
-    pub mac_entries: usize,
-    /// Each NetFlow monitor's table and exporter.
-    pub netflow: Vec<MonitorStats>,
-}
-
-/// A NetFlow monitor's line of [`Stats`].
-#[derive(Debug, Clone, Serialize)]
-pub struct MonitorStats {
-    pub name: String,
-    pub version: String,
-    pub collectors: Vec<crate::flow::export::CollectorStatus>,
-    /// Records open now.
-    pub open_flows: usize,
-    /// Records created, ended, evicted; packets passed over by sampling.
-    pub flows: crate::flow::FlowCounters,
-    pub export: crate::flow::export::ExportCounters,
-}
-
-/// One port's line of [`Stats`].
-#[derive(Debug, Clone, Serialize)]
-pub struct PortStats {
-    pub no: u16,
-    pub id: String,
-    pub name: String,
-    pub vlan: String,
-    pub counters: PortCounters,
-    /// Hits per rule of the inbound list (into the VM), implicit deny last.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub acl_in: Option<Vec<crate::policy::acl::RuleHits>>,
-    /// Hits per rule of the outbound list (from the VM), implicit deny last.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub acl_out: Option<Vec<crate::policy::acl::RuleHits>>,
-    /// The inbound policer (into the VM), when the port has a limit.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub police_in: Option<crate::policy::qos::PolicerCounters>,
-    /// The outbound policer (from the VM), when the port has a limit.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub police_out: Option<crate::policy::qos::PolicerCounters>,
-    /// The port's connection table, when its lists have stateful rules.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub conntrack: Option<ConnStats>,
-    /// Where the port's device stands.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub attachment: Option<AttachmentStats>,
-}
-
-/// A port's [`Attachment`] in the stats, with the line views show.
-#[derive(Debug, Clone, Serialize)]
-pub struct AttachmentStats {
-    /// "attached", "waiting for interface vnet3", "interface vnet3 gone", …
-    pub detail: String,
-    #[serde(flatten)]
-    pub state: Attachment,
-}
-
-/// A connection table's size and counters.
-#[derive(Debug, Clone, Serialize)]
-pub struct ConnStats {
-    pub entries: usize,
-    pub counters: crate::policy::conntrack::ConnCounters,
 }

@@ -9,35 +9,18 @@
 //! reports the ICMP port unreachable on the next send) or unreachable shows
 //! up as counted send errors — and a send never waits.
 
+pub use dvs_proto::stats::{CollectorStatus, ExportCounters};
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, UdpSocket};
 use std::time::Duration;
 
 use dvs_proto::NetflowMonitor;
-use serde::Serialize;
 
 use crate::flow::FlowRecord;
 use crate::wire::netflow::{Encoder, ExportClock};
 
 /// Templates are re-sent at least every this many messages.
 pub const TEMPLATE_EVERY: u64 = 20;
-
-/// What an exporter counted.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct ExportCounters {
-    /// Export messages built (each goes to every collector).
-    pub messages: u64,
-    /// Data records built.
-    pub records: u64,
-    /// Messages that carried templates.
-    pub template_messages: u64,
-    /// Records the version cannot carry (IPv6 flows under v5).
-    pub skipped: u64,
-    /// Sends that failed, all collectors together.
-    pub send_errors: u64,
-    /// Sends that went out, all collectors together.
-    pub sent: u64,
-}
 
 /// A monitor's exporter, sans-IO.
 #[derive(Debug, Clone)]
@@ -233,14 +216,6 @@ fn open(source: IpAddr, to: SocketAddr) -> io::Result<UdpSocket> {
     s.set_nonblocking(true)?;
     s.connect(to)?;
     Ok(s)
-}
-
-/// A collector as the stats show it.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct CollectorStatus {
-    pub address: String,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub last_error: Option<String>,
 }
 
 #[cfg(test)]

@@ -10,6 +10,7 @@
 
 pub mod export;
 
+pub use dvs_proto::stats::FlowCounters;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::net::IpAddr;
@@ -133,17 +134,6 @@ impl Default for FlowConfig {
             sampling: 1,
         }
     }
-}
-
-/// What the table counted.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize)]
-pub struct FlowCounters {
-    pub created: u64,
-    pub exported: u64,
-    /// Records forced out because the table was full.
-    pub evicted: u64,
-    /// Packets passed over by sampling.
-    pub unsampled: u64,
 }
 
 /// The flow table.

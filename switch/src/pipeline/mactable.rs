@@ -19,8 +19,8 @@ use std::time::Duration;
 use dvs_proto::{MacAddr, VlanId};
 use rustc_hash::FxHashMap;
 
-use crate::pipeline::counters::MacCounters;
 use crate::pipeline::PortNo;
+use dvs_proto::stats::MacCounters;
 
 /// Where a MAC address lives.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

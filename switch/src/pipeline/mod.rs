@@ -25,7 +25,6 @@
 //! Every drop has a [`DropReason`] and is counted on the ingress port or the
 //! tunnel.
 
-pub mod counters;
 pub mod mactable;
 
 use std::net::IpAddr;
@@ -40,7 +39,6 @@ use dvs_proto::{
 use rustc_hash::{FxHashMap, FxHashSet};
 
 use crate::flow::{Direction, FlowId, Monitors, SavedFlow};
-use crate::pipeline::counters::{DropReason, MacCounters, PortCounters, TunnelCounters};
 use crate::pipeline::mactable::{Flap, Location, MacEntry, MacTable, MacTableConfig};
 use crate::policy::acl::{Acl, RuleHits};
 use crate::policy::conntrack::SavedConn;
@@ -49,6 +47,7 @@ use crate::policy::qos::{Policer, PolicerCounters, PolicerState};
 use crate::policy::security::PortGuard;
 use crate::wire::{self, vxlan, EthView, FlowKey};
 use crate::Error;
+use dvs_proto::stats::{DropReason, MacCounters, PortCounters, TunnelCounters};
 
 /// A port's index on this host's switch (not its chassis-wide [`PortId`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]

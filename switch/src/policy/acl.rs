@@ -11,12 +11,12 @@
 //! list filters traffic going into the VM, its `out` list traffic the VM
 //! sends.
 
+pub use dvs_proto::stats::RuleHits;
 use std::net::IpAddr;
 
 use dvs_proto::acl::{AclRule, Action};
 use ipnetwork::IpNetwork;
 use rustc_hash::FxHashMap;
-use serde::Serialize;
 
 use crate::wire::FlowKey;
 
@@ -49,15 +49,6 @@ pub struct Decision {
     /// The matching rule's index; `None` for the implicit deny.
     pub rule: Option<usize>,
     pub stateful: bool,
-}
-
-/// A rule's counter, for stats.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct RuleHits {
-    /// The rule's position (`None`: the implicit deny at the end).
-    pub index: Option<usize>,
-    pub action: Action,
-    pub hits: u64,
 }
 
 #[derive(Debug, Clone, Copy)]

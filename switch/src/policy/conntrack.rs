@@ -18,6 +18,7 @@
 //!
 //! Sans-IO: time comes in as `now`; nothing here reads a clock.
 
+pub use dvs_proto::stats::ConnCounters;
 use std::net::IpAddr;
 use std::time::Duration;
 
@@ -162,19 +163,6 @@ struct Entry {
     fin: (bool, bool),
     /// The first packet, for re-checking the rules after a policy change.
     first: FlowKey,
-}
-
-/// What the table counted.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
-pub struct ConnCounters {
-    /// Connections committed.
-    pub created: u64,
-    /// Entries removed by timeout.
-    pub expired: u64,
-    /// Connections not tracked because the table was full.
-    pub table_full: u64,
-    /// Entries removed because a policy change no longer permits them.
-    pub revoked: u64,
 }
 
 /// One port's connection table.

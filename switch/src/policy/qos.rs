@@ -8,6 +8,7 @@
 //! passes a small bucket and the long-run rate still holds. Sans-IO: time
 //! comes in as `now`.
 
+pub use dvs_proto::stats::PolicerCounters;
 use std::time::Duration;
 
 use dvs_proto::RateLimit;
@@ -49,15 +50,6 @@ impl TokenBucket {
     fn charge(&mut self, len: usize) {
         self.tokens -= len as f64;
     }
-}
-
-/// What a policer did.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct PolicerCounters {
-    pub passed_frames: u64,
-    pub passed_bytes: u64,
-    pub dropped_frames: u64,
-    pub dropped_bytes: u64,
 }
 
 /// An average / peak / burst policer.

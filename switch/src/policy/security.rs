@@ -13,8 +13,8 @@ use std::time::Duration;
 use dvs_proto::Security;
 use rustc_hash::FxHashSet;
 
-use crate::pipeline::counters::DropReason;
 use crate::wire::{EthView, FlowKey, ETH_HLEN};
+use dvs_proto::stats::DropReason;
 
 /// One port's security state.
 #[derive(Debug, Clone)]

@@ -1,7 +1,13 @@
 //! Prometheus text exposition (format 0.0.4) for agents and the
 //! controller: a tiny HTTP/1.1 responder on its own thread that answers
-//! every GET with the text a closure renders, and the agent's metrics from
-//! its stats document.
+//! every GET with the text a closure renders, and an agent's metrics from
+//! its [`Stats`] — the type every side shares, so that a renamed counter
+//! fails to compile here rather than vanishing from a dashboard.
+//!
+//! What this crate must not do: know the datapath or the chassis; it reads
+//! `dvs_proto::stats` and writes text.
+
+#![forbid(unsafe_code)]
 
 use std::fmt::Write as _;
 use std::io::{self, Read, Write};
@@ -9,7 +15,7 @@ use std::net::{SocketAddr, TcpListener};
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use serde_json::Value;
+use dvs_proto::stats::{Attachment, DropCounters, Stats};
 
 /// Serve `render()` at `addr` (any path) until the process ends.
 ///
@@ -104,10 +110,9 @@ impl Families {
     }
 }
 
-/// The metrics of agents from their stats documents (see
-/// [`crate::driver::datapath::Stats`]), each with the controller revision it runs
-/// when it has a controller.
-pub fn agents(hosts: &[(&Value, Option<u64>)]) -> String {
+/// The metrics of agents from their stats, each with the controller
+/// revision it runs when it has a controller.
+pub fn agents(hosts: &[(&Stats, Option<u64>)]) -> String {
     let mut f = Families::default();
     for (stats, revision) in hosts {
         agent_into(&mut f, stats, *revision);
@@ -116,12 +121,12 @@ pub fn agents(hosts: &[(&Value, Option<u64>)]) -> String {
 }
 
 /// One agent's metrics (see [`agents`]).
-pub fn agent(stats: &Value, revision: Option<u64>) -> String {
+pub fn agent(stats: &Stats, revision: Option<u64>) -> String {
     agents(&[(stats, revision)])
 }
 
-fn agent_into(f: &mut Families, stats: &Value, revision: Option<u64>) {
-    let host = stats["host"].as_str().unwrap_or("");
+fn agent_into(f: &mut Families, stats: &Stats, revision: Option<u64>) {
+    let host = stats.host.as_str();
     if let Some(r) = revision {
         f.add(
             "dvs_agent_revision",
@@ -131,7 +136,7 @@ fn agent_into(f: &mut Families, stats: &Value, revision: Option<u64>) {
             r as f64,
         );
     }
-    let ports = stats["ports"].as_array().cloned().unwrap_or_default();
+    let ports = &stats.ports;
     f.add(
         "dvs_ports_on_host",
         "gauge",
@@ -139,89 +144,103 @@ fn agent_into(f: &mut Families, stats: &Value, revision: Option<u64>) {
         &[("host", host)],
         ports.len() as f64,
     );
-    for (name, key, help) in [
+    type Counter = fn(&dvs_proto::stats::PortCounters) -> u64;
+    let totals: [(&'static str, Counter, &'static str); 4] = [
         (
             "dvs_port_rx_frames_total",
-            "rx_frames",
+            |c| c.rx_frames,
             "Frames from the VM.",
         ),
-        ("dvs_port_rx_bytes_total", "rx_bytes", "Bytes from the VM."),
-        ("dvs_port_tx_frames_total", "tx_frames", "Frames to the VM."),
-        ("dvs_port_tx_bytes_total", "tx_bytes", "Bytes to the VM."),
-    ] {
-        for p in &ports {
-            let (id, pn) = (
-                p["id"].as_str().unwrap_or(""),
-                p["name"].as_str().unwrap_or(""),
-            );
-            let v = p["counters"][key].as_f64().unwrap_or(0.0);
+        (
+            "dvs_port_rx_bytes_total",
+            |c| c.rx_bytes,
+            "Bytes from the VM.",
+        ),
+        (
+            "dvs_port_tx_frames_total",
+            |c| c.tx_frames,
+            "Frames to the VM.",
+        ),
+        (
+            "dvs_port_tx_bytes_total",
+            |c| c.tx_bytes,
+            "Bytes to the VM.",
+        ),
+    ];
+    for (name, get, help) in totals {
+        for p in ports {
             f.add(
                 name,
                 "counter",
                 help,
-                &[("host", host), ("port", id), ("name", pn)],
-                v,
+                &[("host", host), ("port", &p.id), ("name", &p.name)],
+                get(&p.counters) as f64,
             );
         }
     }
-    for (name, key, help) in [
+    type Drops = fn(&dvs_proto::stats::PortCounters) -> &DropCounters;
+    let drops: [(&'static str, Drops, &'static str); 2] = [
         (
             "dvs_port_drops_total",
-            "drops",
+            |c| &c.drops,
             "Frames from the VM dropped, by reason.",
         ),
         (
             "dvs_port_tx_drops_total",
-            "tx_drops",
+            |c| &c.tx_drops,
             "Frames to the VM dropped, by reason.",
         ),
-    ] {
-        for p in &ports {
-            let id = p["id"].as_str().unwrap_or("");
-            for (reason, n) in p["counters"][key].as_object().into_iter().flatten() {
+    ];
+    for (name, get, help) in drops {
+        for p in ports {
+            for (reason, n) in get(&p.counters).nonzero() {
                 f.add(
                     name,
                     "counter",
                     help,
-                    &[("host", host), ("port", id), ("reason", reason)],
-                    n.as_f64().unwrap_or(0.0),
+                    &[("host", host), ("port", &p.id), ("reason", reason)],
+                    n as f64,
                 );
             }
         }
     }
-    for p in &ports {
-        let id = p["id"].as_str().unwrap_or("");
-        if let Some(state) = p["attachment"]["state"].as_str() {
-            let device = p["attachment"]["device"].as_str().unwrap_or("");
+    for p in ports {
+        if let Some(a) = &p.attachment {
+            let (state, device) = match &a.state {
+                Attachment::Attached { device, .. } => ("attached", device.as_str()),
+                Attachment::Waiting { device } => ("waiting", device.as_deref().unwrap_or("")),
+                Attachment::Gone { device } => ("gone", device.as_str()),
+                Attachment::Failed { device, .. } => ("failed", device.as_str()),
+            };
             f.add(
                 "dvs_port_attached",
                 "gauge",
                 "1 when the port's interface is attached; 0 while it waits for it (state: waiting, gone, failed).",
-                &[("host", host), ("port", id), ("device", device), ("state", state)],
+                &[("host", host), ("port", &p.id), ("device", device), ("state", state)],
                 if state == "attached" { 1.0 } else { 0.0 },
             );
         }
     }
-    let t = &stats["tunnel"];
-    for (name, key) in [
-        ("dvs_tunnel_rx_packets_total", "rx_packets"),
-        ("dvs_tunnel_tx_packets_total", "tx_packets"),
+    let t = &stats.tunnel;
+    for (name, v) in [
+        ("dvs_tunnel_rx_packets_total", t.rx_packets),
+        ("dvs_tunnel_tx_packets_total", t.tx_packets),
     ] {
         f.add(
             name,
             "counter",
             "VXLAN packets.",
             &[("host", host)],
-            t[key].as_f64().unwrap_or(0.0),
+            v as f64,
         );
     }
-    for (reason, n) in t["drops"].as_object().into_iter().flatten() {
+    for (reason, n) in t.drops.nonzero() {
         f.add(
             "dvs_tunnel_drops_total",
             "counter",
             "VXLAN packets dropped, by reason.",
             &[("host", host), ("reason", reason)],
-            n.as_f64().unwrap_or(0.0),
+            n as f64,
         );
     }
     f.add(
@@ -229,46 +248,64 @@ fn agent_into(f: &mut Families, stats: &Value, revision: Option<u64>) {
         "gauge",
         "Entries in the MAC table.",
         &[("host", host)],
-        stats["mac_entries"].as_f64().unwrap_or(0.0),
+        stats.mac_entries as f64,
     );
-    for m in stats["netflow"].as_array().into_iter().flatten() {
-        let labels = [
-            ("host", host),
-            ("monitor", m["name"].as_str().unwrap_or("")),
-        ];
+    let m = &stats.mac;
+    for (name, v, help) in [
+        (
+            "dvs_mac_moves_total",
+            m.moves,
+            "MAC table entries that moved to another port or host.",
+        ),
+        (
+            "dvs_mac_flaps_total",
+            m.flaps,
+            "MAC table entries that began to flap (held where they were).",
+        ),
+        (
+            "dvs_mac_learning_refused_total",
+            m.table_full + m.peer_full + m.move_held + m.owned_refused,
+            "Learning refused: table full, a tunnel endpoint at its bound, a flapping entry, or a local port's own MAC seen elsewhere.",
+        ),
+    ] {
+        f.add(name, "counter", help, &[("host", host)], v as f64);
+    }
+    for m in &stats.netflow {
+        let labels = [("host", host), ("monitor", m.name.as_str())];
         f.add(
             "dvs_netflow_open_flows",
             "gauge",
             "Open flow records.",
             &labels,
-            m["open_flows"].as_f64().unwrap_or(0.0),
+            m.open_flows as f64,
         );
         f.add(
             "dvs_netflow_records_total",
             "counter",
             "Flow records exported.",
             &labels,
-            m["export"]["records"].as_f64().unwrap_or(0.0),
+            m.export.records as f64,
         );
         f.add(
             "dvs_netflow_send_errors_total",
             "counter",
             "Export sends that failed.",
             &labels,
-            m["export"]["send_errors"].as_f64().unwrap_or(0.0),
+            m.export.send_errors as f64,
         );
         f.add(
             "dvs_netflow_evicted_total",
             "counter",
             "Records forced out of a full table.",
             &labels,
-            m["flows"]["evicted"].as_f64().unwrap_or(0.0),
+            m.flows.evicted as f64,
         );
     }
 }
 
 #[cfg(test)]
 mod tests {
+    #![allow(clippy::unwrap_used)]
     use super::*;
 
     #[test]
@@ -282,6 +319,7 @@ mod tests {
             "mac_entries": 7,
             "netflow": [{ "name": "m", "open_flows": 3, "export": { "records": 9, "send_errors": 1 }, "flows": { "evicted": 0 } }],
         });
+        let stats: Stats = serde_json::from_value(stats).unwrap();
         let text = agent(&stats, Some(12));
         // Two hosts: each family is declared once.
         let two = agents(&[(&stats, None), (&stats, None)]);
