@@ -62,8 +62,8 @@ fn vlan(n: u32) -> VlanId {
     VlanId::new(n).unwrap()
 }
 
-/// Four VLAN 10 ports (one a trunk), a segment with two remote hosts, and
-/// the MACs of ports 0 and 1 learned.
+/// Four VLAN 10 ports (one a trunk), each owning its VM's MAC, a segment
+/// with two remote hosts, and the MACs of ports 0 and 1 learned.
 fn switch() -> Switch {
     switch_with(SwitchConfig::default())
 }
@@ -84,7 +84,8 @@ fn switch_with(cfg: SwitchConfig) -> Switch {
             qos: Default::default(),
             security: Default::default(),
             netflow: None,
-            mac: None,
+            // Each port owns its VM's MAC, as under a controller.
+            mac: Some(mac(i as u8)),
         })
         .unwrap();
     }
