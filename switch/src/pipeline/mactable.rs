@@ -169,14 +169,32 @@ impl MacTable {
         self.slots.is_empty()
     }
 
+    /// The common case of learning, alone: `mac` on `vlan` is already at
+    /// `location` and is refreshed (returns false when it is not there).
+    #[inline]
+    pub fn refresh(
+        &mut self,
+        now: Duration,
+        vlan: VlanId,
+        mac: MacAddr,
+        location: Location,
+    ) -> bool {
+        match self.slots.get_mut(&key(vlan, mac)) {
+            Some(s) if !s.is_static && s.location == location => {
+                s.last_seen = now;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Learn that `mac` on `vlan` was seen at `location` at `now`.
     pub fn learn(&mut self, now: Duration, vlan: VlanId, mac: MacAddr, location: Location) {
         let full = self.slots.len() >= self.cfg.max_entries;
-        let peer_full = self.peer_full(location);
         let Some(s) = self.slots.get_mut(&key(vlan, mac)) else {
             if full {
                 self.counters.table_full += 1;
-            } else if peer_full {
+            } else if self.peer_full(location) {
                 self.counters.peer_full += 1;
             } else {
                 self.slots.insert(
@@ -213,6 +231,12 @@ impl MacTable {
             self.counters.move_held += 1;
             return;
         }
+        let peer_full = match location {
+            Location::Remote(ip) => {
+                self.per_peer.get(&ip).copied().unwrap_or(0) >= self.cfg.max_per_peer
+            }
+            Location::Port(_) => false,
+        };
         if peer_full {
             self.counters.peer_full += 1;
             return;
@@ -246,6 +270,7 @@ impl MacTable {
     }
 
     /// Where `mac` on `vlan` is, if known and not aged out at `now`.
+    #[inline]
     pub fn lookup(&self, now: Duration, vlan: VlanId, mac: MacAddr) -> Option<Location> {
         let s = self.slots.get(&key(vlan, mac))?;
         if s.is_static || now.saturating_sub(s.last_seen) < self.cfg.aging {
@@ -294,6 +319,21 @@ impl MacTable {
     /// longer means the same thing.
     pub fn flush_port(&mut self, port: PortNo) {
         self.slots.retain(|_, s| s.location != Location::Port(port));
+    }
+
+    /// Forget the learned entries `drop` picks (by MAC and location).
+    pub fn forget_learned(&mut self, drop: impl Fn(MacAddr, Location) -> bool) {
+        let per_peer = &mut self.per_peer;
+        self.slots.retain(|_, s| {
+            let gone = !s.is_static && drop(s.mac, s.location);
+            if let (true, Location::Remote(ip)) = (gone, s.location) {
+                if let Some(n) = per_peer.get_mut(&ip) {
+                    *n = n.saturating_sub(1);
+                }
+            }
+            !gone
+        });
+        self.per_peer.retain(|_, n| *n > 0);
     }
 
     /// Remove learned entries not refreshed within the aging time.

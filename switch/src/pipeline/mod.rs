@@ -36,7 +36,7 @@ use dvs_proto::{
     AclRule, Action, FlowDirection, MacAddr, NetflowMonitor, PortId, RateLimit, Security, VlanId,
     VlanMode, Vni,
 };
-use rustc_hash::{FxHashMap, FxHashSet};
+use rustc_hash::FxHashMap;
 
 use crate::flow::{Direction, FlowId, Monitors, SavedFlow};
 use crate::pipeline::mactable::{Flap, Location, MacEntry, MacTable, MacTableConfig};
@@ -304,8 +304,9 @@ pub struct Switch {
     redirects: Vec<(VlanId, MacAddr)>,
     /// Tunnel endpoints VXLAN is taken from besides the segments' peers.
     tunnel_peers: Vec<IpAddr>,
-    /// The segments' peers and `tunnel_peers`: the only sources of VXLAN.
-    known_peers: FxHashSet<IpAddr>,
+    /// The segments' peers and `tunnel_peers`, sorted: the only sources of
+    /// VXLAN.
+    known_peers: Vec<IpAddr>,
     /// Each port's own MAC ([`PortConfig::mac`]).
     owned: FxHashMap<u64, PortNo>,
 }
@@ -348,7 +349,7 @@ impl Switch {
             held: Vec::new(),
             redirects: Vec::new(),
             tunnel_peers: Vec::new(),
-            known_peers: FxHashSet::default(),
+            known_peers: Vec::new(),
             owned: FxHashMap::default(),
         }
     }
@@ -463,7 +464,29 @@ impl Switch {
         self.standby_any = self.ports.iter().flatten().any(|p| p.standby);
         self.wakeups.retain(|w| *w != no);
         self.generation += 1;
+        if !standby {
+            self.forget_owned_elsewhere();
+        }
         Ok(())
+    }
+
+    /// Forget what was learned of a forwarding port's own MAC anywhere
+    /// else (while it was in standby, or before it owned the MAC): from
+    /// now on only its port may teach it, and learning keeps it so.
+    fn forget_owned_elsewhere(&mut self) {
+        if self.owned.is_empty() {
+            return;
+        }
+        let (owned, ports) = (&self.owned, &self.ports);
+        self.macs.forget_learned(|mac, at| {
+            owned.get(&mac.to_u64()).is_some_and(|&o| {
+                let active = ports
+                    .get(usize::from(o.0))
+                    .and_then(Option::as_ref)
+                    .is_some_and(|p| !p.standby);
+                active && at != Location::Port(o)
+            })
+        });
     }
 
     pub fn port_standby(&self, no: PortNo) -> bool {
@@ -1072,7 +1095,13 @@ impl Switch {
     ) -> Result<(VlanId, EthView), DropReason> {
         self.tunnel.rx_packets += 1;
         self.tunnel.rx_bytes += buf.len() as u64;
-        if !self.known_peers.contains(&src) {
+        // A short list is scanned (cheaper than searching it).
+        let known = if self.known_peers.len() <= 16 {
+            self.known_peers.contains(&src)
+        } else {
+            self.known_peers.binary_search(&src).is_ok()
+        };
+        if !known {
             return Err(DropReason::UnknownPeer);
         }
         let (vni, inner) = vxlan::decode(buf).map_err(|e| match e {
@@ -1100,13 +1129,17 @@ impl Switch {
             Ingress::Port(no) => Location::Port(no),
             Ingress::Tunnel { src } => Location::Remote(src),
         };
-        if let Some(&owner) = self.owned.get(&view.src.to_u64()) {
-            if here != Location::Port(owner) && !self.port_standby(owner) {
-                self.macs.refuse_owned();
-                return Verdict::Drop(DropReason::MacOwned);
+        // Most frames refresh the entry of a sender already known there;
+        // only a new or moving source meets the ownership check.
+        if !self.macs.refresh(now, vlan, view.src, here) {
+            if let Some(&owner) = self.owned.get(&view.src.to_u64()) {
+                if here != Location::Port(owner) && !self.port_standby(owner) {
+                    self.macs.refuse_owned();
+                    return Verdict::Drop(DropReason::MacOwned);
+                }
             }
+            self.macs.learn(now, vlan, view.src, here);
         }
-        self.macs.learn(now, vlan, view.src, here);
         let pcp = view.outer.map_or(0, |t| t.pcp);
         let Some(state) = self.vlans.get(&vlan) else {
             return Verdict::Flood;
@@ -1392,6 +1425,8 @@ impl Switch {
             st.peers = seg.peers.clone();
             self.known_peers.extend(seg.peers.iter().copied());
         }
+        self.known_peers.sort_unstable();
+        self.known_peers.dedup();
         self.owned.clear();
         for (i, p) in self.ports.iter().enumerate() {
             let Some(p) = p else { continue };
@@ -1413,6 +1448,7 @@ impl Switch {
                 }
             }
         }
+        self.forget_owned_elsewhere();
     }
 }
 

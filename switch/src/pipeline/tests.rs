@@ -908,4 +908,14 @@ fn the_underlay_is_not_trusted() {
             vni: Vni::new(5010).unwrap()
         }]
     );
+    // Active again, it owns its MAC at once: what was learned of it
+    // elsewhere meanwhile is forgotten, and the peer may not refresh it.
+    r.sw.set_port_standby(PortNo(0), false).unwrap();
+    let (p, _) = r.send(
+        from("10.0.0.2"),
+        vxlan_packet(5010, &frame(mac(2), mac(1), &[])),
+    );
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::MacOwned));
+    let p = r.send_from_port(1, frame(mac(1), mac(2), &[]));
+    assert_eq!(p.verdict, Verdict::Flood, "unknown until the VM speaks");
 }
