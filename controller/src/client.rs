@@ -318,7 +318,7 @@ fn port_json(p: &api::Port) -> Value {
     json!({
         "id": p.id, "vm": p.vm, "mac": p.mac, "profile": p.profile,
         "profile_version": p.profile_version, "host": p.host, "tap": p.tap,
-        "netdev": p.netdev, "state": p.state, "attachment": p.attachment,
+        "netdev": p.netdev, "state": p.state().name(), "attachment": p.attachment,
         "vlan": p.vlan, "stats": stats,
     })
 }
@@ -352,7 +352,7 @@ fn render_ports(ports: &[api::Port], out: Output) -> String {
                 },
                 // What the admin must know: the interface it waits for.
                 if p.attachment.is_empty() || p.attachment == "attached" {
-                    p.state.clone()
+                    p.state().name().to_string()
                 } else {
                     p.attachment.clone()
                 },
@@ -397,7 +397,7 @@ fn port_detail(p: &api::Port) -> String {
     // "veth2 is up", "veth2 is waiting for interface vnet3", "veth2 is
     // down: interface vnet3 gone".
     let state = match p.attachment.as_str() {
-        "" | "attached" => p.state.clone(),
+        "" | "attached" => p.state().name().to_string(),
         a if a.starts_with("waiting") => a.to_string(),
         a => format!("down: {a}"),
     };
@@ -499,7 +499,7 @@ pub async fn wait_prepared(c: &mut Admin, id: u64) -> Result<api::Migration, Cli
         let Some(m) = all.into_iter().find(|m| m.id == id) else {
             return Err(ClientError::Refused(format!("migration {id} is gone")));
         };
-        match m.phase.as_str() {
+        match m.phase().name() {
             "preparing" if std::time::Instant::now() < until => {}
             "preparing" => {
                 return Err(ClientError::Refused(format!(
@@ -547,7 +547,7 @@ pub fn migration_json(m: &api::Migration) -> Value {
     let (from_vm, to_vm, blackout) = blackouts(m);
     json!({
         "id": m.id, "port": m.port, "vm": m.vm, "from": m.from, "to": m.to,
-        "phase": m.phase, "trigger": m.trigger,
+        "phase": m.phase().name(), "trigger": m.trigger().name(),
         "begin_unix_us": m.begin_us,
         "policy_ready_ms": rel(m.policy_ready_us),
         "switchover_ms": rel(m.switchover_us),
@@ -581,7 +581,7 @@ fn render_migrations(ms: &[api::Migration], out: Output) -> String {
         .iter()
         .map(|m| {
             let rel = |t: u64| ms_cell(since_ms(m.begin_us, t));
-            let mut phase = m.phase.clone();
+            let mut phase = m.phase().name().to_string();
             if !m.abort_reason.is_empty() {
                 phase = format!("aborted ({})", m.abort_reason);
             }
@@ -592,10 +592,10 @@ fn render_migrations(ms: &[api::Migration], out: Output) -> String {
                 format!("{} -> {}", m.from, m.to),
                 rel(m.policy_ready_us),
                 rel(m.switchover_us),
-                if m.trigger.is_empty() {
+                if m.trigger() == api::SwitchoverTrigger::Unspecified {
                     "-".into()
                 } else {
-                    m.trigger.clone()
+                    m.trigger().name().to_string()
                 },
                 rel(m.last_frame_source_us),
                 rel(m.first_frame_destination_us),

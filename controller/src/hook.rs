@@ -88,7 +88,7 @@ pub async fn libvirt(c: &mut Admin, call: &HookCall) -> Result<String, ClientErr
         };
         let open = migrations
             .iter()
-            .find(|m| m.port == port.id && !matches!(m.phase.as_str(), "done" | "aborted"))
+            .find(|m| m.port == port.id && !m.phase().is_over())
             .cloned();
         ports.push((nic, port.clone(), open));
     }
@@ -137,7 +137,7 @@ pub async fn libvirt(c: &mut Admin, call: &HookCall) -> Result<String, ClientErr
                     ..Default::default()
                 };
                 let m = c.activate_migration(r).await.map_err(refused)?.into_inner();
-                format!("{}: migration {} {}", port.id, m.id, m.phase)
+                format!("{}: migration {} {}", port.id, m.id, m.phase().name())
             }
             (Action::Stopped | Action::Released, Some(m)) if m.to == here => {
                 let r = api::MigrationRef {
@@ -149,7 +149,7 @@ pub async fn libvirt(c: &mut Admin, call: &HookCall) -> Result<String, ClientErr
                     ),
                 };
                 let m = c.abort_migration(r).await.map_err(refused)?.into_inner();
-                format!("{}: migration {} {}", port.id, m.id, m.phase)
+                format!("{}: migration {} {}", port.id, m.id, m.phase().name())
             }
             (Action::Released, None) if port.host == here => {
                 // The VM is off: its port runs nowhere until it starts again.
@@ -223,7 +223,7 @@ async fn bind_here(
     let same = port.host == here
         && ((later && port.tap.is_empty() && port.netdev.is_empty())
             || (!later && port.tap == tap && port.netdev == netdev));
-    if !port.host.is_empty() && port.host != here && port.state == "up" {
+    if !port.host.is_empty() && port.host != here && port.state() == api::PortState::Up {
         return Err(ClientError::Refused(format!(
             "port {} runs on host {} ({}): stop the VM there or migrate it rather than start it here",
             port.id,
@@ -303,6 +303,8 @@ async fn wait_ready(c: &mut Admin, id: u64) -> Result<String, ClientError> {
     let m = crate::client::wait_prepared(c, id).await?;
     Ok(format!(
         "{}: migration {id} {}, policy in place on {}",
-        m.port, m.phase, m.to
+        m.port,
+        m.phase().name(),
+        m.to
     ))
 }

@@ -286,11 +286,11 @@ impl Controller {
                 .is_none_or(|a| matches!(a.state, Attachment::Attached { .. }))
         });
         let state = match (&p.binding, stats, connected) {
-            (None, ..) => "unbound",
-            (Some(_), Some(_), true) if attached => "up",
-            (Some(_), Some(_), true) => "waiting",
-            (Some(_), _, false) => "host-down",
-            (Some(_), ..) => "pending",
+            (None, ..) => api::PortState::Unbound,
+            (Some(_), Some(_), true) if attached => api::PortState::Up,
+            (Some(_), Some(_), true) => api::PortState::Waiting,
+            (Some(_), _, false) => api::PortState::HostDown,
+            (Some(_), ..) => api::PortState::Pending,
         };
         let vlan = match st.chassis.policy(&p.profile).and_then(|x| x.vlan.as_ref()) {
             Some(dvs_proto::VlanMode::Access(v)) => format!("access {v}"),
@@ -312,7 +312,7 @@ impl Controller {
             host,
             tap,
             netdev,
-            state: state.into(),
+            state: state as i32,
             vlan,
             stats_json: stats
                 .and_then(|s| serde_json::to_string(s).ok())
@@ -406,9 +406,11 @@ impl Controller {
                 );
             }
         }
-        let mut states: BTreeMap<String, u64> = BTreeMap::new();
+        let mut states: BTreeMap<&str, u64> = BTreeMap::new();
         for p in st.chassis.ports() {
-            *states.entry(self.port_view(&st, p).state).or_default() += 1;
+            *states
+                .entry(self.port_view(&st, p).state().name())
+                .or_default() += 1;
         }
         family(
             &mut o,
@@ -417,7 +419,7 @@ impl Controller {
             "Ports of the chassis, by state.",
         );
         for (s, n) in states {
-            sample(&mut o, "dvs_ports", &[("state", &s)], n as f64);
+            sample(&mut o, "dvs_ports", &[("state", s)], n as f64);
         }
         let reports: Vec<(&Stats, Option<u64>)> = st
             .reports

@@ -289,7 +289,7 @@ async fn prepare(h2: &mut Agent, m: u64) {
 async fn phase(admin: &mut Admin, m: u64, want: &str) -> api::Migration {
     for _ in 0..200 {
         let x = list(admin).await.into_iter().find(|x| x.id == m).unwrap();
-        if x.phase == want {
+        if x.phase().name() == want {
             return x;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
@@ -304,7 +304,7 @@ async fn a_migration_moves_the_port_with_its_state() {
     let (mut admin, mut h1, mut h2) = setup(&r).await;
     let m = start(&mut admin).await;
     assert_eq!(
-        (m.phase.as_str(), m.from.as_str(), m.to.as_str()),
+        (m.phase().name(), m.from.as_str(), m.to.as_str()),
         ("preparing", "h1", "h2")
     );
     prepare(&mut h2, m.id).await;
@@ -363,7 +363,7 @@ async fn a_migration_moves_the_port_with_its_state() {
     })
     .await;
     let done = phase(&mut admin, m.id, "done").await;
-    assert_eq!(done.trigger, "first_frame");
+    assert_eq!(done.trigger().name(), "first_frame");
     assert_eq!(done.connections, 100);
     assert_eq!(done.dropped_frames, 3);
     assert_eq!(done.snapshot_bytes, bytes.len() as u64);
@@ -587,7 +587,7 @@ async fn a_restarted_controller_aborts_before_the_switchover_and_finishes_after(
     let mut r = Running::start(&dir).await;
     let mut admin = r.admin().await;
     let x = list(&mut admin).await.pop().unwrap();
-    assert_eq!(x.phase, "aborted");
+    assert_eq!(x.phase().name(), "aborted");
     assert_eq!(
         x.abort_reason,
         "the controller restarted before the switchover"
@@ -614,7 +614,10 @@ async fn a_restarted_controller_aborts_before_the_switchover_and_finishes_after(
 
     let mut r = Running::start(&dir).await;
     let mut admin = r.admin().await;
-    assert_eq!(list(&mut admin).await.pop().unwrap().phase, "activating");
+    assert_eq!(
+        list(&mut admin).await.pop().unwrap().phase().name(),
+        "activating"
+    );
     let h1 = Agent::connect(&r.url, "h1", "10.0.0.1").await;
     assert_eq!(
         h1.items["port/veth1"]["standby"], true,
@@ -703,7 +706,7 @@ async fn a_destination_whose_interface_never_appears_is_aborted_naming_it() {
             .into_iter()
             .find(|y| y.id == m.id)
             .unwrap();
-        if y.phase == "aborted" {
+        if y.phase().name() == "aborted" {
             x = Some(y);
             break;
         }

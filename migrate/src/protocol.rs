@@ -26,6 +26,7 @@
 //! active and the destination clean. Inputs that do not fit the phase are
 //! refused with the phase named, and change nothing.
 
+use dvs_proto::api;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
@@ -43,14 +44,31 @@ pub enum Phase {
 }
 
 impl Phase {
+    /// Its name in views and logs (`dvs_proto::api::MigrationPhase::name`).
     pub fn as_str(self) -> &'static str {
-        match self {
-            Phase::Preparing => "preparing",
-            Phase::Syncing => "syncing",
-            Phase::Switching => "switching",
-            Phase::Activating => "activating",
-            Phase::Done => "done",
-            Phase::Aborted => "aborted",
+        api::MigrationPhase::from(self).name()
+    }
+}
+
+impl From<Phase> for api::MigrationPhase {
+    fn from(p: Phase) -> Self {
+        match p {
+            Phase::Preparing => api::MigrationPhase::Preparing,
+            Phase::Syncing => api::MigrationPhase::Syncing,
+            Phase::Switching => api::MigrationPhase::Switching,
+            Phase::Activating => api::MigrationPhase::Activating,
+            Phase::Done => api::MigrationPhase::Done,
+            Phase::Aborted => api::MigrationPhase::Aborted,
+        }
+    }
+}
+
+impl From<Trigger> for api::SwitchoverTrigger {
+    fn from(t: Trigger) -> Self {
+        match t {
+            Trigger::VmmResumed => api::SwitchoverTrigger::VmmResumed,
+            Trigger::FirstFrame => api::SwitchoverTrigger::FirstFrame,
+            Trigger::NicRead => api::SwitchoverTrigger::NicRead,
         }
     }
 }

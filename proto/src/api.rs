@@ -10,3 +10,53 @@
 )]
 
 tonic::include_proto!("dvs.v1");
+
+/// The names views, JSON output and logs use for the schema's enums (one
+/// table each: users' scripts read these).
+mod names {
+    use super::{MigrationPhase, PortState, SwitchoverTrigger};
+
+    impl MigrationPhase {
+        pub fn name(self) -> &'static str {
+            match self {
+                MigrationPhase::Unspecified => "unknown",
+                MigrationPhase::Preparing => "preparing",
+                MigrationPhase::Syncing => "syncing",
+                MigrationPhase::Switching => "switching",
+                MigrationPhase::Activating => "activating",
+                MigrationPhase::Done => "done",
+                MigrationPhase::Aborted => "aborted",
+            }
+        }
+
+        /// Done or aborted: nothing more happens to it.
+        pub fn is_over(self) -> bool {
+            matches!(self, MigrationPhase::Done | MigrationPhase::Aborted)
+        }
+    }
+
+    impl SwitchoverTrigger {
+        /// Empty while the switchover has not started.
+        pub fn name(self) -> &'static str {
+            match self {
+                SwitchoverTrigger::Unspecified => "",
+                SwitchoverTrigger::VmmResumed => "vmm_resumed",
+                SwitchoverTrigger::FirstFrame => "first_frame",
+                SwitchoverTrigger::NicRead => "nic_read",
+            }
+        }
+    }
+
+    impl PortState {
+        pub fn name(self) -> &'static str {
+            match self {
+                PortState::Unspecified => "unknown",
+                PortState::Unbound => "unbound",
+                PortState::Pending => "pending",
+                PortState::Up => "up",
+                PortState::Waiting => "waiting",
+                PortState::HostDown => "host-down",
+            }
+        }
+    }
+}

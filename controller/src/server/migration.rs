@@ -61,16 +61,13 @@ pub fn view(r: &MigrationRec) -> api::Migration {
         vm: r.vm.clone(),
         from: r.from.host.clone(),
         to: r.to.host.clone(),
-        phase: r.machine.phase().as_str().to_string(),
+        phase: api::MigrationPhase::from(r.machine.phase()) as i32,
         begin_us: us(Some(t.begin)),
         policy_ready_us: us(t.policy_ready),
         switchover_us: us(t.switchover),
-        trigger: match t.trigger {
-            Some(Trigger::VmmResumed) => "vmm_resumed".into(),
-            Some(Trigger::FirstFrame) => "first_frame".into(),
-            Some(Trigger::NicRead) => "nic_read".into(),
-            None => String::new(),
-        },
+        trigger: t
+            .trigger
+            .map_or(api::SwitchoverTrigger::Unspecified, Into::into) as i32,
         last_frame_source_us: us(t.last_frame_at_source),
         first_frame_destination_us: us(t.first_frame_at_destination),
         last_to_vm_source_us: us(t.last_to_vm_at_source),
