@@ -323,35 +323,32 @@ impl MacTable {
 
     /// Forget the learned entries `drop` picks (by MAC and location).
     pub fn forget_learned(&mut self, drop: impl Fn(MacAddr, Location) -> bool) {
+        self.forget(|s| !s.is_static && drop(s.mac, s.location));
+    }
+
+    /// Remove the entries `gone` picks; what tunnel endpoints taught is
+    /// counted down with them. Returns how many went.
+    fn forget(&mut self, gone: impl Fn(&Slot) -> bool) -> usize {
+        let before = self.slots.len();
         let per_peer = &mut self.per_peer;
         self.slots.retain(|_, s| {
-            let gone = !s.is_static && drop(s.mac, s.location);
-            if let (true, Location::Remote(ip)) = (gone, s.location) {
+            let g = gone(s);
+            if let (true, false, Location::Remote(ip)) = (g, s.is_static, s.location) {
                 if let Some(n) = per_peer.get_mut(&ip) {
                     *n = n.saturating_sub(1);
                 }
             }
-            !gone
+            !g
         });
         self.per_peer.retain(|_, n| *n > 0);
+        before - self.slots.len()
     }
 
     /// Remove learned entries not refreshed within the aging time.
     pub fn age(&mut self, now: Duration) {
         let aging = self.cfg.aging;
-        let before = self.slots.len();
-        let per_peer = &mut self.per_peer;
-        self.slots.retain(|_, s| {
-            let keep = s.is_static || now.saturating_sub(s.last_seen) < aging;
-            if let (false, Location::Remote(ip)) = (keep, s.location) {
-                if let Some(n) = per_peer.get_mut(&ip) {
-                    *n = n.saturating_sub(1);
-                }
-            }
-            keep
-        });
-        self.per_peer.retain(|_, n| *n > 0);
-        self.counters.aged += (before - self.slots.len()) as u64;
+        let aged = self.forget(|s| !s.is_static && now.saturating_sub(s.last_seen) >= aging);
+        self.counters.aged += aged as u64;
     }
 
     /// The MACs learned on `port` (not static, not aged out), with their
