@@ -310,8 +310,31 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
     if raw.host.trim().is_empty() {
         return Err("host: the host name is empty".into());
     }
+    let mac_table = validate_mac_table(raw.mac_table)?;
+    let (tunnel, tunnel_peers) = validate_tunnel(raw.tunnel)?;
+    let monitors = NetflowMonitor::set_from_raw(&raw.monitors).map_err(|e| e.to_string())?;
+    let profiles = profile::resolve(&raw.profiles).map_err(|e| e.to_string())?;
+    profile::check_monitors(&profiles, &monitors).map_err(|e| e.to_string())?;
+    let ports = validate_ports(raw.ports, &profiles, &monitors)?;
+    let segments = validate_segments(raw.segments, tunnel)?;
+    let static_macs = validate_static_macs(raw.static_macs, &ports, &segments)?;
+    Ok(AgentConfig {
+        host: raw.host,
+        tunnel,
+        tunnel_peers,
+        segments,
+        ports,
+        static_macs,
+        mac_table,
+        stats_file: raw.stats_file,
+        chassis_id: raw.chassis_id.unwrap_or(1),
+        monitors,
+    })
+}
+
+fn validate_mac_table(raw: Option<RawMacTable>) -> Result<MacTableConfig, String> {
     let mut mac_table = MacTableConfig::default();
-    if let Some(m) = raw.mac_table {
+    if let Some(m) = raw {
         if let Some(n) = m.max_entries {
             if n == 0 {
                 return Err("mac_table.max_entries: 0 is not valid, use at least 1".into());
@@ -334,7 +357,12 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
             mac_table.max_per_peer = n;
         }
     }
-    let (tunnel, tunnel_peers) = match raw.tunnel {
+    Ok(mac_table)
+}
+
+/// The tunnel endpoint and the other endpoints VXLAN is taken from.
+fn validate_tunnel(raw: Option<RawTunnel>) -> Result<(Option<TunnelConfig>, Vec<IpAddr>), String> {
+    Ok(match raw {
         Some(t) => {
             if let Some(i) = t.peers.iter().position(|p| *p == t.local) {
                 return Err(format!(
@@ -351,16 +379,19 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
             )
         }
         None => (None, Vec::new()),
-    };
+    })
+}
 
-    let monitors = NetflowMonitor::set_from_raw(&raw.monitors).map_err(|e| e.to_string())?;
-    let profiles = profile::resolve(&raw.profiles).map_err(|e| e.to_string())?;
-    profile::check_monitors(&profiles, &monitors).map_err(|e| e.to_string())?;
+fn validate_ports(
+    raw: Vec<RawPort>,
+    profiles: &BTreeMap<String, Policy>,
+    monitors: &BTreeMap<String, NetflowMonitor>,
+) -> Result<Vec<PortSpec>, String> {
     let mut ports = Vec::new();
     let mut names = HashSet::new();
     let mut ids = HashSet::new();
     let mut devs = HashSet::new();
-    for (i, p) in raw.ports.into_iter().enumerate() {
+    for (i, p) in raw.into_iter().enumerate() {
         let at = format!("ports[{i}] (`{}`)", p.name);
         if p.name.is_empty() {
             return Err(format!("ports[{i}]: the port name is empty"));
@@ -371,117 +402,136 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
         if !ids.insert(p.id) {
             return Err(format!("{at}: ID {} is used by another port", p.id));
         }
-        let attach = match (p.tap, p.netdev) {
-            (None, None) if p.awaiting_netdev => Attachment::Unnamed,
-            (_, _) if p.awaiting_netdev => {
-                return Err(format!(
-                    "{at}: `awaiting_netdev` is for a port whose interface has no name yet: drop `tap`/`netdev` or it"
-                ))
-            }
-            (Some(name), None) => Attachment::Tap {
-                name,
-                offloads: p.offloads.unwrap_or(true),
-            },
-            (None, Some(_)) if p.offloads.is_some() => {
-                return Err(format!(
-                    "{at}: `offloads` applies to `tap:` ports only (an attached netdev keeps the offloads its owner set)"
-                ))
-            }
-            (None, Some(n)) => Attachment::Netdev(n),
-            _ => {
-                return Err(format!(
-                    "{at}: give exactly one of `tap: NAME` (the agent creates the TAP), \
-                     `netdev: IFACE` (the agent attaches to the interface, now or when it appears) \
-                     or `awaiting_netdev: true` (the VMM names it later)"
-                ))
-            }
-        };
-        if let Some(dev) = attach.device() {
-            if dev.is_empty() || dev.len() > 15 || dev.contains(['/', ' ']) {
-                return Err(format!(
-                    "{at}: interface name `{dev}` is not valid: 1 to 15 characters, no '/' or spaces"
-                ));
-            }
+        let spec = validate_port(p, &at, profiles, monitors)?;
+        if let Some(dev) = spec.attach.device() {
             if !devs.insert(dev.to_string()) {
                 return Err(format!("{at}: interface `{dev}` is used by another port"));
             }
         }
-        let own = Policy::from_raw(
-            &RawPolicy {
-                vlan: p.vlan.clone(),
-                acl: p.acl.clone(),
-                qos: p.qos.clone(),
-                security: p.security.clone(),
-                netflow: p.netflow.clone(),
-            },
-            &at,
-        )
-        .map_err(|e| e.to_string())?;
-        let policy = match &p.profile {
-            None => own,
-            Some(name) => match profiles.get(name) {
-                Some(base) => own.over(base),
-                None => {
-                    let known: Vec<&str> = profiles.keys().map(String::as_str).collect();
-                    return Err(format!(
-                        "{at}: unknown profile `{name}`; profiles in this file: {}",
-                        if known.is_empty() {
-                            "none".into()
-                        } else {
-                            known.join(", ")
-                        }
-                    ));
-                }
-            },
-        };
-        let Some(vlan) = policy.vlan.clone() else {
-            return Err(format!(
-                "{at}: no VLAN: give the port `vlan:` or a `profile:` that sets one"
-            ));
-        };
-        let acl = PortAcl {
-            inbound: policy.acl_in.clone().unwrap_or_default(),
-            outbound: policy.acl_out.clone().unwrap_or_default(),
-        };
-        let qos = PortQos {
-            inbound: policy.qos_in,
-            outbound: policy.qos_out,
-            mark: policy.mark,
-        };
-        let security = policy.security_for(p.mac);
-        let netflow = match &policy.netflow {
-            None => None,
-            Some(b) => match monitors.get(&b.monitor) {
-                Some(m) => Some(PortNetflow {
-                    monitor: m.clone(),
-                    direction: b.direction,
-                }),
-                None => {
-                    return Err(format!(
-                        "{at}, netflow.monitor: {}",
-                        profile::unknown_monitor(&b.monitor, &monitors)
-                    ))
-                }
-            },
-        };
-        ports.push(PortSpec {
-            port: PortConfig {
-                id: p.id,
-                name: p.name,
-                vlan,
-                acl,
-                qos,
-                security,
-                netflow,
-                mac: p.mac,
-            },
-            attach,
-            standby: p.standby,
-            migration: p.migration,
-        });
+        ports.push(spec);
     }
+    Ok(ports)
+}
 
-    if !raw.segments.is_empty() && tunnel.is_none() {
+/// One port (`at` names it in errors), its policy resolved.
+fn validate_port(
+    p: RawPort,
+    at: &str,
+    profiles: &BTreeMap<String, Policy>,
+    monitors: &BTreeMap<String, NetflowMonitor>,
+) -> Result<PortSpec, String> {
+    let attach = match (p.tap, p.netdev) {
+        (None, None) if p.awaiting_netdev => Attachment::Unnamed,
+        (_, _) if p.awaiting_netdev => {
+            return Err(format!(
+                "{at}: `awaiting_netdev` is for a port whose interface has no name yet: drop `tap`/`netdev` or it"
+            ))
+        }
+        (Some(name), None) => Attachment::Tap {
+            name,
+            offloads: p.offloads.unwrap_or(true),
+        },
+        (None, Some(_)) if p.offloads.is_some() => {
+            return Err(format!(
+                "{at}: `offloads` applies to `tap:` ports only (an attached netdev keeps the offloads its owner set)"
+            ))
+        }
+        (None, Some(n)) => Attachment::Netdev(n),
+        _ => {
+            return Err(format!(
+                "{at}: give exactly one of `tap: NAME` (the agent creates the TAP), \
+                 `netdev: IFACE` (the agent attaches to the interface, now or when it appears) \
+                 or `awaiting_netdev: true` (the VMM names it later)"
+            ))
+        }
+    };
+    if let Some(dev) = attach.device() {
+        if dev.is_empty() || dev.len() > 15 || dev.contains(['/', ' ']) {
+            return Err(format!(
+                "{at}: interface name `{dev}` is not valid: 1 to 15 characters, no '/' or spaces"
+            ));
+        }
+    }
+    let own = Policy::from_raw(
+        &RawPolicy {
+            vlan: p.vlan.clone(),
+            acl: p.acl.clone(),
+            qos: p.qos.clone(),
+            security: p.security.clone(),
+            netflow: p.netflow.clone(),
+        },
+        at,
+    )
+    .map_err(|e| e.to_string())?;
+    let policy = match &p.profile {
+        None => own,
+        Some(name) => match profiles.get(name) {
+            Some(base) => own.over(base),
+            None => {
+                let known: Vec<&str> = profiles.keys().map(String::as_str).collect();
+                return Err(format!(
+                    "{at}: unknown profile `{name}`; profiles in this file: {}",
+                    if known.is_empty() {
+                        "none".into()
+                    } else {
+                        known.join(", ")
+                    }
+                ));
+            }
+        },
+    };
+    let Some(vlan) = policy.vlan.clone() else {
+        return Err(format!(
+            "{at}: no VLAN: give the port `vlan:` or a `profile:` that sets one"
+        ));
+    };
+    let acl = PortAcl {
+        inbound: policy.acl_in.clone().unwrap_or_default(),
+        outbound: policy.acl_out.clone().unwrap_or_default(),
+    };
+    let qos = PortQos {
+        inbound: policy.qos_in,
+        outbound: policy.qos_out,
+        mark: policy.mark,
+    };
+    let security = policy.security_for(p.mac);
+    let netflow = match &policy.netflow {
+        None => None,
+        Some(b) => match monitors.get(&b.monitor) {
+            Some(m) => Some(PortNetflow {
+                monitor: m.clone(),
+                direction: b.direction,
+            }),
+            None => {
+                return Err(format!(
+                    "{at}, netflow.monitor: {}",
+                    profile::unknown_monitor(&b.monitor, monitors)
+                ))
+            }
+        },
+    };
+    Ok(PortSpec {
+        port: PortConfig {
+            id: p.id,
+            name: p.name,
+            vlan,
+            acl,
+            qos,
+            security,
+            netflow,
+            mac: p.mac,
+        },
+        attach,
+        standby: p.standby,
+        migration: p.migration,
+    })
+}
+
+fn validate_segments(
+    raw: Vec<RawSegment>,
+    tunnel: Option<TunnelConfig>,
+) -> Result<Vec<SegmentConfig>, String> {
+    if !raw.is_empty() && tunnel.is_none() {
         return Err(
             "segments need a tunnel endpoint: add `tunnel: { local: ADDRESS }` (this host's VXLAN address)"
                 .into(),
@@ -490,7 +540,7 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
     let mut segments = Vec::new();
     let mut vlans = HashSet::new();
     let mut vnis = HashSet::new();
-    for (i, s) in raw.segments.into_iter().enumerate() {
+    for (i, s) in raw.into_iter().enumerate() {
         let at = format!("segments[{i}] (VLAN {})", s.vlan);
         if !vlans.insert(s.vlan) {
             return Err(format!("{at}: VLAN {} has another segment", s.vlan));
@@ -512,9 +562,16 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
             peers: s.peers,
         });
     }
+    Ok(segments)
+}
 
+fn validate_static_macs(
+    raw: Vec<RawStaticMac>,
+    ports: &[PortSpec],
+    segments: &[SegmentConfig],
+) -> Result<Vec<StaticMac>, String> {
     let mut static_macs = Vec::new();
-    for (i, m) in raw.static_macs.into_iter().enumerate() {
+    for (i, m) in raw.into_iter().enumerate() {
         let at = format!("static_macs[{i}] ({} on VLAN {})", m.mac, m.vlan);
         if m.mac.is_multicast() || m.mac.is_zero() {
             return Err(format!("{at}: a static MAC must be a unicast address"));
@@ -561,19 +618,7 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
             at: loc,
         });
     }
-
-    Ok(AgentConfig {
-        host: raw.host,
-        tunnel,
-        tunnel_peers,
-        segments,
-        ports,
-        static_macs,
-        mac_table,
-        stats_file: raw.stats_file,
-        chassis_id: raw.chassis_id.unwrap_or(1),
-        monitors,
-    })
+    Ok(static_macs)
 }
 
 #[cfg(test)]
