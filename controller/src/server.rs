@@ -236,7 +236,18 @@ impl Controller {
         let before = st.chassis.revision();
         let v = f(&mut st.chassis).map_err(status)?;
         let dirty = st.chassis.take_dirty();
-        if let Err(e) = st.store.commit_with(&st.chassis, &dirty, durable, handover) {
+        // The commit may wait for the disk (fsync) with the lock held —
+        // memory never runs ahead of the store. On a multi-threaded
+        // runtime this worker's other tasks (streams, keepalives) move to
+        // another worker meanwhile instead of waiting behind it.
+        let commit = || st.store.commit_with(&st.chassis, &dirty, durable, handover);
+        let committed = match tokio::runtime::Handle::try_current() {
+            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::MultiThread => {
+                tokio::task::block_in_place(commit)
+            }
+            _ => commit(),
+        };
+        if let Err(e) = committed {
             tracing::error!(error = %e, "store commit failed; state reloaded");
             if let Ok(c) = st.store.load() {
                 st.chassis = c;

@@ -376,8 +376,10 @@ impl Switch {
         self.macs.take_flaps()
     }
 
-    /// Bumped by every configuration change; caches of forwarding decisions
-    /// record it and are dropped on mismatch.
+    /// Bumped by every configuration change, and shown in the stats
+    /// (`generation`): an operator sees that a switch took a change. No
+    /// forwarding cache reads it yet (the exact-match cache of the design
+    /// is not built).
     pub fn generation(&self) -> u64 {
         self.generation
     }
