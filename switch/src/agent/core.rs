@@ -179,6 +179,11 @@ impl<P: PortIo + Device> AgentCore<P> {
                         .into_iter()
                         .map(|e| Outbound::Send(agent_message::Msg::Migration(e))),
                 );
+                // The port's counters changed hands (a start continues the
+                // source's): the controller's views get them with the next
+                // tick, not up to REPORT_EVERY later from a report made
+                // while the port was in standby.
+                self.next_report = Duration::ZERO;
                 return;
             }
             None => return,
