@@ -145,49 +145,11 @@ pub async fn call(c: &mut Admin, cmd: Command, out: Output) -> Result<String, Cl
                 .await
                 .map_err(refused)?
                 .into_inner();
-            match out {
-                Output::Json => json!({
-                    "changes": r.changes, "applied": r.applied, "revision": r.revision, "dry_run": dry_run
-                })
-                .to_string(),
-                Output::Table => {
-                    let mut s = String::new();
-                    for c in &r.changes {
-                        let _ = writeln!(s, "{c}");
-                    }
-                    if r.changes.is_empty() {
-                        s.push_str("no change\n");
-                    } else if dry_run {
-                        s.push_str("(dry run: nothing applied)\n");
-                    } else {
-                        let _ = writeln!(s, "applied: chassis revision {}", r.revision);
-                    }
-                    s
-                }
-            }
+            render_apply(&r, dry_run, out)
         }
         Command::ProfileList => {
             let r = c.list_profiles(e).await.map_err(refused)?.into_inner();
-            match out {
-                Output::Json => {
-                    Value::Array(r.profiles.iter().map(profile_json).collect()).to_string()
-                }
-                Output::Table => {
-                    let rows: Vec<Vec<String>> = r
-                        .profiles
-                        .iter()
-                        .map(|p| {
-                            vec![
-                                p.name.clone(),
-                                p.kind.clone(),
-                                p.version.to_string(),
-                                p.ports.len().to_string(),
-                            ]
-                        })
-                        .collect();
-                    table(&["NAME", "KIND", "VERSION", "PORTS"], &rows)
-                }
-            }
+            render_profiles(&r.profiles, out)
         }
         Command::ProfileShow(name) => {
             let p = c
@@ -195,21 +157,7 @@ pub async fn call(c: &mut Admin, cmd: Command, out: Output) -> Result<String, Cl
                 .await
                 .map_err(refused)?
                 .into_inner();
-            match out {
-                Output::Json => profile_json(&p).to_string(),
-                Output::Table => format!(
-                    "# {} {} version {} — ports: {}\n{}\n",
-                    p.kind,
-                    p.name,
-                    p.version,
-                    if p.ports.is_empty() {
-                        "none".to_string()
-                    } else {
-                        p.ports.join(", ")
-                    },
-                    p.yaml.trim_end()
-                ),
-            }
+            render_profile(&p, out)
         }
         Command::ProfileDelete(name) => {
             let r = c
@@ -302,6 +250,67 @@ pub async fn call(c: &mut Admin, cmd: Command, out: Output) -> Result<String, Cl
             }
         }
     })
+}
+
+fn render_apply(r: &api::ApplyReply, dry_run: bool, out: Output) -> String {
+    match out {
+        Output::Json => json!({
+            "changes": r.changes, "applied": r.applied, "revision": r.revision, "dry_run": dry_run
+        })
+        .to_string(),
+        Output::Table => {
+            let mut s = String::new();
+            for c in &r.changes {
+                let _ = writeln!(s, "{c}");
+            }
+            if r.changes.is_empty() {
+                s.push_str("no change\n");
+            } else if dry_run {
+                s.push_str("(dry run: nothing applied)\n");
+            } else {
+                let _ = writeln!(s, "applied: chassis revision {}", r.revision);
+            }
+            s
+        }
+    }
+}
+
+fn render_profiles(profiles: &[api::Profile], out: Output) -> String {
+    match out {
+        Output::Json => Value::Array(profiles.iter().map(profile_json).collect()).to_string(),
+        Output::Table => {
+            let rows: Vec<Vec<String>> = profiles
+                .iter()
+                .map(|p| {
+                    vec![
+                        p.name.clone(),
+                        p.kind.clone(),
+                        p.version.to_string(),
+                        p.ports.len().to_string(),
+                    ]
+                })
+                .collect();
+            table(&["NAME", "KIND", "VERSION", "PORTS"], &rows)
+        }
+    }
+}
+
+fn render_profile(p: &api::Profile, out: Output) -> String {
+    match out {
+        Output::Json => profile_json(p).to_string(),
+        Output::Table => format!(
+            "# {} {} version {} — ports: {}\n{}\n",
+            p.kind,
+            p.name,
+            p.version,
+            if p.ports.is_empty() {
+                "none".to_string()
+            } else {
+                p.ports.join(", ")
+            },
+            p.yaml.trim_end()
+        ),
+    }
 }
 
 fn profile_json(p: &api::Profile) -> Value {

@@ -136,7 +136,13 @@ fn agent_into(f: &mut Families, stats: &Stats, revision: Option<u64>) {
             r as f64,
         );
     }
-    let ports = &stats.ports;
+    ports_into(f, host, &stats.ports);
+    tunnel_and_macs_into(f, stats);
+    netflow_into(f, host, &stats.netflow);
+}
+
+/// The ports' counters, drops by reason and attachment.
+fn ports_into(f: &mut Families, host: &str, ports: &[dvs_proto::stats::PortStats]) {
     f.add(
         "dvs_ports_on_host",
         "gauge",
@@ -221,6 +227,11 @@ fn agent_into(f: &mut Families, stats: &Stats, revision: Option<u64>) {
             );
         }
     }
+}
+
+/// The VXLAN uplink and the MAC table.
+fn tunnel_and_macs_into(f: &mut Families, stats: &Stats) {
+    let host = stats.host.as_str();
     let t = &stats.tunnel;
     for (name, v) in [
         ("dvs_tunnel_rx_packets_total", t.rx_packets),
@@ -270,7 +281,11 @@ fn agent_into(f: &mut Families, stats: &Stats, revision: Option<u64>) {
     ] {
         f.add(name, "counter", help, &[("host", host)], v as f64);
     }
-    for m in &stats.netflow {
+}
+
+/// Each NetFlow monitor's table and exporter.
+fn netflow_into(f: &mut Families, host: &str, monitors: &[dvs_proto::stats::MonitorStats]) {
+    for m in monitors {
         let labels = [("host", host), ("monitor", m.name.as_str())];
         f.add(
             "dvs_netflow_open_flows",
