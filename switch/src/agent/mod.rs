@@ -488,26 +488,6 @@ pub fn run_with(
     Ok(())
 }
 
-/// Apply a new configuration to the running switch, changing only what
-/// differs: each port's VLAN, access lists, rate limits, security and
-/// NetFlow monitor (frames see the old or the new policy, never a mix;
-/// traffic the change does not concern keeps flowing), ports added and
-/// removed, segments, static MACs and the chassis number of flow exports.
-/// Ports whose device cannot be opened are left out and named in the
-/// error; the rest is applied. A new tunnel address needs a restart.
-///
-/// # Errors
-/// What could not be applied, one item per problem.
-pub fn apply(
-    dp: &mut Datapath<HostPort>,
-    cfg: &mut AgentConfig,
-    new: AgentConfig,
-    now: Duration,
-    attacher: &mut Attacher,
-) -> Result<(), String> {
-    apply_with(dp, cfg, new, now, attacher, |p| HostPort::open(&p.attach))
-}
-
 /// The ATTACHED events of migrations' ports among `ports` (just attached
 /// at `wall`).
 fn attached_events<P: PortIo>(
@@ -531,8 +511,17 @@ fn attached_events<P: PortIo>(
         .collect()
 }
 
-/// [`apply`] on any kind of port, opening new ones with `open` (the
-/// in-process lab's ports are in memory).
+/// Apply a new configuration to the running switch, changing only what
+/// differs: each port's VLAN, access lists, rate limits, security, NetFlow
+/// monitor, device and MAC (frames see the old or the new policy, never a
+/// mix; traffic the change does not concern keeps flowing), ports added
+/// and removed, segments, tunnel peers, static MACs and the chassis number
+/// of flow exports.
+/// Ports whose device cannot be opened are left out and named in the
+/// error; the rest is applied. A new tunnel address needs a restart.
+///
+/// New ports are opened with `open` (TAP and AF_PACKET devices in the
+/// agent, in-memory queues in the lab).
 ///
 /// # Errors
 /// What could not be applied, one item per problem.

@@ -105,6 +105,14 @@ pub struct MacTable {
     counters: MacCounters,
 }
 
+/// Whether `location` is a tunnel endpoint that has taught `max` entries.
+fn at_bound(per_peer: &FxHashMap<IpAddr, usize>, max: usize, location: Location) -> bool {
+    match location {
+        Location::Remote(ip) => per_peer.get(&ip).copied().unwrap_or(0) >= max,
+        Location::Port(_) => false,
+    }
+}
+
 fn key(vlan: VlanId, mac: MacAddr) -> u64 {
     (u64::from(vlan.get()) << 48) | mac.to_u64()
 }
@@ -141,15 +149,6 @@ impl MacTable {
                     self.per_peer.remove(&ip);
                 }
             }
-        }
-    }
-
-    fn peer_full(&self, location: Location) -> bool {
-        match location {
-            Location::Remote(ip) => {
-                self.per_peer.get(&ip).copied().unwrap_or(0) >= self.cfg.max_per_peer
-            }
-            Location::Port(_) => false,
         }
     }
 
@@ -194,7 +193,7 @@ impl MacTable {
         let Some(s) = self.slots.get_mut(&key(vlan, mac)) else {
             if full {
                 self.counters.table_full += 1;
-            } else if self.peer_full(location) {
+            } else if at_bound(&self.per_peer, self.cfg.max_per_peer, location) {
                 self.counters.peer_full += 1;
             } else {
                 self.slots.insert(
@@ -231,13 +230,7 @@ impl MacTable {
             self.counters.move_held += 1;
             return;
         }
-        let peer_full = match location {
-            Location::Remote(ip) => {
-                self.per_peer.get(&ip).copied().unwrap_or(0) >= self.cfg.max_per_peer
-            }
-            Location::Port(_) => false,
-        };
-        if peer_full {
+        if at_bound(&self.per_peer, self.cfg.max_per_peer, location) {
             self.counters.peer_full += 1;
             return;
         }
