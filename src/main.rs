@@ -48,7 +48,8 @@ enum Command {
     /// joined by VXLAN under it, VMs on two VLANs exchanging traffic, a VM
     /// live-migrated to another host and back under a TCP stream and a
     /// ping every 10 ms, then a report with the chassis view and the
-    /// migrations' timelines.
+    /// migrations' timelines. In process, on a virtual clock: a run is
+    /// the same for the same seed.
     Lab {
         /// Print the report as JSON instead of tables.
         #[arg(long)]
@@ -56,6 +57,13 @@ enum Command {
         /// Number of hosts.
         #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u8).range(2..=8))]
         hosts: u8,
+        /// Seed of the run (the VMs' TCP sequence numbers, which datagrams
+        /// the underlay loses): two runs with one seed report the same.
+        #[arg(long, default_value_t = dvs_lab::LabOptions::default().seed)]
+        seed: u64,
+        /// Share of the underlay's datagrams lost, in percent (0 to 50).
+        #[arg(long, default_value_t = 0.0, value_parser = parse_loss)]
+        loss: f64,
     },
     /// Run one host's switch (datapath + agent) until SIGTERM.
     #[command(
@@ -347,11 +355,28 @@ fn main() -> ExitCode {
     }
 }
 
+/// `--loss`: a percentage from 0 to 50.
+fn parse_loss(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(v) if (0.0..=50.0).contains(&v) => Ok(v),
+        _ => Err(format!(
+            "`{s}` is not a loss in percent from 0 to 50 (e.g. 0.5)"
+        )),
+    }
+}
+
 fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
-        Command::Lab { json, hosts } => {
+        Command::Lab {
+            json,
+            hosts,
+            seed,
+            loss,
+        } => {
             let report = dvs_lab::run(dvs_lab::LabOptions {
                 hosts: usize::from(hosts),
+                seed,
+                loss_ppm: (loss * 10_000.0).round() as u32,
                 ..Default::default()
             })?;
             if json {

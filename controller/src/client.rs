@@ -76,6 +76,34 @@ impl tonic::service::Interceptor for Bearer {
 /// An admin client.
 pub type Admin = AdminClient<tonic::service::interceptor::InterceptedService<Channel, Bearer>>;
 
+/// What an admin client calls through: a gRPC channel to a controller, or
+/// an embedded controller's service itself (the lab's, with no network).
+pub trait Transport:
+    tonic::client::GrpcService<
+    tonic::body::Body,
+    Error: Into<tonic::codegen::StdError>,
+    ResponseBody: tonic::codegen::Body<
+        Data = tonic::codegen::Bytes,
+        Error: Into<tonic::codegen::StdError> + Send,
+    > + Send
+                      + 'static,
+>
+{
+}
+
+impl<T> Transport for T where
+    T: tonic::client::GrpcService<
+        tonic::body::Body,
+        Error: Into<tonic::codegen::StdError>,
+        ResponseBody: tonic::codegen::Body<
+            Data = tonic::codegen::Bytes,
+            Error: Into<tonic::codegen::StdError> + Send,
+        > + Send
+                          + 'static,
+    >
+{
+}
+
 /// Run `cmd` against the controller at `url` (with the admin `token`, if
 /// any); returns what to print.
 ///
@@ -136,7 +164,11 @@ pub async fn connect(
 ///
 /// # Errors
 /// [`ClientError::Refused`] with the controller's one-line reason.
-pub async fn call(c: &mut Admin, cmd: Command, out: Output) -> Result<String, ClientError> {
+pub async fn call<T: Transport>(
+    c: &mut AdminClient<T>,
+    cmd: Command,
+    out: Output,
+) -> Result<String, ClientError> {
     let e = api::Empty {};
     Ok(match cmd {
         Command::ProfileApply { yaml, dry_run } => {
@@ -496,7 +528,10 @@ pub const PREPARE_WAIT: std::time::Duration = std::time::Duration::from_secs(20)
 /// # Errors
 /// [`ClientError::Refused`] when it was aborted, is gone, or the
 /// destination did not install the port within [`PREPARE_WAIT`].
-pub async fn wait_prepared(c: &mut Admin, id: u64) -> Result<api::Migration, ClientError> {
+pub async fn wait_prepared<T: Transport>(
+    c: &mut AdminClient<T>,
+    id: u64,
+) -> Result<api::Migration, ClientError> {
     let until = std::time::Instant::now() + PREPARE_WAIT;
     loop {
         let all = c

@@ -15,7 +15,7 @@ use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, MutexGuard};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use dvs_proto::api::{self, agent_message, controller_message};
 use dvs_proto::PortId;
@@ -40,7 +40,8 @@ type Outbox = mpsc::Sender<Result<api::ControllerMessage, Status>>;
 #[derive(Debug, Clone)]
 struct Session {
     peer: String,
-    since: Instant,
+    /// When it registered (the controller's clock).
+    since: Duration,
     /// Its stream (for migration commands).
     tx: Outbox,
 }
@@ -53,7 +54,7 @@ struct State {
     /// Each host's last stats report.
     reports: BTreeMap<String, Stats>,
     /// When each revision was made (for convergence lag).
-    revised: BTreeMap<u64, Instant>,
+    revised: BTreeMap<u64, Duration>,
 }
 
 /// The controller: chassis, store, sessions.
@@ -69,6 +70,25 @@ pub struct Controller {
     /// A migration whose destination port has no interface by then is
     /// aborted ([`migration::INTERFACE_TIMEOUT`] by default).
     interface_timeout: std::time::Duration,
+    /// The wall clock (time since the Unix epoch) that migration timelines,
+    /// timeouts and convergence lag read.
+    clock: Clock,
+}
+
+/// The admin service, its token checked.
+pub type AdminService = tonic::service::interceptor::InterceptedService<
+    api::admin_server::AdminServer<Controller>,
+    TokenCheck,
+>;
+
+/// A wall clock: the time since the Unix epoch.
+#[derive(Clone)]
+pub struct Clock(pub Arc<dyn Fn() -> Duration + Send + Sync>);
+
+impl std::fmt::Debug for Clock {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "Clock({:?})", (self.0)())
+    }
 }
 
 /// The files of the services' TLS: the controller's certificate and key
@@ -183,7 +203,21 @@ impl Controller {
             agent_certs: false,
             closing: Arc::default(),
             interface_timeout: migration::INTERFACE_TIMEOUT,
+            clock: Clock(Arc::new(migration::unix_now)),
         })
+    }
+
+    /// Read time from `clock` instead of the system's (the lab's virtual
+    /// clock).
+    #[must_use]
+    pub fn with_clock(mut self, clock: Clock) -> Self {
+        self.clock = clock;
+        self
+    }
+
+    /// The controller's wall clock now.
+    fn now(&self) -> Duration {
+        (self.clock.0)()
     }
 
     /// Abort migrations whose destination port has not found its interface
@@ -232,6 +266,7 @@ impl Controller {
         handover: Option<(crate::store::Kept, u64, &[u8])>,
         f: impl FnOnce(&mut Chassis) -> Result<T, Error>,
     ) -> Result<T, Status> {
+        let now = self.now();
         let mut st = self.lock();
         let before = st.chassis.revision();
         let v = f(&mut st.chassis).map_err(status)?;
@@ -256,7 +291,7 @@ impl Controller {
         }
         let rev = st.chassis.revision();
         if rev != before {
-            st.revised.insert(rev, Instant::now());
+            st.revised.insert(rev, now);
             // Keep the lag clock of recent revisions only.
             while st.revised.len() > 4096 {
                 st.revised.pop_first();
@@ -333,7 +368,7 @@ impl Controller {
     }
 
     fn host_views(&self, st: &State) -> Vec<api::Host> {
-        let now = Instant::now();
+        let now = self.now();
         st.chassis
             .hosts()
             .map(|h| {
@@ -345,7 +380,7 @@ impl Controller {
                     st.revised
                         .range(h.acked + 1..)
                         .next()
-                        .map_or(0.0, |(_, t)| now.duration_since(*t).as_secs_f64())
+                        .map_or(0.0, |(_, t)| now.saturating_sub(*t).as_secs_f64())
                 };
                 api::Host {
                     name: h.name.clone(),
@@ -442,12 +477,7 @@ impl Controller {
     }
 
     /// The admin service.
-    pub fn admin(
-        &self,
-    ) -> tonic::service::interceptor::InterceptedService<
-        api::admin_server::AdminServer<Self>,
-        TokenCheck,
-    > {
+    pub fn admin(&self) -> AdminService {
         let server = api::admin_server::AdminServer::new(self.clone())
             .max_decoding_message_size(MAX_MESSAGE);
         tonic::service::interceptor::InterceptedService::new(
@@ -746,7 +776,7 @@ impl api::agent_server::Agent for Controller {
                 return Err(Status::already_exists(format!(
                     "host {host} is connected already (from {}, for {:.0} s): another agent claims its name",
                     s.peer,
-                    s.since.elapsed().as_secs_f64()
+                    self.now().saturating_sub(s.since).as_secs_f64()
                 )));
             }
         }
@@ -756,7 +786,7 @@ impl api::agent_server::Agent for Controller {
             host.clone(),
             Session {
                 peer: peer.clone(),
-                since: Instant::now(),
+                since: self.now(),
                 tx: tx.clone(),
             },
         );
@@ -814,7 +844,10 @@ impl Controller {
         self.resume_activations(host).await;
         let mut chunks = BTreeMap::new();
         loop {
+            // Biased: one order of readiness, the agent's messages first
+            // (an embedded controller runs the same way each time).
             tokio::select! {
+                biased;
                 m = inbound.message() => {
                     let Some(m) = m? else { return Ok(()) };
                     match m.msg {

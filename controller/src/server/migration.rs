@@ -142,8 +142,9 @@ impl Controller {
             // switchover's other steps stay off the disk's flush, and a
             // restart before the handover is kept aborts anyway.
             let durable = h.is_some() || matches!(i, Input::Abort(_));
+            let now = self.now();
             let out = self.mutate_keeping(durable, h.map(|(k, b)| (k, id, b)), |c| {
-                let out = c.migration_input(id, i, unix_now())?;
+                let out = c.migration_input(id, i, now)?;
                 if let Some(n) = n {
                     c.note_migration(id, n);
                 }
@@ -279,7 +280,8 @@ impl Controller {
                 )));
             }
         }
-        let (id, out) = self.mutate(true, |c| c.begin_migration(port, &r.to, a, unix_now()))?;
+        let now = self.now();
+        let (id, out) = self.mutate(true, |c| c.begin_migration(port, &r.to, a, now))?;
         tracing::info!(migration = id, %port, to = %r.to, "migration begins");
         if let Err(e) = self.perform(id, &out).await {
             self.input(id, Input::Abort(e)).await?;
@@ -555,8 +557,7 @@ impl Controller {
         self.released(host, None).await;
     }
 
-    /// Abort migrations whose destination never installed the port, or
-    /// whose port there never found its interface; ends when the
+    /// Every second, [`Controller::expire_migrations`]; ends when the
     /// controller is dropped.
     pub(super) async fn migration_timer(self) {
         let mut tick = tokio::time::interval(Duration::from_secs(1));
@@ -565,44 +566,52 @@ impl Controller {
             if std::sync::Arc::strong_count(&self.state) <= 1 {
                 return;
             }
-            let now = unix_now();
-            let wait = self.interface_timeout;
-            let late: Vec<(u64, String)> = self
-                .lock()
-                .chassis
-                .migrations()
-                .filter_map(|m| {
-                    let age = now.saturating_sub(m.machine.timeline().begin);
-                    let host = &m.to.host;
-                    match m.machine.phase() {
-                        Phase::Preparing if age > PREPARE_TIMEOUT => Some(format!(
-                            "host {host} did not install the port within {} s (see its agent's log)",
-                            PREPARE_TIMEOUT.as_secs()
-                        )),
-                        Phase::Syncing
-                            if age > wait
-                                && m.interface_ready.is_none()
-                                && !matches!(m.to.attach, Attach::Tap(_)) =>
-                        {
-                            Some(match m.to.attach.dev() {
-                                "" => format!(
-                                    "host {host}: the VMM did not name the port's interface within {} s",
-                                    wait.as_secs()
-                                ),
-                                dev => format!(
-                                    "host {host}: interface `{dev}` did not appear within {} s",
-                                    wait.as_secs()
-                                ),
-                            })
-                        }
-                        _ => None,
+            self.expire_migrations().await;
+        }
+    }
+
+    /// Abort migrations whose destination never installed the port, or
+    /// whose port there never found its interface. The server runs this
+    /// every second; an embedded controller (the lab) calls it on its own
+    /// clock.
+    pub async fn expire_migrations(&self) {
+        let now = self.now();
+        let wait = self.interface_timeout;
+        let late: Vec<(u64, String)> = self
+            .lock()
+            .chassis
+            .migrations()
+            .filter_map(|m| {
+                let age = now.saturating_sub(m.machine.timeline().begin);
+                let host = &m.to.host;
+                match m.machine.phase() {
+                    Phase::Preparing if age > PREPARE_TIMEOUT => Some(format!(
+                        "host {host} did not install the port within {} s (see its agent's log)",
+                        PREPARE_TIMEOUT.as_secs()
+                    )),
+                    Phase::Syncing
+                        if age > wait
+                            && m.interface_ready.is_none()
+                            && !matches!(m.to.attach, Attach::Tap(_)) =>
+                    {
+                        Some(match m.to.attach.dev() {
+                            "" => format!(
+                                "host {host}: the VMM did not name the port's interface within {} s",
+                                wait.as_secs()
+                            ),
+                            dev => format!(
+                                "host {host}: interface `{dev}` did not appear within {} s",
+                                wait.as_secs()
+                            ),
+                        })
                     }
-                    .map(|why| (m.id, why))
-                })
-                .collect();
-            for (id, why) in late {
-                let _ = self.input(id, Input::Abort(why)).await;
-            }
+                    _ => None,
+                }
+                .map(|why| (m.id, why))
+            })
+            .collect();
+        for (id, why) in late {
+            let _ = self.input(id, Input::Abort(why)).await;
         }
     }
 }

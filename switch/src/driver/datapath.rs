@@ -11,18 +11,16 @@ pub use dvs_proto::stats::{
     Attachment, AttachmentStats, ConnStats, MonitorStats, PortStats, Stats,
 };
 use std::io;
-use std::net::{IpAddr, UdpSocket};
+use std::net::IpAddr;
 use std::ops::Range;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{sync_channel, Receiver, SyncSender};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use crate::driver::sys;
-
-use crate::driver::port::{PortIo, RxMeta, Uplink, BATCH, HEADROOM, MAX_READ};
+use crate::driver::port::{PortIo, RxMeta, Underlay, Uplink, BATCH, HEADROOM, MAX_READ};
 use crate::driver::transmit::{Job, Msg, Transmit, TxFailure};
 use crate::flow::export::{Collectors, Exporter};
 use crate::pipeline::{Egress, Ingress, PortNo, Switch};
@@ -68,7 +66,7 @@ enum Tx<P> {
 pub struct Datapath<P> {
     pub switch: Switch,
     ports: Vec<Option<P>>,
-    uplink: Option<UdpSocket>,
+    uplink: Option<Box<dyn Underlay>>,
     /// The job being filled by the next read.
     job: Job,
     /// A job kept back for reuse.
@@ -99,11 +97,8 @@ impl<P: PortIo> Datapath<P> {
     pub fn new(switch: Switch, uplink: Option<Uplink>) -> io::Result<Self> {
         let (rx, tx_uplink) = match uplink {
             Some(u) => {
-                let tx = Uplink {
-                    socket: u.socket.try_clone()?,
-                    remote_port: u.remote_port,
-                };
-                (Some(u.socket), Some(tx))
+                let tx = u.try_clone()?;
+                (Some(u.underlay), Some(tx))
             }
             None => (None, None),
         };
@@ -240,8 +235,8 @@ impl<P: PortIo> Datapath<P> {
             .enumerate()
             .filter_map(|(i, p)| Some((Some(PortNo(i as u16)), p.as_ref()?.raw_fd()?)))
             .collect();
-        if let Some(u) = &self.uplink {
-            v.push((None, u.as_raw_fd()));
+        if let Some(fd) = self.uplink.as_ref().and_then(|u| u.raw_fd()) {
+            v.push((None, fd));
         }
         v
     }
@@ -392,8 +387,7 @@ impl<P: PortIo> Datapath<P> {
         let mut n = 0;
         while n < BATCH {
             let Some(u) = &self.uplink else { return Ok(n) };
-            let (len, from, seg) = match sys::recv_gro(u.as_raw_fd(), &mut self.job.buf[HEADROOM..])
-            {
+            let (len, from, seg) = match u.recv(&mut self.job.buf[HEADROOM..]) {
                 Ok(r) => r,
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(n),
                 Err(e) => return Err(e),

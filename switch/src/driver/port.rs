@@ -1,5 +1,7 @@
 //! What the driver needs of a port's device ([`PortIo`]) and of the VXLAN
-//! uplink ([`Uplink`]), and the buffer sizes both sides of the driver share.
+//! uplink ([`Uplink`] over an [`Underlay`]: a UDP socket in the agent, an
+//! in-memory fabric in the lab), and the buffer sizes both sides of the
+//! driver share.
 
 use std::io::{self, IoSlice};
 use std::net::{SocketAddr, UdpSocket};
@@ -48,10 +50,55 @@ pub trait PortIo {
         Self: Sized;
 }
 
-/// The VXLAN uplink: a UDP socket on the host's tunnel address.
+/// The network under the tunnels, as the driver sees it: datagrams to and
+/// from other tunnel endpoints.
+pub trait Underlay: Send + std::fmt::Debug {
+    /// Receive one datagram into `buf` — or several of one size coalesced
+    /// (UDP GRO) — and say its length, its sender and the segment size
+    /// when coalesced; `WouldBlock` when none is waiting.
+    fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<usize>)>;
+    /// Send one datagram.
+    fn send(&self, datagram: &[u8], dst: SocketAddr) -> io::Result<()>;
+    /// Send `buf` as datagrams of `segment` bytes each (the last may be
+    /// shorter): one call for many (UDP GSO).
+    fn send_segmented(&self, buf: &[u8], segment: usize, dst: SocketAddr) -> io::Result<()>;
+    /// The fd to wait on, when it has one.
+    fn raw_fd(&self) -> Option<RawFd>;
+    /// A second handle on the same endpoint, for the transmit side.
+    fn try_clone(&self) -> io::Result<Box<dyn Underlay>>;
+}
+
+impl Underlay for UdpSocket {
+    fn recv(&self, buf: &mut [u8]) -> io::Result<(usize, SocketAddr, Option<usize>)> {
+        sys::recv_gro(self.as_raw_fd(), buf)
+    }
+
+    fn send(&self, datagram: &[u8], dst: SocketAddr) -> io::Result<()> {
+        self.send_to(datagram, dst).map(drop)
+    }
+
+    fn send_segmented(&self, buf: &[u8], segment: usize, dst: SocketAddr) -> io::Result<()> {
+        if buf.len() <= segment {
+            return self.send_to(buf, dst).map(drop);
+        }
+        let seg =
+            u16::try_from(segment).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
+        sys::send_gso(self.as_raw_fd(), buf, seg, dst).map(drop)
+    }
+
+    fn raw_fd(&self) -> Option<RawFd> {
+        Some(self.as_raw_fd())
+    }
+
+    fn try_clone(&self) -> io::Result<Box<dyn Underlay>> {
+        Ok(Box::new(UdpSocket::try_clone(self)?))
+    }
+}
+
+/// The VXLAN uplink: the host's tunnel endpoint on the underlay.
 #[derive(Debug)]
 pub struct Uplink {
-    pub socket: UdpSocket,
+    pub underlay: Box<dyn Underlay>,
     /// The UDP port of remote tunnel endpoints.
     pub remote_port: u16,
 }
@@ -74,8 +121,19 @@ impl Uplink {
         sys::set_recv_buffer(socket.as_raw_fd(), UPLINK_RCVBUF)
             .map_err(|e| crate::Error::io("sizing the VXLAN socket's receive buffer", e))?;
         Ok(Self {
-            socket,
+            underlay: Box::new(socket),
             remote_port,
+        })
+    }
+
+    /// A second handle on the same endpoint, for the transmit side.
+    ///
+    /// # Errors
+    /// Cloning the underlay's handle failed.
+    pub fn try_clone(&self) -> io::Result<Self> {
+        Ok(Self {
+            underlay: self.underlay.try_clone()?,
+            remote_port: self.remote_port,
         })
     }
 }

@@ -13,7 +13,6 @@ use std::collections::VecDeque;
 use std::io::{self, IoSlice};
 use std::net::SocketAddr;
 use std::ops::Range;
-use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, RecvTimeoutError, SyncSender, TryRecvError};
 use std::time::{Duration, Instant};
@@ -24,7 +23,6 @@ use crate::policy::qos::Policer;
 use std::sync::Arc;
 
 use crate::driver::port::{PortIo, Uplink, HEADROOM, MAX_READ};
-use crate::driver::sys;
 use crate::pipeline::{Egress, Output, PortNo};
 use crate::wire::{self, vxlan, Coalescer, Segments, VnetHdr};
 
@@ -195,10 +193,7 @@ impl<P: PortIo> Transmit<P> {
     /// Cloning a handle failed.
     pub fn try_clone(&self) -> io::Result<Self> {
         let uplink = match &self.uplink {
-            Some(u) => Some(Uplink {
-                socket: u.socket.try_clone()?,
-                remote_port: u.remote_port,
-            }),
+            Some(u) => Some(u.try_clone()?),
             None => None,
         };
         let mut t = Transmit::new(uplink);
@@ -599,9 +594,9 @@ impl<P: PortIo> Transmit<P> {
             return Ok(());
         };
         let r = if q.count == 1 {
-            u.socket.send_to(&q.buf, dst).map(drop)
+            u.underlay.send(&q.buf, dst)
         } else {
-            sys::send_gso(u.socket.as_raw_fd(), &q.buf, q.block as u16, dst).map(drop)
+            u.underlay.send_segmented(&q.buf, q.block, dst)
         };
         q.buf.clear();
         q.count = 0;
@@ -653,9 +648,9 @@ impl<P: PortIo> Transmit<P> {
                     let bytes = block_range(i).start..block_range(i + n - 1).end;
                     let chunk = &self.segs[bytes];
                     if n == 1 {
-                        u.socket.send_to(chunk, dst)?;
+                        u.underlay.send(chunk, dst)?;
                     } else {
-                        sys::send_gso(u.socket.as_raw_fd(), chunk, s.block as u16, dst)?;
+                        u.underlay.send_segmented(chunk, s.block, dst)?;
                     }
                     i += n;
                 }
