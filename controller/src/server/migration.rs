@@ -17,7 +17,8 @@ use dvs_proto::api::{self, controller_message, migration_command::Op, migration_
 use dvs_proto::PortId;
 use tonic::Status;
 
-use super::{attach, parse_port, Controller};
+use super::admin::{attach, parse_port};
+use super::Controller;
 use crate::chassis::{Attach, MigrationRec};
 use crate::store::Kept;
 
