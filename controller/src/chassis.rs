@@ -18,11 +18,12 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::net::IpAddr;
 
+use dvs_proto::desired::{Item, PortItem, RemoteMac, Segment};
 use dvs_proto::netflow::{NetflowMonitor, RawMonitor};
 use dvs_proto::profile::{self, Policy, RawProfile};
 use dvs_proto::{MacAddr, PortId, VlanMode};
 use serde::{Deserialize, Serialize};
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use crate::Error;
 
@@ -816,13 +817,16 @@ impl Chassis {
         }
     }
 
-    /// What `host` must run, as keyed items of an agent file: `chassis`,
-    /// `tunnel_peers`, `segments`, `profile/NAME`, `monitor/NAME`, `port/vethN` and
-    /// `mac/VLAN/MAC` (the agent puts them together:
-    /// `dvs_switch::agent::config::assemble`).
-    pub fn host_items(&self, host: &str) -> BTreeMap<String, Value> {
+    /// What `host` must run, as typed items keyed by [`Item::key`]
+    /// (`chassis`, `tunnel_peers`, `segments`, `profile/NAME`,
+    /// `monitor/NAME`, `port/vethN`, `mac/VLAN/MAC`); the agent puts them
+    /// together into an agent file (`dvs_switch::agent::config::assemble`).
+    pub fn host_items(&self, host: &str) -> BTreeMap<String, Item> {
         let mut items = BTreeMap::new();
-        items.insert("chassis".to_string(), json!(self.meta.chassis_id));
+        let mut add = |i: Item| {
+            items.insert(i.key(), i);
+        };
+        add(Item::Chassis(self.meta.chassis_id));
         // The other hosts' tunnel endpoints: the only sources of VXLAN it
         // takes (a host that leaves a segment may still redirect a
         // migrated VM's frames to it for a moment).
@@ -832,10 +836,7 @@ impl Chassis {
             .filter(|h| h.name != host)
             .filter_map(|h| h.tunnel_ip)
             .collect();
-        items.insert(
-            "tunnel_peers".to_string(),
-            json!(others.iter().map(ToString::to_string).collect::<Vec<_>>()),
-        );
+        add(Item::TunnelPeers(others.into_iter().collect()));
         let mine: Vec<&PortRec> = self
             .index
             .by_host
@@ -844,8 +845,39 @@ impl Chassis {
             .flatten()
             .filter_map(|id| self.ports.get(id))
             .collect();
-        // Profiles used here, with their parents, and their monitors.
-        let mut wanted: Vec<String> = mine.iter().map(|p| p.profile.clone()).collect();
+        for d in self.documents_for(&mine) {
+            add(d);
+        }
+        let mut vlans = BTreeSet::new();
+        for p in &mine {
+            let Some(b) = &p.binding else { continue };
+            add(Item::Port(self.port_item(p, &b.attach, host)));
+            vlans.extend(self.port_vlans(p));
+        }
+        let (peers, macs) = self.remote_of(host, &vlans);
+        for m in macs {
+            add(Item::RemoteMac(m));
+        }
+        add(Item::Segments(
+            vlans
+                .iter()
+                .map(|v| Segment {
+                    vlan: *v,
+                    vni: VNI_BASE + u32::from(*v),
+                    peers: peers
+                        .get(v)
+                        .map(|s| s.iter().copied().collect())
+                        .unwrap_or_default(),
+                })
+                .collect(),
+        ));
+        items
+    }
+
+    /// The profiles `ports` use, with their parents, and the monitors
+    /// those use.
+    fn documents_for(&self, ports: &[&PortRec]) -> Vec<Item> {
+        let mut wanted: Vec<String> = ports.iter().map(|p| p.profile.clone()).collect();
         let mut profiles = BTreeSet::new();
         while let Some(name) = wanted.pop() {
             if !profiles.insert(name.clone()) {
@@ -861,60 +893,77 @@ impl Chassis {
             }
         }
         let mut monitors = BTreeSet::new();
-        for name in &profiles {
-            if let Some(d) = self.profiles.get(name) {
-                items.insert(format!("profile/{name}"), d.body.clone());
-                if let Some(m) = d
-                    .body
-                    .get("netflow")
-                    .and_then(|n| n.get("monitor"))
-                    .and_then(Value::as_str)
-                {
-                    monitors.insert(m.to_string());
-                }
+        let mut out = Vec::new();
+        for name in profiles {
+            let Some(d) = self.profiles.get(&name) else {
+                continue;
+            };
+            if let Some(m) = d
+                .body
+                .get("netflow")
+                .and_then(|n| n.get("monitor"))
+                .and_then(Value::as_str)
+            {
+                monitors.insert(m.to_string());
             }
+            out.push(Item::Profile {
+                name,
+                body: d.body.clone(),
+            });
         }
         for name in monitors {
             if let Some(d) = self.monitors.get(&name) {
-                items.insert(format!("monitor/{name}"), d.body.clone());
+                out.push(Item::Monitor {
+                    name,
+                    body: d.body.clone(),
+                });
             }
         }
-        let mut vlans = BTreeSet::new();
-        for p in &mine {
-            let Some(b) = &p.binding else { continue };
-            let mut item = json!({
-                "id": p.id.to_string(),
-                "name": p.id.to_string(),
-                "profile": p.profile,
-                "mac": p.mac.to_string(),
-            });
-            // A migration's destination has the port in standby, and so
-            // has its source once it stopped.
-            let attach = match &p.moving {
-                Some(m) if m.to.host == host => {
-                    item["standby"] = json!(true);
-                    item["migration"] = json!(m.migration);
-                    &m.to.attach
-                }
-                Some(m) => {
-                    if m.source_stopped {
-                        item["standby"] = json!(true);
-                        item["migration"] = json!(m.migration);
-                    }
-                    &b.attach
-                }
-                None => &b.attach,
-            };
-            match attach {
-                Attach::Tap(n) => item["tap"] = json!(n),
-                Attach::Netdev(n) => item["netdev"] = json!(n),
-                Attach::Unnamed => item["awaiting_netdev"] = json!(true),
+        out
+    }
+
+    /// Port `p` as `host` runs it: a migration's destination has the port
+    /// in standby, and so has its source once it stopped.
+    fn port_item(&self, p: &PortRec, bound: &Attach, host: &str) -> PortItem {
+        let mut item = PortItem {
+            id: p.id,
+            name: p.id.to_string(),
+            profile: p.profile.clone(),
+            mac: p.mac,
+            tap: None,
+            netdev: None,
+            awaiting_netdev: false,
+            standby: false,
+            migration: None,
+        };
+        let attach = match &p.moving {
+            Some(m) if m.to.host == host => {
+                (item.standby, item.migration) = (true, Some(m.migration));
+                &m.to.attach
             }
-            items.insert(format!("port/{}", p.id), item);
-            vlans.extend(self.port_vlans(p));
+            Some(m) => {
+                if m.source_stopped {
+                    (item.standby, item.migration) = (true, Some(m.migration));
+                }
+                bound
+            }
+            None => bound,
+        };
+        match attach {
+            Attach::Tap(n) => item.tap = Some(n.clone()),
+            Attach::Netdev(n) => item.netdev = Some(n.clone()),
+            Attach::Unnamed => item.awaiting_netdev = true,
         }
-        // Segments: each VLAN here that other hosts (with a known tunnel
-        // address) also have, and where those VLANs' VMs live.
+        item
+    }
+
+    /// For `host`'s VLANs: the other hosts (with a known tunnel address)
+    /// that also carry each, and where those VLANs' VMs live.
+    fn remote_of(
+        &self,
+        host: &str,
+        vlans: &BTreeSet<u16>,
+    ) -> (BTreeMap<u16, BTreeSet<IpAddr>>, Vec<RemoteMac>) {
         let remote = |id: &u32| {
             let p = self.ports.get(id)?;
             let b = p.binding.as_ref().filter(|b| b.host != host)?;
@@ -922,6 +971,7 @@ impl Chassis {
             Some((p, ip))
         };
         let mut peers: BTreeMap<u16, BTreeSet<IpAddr>> = BTreeMap::new();
+        let mut macs = Vec::new();
         // A migration's destination carries the port's VLANs already.
         let destination = |id: &u32| {
             let m = self
@@ -932,7 +982,7 @@ impl Chassis {
                 .filter(|m| m.to.host != host)?;
             self.hosts.get(&m.to.host)?.tunnel_ip
         };
-        for v in &vlans {
+        for v in vlans {
             let carriers = self.index.carried.get(v).into_iter().flatten();
             for (_, ip) in carriers.clone().filter_map(remote) {
                 peers.entry(*v).or_default().insert(ip);
@@ -945,24 +995,14 @@ impl Chassis {
             let coming =
                 |(p, _): &(&PortRec, IpAddr)| p.moving.as_ref().is_none_or(|m| m.to.host != host);
             for (p, ip) in vms.filter_map(remote).filter(coming) {
-                items.insert(
-                    format!("mac/{v}/{}", p.mac),
-                    json!({ "vlan": v, "mac": p.mac.to_string(), "remote": ip.to_string() }),
-                );
+                macs.push(RemoteMac {
+                    vlan: *v,
+                    mac: p.mac,
+                    remote: ip,
+                });
             }
         }
-        let segments: Vec<Value> = vlans
-            .iter()
-            .map(|v| {
-                json!({
-                    "vlan": v,
-                    "vni": VNI_BASE + u32::from(*v),
-                    "peers": peers.get(v).map(|s| s.iter().map(ToString::to_string).collect::<Vec<_>>()).unwrap_or_default(),
-                })
-            })
-            .collect();
-        items.insert("segments".to_string(), Value::Array(segments));
-        items
+        (peers, macs)
     }
 }
 
@@ -1047,6 +1087,7 @@ fn list<'a>(names: impl Iterator<Item = &'a str>) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     const BASE: &str = "kind: PortProfile\nname: base\nvlan: { mode: access, id: 10 }\n---\n\
         kind: PortProfile\nname: web\ninherit: base\nacl:\n  in:\n    - { action: permit, proto: tcp, dst_port: 80 }\n    - { action: deny }\n";
@@ -1238,15 +1279,15 @@ mod tests {
                 "tunnel_peers"
             ]
         );
-        assert_eq!(items["tunnel_peers"], json!(["10.0.0.2"]));
+        assert_eq!(items["tunnel_peers"].to_json(), json!(["10.0.0.2"]));
         assert_eq!(
-            items["segments"],
+            items["segments"].to_json(),
             json!([{ "vlan": 10, "vni": 10010, "peers": ["10.0.0.2"] }])
         );
         let items2 = c.host_items("h2");
         assert!(items2.contains_key("monitor/m"));
         assert!(items2.contains_key("mac/10/02:00:00:00:00:0a"));
-        assert_eq!(items2["port/veth3"]["netdev"], "vnet0");
+        assert_eq!(items2["port/veth3"].to_json()["netdev"], "vnet0");
         // The assembled file is a valid agent file.
         let doc = dvs_switch::agent::config::assemble(
             "h2",

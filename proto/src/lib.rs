@@ -14,6 +14,7 @@
 
 pub mod acl;
 pub mod api;
+pub mod desired;
 pub mod ids;
 pub mod net;
 pub mod netflow;

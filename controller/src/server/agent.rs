@@ -8,8 +8,8 @@ use std::net::IpAddr;
 use std::pin::Pin;
 
 use dvs_proto::api::{self, agent_message, controller_message};
+use dvs_proto::desired::Item;
 use dvs_proto::stats::Stats;
-use serde_json::Value;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
@@ -23,7 +23,7 @@ use super::{Controller, Session};
 /// each revision and sends what it returns.
 #[derive(Debug, Default)]
 pub struct HostFeed {
-    /// A hash of each item as last sent.
+    /// A hash of each item's JSON as last sent.
     view: BTreeMap<String, u64>,
     /// The revision last sent.
     sent: u64,
@@ -31,20 +31,25 @@ pub struct HostFeed {
 
 impl HostFeed {
     /// The full state: every item at revision `rev`.
-    pub fn full(rev: u64, items: &BTreeMap<String, Value>, module: u32) -> (Self, api::HostState) {
-        let feed = HostFeed {
-            view: items.iter().map(|(k, v)| (k.clone(), hash_of(v))).collect(),
+    pub fn full(rev: u64, items: &BTreeMap<String, Item>, module: u32) -> (Self, api::HostState) {
+        let mut feed = HostFeed {
+            view: BTreeMap::new(),
             sent: rev,
         };
+        let items = items
+            .iter()
+            .map(|(k, v)| {
+                let json = v.to_json().to_string();
+                feed.view.insert(k.clone(), hash_of(&json));
+                api::Item {
+                    key: k.clone(),
+                    json,
+                }
+            })
+            .collect();
         let state = api::HostState {
             revision: rev,
-            items: items
-                .iter()
-                .map(|(k, v)| api::Item {
-                    key: k.clone(),
-                    json: v.to_string(),
-                })
-                .collect(),
+            items,
             module,
         };
         (feed, state)
@@ -53,15 +58,16 @@ impl HostFeed {
     /// What changed from what was sent to `items` at revision `rev`: the
     /// items to upsert and the keys to remove, from the revision last sent;
     /// `None` when nothing did (the host's part of the chassis is as sent).
-    pub fn delta(&mut self, rev: u64, items: &BTreeMap<String, Value>) -> Option<api::HostDelta> {
+    pub fn delta(&mut self, rev: u64, items: &BTreeMap<String, Item>) -> Option<api::HostDelta> {
         let mut upsert = Vec::new();
         for (k, v) in items {
-            let h = hash_of(v);
+            let json = v.to_json().to_string();
+            let h = hash_of(&json);
             if self.view.get(k) != Some(&h) {
                 self.view.insert(k.clone(), h);
                 upsert.push(api::Item {
                     key: k.clone(),
-                    json: v.to_string(),
+                    json,
                 });
             }
         }
@@ -87,9 +93,9 @@ impl HostFeed {
     }
 }
 
-fn hash_of(v: &Value) -> u64 {
+fn hash_of(json: &str) -> u64 {
     let mut h = DefaultHasher::new();
-    v.to_string().hash(&mut h);
+    json.hash(&mut h);
     h.finish()
 }
 
@@ -282,34 +288,38 @@ impl Controller {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
 
-    fn items(kv: &[(&str, Value)]) -> BTreeMap<String, Value> {
-        kv.iter().map(|(k, v)| (k.to_string(), v.clone())).collect()
+    fn items(kv: &[Item]) -> BTreeMap<String, Item> {
+        kv.iter().map(|i| (i.key(), i.clone())).collect()
+    }
+
+    fn profile(name: &str, vlan: u16) -> Item {
+        Item::Profile {
+            name: name.into(),
+            body: serde_json::json!({ "vlan": vlan }),
+        }
     }
 
     #[test]
     fn a_feed_sends_everything_then_only_what_changed() {
-        let one = items(&[
-            ("port/veth1", json!({"vlan": 10})),
-            ("segment/10", json!([])),
-        ]);
+        let one = items(&[profile("web", 10), Item::Segments(Vec::new())]);
         let (mut feed, full) = HostFeed::full(3, &one, 2);
         assert_eq!((full.revision, full.module, full.items.len()), (3, 2, 2));
         // A revision that changed nothing of this host's: nothing to send.
         assert!(feed.delta(4, &one).is_none());
         let two = items(&[
-            ("port/veth1", json!({"vlan": 20})),
-            ("port/veth2", json!({})),
+            profile("web", 20),
+            profile("db", 30),
+            Item::TunnelPeers(Vec::new()),
         ]);
         let d = feed.delta(5, &two).unwrap();
         assert_eq!((d.revision, d.base), (5, 3));
         let keys: Vec<&str> = d.upsert.iter().map(|i| i.key.as_str()).collect();
-        assert_eq!(keys, ["port/veth1", "port/veth2"]);
-        assert_eq!(d.remove, ["segment/10"]);
+        assert_eq!(keys, ["profile/db", "profile/web", "tunnel_peers"]);
+        assert_eq!(d.remove, ["segments"]);
         // The next delta's base is what was last sent.
         let d = feed.delta(7, &items(&[])).unwrap();
-        assert_eq!((d.base, d.remove.len()), (5, 2));
+        assert_eq!((d.base, d.remove.len()), (5, 3));
     }
 
     #[test]

@@ -41,6 +41,7 @@ use std::net::IpAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use dvs_proto::desired::Item;
 use dvs_proto::net::VlanModeRepr;
 use dvs_proto::netflow::{NetflowMonitor, RawMonitor, RawNetflow};
 use dvs_proto::profile::{self, Policy, RawAcl, RawPolicy, RawProfile, RawQos};
@@ -268,13 +269,13 @@ impl AgentConfig {
     }
 }
 
-/// An agent file (JSON) from the keyed items a controller sends
-/// (`chassis`, `segments`, `tunnel_peers`, `profile/NAME`, `monitor/NAME`,
-/// `port/vethN`, `mac/VLAN/MAC`), for `host` with its own settings (`tunnel`,
-/// `stats_file`, …) in `local`.
+/// An agent file (JSON) from the items a controller sends
+/// ([`dvs_proto::desired::Item`]), for `host` with its own settings
+/// (`tunnel`, `stats_file`, …) in `local`: port items are its ports,
+/// remote MACs its static MACs, documents its profiles and monitors.
 pub fn assemble(
     host: &str,
-    items: &BTreeMap<String, serde_json::Value>,
+    items: &BTreeMap<String, Item>,
     local: &serde_json::Value,
 ) -> serde_json::Value {
     use serde_json::{json, Value};
@@ -287,16 +288,17 @@ pub fn assemble(
     let mut monitors = Vec::new();
     let mut ports = Vec::new();
     let mut macs = Vec::new();
-    for (k, v) in items {
-        match k.split_once('/').map_or(k.as_str(), |(a, _)| a) {
-            "chassis" => doc["chassis_id"] = v.clone(),
-            "segments" => doc["segments"] = v.clone(),
-            "tunnel_peers" if doc["tunnel"].is_object() => doc["tunnel"]["peers"] = v.clone(),
-            "profile" => profiles.push(v.clone()),
-            "monitor" => monitors.push(v.clone()),
-            "port" => ports.push(v.clone()),
-            "mac" => macs.push(v.clone()),
-            _ => {}
+    for item in items.values() {
+        let v = item.to_json();
+        match item {
+            Item::Chassis(_) => doc["chassis_id"] = v,
+            Item::Segments(_) => doc["segments"] = v,
+            Item::TunnelPeers(_) if doc["tunnel"].is_object() => doc["tunnel"]["peers"] = v,
+            Item::TunnelPeers(_) => {}
+            Item::Profile { .. } => profiles.push(v),
+            Item::Monitor { .. } => monitors.push(v),
+            Item::Port(_) => ports.push(v),
+            Item::RemoteMac(_) => macs.push(v),
         }
     }
     doc["profiles"] = Value::Array(profiles);

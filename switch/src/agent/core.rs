@@ -22,6 +22,7 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use dvs_proto::api::{self, agent_message, controller_message};
+use dvs_proto::desired::Item;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -37,11 +38,12 @@ use crate::Error;
 pub const REPORT_EVERY: Duration = Duration::from_secs(2);
 
 /// The controller's desired state for this host, as last received: its
-/// revision and keyed items (`dvs_switch::agent::config::assemble`).
+/// revision and its items by key (saved as key → the item's JSON).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Desired {
     pub revision: u64,
-    pub items: BTreeMap<String, Value>,
+    #[serde(with = "dvs_proto::desired::items_json")]
+    pub items: BTreeMap<String, Item>,
 }
 
 /// What the core has for the world outside, in order.
@@ -61,7 +63,7 @@ pub enum Outbound {
 /// What does not validate, as `dvs agent --config` says it.
 pub fn desired_config(
     host: &str,
-    items: &BTreeMap<String, Value>,
+    items: &BTreeMap<String, Item>,
     local: &Value,
 ) -> Result<AgentConfig, String> {
     AgentConfig::parse(&assemble(host, items, local).to_string())
@@ -262,15 +264,16 @@ impl<P: PortIo + Device> AgentCore<P> {
 }
 
 /// `items` with `upsert` (JSON text by key) put in and `remove` taken out.
+/// `items` with what a state or delta upserts and removes; an item that
+/// does not read refuses all of it.
 fn with_items(
-    mut items: BTreeMap<String, Value>,
+    mut items: BTreeMap<String, Item>,
     upsert: impl Iterator<Item = (String, String)>,
     remove: Vec<String>,
-) -> Result<BTreeMap<String, Value>, String> {
+) -> Result<BTreeMap<String, Item>, String> {
     for (key, json) in upsert {
-        let v = serde_json::from_str(&json)
-            .map_err(|e| format!("item `{key}` from the controller is not JSON: {e}"))?;
-        items.insert(key, v);
+        let item = Item::parse(&key, &json).map_err(|e| format!("from the controller: {e}"))?;
+        items.insert(key, item);
     }
     for k in remove {
         items.remove(&k);
