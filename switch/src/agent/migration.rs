@@ -8,12 +8,16 @@
 //! the destination continues from that state and forwards. An abort makes
 //! the source forward again.
 //!
-//! Whether a port is in standby follows its item, with two exceptions that
-//! only commands make: a source that was told to stop stays stopped until
-//! its item says otherwise or a resume comes (a profile change does not
-//! restart it), and a destination started by its migration's command
-//! forwards even while its item still says standby (the controller moves
-//! the port's binding right after).
+//! A port's mode ([`PortMode`]: forwarding, in standby, or stopped with its
+//! VM's frames redirected) has one owner, [`Migrations`]: it follows the
+//! port's item, with two exceptions that only commands make — a source
+//! told to stop stays stopped until a full state or a resume (a profile
+//! change does not restart it), and a destination started by its
+//! migration's command forwards even while its item still says standby
+//! (the controller moves the port's binding right after). The switch's
+//! standby flag is only ever set from the mode ([`Migrations::enter`]), but
+//! when a port is added: in standby if its item says so, before its device
+//! is attached — not one frame without its mode decided.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::IpAddr;
@@ -355,20 +359,50 @@ pub struct Migrations {
     epoch: Duration,
     /// Migrations whose destination port was started by command.
     started: BTreeSet<u64>,
-    /// Ports stopped by command: their migration.
-    stopped: BTreeMap<PortId, u64>,
+    /// Each port's mode, where it is not [`PortMode::Active`].
+    modes: BTreeMap<PortId, PortMode>,
     /// The open flow records stopped ports handed over (theirs again if
     /// the migration is aborted).
     taken_flows: BTreeMap<PortId, Vec<crate::flow::SavedFlow>>,
     /// Pre-copies taken: their migration, when, and the connections then.
     bases: BTreeMap<PortId, (u64, Duration, Vec<SavedConn>)>,
-    /// Redirected VM MACs of stopped ports.
-    redirects: BTreeMap<PortId, (VlanId, MacAddr)>,
     /// Started ports whose first forwarded frames are awaited: since
     /// when, and whether each way (from, to the VM) was reported.
     awaiting: Vec<Awaiting>,
     /// Redirects of ports that left, kept a while.
     lingering: Vec<Linger>,
+}
+
+/// What a port does, and why.
+///
+/// | mode, then →        | item: standby (m)          | item: forwarding | STOP (m)    | START (m) | RESUME (m)    |
+/// |---------------------|----------------------------|------------------|-------------|-----------|---------------|
+/// | `Active`            | `Standby` unless m started | —                | `Stopped`   | `Active`  | —             |
+/// | `Standby`           | —                          | `Active`         | `Stopped`   | `Active`  | —             |
+/// | `Stopped` (m)       | —                          | `Active` on a full state only | — | `Active` | `Active` |
+///
+/// Leaving `Stopped` undoes the stop: the redirect goes, the handed-over
+/// flow records come back. Entering `Active` switches the frames the VM
+/// sent meanwhile.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PortMode {
+    /// Forwarding.
+    Active,
+    /// Installed with its policy, forwarding nothing: a migration's
+    /// destination before its start.
+    Standby { migration: Option<u64> },
+    /// A migration's source after its stop: forwarding nothing, frames for
+    /// its VM's MAC (`redirect`: on that VLAN) sent to the destination.
+    Stopped {
+        migration: u64,
+        redirect: Option<(VlanId, MacAddr)>,
+    },
+}
+
+impl PortMode {
+    fn forwards(&self) -> bool {
+        *self == PortMode::Active
+    }
 }
 
 /// How long a stopped source keeps redirecting the VM's frames after its
@@ -496,7 +530,7 @@ impl Migrations {
         match Op::try_from(c.op).unwrap_or(Op::Unspecified) {
             Op::Stop => {
                 let redirect = c.redirect.parse().ok();
-                self.stop(&mut dp.switch, m, port, mac, redirect, now)
+                self.stop(dp, m, port, mac, redirect, now)
                     .and_then(|h| stopped_events(m, port, h))
                     .unwrap_or_else(fail)
             }
@@ -519,8 +553,9 @@ impl Migrations {
                 }
             }
             Op::Resume => {
-                if self.stopped.get(&port) == Some(&m) {
-                    self.resume(dp, port, now);
+                if matches!(self.modes.get(&port), Some(PortMode::Stopped { migration, .. }) if *migration == m)
+                {
+                    self.enter(dp, port, PortMode::Active, now);
                 }
                 Vec::new()
             }
@@ -555,19 +590,26 @@ impl Migrations {
         Ok(state)
     }
 
-    fn stop(
+    fn stop<P: PortIo>(
         &mut self,
-        sw: &mut Switch,
+        dp: &mut Datapath<P>,
         migration: u64,
         id: PortId,
         mac: Option<MacAddr>,
         redirect: Option<IpAddr>,
         now: Duration,
     ) -> Result<Handover, String> {
-        let no = sw
+        let no = dp
+            .switch
             .port_by_id(id)
             .ok_or_else(|| format!("port {id} is not on this host"))?;
-        sw.set_port_standby(no, true).map_err(|e| e.to_string())?;
+        // Forwarding nothing from here on; the state is taken after.
+        let stopped = |redirect| PortMode::Stopped {
+            migration,
+            redirect,
+        };
+        self.enter(dp, id, stopped(None), now);
+        let sw = &mut dp.switch;
         let mut state = sw
             .save_port(no, now)
             .ok_or_else(|| format!("port {id} is not on this host"))?;
@@ -584,11 +626,12 @@ impl Migrations {
             },
         };
         let is_delta = transfer.since_base > Duration::ZERO;
+        let mut redirected = None;
         if let (Some(ip), Some(mac), Some(vlan)) = (redirect, mac, home_vlan(sw, no)) {
             sw.set_redirect(vlan, mac, ip);
-            self.redirects.insert(id, (vlan, mac));
+            redirected = Some((vlan, mac));
         }
-        self.stopped.insert(id, migration);
+        self.modes.insert(id, stopped(redirected));
         self.taken_flows.insert(id, transfer.state.flows.clone());
         tracing::info!(port = %id, migration, conns = connections, changed = transfer.state.conntrack.len(), delta = is_delta, flows = transfer.state.flows.len(), "port stopped for its migration");
         Ok(Handover {
@@ -620,8 +663,7 @@ impl Migrations {
             c.drops.get(crate::DropReason::Standby) + c.tx_drops.get(crate::DropReason::Standby)
         });
         sw.restore_port(no, state, now).map_err(|e| e.to_string())?;
-        sw.set_port_standby(no, false).map_err(|e| e.to_string())?;
-        release_held(dp, no, now);
+        self.enter(dp, id, PortMode::Active, now);
         self.started.insert(migration);
         self.awaiting.push(Awaiting {
             migration,
@@ -635,23 +677,65 @@ impl Migrations {
         Ok(dropped)
     }
 
-    fn resume<P: PortIo>(&mut self, dp: &mut Datapath<P>, id: PortId, now: Duration) {
-        self.stopped.remove(&id);
-        if let Some((vlan, mac)) = self.redirects.remove(&id) {
-            dp.switch.remove_mac(vlan, mac);
+    /// Put port `id` in `mode` — the one place a port's mode changes
+    /// (see [`PortMode`]): the switch's standby flag follows it; leaving
+    /// `Stopped` undoes the stop; entering `Active` switches the frames
+    /// the VM sent while it waited.
+    pub fn enter<P: PortIo>(
+        &mut self,
+        dp: &mut Datapath<P>,
+        id: PortId,
+        mode: PortMode,
+        now: Duration,
+    ) {
+        let before = self.modes.remove(&id).unwrap_or(PortMode::Active);
+        let no = dp.switch.port_by_id(id);
+        if let PortMode::Stopped { redirect, .. } = &before {
+            if !matches!(mode, PortMode::Stopped { .. }) {
+                if let Some((vlan, mac)) = redirect {
+                    dp.switch.remove_mac(*vlan, *mac);
+                }
+                let flows = self.taken_flows.remove(&id).unwrap_or_default();
+                if let Some(no) = no {
+                    dp.switch.restore_port_flows(no, &flows, now);
+                }
+            }
         }
-        let flows = self.taken_flows.remove(&id).unwrap_or_default();
-        if let Some(no) = dp.switch.port_by_id(id) {
-            dp.switch.restore_port_flows(no, &flows, now);
-            let _ = dp.switch.set_port_standby(no, false);
-            release_held(dp, no, now);
-            tracing::info!(port = %id, "port forwards again");
+        if let Some(no) = no {
+            let standby = !mode.forwards();
+            if dp.switch.port_standby(no) != standby {
+                let _ = dp.switch.set_port_standby(no, standby);
+                if !standby {
+                    release_held(dp, no, now);
+                }
+            }
+        }
+        if mode != before {
+            tracing::info!(port = %id, ?before, ?mode, "port mode");
+        }
+        if !mode.forwards() {
+            self.modes.insert(id, mode);
         }
     }
 
-    /// Make each port's standby what its item says (`resync`: every port,
-    /// as after a full state; otherwise the ports whose item's standby
-    /// changed or that are new), but for the two command-made exceptions.
+    /// The mode a port's item asks for, given its mode now and what
+    /// commands did (`resync`: a full state, after which a stopped source
+    /// whose item forwards forwards again).
+    fn wanted(&self, p: &PortSpec, now: &PortMode, resync: bool) -> PortMode {
+        let started = p.migration.is_some_and(|m| self.started.contains(&m));
+        match (p.standby, now) {
+            (true, PortMode::Stopped { .. }) => now.clone(),
+            (true, _) if started => PortMode::Active,
+            (true, _) => PortMode::Standby {
+                migration: p.migration,
+            },
+            (false, PortMode::Stopped { .. }) if !resync => now.clone(),
+            (false, _) => PortMode::Active,
+        }
+    }
+
+    /// Make every port's mode what its item asks for ([`PortMode`]'s
+    /// table), and forget the ports that are gone.
     pub fn sync_standby<P: PortIo>(
         &mut self,
         dp: &mut Datapath<P>,
@@ -660,60 +744,51 @@ impl Migrations {
         resync: bool,
         now: Duration,
     ) {
-        let (old_segments, old) = (&old.segments, &old.ports);
+        let old_segments = &old.segments;
         let (static_macs, segments, new) = (&new.static_macs, &new.segments, &new.ports);
         for p in new {
-            let Some(no) = dp.switch.port_by_id(p.port.id) else {
-                continue;
-            };
-            let before = old.iter().find(|o| o.port.id == p.port.id);
-            let changed = before.is_none_or(|o| o.standby != p.standby);
-            if !(changed || resync) {
-                continue;
-            }
-            let started = p.migration.is_some_and(|m| self.started.contains(&m));
-            let stopped = self.stopped.contains_key(&p.port.id);
-            let standby = if p.standby {
-                !started
-            } else {
-                // A stopped source restarts only on a resync (its
-                // migration is over) or an explicit resume.
-                stopped && !resync
-            };
-            if !standby && stopped {
-                self.resume(dp, p.port.id, now);
-            }
-            if dp.switch.port_standby(no) != standby {
-                let _ = dp.switch.set_port_standby(no, standby);
-                if !standby {
-                    release_held(dp, no, now);
-                }
-                tracing::info!(port = %p.port.id, standby, "port standby set from the desired state");
-            }
+            let now_mode = self
+                .modes
+                .get(&p.port.id)
+                .cloned()
+                .unwrap_or(PortMode::Active);
+            let mode = self.wanted(p, &now_mode, resync);
+            self.enter(dp, p.port.id, mode, now);
         }
         // Forget what is gone. A gone port's redirect stays a little while
         // — other hosts may still send the VM's frames here until they
         // apply its new location — with its segment if that went too,
         // unless the desired state now places the VM (see `expire`).
         let live: BTreeSet<PortId> = new.iter().map(|p| p.port.id).collect();
-        self.stopped.retain(|id, _| live.contains(id));
-        for (id, (vlan, mac)) in std::mem::take(&mut self.redirects) {
-            if live.contains(&id) {
-                self.redirects.insert(id, (vlan, mac));
-            } else if !static_macs.iter().any(|m| m.vlan == vlan && m.mac == mac) {
-                let kept = (!segments.iter().any(|g| g.vlan == vlan))
-                    .then(|| old_segments.iter().find(|g| g.vlan == vlan).cloned())
-                    .flatten();
-                if let Some(g) = &kept {
-                    let _ = dp.switch.set_segment(g.clone());
-                }
-                self.lingering.push(Linger {
-                    vlan,
-                    mac,
-                    segment: kept.is_some(),
-                    until: now + REDIRECT_GRACE,
-                });
+        let gone: Vec<PortId> = self
+            .modes
+            .keys()
+            .filter(|id| !live.contains(id))
+            .copied()
+            .collect();
+        for id in gone {
+            let Some(PortMode::Stopped {
+                redirect: Some((vlan, mac)),
+                ..
+            }) = self.modes.remove(&id)
+            else {
+                continue;
+            };
+            if static_macs.iter().any(|m| m.vlan == vlan && m.mac == mac) {
+                continue;
             }
+            let kept = (!segments.iter().any(|g| g.vlan == vlan))
+                .then(|| old_segments.iter().find(|g| g.vlan == vlan).cloned())
+                .flatten();
+            if let Some(g) = &kept {
+                let _ = dp.switch.set_segment(g.clone());
+            }
+            self.lingering.push(Linger {
+                vlan,
+                mac,
+                segment: kept.is_some(),
+                until: now + REDIRECT_GRACE,
+            });
         }
         // A VM that is back on a port here is not redirected any more.
         let here: Vec<MacAddr> = new.iter().filter_map(|p| p.port.mac).collect();

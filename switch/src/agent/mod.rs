@@ -232,7 +232,8 @@ fn add_port<P: PortIo + Device>(
     attacher: &mut Attacher,
 ) -> Result<(), Error> {
     let no = dp.switch.add_port(p.port.clone())?;
-    // Standby before the device is attached: not one frame without it.
+    // Standby before the device is attached, as its item says: not one
+    // frame before its mode is decided (`Migrations` owns it from here).
     dp.switch.set_port_standby(no, p.standby)?;
     if let Attachment::Tap { name, .. } = &p.attach {
         let io = match open(p) {
