@@ -28,7 +28,7 @@ use serde_json::Value;
 use crate::Error;
 
 mod migration;
-pub use migration::MigrationRec;
+pub use migration::{MigrationRec, Order};
 
 /// The largest multi-document file `apply` takes.
 pub const MAX_APPLY_BYTES: usize = 1 << 20;

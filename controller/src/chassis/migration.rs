@@ -8,6 +8,7 @@
 use std::time::Duration;
 
 use dvs_migrate::protocol::{Input, Migration, Output, Phase};
+use dvs_proto::api::{self, migration_command::Op};
 use dvs_proto::PortId;
 use serde::{Deserialize, Serialize};
 
@@ -55,6 +56,37 @@ impl MigrationRec {
     pub fn finished(&self) -> bool {
         matches!(self.machine.phase(), Phase::Done | Phase::Aborted)
     }
+
+    /// Its command `op` (to whichever end).
+    pub fn command(&self, op: Op) -> api::MigrationCommand {
+        api::MigrationCommand {
+            migration: self.id,
+            port: self.port.to_string(),
+            op: op as i32,
+            ..api::MigrationCommand::default()
+        }
+    }
+}
+
+/// What the controller sends to carry out a migration's step. The chassis
+/// does the desired-state part of each protocol output itself (standby
+/// items, the binding's move, the destination's cleanup) and turns the
+/// rest into these: the one place the outputs are matched.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Order {
+    /// Send `host` `command`; `best_effort`: a host that cannot be told
+    /// does not abort the migration.
+    Command {
+        host: String,
+        command: api::MigrationCommand,
+        best_effort: bool,
+    },
+    /// Send `host` the source's kept handover snapshot in chunks, each a
+    /// `command` (START).
+    Handover {
+        host: String,
+        command: api::MigrationCommand,
+    },
 }
 
 impl Chassis {
@@ -97,7 +129,7 @@ impl Chassis {
         to: &str,
         attach: Option<Attach>,
         now: Duration,
-    ) -> Result<(u64, Vec<Output>), Error> {
+    ) -> Result<(u64, Vec<Order>), Error> {
         let p = self.port_rec(port)?;
         if self.hosts.get(to).and_then(|h| h.tunnel_ip).is_none() {
             let known: Vec<&str> = self
@@ -190,7 +222,8 @@ impl Chassis {
             },
         );
         self.dirty.migrations.insert(id);
-        Ok((id, out))
+        let orders = self.carry_out(id, &out, false);
+        Ok((id, orders))
     }
 
     fn set_moving(&mut self, port: PortId, moving: Option<Moving>) {
@@ -205,8 +238,8 @@ impl Chassis {
     }
 
     /// Feed migration `id` what a host or the VMM reported; the chassis
-    /// does its part of the outputs (standby items, the binding's move,
-    /// the destination's cleanup) and returns them all for the rest.
+    /// does its part of the outputs and returns what is to be sent
+    /// ([`Order`]).
     ///
     /// # Errors
     /// [`Error::NotFound`] for an unknown migration; [`Error::Conflict`]
@@ -216,7 +249,7 @@ impl Chassis {
         id: u64,
         input: Input,
         now: Duration,
-    ) -> Result<Vec<Output>, Error> {
+    ) -> Result<Vec<Order>, Error> {
         let rec = self.migrations.get_mut(&id).ok_or_else(|| {
             Error::NotFound(format!("no migration {id}: `dvs migrate list` shows them"))
         })?;
@@ -238,33 +271,86 @@ impl Chassis {
                 self.set_moving(port, Some(m));
             }
         }
-        for o in &out {
+        Ok(self.carry_out(id, &out, activating))
+    }
+
+    /// The handover to send migration `id`'s destination again (an
+    /// activation the controller's restart cut short).
+    pub fn handover_order(&self, id: u64) -> Option<Order> {
+        let r = self.migrations.get(&id)?;
+        Some(Order::Handover {
+            host: r.to.host.clone(),
+            command: r.command(Op::Start),
+        })
+    }
+
+    /// Each protocol output of migration `id`: its desired-state part
+    /// done here, its commands returned (`activating`: the migration was
+    /// activating when the output came).
+    fn carry_out(&mut self, id: u64, out: &[Output], activating: bool) -> Vec<Order> {
+        let Some(r) = self.migrations.get(&id).cloned() else {
+            return Vec::new();
+        };
+        let port = r.port;
+        let to_source = |command, best_effort| Order::Command {
+            host: r.from.host.clone(),
+            command,
+            best_effort,
+        };
+        let mut orders = Vec::new();
+        for o in out {
             match o {
+                // The destination's item (standby) came with the migration.
+                Output::PrepareDestination | Output::KeepSource => {}
                 Output::CleanDestination => self.set_moving(port, None),
                 Output::MoveMac => {
-                    let to = self.migrations.get(&id).map(|r| r.to.clone());
                     let n = port.number();
                     self.index_remove(n);
                     if let Some(p) = self.ports.get_mut(&n) {
-                        p.binding = to;
+                        p.binding = Some(r.to.clone());
                         p.moving = None;
                     }
                     self.index_add(n);
                     self.dirty.ports.insert(n);
                     self.bump();
                 }
-                Output::ReactivateSource if activating => {
-                    // The destination may have started: the source takes
-                    // the port back once the destination has dropped it.
-                    let revision = self.meta.revision;
-                    if let Some(r) = self.migrations.get_mut(&id) {
-                        r.resume_after = Some(revision);
+                Output::DeactivateSource => {
+                    let ip = self.hosts.get(&r.to.host).and_then(|h| h.tunnel_ip);
+                    let mut c = r.command(Op::Stop);
+                    c.redirect = ip.map(|i| i.to_string()).unwrap_or_default();
+                    orders.push(to_source(c, false));
+                }
+                // A pre-copy while the source still forwards: the handover
+                // at the switchover is then only what changed.
+                Output::StartSync => orders.push(to_source(r.command(Op::Sync), false)),
+                Output::ActivateDestination { .. } => orders.push(Order::Handover {
+                    host: r.to.host.clone(),
+                    command: r.command(Op::Start),
+                }),
+                // Best effort: the VM's own frames announce it too.
+                Output::Announce => orders.push(Order::Command {
+                    host: r.to.host.clone(),
+                    command: r.command(Op::Announce),
+                    best_effort: true,
+                }),
+                Output::ReactivateSource => {
+                    if activating {
+                        // The destination may have started: the source
+                        // takes the port back once the destination has
+                        // dropped it (`resume_after`).
+                        let revision = self.meta.revision;
+                        if let Some(m) = self.migrations.get_mut(&id) {
+                            m.resume_after = Some(revision);
+                        }
+                    } else if r.resume_after.is_none() {
+                        // A source that is away restarts the port from its
+                        // full state (no standby) when it is back.
+                        orders.push(to_source(r.command(Op::Resume), true));
                     }
                 }
-                _ => {}
             }
         }
-        Ok(out)
+        orders
     }
 
     /// Record what a migration's hosts handed over or dropped.
@@ -279,7 +365,7 @@ impl Chassis {
     /// syncing or switching are aborted (the source keeps or takes the
     /// port back); those activating go on (the source's state is kept:
     /// the destination gets it again when its agent is back).
-    pub fn recover_migrations(&mut self, now: Duration) -> Vec<(u64, Vec<Output>)> {
+    pub fn recover_migrations(&mut self, now: Duration) -> Vec<(u64, Vec<Order>)> {
         let open: Vec<u64> = self
             .migrations
             .values()

@@ -1,8 +1,10 @@
 //! The controller's side of live migrations: the admin calls (start,
-//! activate, abort, list), the hosts' migration events, and carrying out
-//! what the protocol (`dvs_migrate::protocol`) outputs — commands to the
-//! source and the destination over their sessions; the desired-state part
-//! (standby items, the binding's move) is the chassis's.
+//! activate, abort, list), the hosts' migration events, and sending what
+//! the chassis orders for each step of the protocol
+//! (`dvs_migrate::protocol`) — commands to the source and the destination
+//! over their sessions; the chassis does the desired-state part (standby
+//! items, the binding's move) and is the one place the outputs are
+//! matched.
 //!
 //! The source's snapshot passes through the controller, which checks it,
 //! keeps it durably until the destination runs from it (so that a
@@ -12,14 +14,14 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use dvs_migrate::protocol::{Frames, Input, Output, Phase, Trigger};
+use dvs_migrate::protocol::{Frames, Input, Phase, Trigger};
 use dvs_proto::api::{self, controller_message, migration_command::Op, migration_event::Kind};
 use dvs_proto::PortId;
 use tonic::Status;
 
 use super::admin::{attach, parse_port};
 use super::Controller;
-use crate::chassis::{Attach, MigrationRec};
+use crate::chassis::{Attach, MigrationRec, Order};
 use crate::store::Kept;
 
 /// Snapshots travel to the destination in pieces of this size.
@@ -88,15 +90,6 @@ pub fn view(r: &MigrationRec) -> api::Migration {
     }
 }
 
-fn command(m: &MigrationRec, op: Op) -> api::MigrationCommand {
-    api::MigrationCommand {
-        migration: m.id,
-        port: m.port.to_string(),
-        op: op as i32,
-        ..api::MigrationCommand::default()
-    }
-}
-
 impl Controller {
     fn record(&self, id: u64) -> Option<MigrationRec> {
         self.lock().chassis.migration(id).cloned()
@@ -161,57 +154,27 @@ impl Controller {
         Ok(())
     }
 
-    /// The commands behind the protocol's outputs (the chassis did the
-    /// desired-state part). An error names the party that cannot be told.
-    async fn perform(&self, id: u64, out: &[Output]) -> Result<(), String> {
-        let Some(r) = self.record(id) else {
-            return Ok(());
-        };
-        for o in out {
+    /// Send what the chassis ordered for migration `id`. An error names
+    /// the party that cannot be told.
+    async fn perform(&self, id: u64, orders: &[Order]) -> Result<(), String> {
+        for o in orders {
             match o {
-                Output::DeactivateSource => {
-                    let ip = self
-                        .lock()
-                        .chassis
-                        .host(&r.to.host)
-                        .and_then(|h| h.tunnel_ip);
-                    let mut c = command(&r, Op::Stop);
-                    c.redirect = ip.map(|i| i.to_string()).unwrap_or_default();
-                    self.send_command(&r.from.host, c).await?;
+                Order::Command {
+                    host,
+                    command,
+                    best_effort,
+                } => {
+                    let r = self.send_command(host, command.clone()).await;
+                    if !best_effort {
+                        r?;
+                    }
                 }
-                Output::StartSync => {
-                    // A pre-copy while the source still forwards: the
-                    // handover at the switchover is then only what changed.
-                    self.send_command(&r.from.host, command(&r, Op::Sync))
-                        .await?;
-                }
-                Output::ActivateDestination { .. } => {
+                Order::Handover { host, command } => {
                     let bytes = self
                         .kept(Kept::Handover, id)?
                         .ok_or("the source's snapshot is not kept")?;
-                    self.send_chunks(&r, Op::Start, &bytes).await?;
+                    self.send_chunks(host, command, &bytes).await?;
                 }
-                Output::Announce => {
-                    // Best effort: the VM's own frames announce it too.
-                    let _ = self
-                        .send_command(&r.to.host, command(&r, Op::Announce))
-                        .await;
-                }
-                Output::ReactivateSource => {
-                    // Unless the destination may have started (then once it
-                    // dropped the port: `released`). A source that is away
-                    // restarts the port from its full state (no standby)
-                    // when it is back.
-                    if r.resume_after.is_none() {
-                        let _ = self
-                            .send_command(&r.from.host, command(&r, Op::Resume))
-                            .await;
-                    }
-                }
-                Output::PrepareDestination
-                | Output::MoveMac
-                | Output::CleanDestination
-                | Output::KeepSource => {}
             }
         }
         Ok(())
@@ -221,13 +184,20 @@ impl Controller {
         self.lock().store.kept(kept, id).map_err(|e| e.to_string())
     }
 
-    /// Send `bytes` (a snapshot) to the destination in chunks.
-    async fn send_chunks(&self, r: &MigrationRec, op: Op, bytes: &[u8]) -> Result<(), String> {
+    /// Send `bytes` (a snapshot) to `host` in chunks, each a `command`.
+    async fn send_chunks(
+        &self,
+        host: &str,
+        command: &api::MigrationCommand,
+        bytes: &[u8],
+    ) -> Result<(), String> {
         for (chunk, more) in dvs_migrate::snapshot::pieces(bytes) {
-            let mut c = command(r, op);
-            c.chunk = chunk.to_vec();
-            c.more = more;
-            self.send_command(&r.to.host, c).await?;
+            let c = api::MigrationCommand {
+                chunk: chunk.to_vec(),
+                more,
+                ..command.clone()
+            };
+            self.send_command(host, c).await?;
         }
         Ok(())
     }
@@ -329,9 +299,7 @@ impl Controller {
             .collect();
         for m in ready {
             tracing::info!(migration = m.id, source = %m.from.host, "the destination dropped the port: the source resumes");
-            let _ = self
-                .send_command(&m.from.host, command(&m, Op::Resume))
-                .await;
+            let _ = self.send_command(&m.from.host, m.command(Op::Resume)).await;
             let _ = self.mutate(true, |c| {
                 c.note_migration(m.id, |r| r.resume_after = None);
                 Ok(())
@@ -487,7 +455,10 @@ impl Controller {
             let why = format!("the source's pre-copy: {e}");
             return self.input(r.id, Input::Abort(why)).await;
         }
-        if let Err(e) = self.send_chunks(r, Op::Presync, &bytes).await {
+        if let Err(e) = self
+            .send_chunks(&r.to.host, &r.command(Op::Presync), &bytes)
+            .await
+        {
             return self.input(r.id, Input::Abort(e)).await;
         }
         let size = bytes.len() as u64;
@@ -511,11 +482,14 @@ impl Controller {
             // The pre-copy first (the handover may be a delta of it): the
             // destination may have lost it with its session.
             let base = match (self.kept(Kept::Base, id), self.record(id)) {
-                (Ok(Some(b)), Some(r)) => self.send_chunks(&r, Op::Presync, &b).await,
+                (Ok(Some(b)), Some(r)) => {
+                    self.send_chunks(&r.to.host, &r.command(Op::Presync), &b)
+                        .await
+                }
                 (Err(e), _) => Err(e),
                 _ => Ok(()),
             };
-            let out = [Output::ActivateDestination { through_seq: 0 }];
+            let out: Vec<Order> = self.lock().chassis.handover_order(id).into_iter().collect();
             let r = match base {
                 Ok(()) => self.perform(id, &out).await,
                 Err(e) => Err(e),
