@@ -15,12 +15,19 @@
 //!    VLAN hopping attempt); trunks take the allowed tags and map untagged
 //!    frames to the native VLAN; stacked tags from a VM are dropped;
 //!    VXLAN payloads map their VNI to a VLAN and must carry untagged frames;
-//! 4. the tag is removed in place, so the frame is untagged from here on;
-//! 5. learn the source (port or remote tunnel endpoint);
-//! 6. unicast to a known MAC goes to its port or host; anything else floods to
-//!    the VLAN's other local ports and — when it came from a local port — to
-//!    every remote host of the segment (head-end replication). A frame from
-//!    the tunnel never goes back into it (split horizon).
+//! 4. a frame from a port in standby is held (small) or dropped; the tag is
+//!    removed in place, so the frame is untagged from here on;
+//! 5. from a VM: port security (`PortGuard`), then its port's policy from
+//!    the VM (`port_policy`: connection tracking, access list, policer),
+//!    then its marking (DSCP);
+//! 6. learn the source (port or remote tunnel endpoint); unicast to a known
+//!    MAC goes to its port or host; anything else floods to the VLAN's other
+//!    local ports and — when it came from a local port — to every remote host
+//!    of the segment (head-end replication). A frame from the tunnel never
+//!    goes back into it (split horizon);
+//! 7. each receiving port: none in standby, then its policy into the VM
+//!    (`port_policy` again, the same chain the other way); what passed is
+//!    accounted to the ports' flow records.
 //!
 //! Every drop has a [`DropReason`] and is counted on the ingress port or the
 //! tunnel.
@@ -1205,8 +1212,8 @@ impl Switch {
         self.ports.get(usize::from(no.0))?.as_ref()?.cfg.qos.mark
     }
 
-    /// The outbound list of the port a frame came from; `Some(reason)` when
-    /// it denies the frame. `key` is filled on first use.
+    /// The policy of the sending port on a frame from its VM
+    /// ([`port_policy`]; port security ran before it).
     fn check_outbound(
         &mut self,
         now: Duration,
@@ -1219,36 +1226,11 @@ impl Switch {
             return None;
         };
         let port = self.ports.get_mut(usize::from(no.0))?.as_mut()?;
-        if let Some(p) = port.police_out.as_mut() {
-            if p.limit().shape {
-                // The driver read this frame only because the shaper let it.
-                p.charge(now, frame.len());
-            } else if !p.admit(now, frame.len()) {
-                return Some(DropReason::Policed);
-            }
-        }
-        if port.acl_out.is_none() && port.conntrack.is_none() {
-            return None;
-        }
-        let k = key.get_or_insert_with(|| FlowKey::parse(frame, vlan.get()));
-        if port.conntrack.as_mut().is_some_and(|ct| ct.track(now, k)) {
-            return None;
-        }
-        let acl = port.acl_out.as_mut()?;
-        let d = acl.check(k);
-        if d.action == Action::Deny {
-            return Some(DropReason::AclDeny);
-        }
-        if d.stateful {
-            if let Some(ct) = port.conntrack.as_mut() {
-                ct.commit(now, k, Origin::FromVm);
-            }
-        }
-        None
+        port_policy(port, Direction::FromVm, now, frame, vlan, key).err()
     }
 
-    /// Remove the outputs whose port's inbound list denies the frame,
-    /// counting each on that port.
+    /// Remove the outputs whose port's policy refuses the frame into its
+    /// VM ([`port_policy`]), counting each on that port.
     fn check_inbound(
         &mut self,
         now: Duration,
@@ -1265,27 +1247,13 @@ impl Switch {
             let Some(Some(port)) = ports.get_mut(usize::from(p.0)) else {
                 return true;
             };
-            if port.acl_in.is_none() && port.conntrack.is_none() {
-                return admit(port, now, frame.len());
-            }
-            let k = key.get_or_insert_with(|| FlowKey::parse(frame, vlan.get()));
-            if port.conntrack.as_mut().is_some_and(|ct| ct.track(now, k)) {
-                return admit(port, now, frame.len());
-            }
-            let Some(acl) = port.acl_in.as_mut() else {
-                return true;
-            };
-            let d = acl.check(k);
-            if d.action == Action::Deny {
-                port.counters.tx_drops.add(DropReason::AclDeny);
-                return false;
-            }
-            if d.stateful {
-                if let Some(ct) = port.conntrack.as_mut() {
-                    ct.commit(now, k, Origin::ToVm);
+            match port_policy(port, Direction::ToVm, now, frame, vlan, key) {
+                Ok(()) => true,
+                Err(reason) => {
+                    port.counters.tx_drops.add(reason);
+                    false
                 }
             }
-            admit(port, now, frame.len())
         });
     }
 
@@ -1456,16 +1424,60 @@ impl Switch {
 
 /// The inbound policer of `port`: does a frame of `len` bytes go to the VM?
 /// A refusal is counted on the port.
-fn admit(port: &mut Port, now: Duration, len: usize) -> bool {
-    // A shaped port's limit is kept by the transmit side's queue.
-    let ok = port
-        .police_in
-        .as_mut()
-        .is_none_or(|p| p.limit().shape || p.admit(now, len));
-    if !ok {
-        port.counters.tx_drops.add(DropReason::Policed);
+/// A port's policy on a frame crossing it `dir` — the one chain both
+/// directions run, in this order:
+///
+/// 1. connection tracking: a frame of a connection the port's stateful
+///    rules opened (either way) passes without the list;
+/// 2. that direction's access list (a stateful permit opens the
+///    connection);
+/// 3. that direction's policer. A shaped port's limit is the driver's: from
+///    the VM, the frame is only charged (the driver read it because the
+///    shaper let it); to the VM, the transmit side's queue keeps it.
+///
+/// From the VM, port security (`PortGuard`) runs before it; to the VM, a
+/// port in standby takes nothing before it.
+fn port_policy(
+    port: &mut Port,
+    dir: Direction,
+    now: Duration,
+    frame: &[u8],
+    vlan: VlanId,
+    key: &mut Option<FlowKey>,
+) -> Result<(), DropReason> {
+    let (acl, policer, origin) = match dir {
+        Direction::FromVm => (&mut port.acl_out, &mut port.police_out, Origin::FromVm),
+        Direction::ToVm => (&mut port.acl_in, &mut port.police_in, Origin::ToVm),
+    };
+    if acl.is_some() || port.conntrack.is_some() {
+        let k = key.get_or_insert_with(|| FlowKey::parse(frame, vlan.get()));
+        let tracked = port.conntrack.as_mut().is_some_and(|ct| ct.track(now, k));
+        if let (false, Some(acl)) = (tracked, acl.as_mut()) {
+            let d = acl.check(k);
+            if d.action == Action::Deny {
+                return Err(DropReason::AclDeny);
+            }
+            if d.stateful {
+                if let Some(ct) = port.conntrack.as_mut() {
+                    ct.commit(now, k, origin);
+                }
+            }
+        }
     }
-    ok
+    let Some(p) = policer.as_mut() else {
+        return Ok(());
+    };
+    if p.limit().shape {
+        if dir == Direction::FromVm {
+            p.charge(now, frame.len());
+        }
+        return Ok(());
+    }
+    if p.admit(now, frame.len()) {
+        Ok(())
+    } else {
+        Err(DropReason::Policed)
+    }
 }
 
 fn parse_checked(frame: &[u8], max: usize) -> Result<EthView, DropReason> {
