@@ -42,6 +42,37 @@ enum OutputArg {
     Json,
 }
 
+/// What `dvs controller` takes.
+#[derive(clap::Args, Debug)]
+struct ControllerArgs {
+    /// Address to serve gRPC on.
+    #[arg(long, default_value = "127.0.0.1:7700")]
+    listen: std::net::SocketAddr,
+    /// Where the embedded store lives (created if missing).
+    #[arg(long, value_name = "DIR")]
+    data_dir: PathBuf,
+    /// Serve Prometheus metrics (text format) at this address.
+    #[arg(long, value_name = "ADDR")]
+    metrics: Option<std::net::SocketAddr>,
+    /// Require the token in this file (first line) on admin calls.
+    #[arg(long, value_name = "FILE")]
+    admin_token_file: Option<PathBuf>,
+    /// Serve with TLS: the controller's certificate and key (PEM)...
+    #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_client_ca"])]
+    tls_cert: Option<PathBuf>,
+    /// ...the key of that certificate (PEM)...
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_key: Option<PathBuf>,
+    /// ...and the CA whose certificates agents must present (each
+    /// naming the host the agent registers).
+    #[arg(long, value_name = "FILE", requires = "tls_cert")]
+    tls_client_ca: Option<PathBuf>,
+    /// Abort a migration whose destination port has not found its
+    /// interface (the VMM's TAP) this many seconds after it began.
+    #[arg(long, value_name = "SECONDS", default_value_t = 30)]
+    interface_timeout_s: u64,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Run the whole system on one machine: an embedded controller, hosts
@@ -121,34 +152,7 @@ enum Command {
     },
     /// Run the controller: the logical chassis, its store and the admin and
     /// agent services.
-    Controller {
-        /// Address to serve gRPC on.
-        #[arg(long, default_value = "127.0.0.1:7700")]
-        listen: std::net::SocketAddr,
-        /// Where the embedded store lives (created if missing).
-        #[arg(long, value_name = "DIR")]
-        data_dir: PathBuf,
-        /// Serve Prometheus metrics (text format) at this address.
-        #[arg(long, value_name = "ADDR")]
-        metrics: Option<std::net::SocketAddr>,
-        /// Require the token in this file (first line) on admin calls.
-        #[arg(long, value_name = "FILE")]
-        admin_token_file: Option<PathBuf>,
-        /// Serve with TLS: the controller's certificate and key (PEM)...
-        #[arg(long, value_name = "FILE", requires_all = ["tls_key", "tls_client_ca"])]
-        tls_cert: Option<PathBuf>,
-        /// ...the key of that certificate (PEM)...
-        #[arg(long, value_name = "FILE", requires = "tls_cert")]
-        tls_key: Option<PathBuf>,
-        /// ...and the CA whose certificates agents must present (each
-        /// naming the host the agent registers).
-        #[arg(long, value_name = "FILE", requires = "tls_cert")]
-        tls_client_ca: Option<PathBuf>,
-        /// Abort a migration whose destination port has not found its
-        /// interface (the VMM's TAP) this many seconds after it began.
-        #[arg(long, value_name = "SECONDS", default_value_t = 30)]
-        interface_timeout_s: u64,
-    },
+    Controller(ControllerArgs),
     /// Port profiles and NetFlow monitors (YAML documents).
     #[command(subcommand)]
     Profile(ProfileCmd),
@@ -372,23 +376,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             hosts,
             seed,
             loss,
-        } => {
-            let report = dvs_lab::run(dvs_lab::LabOptions {
-                hosts: usize::from(hosts),
-                seed,
-                loss_ppm: (loss * 10_000.0).round() as u32,
-                ..Default::default()
-            })?;
-            if json {
-                println!("{}", serde_json::to_string_pretty(&report)?);
-            } else {
-                print!("{}", report.render());
-            }
-            if !report.ok() {
-                anyhow::bail!("the lab's traffic checks failed (see the report above)");
-            }
-            Ok(())
-        }
+        } => lab(json, hosts, seed, loss),
         Command::Agent {
             config: Some(config),
             metrics,
@@ -428,76 +416,7 @@ fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Agent { .. } => anyhow::bail!(
             "give `--config FILE` (a static host) or `--host NAME --tunnel-ip IP --state-dir DIR` (a host under the controller at --controller)"
         ),
-        Command::Controller {
-            listen,
-            data_dir,
-            metrics,
-            admin_token_file,
-            tls_cert,
-            tls_key,
-            tls_client_ca,
-            interface_timeout_s,
-        } => {
-            let mut c = dvs_controller::server::Controller::open(&data_dir)?
-                .with_interface_timeout(std::time::Duration::from_secs(interface_timeout_s.max(1)));
-            let tls = match (tls_cert, tls_key, tls_client_ca) {
-                (Some(cert), Some(key), Some(client_ca)) => {
-                    c = c.with_agent_certificates();
-                    Some(
-                        dvs_controller::server::TlsFiles {
-                            cert,
-                            key,
-                            client_ca,
-                        }
-                        .server_config()?,
-                    )
-                }
-                _ => {
-                    tracing::warn!("no TLS: agents are not authenticated (give --tls-cert, --tls-key, --tls-client-ca)");
-                    None
-                }
-            };
-            match admin_token_file {
-                Some(f) => {
-                    let text = std::fs::read_to_string(&f)
-                        .map_err(|e| anyhow::anyhow!("reading {}: {e}", f.display()))?;
-                    let token = text.lines().next().unwrap_or("").trim();
-                    if token.len() < 16 {
-                        anyhow::bail!(
-                            "{}: the admin token must be at least 16 characters on the first line",
-                            f.display()
-                        );
-                    }
-                    c = c.with_admin_token(token);
-                }
-                None => tracing::warn!(
-                    "admin calls are not authenticated: give --admin-token-file to require a token"
-                ),
-            }
-            if let Some(addr) = metrics {
-                let c = c.clone();
-                dvs_metrics::serve(addr, move || c.metrics())
-                    .map_err(|e| anyhow::anyhow!("serving metrics on {addr}: {e}"))?;
-            }
-            let rt = tokio::runtime::Runtime::new()?;
-            rt.block_on(async move {
-                tracing::info!(%listen, data_dir = %data_dir.display(), "controller running");
-                let mut term =
-                    tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-                let stop = async move {
-                    tokio::select! {
-                        _ = tokio::signal::ctrl_c() => {}
-                        _ = term.recv() => {}
-                    }
-                };
-                let listener = tokio::net::TcpListener::bind(listen)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("binding {listen}: {e}"))?;
-                dvs_controller::server::serve_on(c, listener, tls, stop)
-                    .await
-                    .map_err(|e| anyhow::anyhow!("serving on {listen}: {e}"))
-            })
-        }
+        Command::Controller(args) => controller(args),
         Command::Hook(HookCmd::Libvirt {
             host,
             tap,
@@ -505,41 +424,19 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             operation,
             sub_operation,
             extra: _,
-        }) => {
-            let mut xml = String::new();
-            std::io::Read::read_to_string(&mut std::io::stdin(), &mut xml)
-                .map_err(|e| anyhow::anyhow!("reading the domain XML on stdin: {e}"))?;
-            let call = dvs_controller::hook::HookCall {
+        }) => hook(
+            &cli.controller,
+            cli.token.as_deref(),
+            cli.tls_ca.as_deref(),
+            dvs_controller::hook::HookCall {
                 host,
                 domain,
                 operation,
                 sub_operation,
-                xml,
+                xml: String::new(),
                 tap,
-            };
-            // Bad input is refused before the controller is asked, and
-            // operations that do not concern the network need none.
-            let (action, _) = dvs_controller::hook::check(&call)?;
-            if action == dvs_migrate::libvirt::Action::Nothing {
-                return Ok(());
-            }
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()?;
-            let text = rt.block_on(async {
-                let mut c = dvs_controller::client::connect(
-                    &cli.controller,
-                    cli.token.as_deref(),
-                    cli.tls_ca.as_deref(),
-                )
-                .await?;
-                dvs_controller::hook::libvirt(&mut c, &call).await
-            })?;
-            // libvirt reads stdout of `migrate` as a new domain XML: the
-            // report goes to stderr.
-            eprint!("{text}");
-            Ok(())
-        }
+            },
+        ),
         Command::Profile(_)
         | Command::Port(_)
         | Command::Host(_)
@@ -554,6 +451,125 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             )
         }
     }
+}
+
+/// `dvs lab`: run it, print the report, fail when its checks did.
+fn lab(json: bool, hosts: u8, seed: u64, loss: f64) -> anyhow::Result<()> {
+    let report = dvs_lab::run(dvs_lab::LabOptions {
+        hosts: usize::from(hosts),
+        seed,
+        loss_ppm: (loss * 10_000.0).round() as u32,
+        ..Default::default()
+    })?;
+    if json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+    } else {
+        print!("{}", report.render());
+    }
+    if !report.ok() {
+        anyhow::bail!("the lab's traffic checks failed (see the report above)");
+    }
+    Ok(())
+}
+
+/// `dvs controller`: serve until SIGTERM or SIGINT.
+fn controller(args: ControllerArgs) -> anyhow::Result<()> {
+    let ControllerArgs {
+        listen,
+        data_dir,
+        metrics,
+        admin_token_file,
+        tls_cert,
+        tls_key,
+        tls_client_ca,
+        interface_timeout_s,
+    } = args;
+    let mut c = dvs_controller::server::Controller::open(&data_dir)?
+        .with_interface_timeout(std::time::Duration::from_secs(interface_timeout_s.max(1)));
+    let tls = match (tls_cert, tls_key, tls_client_ca) {
+        (Some(cert), Some(key), Some(client_ca)) => {
+            c = c.with_agent_certificates();
+            Some(
+                dvs_controller::server::TlsFiles {
+                    cert,
+                    key,
+                    client_ca,
+                }
+                .server_config()?,
+            )
+        }
+        _ => {
+            tracing::warn!("no TLS: agents are not authenticated (give --tls-cert, --tls-key, --tls-client-ca)");
+            None
+        }
+    };
+    match admin_token_file {
+        Some(f) => {
+            let text = std::fs::read_to_string(&f)
+                .map_err(|e| anyhow::anyhow!("reading {}: {e}", f.display()))?;
+            let token = text.lines().next().unwrap_or("").trim();
+            if token.len() < 16 {
+                anyhow::bail!(
+                    "{}: the admin token must be at least 16 characters on the first line",
+                    f.display()
+                );
+            }
+            c = c.with_admin_token(token);
+        }
+        None => tracing::warn!(
+            "admin calls are not authenticated: give --admin-token-file to require a token"
+        ),
+    }
+    if let Some(addr) = metrics {
+        let c = c.clone();
+        dvs_metrics::serve(addr, move || c.metrics())
+            .map_err(|e| anyhow::anyhow!("serving metrics on {addr}: {e}"))?;
+    }
+    let rt = tokio::runtime::Runtime::new()?;
+    rt.block_on(async move {
+        tracing::info!(%listen, data_dir = %data_dir.display(), "controller running");
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        let stop = async move {
+            tokio::select! {
+                _ = tokio::signal::ctrl_c() => {}
+                _ = term.recv() => {}
+            }
+        };
+        let listener = tokio::net::TcpListener::bind(listen)
+            .await
+            .map_err(|e| anyhow::anyhow!("binding {listen}: {e}"))?;
+        dvs_controller::server::serve_on(c, listener, tls, stop)
+            .await
+            .map_err(|e| anyhow::anyhow!("serving on {listen}: {e}"))
+    })
+}
+
+/// `dvs hook libvirt`: the domain XML on stdin, the report on stderr.
+fn hook(
+    url: &str,
+    token: Option<&str>,
+    tls_ca: Option<&std::path::Path>,
+    mut call: dvs_controller::hook::HookCall,
+) -> anyhow::Result<()> {
+    std::io::Read::read_to_string(&mut std::io::stdin(), &mut call.xml)
+        .map_err(|e| anyhow::anyhow!("reading the domain XML on stdin: {e}"))?;
+    // Bad input is refused before the controller is asked, and
+    // operations that do not concern the network need none.
+    let (action, _) = dvs_controller::hook::check(&call)?;
+    if action == dvs_migrate::libvirt::Action::Nothing {
+        return Ok(());
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let text = rt.block_on(async {
+        let mut c = dvs_controller::client::connect(url, token, tls_ca).await?;
+        dvs_controller::hook::libvirt(&mut c, &call).await
+    })?;
+    // libvirt reads stdout of `migrate` as a new domain XML: the
+    // report goes to stderr.
+    eprint!("{text}");
+    Ok(())
 }
 
 /// Run an admin command against the controller and print its view.

@@ -4,7 +4,7 @@
 //!
 //! - [`core`]: the sans-IO agent core (desired state and datapath events
 //!   in; port changes, acks, migration events and reports out) — run by
-//!   [`run_with`] here and by the lab;
+//!   [`run_with`] (`run`: the datapath thread's loop) and by the lab;
 //! - [`config`]: the agent file, validated whole;
 //! - [`migration`]: a host's part in a live migration;
 //! - [`remote`]: the session with the controller (a transport: it carries
@@ -18,13 +18,15 @@ pub mod config;
 pub mod core;
 pub mod migration;
 pub mod remote;
+mod run;
+
+pub use run::{run, run_with, ControlLink};
 
 use std::fs::File;
 use std::io::{self, IoSlice, IoSliceMut, Read};
 use std::net::SocketAddr;
 use std::os::fd::{AsRawFd, RawFd};
-use std::path::Path;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use crate::agent::config::{AgentConfig, Attachment, PortSpec, StaticLocation, StaticMac};
 use crate::driver::attach::{Attacher, Device};
@@ -35,7 +37,6 @@ use crate::pipeline::mactable::Location;
 use crate::pipeline::{Switch, SwitchConfig};
 use crate::wire::VnetHdr;
 use crate::Error;
-use dvs_proto::api;
 
 /// A port's device on a real host.
 #[derive(Debug)]
@@ -277,218 +278,6 @@ fn flow_source(cfg: &AgentConfig) -> std::net::IpAddr {
         })
 }
 
-/// How a controller-driven agent's datapath loop meets its session
-/// thread ([`remote`]).
-#[derive(Debug)]
-pub struct ControlLink {
-    /// The controller's messages.
-    pub inbound: std::sync::mpsc::Receiver<api::ControllerMessage>,
-    /// Readable when a message waits (the session writes a byte).
-    pub wake: std::os::unix::net::UnixStream,
-    /// What the core sends and saves, in order.
-    pub outbound: tokio::sync::mpsc::UnboundedSender<core::Outbound>,
-    /// The desired state the agent started from (saved by a previous run).
-    pub desired: core::Desired,
-    /// The host's own settings the controller's items go with.
-    pub local: serde_json::Value,
-}
-
-/// Run the agent of `cfg` until SIGTERM or SIGINT; with `path`, SIGHUP
-/// re-reads that file.
-///
-/// # Errors
-/// Startup errors (see [`build`]) and fatal device errors.
-pub fn run(cfg: &AgentConfig, path: Option<&Path>) -> Result<(), Error> {
-    run_with(cfg, path, None, None)
-}
-
-/// [`run`], taking new configurations from a controller through `link`,
-/// and serving Prometheus metrics at `metrics`.
-///
-/// # Errors
-/// Startup errors (see [`build`]) and fatal device errors.
-pub fn run_with(
-    cfg: &AgentConfig,
-    path: Option<&Path>,
-    link: Option<ControlLink>,
-    metrics: Option<SocketAddr>,
-) -> Result<(), Error> {
-    sys::catch_signals().map_err(|e| Error::io("installing signal handlers", e))?;
-    let stats = std::sync::Arc::new(std::sync::Mutex::new(dvs_proto::stats::Stats::default()));
-    let revision = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
-    if let Some(addr) = metrics {
-        let (stats, revision) = (stats.clone(), revision.clone());
-        let controlled = link.is_some();
-        dvs_metrics::serve(addr, move || {
-            let s = stats.lock().unwrap_or_else(|p| p.into_inner());
-            let rev = controlled.then(|| revision.load(std::sync::atomic::Ordering::Relaxed));
-            dvs_metrics::agent(&s, rev)
-        })
-        .map_err(|e| Error::io(format!("serving metrics on {addr}"), e))?;
-    }
-    // Listening to link changes first: an interface that appears while the
-    // ports are being set up is not missed.
-    let mut attacher = Attacher::new();
-    let mut dp = build(cfg, &mut attacher)?;
-    let start = Instant::now();
-    dp.spawn_transmit(start)
-        .map_err(|e| Error::io("starting the transmit thread", e))?;
-    tracing::info!(host = %cfg.host, ports = cfg.ports.len(), segments = cfg.segments.len(), "agent running");
-    if let Some(l) = &link {
-        l.wake
-            .set_nonblocking(true)
-            .map_err(|e| Error::io("setting the control link non-blocking", e))?;
-    }
-    // Migration times are reported on the wall clock (hosts' clocks are
-    // synchronised; the controller compares them).
-    let wall = || {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .unwrap_or_default()
-    };
-    let (local, desired) = link
-        .as_ref()
-        .map(|l| (l.local.clone(), l.desired.clone()))
-        .unwrap_or_default();
-    let mut agent = core::AgentCore::new(
-        dp,
-        cfg.clone(),
-        local,
-        desired,
-        wall().saturating_sub(start.elapsed()),
-    );
-    // The fds to wait on, rebuilt only when ports come or go: the ports'
-    // and the uplink's, then the control link's, then the link monitor's.
-    let wake_fd = link.as_ref().map(|l| l.wake.as_raw_fd());
-    let links_fd = attacher.fd();
-    let poll_set = |fds: &[(Option<crate::PortNo>, RawFd)]| -> Vec<libc::pollfd> {
-        fds.iter()
-            .map(|(_, fd)| *fd)
-            .chain(wake_fd)
-            .chain(links_fd)
-            .map(|fd| libc::pollfd {
-                fd,
-                events: libc::POLLIN,
-                revents: 0,
-            })
-            .collect()
-    };
-    let mut fds = agent.dp.fds();
-    let mut pollfds = poll_set(&fds);
-    let mut next_stats = Duration::ZERO;
-    let mut next_probe = Duration::ZERO;
-    let mut open = |p: &PortSpec| HostPort::open(&p.attach);
-    while !sys::terminate_requested() {
-        for pfd in &mut pollfds {
-            pfd.events = libc::POLLIN;
-            pfd.revents = 0;
-        }
-        let now = start.elapsed();
-        let dp = &mut agent.dp;
-        let mut wait = dp
-            .switch
-            .poll_timeout()
-            .min(next_stats)
-            .saturating_sub(now)
-            .min(Duration::from_millis(200));
-        if let Some(p) = attacher.poll_timeout() {
-            wait = wait.min(p);
-        }
-        // A shaped port whose frames must wait is not read until then.
-        for (pfd, (port, _)) in pollfds.iter_mut().zip(&fds) {
-            if let Some(no) = port {
-                if let Some(w) = dp.switch.port_wait(*no, now) {
-                    pfd.events = 0;
-                    wait = wait.min(w);
-                }
-            }
-        }
-        // Round up: waking a little late keeps the shaper from spinning.
-        let ms = wait.as_micros().div_ceil(1000) as i32;
-        sys::poll(&mut pollfds, ms).map_err(|e| Error::io("waiting for frames", e))?;
-        let now = start.elapsed();
-        let mut changed = false;
-        let (dp, cfg_now) = agent.parts();
-        let ports = &cfg_now.ports;
-        for (pfd, (port, _)) in pollfds.iter().zip(&fds) {
-            if pfd.revents == 0 {
-                continue;
-            }
-            let r = match port {
-                Some(no) => dp.poll_port(now, *no),
-                None => dp.poll_uplink(now),
-            };
-            match (r, port) {
-                (Ok(_), _) => {}
-                (Err(e), Some(no)) => {
-                    changed |= attacher.on_port_error(dp, ports, *no, &e, &mut open);
-                }
-                (Err(e), None) => tracing::warn!(error = %e, "reading the VXLAN socket"),
-            }
-        }
-        if links_fd.is_some() && pollfds.last().is_some_and(|p| p.revents != 0) {
-            changed |= attacher.on_links(dp, ports, &mut open);
-        }
-        if now >= next_probe {
-            attacher.tick(dp, ports);
-            next_probe = now + crate::driver::attach::PROBE_EVERY;
-        }
-        dp.handle_timeout(now);
-        report_flaps(&mut dp.switch);
-        if sys::take_reload_request() {
-            if let Some(path) = path {
-                match AgentConfig::load(path) {
-                    // Applied in part or whole: ports may have come or gone.
-                    Ok(new) => {
-                        let _ = agent.apply_file(new, now, &mut attacher, &mut open);
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "reload refused; the running configuration stays");
-                    }
-                }
-            }
-        }
-        if let Some(l) = &link {
-            let mut byte = [0u8; 64];
-            while (&l.wake).read(&mut byte).is_ok_and(|n| n > 0) {}
-            while let Ok(m) = l.inbound.try_recv() {
-                agent.on_controller(m, now, &mut attacher, &mut open);
-            }
-            agent.tick(now, wall(), &mut attacher);
-            for o in agent.take_outbound() {
-                let _ = l.outbound.send(o);
-            }
-            revision.store(agent.revision(), std::sync::atomic::Ordering::Relaxed);
-        } else {
-            attacher.take_attached();
-            attacher.take_read();
-        }
-        if changed | agent.take_changed() {
-            fds = agent.dp.fds();
-            pollfds = poll_set(&fds);
-        }
-        if now >= next_stats {
-            let cfg = agent.config();
-            if let Some(path) = &cfg.stats_file {
-                write_stats(&agent.dp, &cfg.host, now, path);
-            }
-            if metrics.is_some() {
-                *stats.lock().unwrap_or_else(|p| p.into_inner()) = agent.dp.stats(&cfg.host, now);
-            }
-            next_stats = now + Duration::from_secs(1);
-        }
-    }
-    let now = start.elapsed();
-    // Open flow records end with the agent: collectors get them now.
-    agent.dp.flush_flows(now);
-    let cfg = agent.config();
-    if let Some(path) = &cfg.stats_file {
-        write_stats(&agent.dp, &cfg.host, now, path);
-    }
-    tracing::info!(host = %cfg.host, "agent stopped");
-    Ok(())
-}
-
 /// The ATTACHED events of migrations' ports among `ports` (just attached
 /// at `wall`).
 fn attached_events<P: PortIo>(
@@ -663,33 +452,5 @@ pub fn apply_with<P: PortIo + Device>(
             tracing::error!("{p}");
         }
         Err(problems.join("; "))
-    }
-}
-
-/// Log the MAC table entries that began to flap (a loop, or two senders
-/// fighting over one MAC): each is held where it was for a while.
-fn report_flaps(sw: &mut Switch) {
-    for f in sw.take_flaps() {
-        tracing::warn!(
-            vlan = f.vlan.get(),
-            mac = %f.mac,
-            at = ?f.at,
-            refused = ?f.refused,
-            hold_s = crate::pipeline::mactable::MOVE_HOLD.as_secs(),
-            "MAC flapping: held where it is, further moves refused"
-        );
-    }
-}
-
-/// Write the stats as JSON, atomically (temporary file, then rename).
-fn write_stats(dp: &Datapath<HostPort>, host: &str, now: Duration, path: &Path) {
-    let stats = dp.stats(host, now);
-    let tmp = path.with_extension("tmp");
-    let r = serde_json::to_vec_pretty(&stats)
-        .map_err(io::Error::other)
-        .and_then(|b| std::fs::write(&tmp, b))
-        .and_then(|()| std::fs::rename(&tmp, path));
-    if let Err(e) = r {
-        tracing::warn!(error = %e, path = %path.display(), "cannot write stats");
     }
 }
