@@ -93,8 +93,13 @@ enum Command {
         #[arg(long, default_value_t = dvs_lab::LabOptions::default().seed)]
         seed: u64,
         /// Share of the underlay's datagrams lost, in percent (0 to 50).
-        #[arg(long, default_value_t = 0.0, value_parser = parse_loss)]
+        #[arg(long, default_value_t = 0.0, value_parser = parse_loss, conflicts_with = "netns")]
         loss: f64,
+        /// Real parts instead (root): `dvs controller` and a `dvs agent`
+        /// process per host, VMs as network namespaces on the agents' TAPs
+        /// with the kernel's TCP/IP stack, on the real clock.
+        #[arg(long)]
+        netns: bool,
     },
     /// Run one host's switch (datapath + agent) until SIGTERM.
     #[command(
@@ -259,9 +264,14 @@ enum HookCmd {
         /// interfaces libvirt made, attached with AF_PACKET).
         #[arg(long)]
         tap: bool,
+        /// The domain (VM) libvirt names.
         domain: String,
+        /// libvirt's operation (prepare, start, started, stopped, release,
+        /// migrate, restore, reconnect, attach).
         operation: String,
+        /// Its sub-operation (begin, end, -).
         sub_operation: String,
+        /// libvirt's extra argument (unused).
         #[arg(default_value = "-")]
         extra: String,
     },
@@ -272,18 +282,23 @@ enum ProfileCmd {
     /// Apply a file of PortProfile and NetflowMonitor documents (`---`
     /// between them), all or nothing; every bound port follows.
     Apply {
+        /// The YAML file of documents.
         #[arg(short = 'f', long = "file", value_name = "FILE")]
         file: PathBuf,
         /// Only print what would change.
         #[arg(long)]
         dry_run: bool,
     },
+    /// Every profile and monitor.
     List,
+    /// One profile or monitor, as applied.
     Show {
+        /// The profile's or monitor's name.
         name: String,
     },
     /// Delete a profile or monitor nothing uses.
     Delete {
+        /// The profile's or monitor's name.
         name: String,
     },
 }
@@ -292,10 +307,13 @@ enum ProfileCmd {
 enum PortCmd {
     /// Define a VM port; prints its ID.
     Create {
+        /// The VM the port belongs to (a name of the admin's choosing).
         #[arg(long)]
         vm: String,
+        /// The VM's MAC on this port (what port security allows).
         #[arg(long)]
         mac: String,
+        /// The port profile whose policy the port takes.
         #[arg(long)]
         profile: String,
         /// Bind it at once to this host...
@@ -308,11 +326,16 @@ enum PortCmd {
         #[arg(long, default_value = "")]
         netdev: String,
     },
+    /// Every port.
     List,
+    /// One port in detail.
     Show {
+        /// The port (vethN).
         id: String,
     },
+    /// Delete a port (its host removes it).
     Delete {
+        /// The port (vethN).
         id: String,
     },
     /// Put a port on a host (`--host ''` takes it off).
@@ -338,6 +361,7 @@ enum PortCmd {
 
 #[derive(Subcommand, Debug)]
 enum HostCmd {
+    /// Every host (module): its agent's connection, tunnel address and revisions.
     List,
 }
 
@@ -376,7 +400,8 @@ fn run(cli: Cli) -> anyhow::Result<()> {
             hosts,
             seed,
             loss,
-        } => lab(json, hosts, seed, loss),
+            netns,
+        } => lab(json, hosts, seed, loss, netns),
         Command::Agent {
             config: Some(config),
             metrics,
@@ -454,13 +479,20 @@ fn run(cli: Cli) -> anyhow::Result<()> {
 }
 
 /// `dvs lab`: run it, print the report, fail when its checks did.
-fn lab(json: bool, hosts: u8, seed: u64, loss: f64) -> anyhow::Result<()> {
-    let report = dvs_lab::run(dvs_lab::LabOptions {
+fn lab(json: bool, hosts: u8, seed: u64, loss: f64, netns: bool) -> anyhow::Result<()> {
+    let opts = dvs_lab::LabOptions {
         hosts: usize::from(hosts),
         seed,
         loss_ppm: (loss * 10_000.0).round() as u32,
         ..Default::default()
-    })?;
+    };
+    let report = if netns {
+        let me = std::env::current_exe()
+            .map_err(|e| anyhow::anyhow!("finding the dvs binary to run its agents: {e}"))?;
+        dvs_lab::netns::run(&opts, &me)?
+    } else {
+        dvs_lab::run(opts)?
+    };
     if json {
         println!("{}", serde_json::to_string_pretty(&report)?);
     } else {

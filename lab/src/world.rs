@@ -66,7 +66,7 @@ pub struct Lab {
 }
 
 /// The lab's port profiles: one per VLAN.
-fn lab_profiles() -> String {
+pub fn lab_profiles() -> String {
     VLANS
         .iter()
         .map(|(v, _)| {

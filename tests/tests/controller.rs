@@ -345,3 +345,53 @@ fn a_port_waits_for_its_interface_across_agent_restarts_and_device_kinds() {
     );
     wait_attachment(&c, &id, "attached");
 }
+
+/// `dvs lab --netns`: the lab with real parts — a controller process, an
+/// agent process per host, VMs as namespaces with the kernel's stack — runs
+/// its checks and leaves nothing behind.
+#[test]
+fn the_namespace_lab_runs_on_real_agents_and_cleans_up() {
+    if !e2e_ready(TOOLS) {
+        return;
+    }
+    let child = std::process::Command::new(dvs_tests::netns::dvs_bin())
+        .args(["lab", "--netns", "--json"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let o = child.wait_with_output().unwrap();
+    let (out, err) = (
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+    );
+    assert!(o.status.success(), "{err}\n{out}");
+    let v: serde_json::Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(v["netns"], true);
+    assert_eq!(v["hosts"].as_array().unwrap().len(), 2);
+    assert!(
+        v["pings"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|p| p["ok"] == true),
+        "{out}"
+    );
+    assert_eq!(v["tcp"]["bytes_received"], 4 << 20, "{out}");
+    assert_eq!(v["tcp"]["intact"], true, "{out}");
+    let moves = v["migrations"].as_array().unwrap();
+    assert_eq!(moves.len(), 2, "{out}");
+    for m in moves {
+        assert_eq!(m["record"]["phase"], "done", "{out}");
+        assert!(m["record"]["blackout_ms"].as_f64().is_some(), "{out}");
+    }
+    // Its namespaces and TAPs (named by its PID) are gone.
+    let prefix = format!("dl{}", pid % 100_000);
+    let left = std::process::Command::new("sh")
+        .args(["-c", "ip netns list; ip -o link"])
+        .output()
+        .unwrap();
+    let left = String::from_utf8_lossy(&left.stdout);
+    assert!(!left.contains(&prefix), "left behind: {left}");
+}
