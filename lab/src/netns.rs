@@ -709,7 +709,7 @@ fn received_of(out: &str) -> u16 {
 
 /// A Python script sending, on `eth0`, the RARP announcement QEMU sends
 /// for a NIC of MAC `mac` when a VM resumes after a migration.
-fn rarp_script(mac: &str) -> String {
+pub fn rarp_script(mac: &str) -> String {
     let m = mac.replace(':', "");
     format!(
         "import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind((\"eth0\", 0)); \

@@ -506,7 +506,7 @@ impl Chassis {
             "",
             &format!(
                 "ip netns exec {ns} /usr/bin/python3 -c '{}'",
-                rarp_script(&t.mac)
+                dvs_lab::netns::rarp_script(&t.mac)
             ),
         );
         self.taps[i].host = to;
@@ -582,17 +582,6 @@ impl Chassis {
             .find(|t| t.name == name)
             .unwrap_or_else(|| panic!("no TAP VM {name}"))
     }
-}
-
-/// A Python script sending, on `eth0`, the RARP announcement QEMU sends
-/// for a NIC of MAC `mac` when a VM resumes after a migration.
-fn rarp_script(mac: &str) -> String {
-    let m = mac.replace(':', "");
-    format!(
-        "import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind((\"eth0\", 0)); \
-         m = bytes.fromhex(\"{m}\"); \
-         s.send(b\"\\xff\" * 6 + m + b\"\\x80\\x35\\x00\\x01\\x08\\x00\\x06\\x04\\x00\\x03\" + m + bytes(4) + m + bytes(4) + bytes(18))"
-    )
 }
 
 /// A CA, a certificate for the controller (IP SAN [`CORE_IP`]) and one per

@@ -20,12 +20,9 @@ fn dvs(args: &[&str]) -> (i32, String, String) {
 }
 
 fn agent_with(yaml: &str) -> (i32, String) {
-    let dir = std::env::temp_dir().join(format!("dvs-cli-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join(format!(
-        "{:x}.yaml",
-        yaml.len() * 31 + yaml.bytes().map(usize::from).sum::<usize>()
-    ));
+    static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+    let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let path = std::env::temp_dir().join(format!("dvs-cli-{}-{n}.yaml", std::process::id()));
     std::fs::write(&path, yaml).unwrap();
     let (code, _, err) = dvs(&["agent", "--config", path.to_str().unwrap()]);
     let _ = std::fs::remove_file(&path);

@@ -212,6 +212,21 @@ impl api::agent_server::Agent for Controller {
 }
 
 impl Controller {
+    /// The chassis's revision and `host`'s items in it.
+    fn items_of(&self, host: &str) -> (u64, BTreeMap<String, Item>) {
+        let st = self.lock();
+        (st.chassis.revision(), st.chassis.host_items(host))
+    }
+
+    /// `host` has been sent revision `rev` (its convergence is measured
+    /// from there).
+    fn note_sent(&self, host: &str, rev: u64) -> Result<(), Status> {
+        self.mutate(false, |c| {
+            c.note_desired(host, rev);
+            Ok(())
+        })
+    }
+
     /// Send `host` its state, then deltas as the chassis changes; take its
     /// acks and reports until the stream ends.
     async fn serve_session(
@@ -222,15 +237,9 @@ impl Controller {
         tx: mpsc::Sender<Result<api::ControllerMessage, Status>>,
     ) -> Result<(), Status> {
         let mut changes = self.revision.subscribe();
-        let (rev, items) = {
-            let st = self.lock();
-            (st.chassis.revision(), st.chassis.host_items(host))
-        };
+        let (rev, items) = self.items_of(host);
         let (mut feed, full) = HostFeed::full(rev, &items, module);
-        self.mutate(false, |c| {
-            c.note_desired(host, rev);
-            Ok(())
-        })?;
+        self.note_sent(host, rev)?;
         let full = api::ControllerMessage {
             msg: Some(controller_message::Msg::Full(full)),
         };
@@ -264,15 +273,9 @@ impl Controller {
                     if r.is_err() {
                         return Ok(());
                     }
-                    let (rev, items) = {
-                        let st = self.lock();
-                        (st.chassis.revision(), st.chassis.host_items(host))
-                    };
+                    let (rev, items) = self.items_of(host);
                     let Some(delta) = feed.delta(rev, &items) else { continue };
-                    self.mutate(false, |c| {
-                        c.note_desired(host, rev);
-                        Ok(())
-                    })?;
+                    self.note_sent(host, rev)?;
                     let delta = api::ControllerMessage {
                         msg: Some(controller_message::Msg::Delta(delta)),
                     };
