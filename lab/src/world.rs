@@ -65,6 +65,33 @@ pub struct Lab {
     next_timers: Duration,
 }
 
+/// Where the hypervisor is in a migration of VM `vm` to host `to`.
+struct Hypervisor {
+    vm: usize,
+    to: usize,
+    step: Step,
+    /// The migration, once begun.
+    id: u64,
+    /// When to read the migration's record next.
+    next_check: Duration,
+    /// How long the VM was paused.
+    pause: Duration,
+    /// When the migration was seen done.
+    done_at: Option<Duration>,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Step {
+    /// The VM runs; the migration begins at `until`.
+    Running { until: Duration },
+    /// Begun: waiting for it to sync.
+    Begun,
+    /// Stop-and-copy until `until`.
+    Paused { until: Duration },
+    /// Running at the destination: waiting for the migration to end.
+    Resumed,
+}
+
 /// The lab's port profiles: one per VLAN.
 pub fn lab_profiles() -> String {
     VLANS
@@ -307,9 +334,6 @@ impl Lab {
         peer: usize,
         window: usize,
     ) -> Result<MigrationResult, LabError> {
-        use dvs_controller::client::{Command, Output};
-        const PAUSE: Duration = Duration::from_millis(20);
-        let port = self.vms[vm].port;
         let from = self.vms[vm].host;
         self.streams += 1;
         let (tcp_port, dst) = (5300 + self.streams, self.vms[peer].ip);
@@ -334,14 +358,18 @@ impl Lab {
         let n = self.vms.len();
         let (mut pings_sent, mut replies) = (0u32, vec![vec![0u16; n]; n]);
         let mut next_ping = self.now();
-        let began = self.now() + Duration::from_millis(300);
         let deadline = self.now() + Duration::from_secs(30);
-        let mut id = None;
-        let mut step = 0u8;
-        let mut resume_at = Duration::ZERO;
-        let mut done_at = None;
-        let mut pause = Duration::ZERO;
-        let mut next_check = Duration::ZERO;
+        let mut hv = Hypervisor {
+            vm,
+            to,
+            step: Step::Running {
+                until: self.now() + Duration::from_millis(300),
+            },
+            id: 0,
+            next_check: Duration::ZERO,
+            pause: Duration::ZERO,
+            done_at: None,
+        };
         let mut chunk = vec![0u8; 16 * 1024];
         while self.now() < deadline {
             let now = self.now();
@@ -350,7 +378,9 @@ impl Lab {
             if !self.vms[vm].paused {
                 let v = &mut self.vms[vm];
                 let s = v.sockets.get_mut::<tcp::Socket>(tx);
-                let ending = done_at.is_some_and(|t| now > t + Duration::from_millis(300));
+                let ending = hv
+                    .done_at
+                    .is_some_and(|t| now > t + Duration::from_millis(300));
                 let bytes = if ending { sent } else { got + window };
                 if ending {
                     s.close();
@@ -370,68 +400,16 @@ impl Lab {
             }
             collect_replies(self, &mut replies);
             // The hypervisor's steps.
-            match step {
-                0 if now >= began => {
-                    let text = self.control.view(
-                        Command::MigrateStart {
-                            req: api::StartMigrationRequest {
-                                port: port.to_string(),
-                                to: self.hosts[to].name.clone(),
-                                ..Default::default()
-                            },
-                            wait: false,
-                        },
-                        Output::Json,
-                    )?;
-                    let v: serde_json::Value =
-                        serde_json::from_str(&text).map_err(|e| ctl_err("migrate start", e))?;
-                    id = v[0]["id"].as_u64();
-                    step = 1;
-                }
-                1 if now >= next_check => {
-                    next_check = now + Duration::from_millis(5);
-                    let m = self.migration_record(id.unwrap_or(0))?;
-                    if m["phase"] == "syncing" {
-                        // Stop-and-copy: the VM stops running.
-                        self.vms[vm].paused = true;
-                        resume_at = now + PAUSE;
-                        step = 2;
-                    } else if m["phase"] == "aborted" {
-                        return Err(LabError::Controller(format!("migration aborted: {m}")));
-                    }
-                }
-                2 if now >= resume_at => {
-                    // Its NIC is now the destination's port; it resumes and
-                    // QEMU announces it.
-                    let wire = self.hosts[to].wires.get(&port).cloned().ok_or_else(|| {
-                        LabError::Controller(format!("{} has no port {port}", self.hosts[to].name))
-                    })?;
-                    let rarp = dvs_switch::wire::announce::rarp(self.vms[vm].mac);
-                    wire.borrow_mut().from_vm.push_back(rarp.to_vec());
-                    let v = &mut self.vms[vm];
-                    v.dev = VmDevice(wire);
-                    v.host = to;
-                    v.paused = false;
-                    pause = PAUSE + (now - resume_at);
-                    step = 3;
-                }
-                3 if now >= next_check => {
-                    next_check = now + Duration::from_millis(20);
-                    let m = self.migration_record(id.unwrap_or(0))?;
-                    if m["phase"] == "done" && m["first_frame_at_destination_ms"].is_number() {
-                        done_at.get_or_insert(now);
-                    }
-                    if m["phase"] == "aborted" {
-                        return Err(LabError::Controller(format!("migration aborted: {m}")));
-                    }
-                }
-                _ => {}
-            }
-            if done_at.is_some_and(|t| now > t + Duration::from_millis(300)) && got == sent {
+            self.hypervisor(&mut hv, now)?;
+            if hv
+                .done_at
+                .is_some_and(|t| now > t + Duration::from_millis(300))
+                && got == sent
+            {
                 break;
             }
         }
-        let record = self.migration_record(id.unwrap_or(0))?;
+        let (record, pause) = (self.migration_record(hv.id)?, hv.pause);
         let lost = pings_sent.saturating_sub(u32::from(replies[vm][peer]));
         Ok(MigrationResult {
             vm: self.vms[vm].name.clone(),
@@ -449,6 +427,80 @@ impl Lab {
                 && f64::from(lost) <= pause.as_secs_f64() * 100.0 + 5.0,
             record,
         })
+    }
+
+    /// The hypervisor's next step of a migration, when its time came:
+    /// begin (the destination prepares the port), pause the VM when the
+    /// migration syncs (stop-and-copy), plug its NIC into the
+    /// destination's port and resume it (QEMU's RARP), then watch the
+    /// migration end.
+    fn hypervisor(&mut self, hv: &mut Hypervisor, now: Duration) -> Result<(), LabError> {
+        use dvs_controller::client::{Command, Output};
+        const PAUSE: Duration = Duration::from_millis(20);
+        let (vm, to) = (hv.vm, hv.to);
+        let port = self.vms[vm].port;
+        let aborted = |m: &serde_json::Value| {
+            (m["phase"] == "aborted")
+                .then(|| LabError::Controller(format!("migration aborted: {m}")))
+        };
+        match hv.step {
+            Step::Running { until } if now >= until => {
+                let text = self.control.view(
+                    Command::MigrateStart {
+                        req: api::StartMigrationRequest {
+                            port: port.to_string(),
+                            to: self.hosts[to].name.clone(),
+                            ..Default::default()
+                        },
+                        wait: false,
+                    },
+                    Output::Json,
+                )?;
+                let v: serde_json::Value =
+                    serde_json::from_str(&text).map_err(|e| ctl_err("migrate start", e))?;
+                hv.id = v[0]["id"].as_u64().unwrap_or(0);
+                hv.step = Step::Begun;
+            }
+            Step::Begun if now >= hv.next_check => {
+                hv.next_check = now + Duration::from_millis(5);
+                let m = self.migration_record(hv.id)?;
+                if let Some(e) = aborted(&m) {
+                    return Err(e);
+                }
+                if m["phase"] == "syncing" {
+                    // Stop-and-copy: the VM stops running.
+                    self.vms[vm].paused = true;
+                    hv.step = Step::Paused { until: now + PAUSE };
+                }
+            }
+            Step::Paused { until } if now >= until => {
+                // Its NIC is now the destination's port; it resumes and
+                // QEMU announces it.
+                let wire = self.hosts[to].wires.get(&port).cloned().ok_or_else(|| {
+                    LabError::Controller(format!("{} has no port {port}", self.hosts[to].name))
+                })?;
+                let rarp = dvs_switch::wire::announce::rarp(self.vms[vm].mac);
+                wire.borrow_mut().from_vm.push_back(rarp.to_vec());
+                let v = &mut self.vms[vm];
+                v.dev = VmDevice(wire);
+                v.host = to;
+                v.paused = false;
+                hv.pause = PAUSE + (now - until);
+                hv.step = Step::Resumed;
+            }
+            Step::Resumed if now >= hv.next_check => {
+                hv.next_check = now + Duration::from_millis(20);
+                let m = self.migration_record(hv.id)?;
+                if let Some(e) = aborted(&m) {
+                    return Err(e);
+                }
+                if m["phase"] == "done" && m["first_frame_at_destination_ms"].is_number() {
+                    hv.done_at.get_or_insert(now);
+                }
+            }
+            _ => {}
+        }
+        Ok(())
     }
 
     #[allow(clippy::needless_range_loop)] // a VM-by-VM matrix reads best by index

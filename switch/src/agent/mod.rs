@@ -324,6 +324,47 @@ pub fn apply_with<P: PortIo + Device>(
     mut open: impl FnMut(&PortSpec) -> Result<P, Error>,
 ) -> Result<(), String> {
     let mut problems = Vec::new();
+    let (running, changed) = apply_ports(dp, cfg, &new, now, attacher, &mut open, &mut problems);
+    if new.tunnel != cfg.tunnel {
+        problems.push("the tunnel address changed: restart the agent to apply it".into());
+    }
+    apply_fabric(dp, cfg, &new, &mut problems);
+    tracing::info!(
+        ports_changed = changed,
+        problems = problems.len(),
+        "configuration applied"
+    );
+    // What runs now: the new file, but for the ports (what was applied)
+    // and the tunnel (which needs a restart).
+    let tunnel = cfg.tunnel;
+    *cfg = AgentConfig {
+        ports: running,
+        tunnel,
+        ..new
+    };
+    if problems.is_empty() {
+        Ok(())
+    } else {
+        for p in &problems {
+            tracing::error!("{p}");
+        }
+        Err(problems.join("; "))
+    }
+}
+
+/// The ports of `new` where `cfg`'s run: gone ones removed, new ones
+/// added, the rest changed where they differ. Returns the ports that run
+/// now (a port whose change failed runs as it was) and how many changed;
+/// what failed goes to `problems`.
+fn apply_ports<P: PortIo + Device>(
+    dp: &mut Datapath<P>,
+    cfg: &AgentConfig,
+    new: &AgentConfig,
+    now: Duration,
+    attacher: &mut Attacher,
+    open: &mut impl FnMut(&PortSpec) -> Result<P, Error>,
+    problems: &mut Vec<String>,
+) -> (Vec<PortSpec>, usize) {
     let mut changed = 0;
     // Ports gone, or whose ID changed, leave first (a port whose device
     // changed keeps its state and changes device below).
@@ -345,7 +386,7 @@ pub fn apply_with<P: PortIo + Device>(
     let mut running = Vec::new();
     for p in &new.ports {
         let Some(no) = dp.switch.port_by_name(&p.port.name) else {
-            match add_port(dp, p, &mut open, attacher) {
+            match add_port(dp, p, open, attacher) {
                 Ok(()) => {
                     changed += 1;
                     running.push(p.clone());
@@ -361,31 +402,10 @@ pub fn apply_with<P: PortIo + Device>(
             // The same port on another device (a VMM named its interface,
             // or made another): its policy and state stay.
             tracing::info!(port = %p.port.id, from = ?old.attach, to = ?p.attach, "the port changes device");
-            attacher.attach(dp, no, p, &mut open);
+            attacher.attach(dp, no, p, open);
             changed += 1;
         }
-        let r = (|| {
-            if old.port.vlan != p.port.vlan {
-                dp.switch.set_port_vlan(no, p.port.vlan.clone())?;
-            }
-            if old.port.acl != p.port.acl {
-                dp.switch.set_port_acl(no, p.port.acl.clone())?;
-            }
-            if old.port.qos != p.port.qos {
-                dp.set_port_qos(no, p.port.qos, now)?;
-            }
-            if old.port.security != p.port.security {
-                dp.switch.set_port_security(no, p.port.security.clone())?;
-            }
-            if old.port.netflow != p.port.netflow {
-                dp.switch.set_port_netflow(no, p.port.netflow.clone())?;
-            }
-            if old.port.mac != p.port.mac {
-                dp.switch.set_port_mac(no, p.port.mac)?;
-            }
-            Ok::<(), Error>(())
-        })();
-        match r {
+        match change_port(dp, no, old, p, now) {
             Ok(()) => {
                 if old.port != p.port {
                     changed += 1;
@@ -401,9 +421,46 @@ pub fn apply_with<P: PortIo + Device>(
             }
         }
     }
-    if new.tunnel != cfg.tunnel {
-        problems.push("the tunnel address changed: restart the agent to apply it".into());
+    (running, changed)
+}
+
+/// Port `no`'s policy, where `p` differs from `old`.
+fn change_port<P: PortIo>(
+    dp: &mut Datapath<P>,
+    no: crate::PortNo,
+    old: &PortSpec,
+    p: &PortSpec,
+    now: Duration,
+) -> Result<(), Error> {
+    if old.port.vlan != p.port.vlan {
+        dp.switch.set_port_vlan(no, p.port.vlan.clone())?;
     }
+    if old.port.acl != p.port.acl {
+        dp.switch.set_port_acl(no, p.port.acl.clone())?;
+    }
+    if old.port.qos != p.port.qos {
+        dp.set_port_qos(no, p.port.qos, now)?;
+    }
+    if old.port.security != p.port.security {
+        dp.switch.set_port_security(no, p.port.security.clone())?;
+    }
+    if old.port.netflow != p.port.netflow {
+        dp.switch.set_port_netflow(no, p.port.netflow.clone())?;
+    }
+    if old.port.mac != p.port.mac {
+        dp.switch.set_port_mac(no, p.port.mac)?;
+    }
+    Ok(())
+}
+
+/// What joins the host to the others, where `new` differs from `cfg`:
+/// segments, tunnel peers, static MACs, the flow exports' identity.
+fn apply_fabric<P: PortIo>(
+    dp: &mut Datapath<P>,
+    cfg: &AgentConfig,
+    new: &AgentConfig,
+    problems: &mut Vec<String>,
+) {
     for s in &new.segments {
         if !cfg.segments.contains(s) {
             if let Err(e) = dp.switch.set_segment(s.clone()) {
@@ -431,26 +488,5 @@ pub fn apply_with<P: PortIo + Device>(
     }
     if new.chassis_id != cfg.chassis_id {
         dp.set_flow_identity(new.chassis_id, flow_source(cfg));
-    }
-    tracing::info!(
-        ports_changed = changed,
-        problems = problems.len(),
-        "configuration applied"
-    );
-    // What runs now: the new file, but for the ports (what was applied)
-    // and the tunnel (which needs a restart).
-    let tunnel = cfg.tunnel;
-    *cfg = AgentConfig {
-        ports: running,
-        tunnel,
-        ..new
-    };
-    if problems.is_empty() {
-        Ok(())
-    } else {
-        for p in &problems {
-            tracing::error!("{p}");
-        }
-        Err(problems.join("; "))
     }
 }
