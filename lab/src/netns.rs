@@ -181,6 +181,27 @@ fn wait_child(
         .map_err(|e| err(format!("{what}: {e}")))
 }
 
+/// The underlay: a bridge in the core namespace `core` and a namespace per
+/// host on it, host i at .(i+1); returns the hosts' namespaces.
+fn underlay(topo: &mut Topo, core: &str, br: &str, hosts: usize) -> Result<Vec<String>, LabError> {
+    let mut host_ns = Vec::new();
+    for i in 0..hosts {
+        let ns = topo.add_ns(&format!("h{}", i + 1))?;
+        let (up, down) = (
+            format!("{}u{}", topo.prefix, i + 1),
+            format!("{}b{}", topo.prefix, i + 1),
+        );
+        topo.sh(&format!(
+                "ip link add {up} mtu 1600 netns {ns} type veth peer name {down} mtu 1600 netns {core} && \
+                 ip -n {core} link set {down} master {br} up && \
+                 ip -n {ns} addr add {UNDERLAY}.{}/24 dev {up} && ip -n {ns} link set {up} up",
+                i + 1
+            ))?;
+        host_ns.push(ns);
+    }
+    Ok(host_ns)
+}
+
 /// A VM: its namespace, TAP, address, and the host its NIC is on.
 struct NsVm {
     name: String,
@@ -249,21 +270,7 @@ impl NetnsLab {
             "ip -n {core} link add {br} type bridge && ip -n {core} addr add {UNDERLAY}.254/24 dev {br} && \
              ip -n {core} link set {br} up"
         ))?;
-        let mut host_ns = Vec::new();
-        for i in 0..opts.hosts {
-            let ns = topo.add_ns(&format!("h{}", i + 1))?;
-            let (up, down) = (
-                format!("{}u{}", topo.prefix, i + 1),
-                format!("{}b{}", topo.prefix, i + 1),
-            );
-            topo.sh(&format!(
-                "ip link add {up} mtu 1600 netns {ns} type veth peer name {down} mtu 1600 netns {core} && \
-                 ip -n {core} link set {down} master {br} up && \
-                 ip -n {ns} addr add {UNDERLAY}.{}/24 dev {up} && ip -n {ns} link set {up} up",
-                i + 1
-            ))?;
-            host_ns.push(ns);
-        }
+        let host_ns = underlay(&mut topo, &core, &br, opts.hosts)?;
         let data = topo.dir.join("controller").to_string_lossy().into_owned();
         let listen = format!("{UNDERLAY}.254:{CONTROLLER_PORT}");
         topo.spawn(
@@ -298,20 +305,29 @@ impl NetnsLab {
         if !up {
             return Err(lab.with_logs(err("the controller did not come up")));
         }
-        let profiles = lab.topo.dir.join("profiles.yaml");
+        lab.create_ports()?;
+        lab.start_agents()?;
+        lab.plug_vms()?;
+        Ok(lab)
+    }
+
+    /// Through the command line: the lab's profiles, and a port per VM
+    /// bound to its host on a TAP.
+    fn create_ports(&mut self) -> Result<(), LabError> {
+        let profiles = self.topo.dir.join("profiles.yaml");
         std::fs::write(&profiles, lab_profiles())
             .map_err(|e| err(format!("writing {}: {e}", profiles.display())))?;
-        lab.admin(
+        self.admin(
             &["profile", "apply", "-f", &profiles.to_string_lossy()],
             false,
         )?;
-        for i in 0..opts.hosts {
+        for i in 0..self.hosts {
             for (j, (vlan, _)) in VLANS.iter().enumerate() {
                 let n = i * VLANS.len() + j + 1;
-                let tap = format!("{}t{n}", lab.topo.prefix);
+                let tap = format!("{}t{n}", self.topo.prefix);
                 let (vm, mac) = (format!("vm{n}"), vm_mac(i, j).to_string());
                 let (profile, host) = (format!("vlan{vlan}"), format!("h{}", i + 1));
-                let port = lab.admin(
+                let port = self.admin(
                     &[
                         "port",
                         "create",
@@ -328,7 +344,7 @@ impl NetnsLab {
                     ],
                     false,
                 )?;
-                lab.vms.push(NsVm {
+                self.vms.push(NsVm {
                     name: vm,
                     port: port.lines().next().unwrap_or("").trim().to_string(),
                     ns: String::new(),
@@ -340,16 +356,21 @@ impl NetnsLab {
                 });
             }
         }
-        for i in 0..opts.hosts {
-            let dir = lab.topo.dir.join(format!("h{}", i + 1));
-            let stats = lab.topo.dir.join(format!("h{}.json", i + 1));
+        Ok(())
+    }
+
+    /// A `dvs agent` in each host's namespace, under the controller.
+    fn start_agents(&mut self) -> Result<(), LabError> {
+        for i in 0..self.hosts {
+            let dir = self.topo.dir.join(format!("h{}", i + 1));
+            let stats = self.topo.dir.join(format!("h{}.json", i + 1));
             let (dir, stats) = (
                 dir.to_string_lossy().into_owned(),
                 stats.to_string_lossy().into_owned(),
             );
             let (host, tunnel) = (format!("h{}", i + 1), format!("{UNDERLAY}.{}", i + 1));
-            let (ns, url, bin) = (lab.host_ns[i].clone(), lab.url.clone(), lab.bin.clone());
-            lab.topo.spawn(
+            let (ns, url, bin) = (self.host_ns[i].clone(), self.url.clone(), self.bin.clone());
+            self.topo.spawn(
                 &format!("agent-{host}"),
                 &[
                     "ip",
@@ -371,18 +392,26 @@ impl NetnsLab {
                 ],
             )?;
         }
-        for k in 0..lab.vms.len() {
-            let (tap, hns) = (lab.vms[k].tap.clone(), lab.host_ns[lab.vms[k].host].clone());
+        Ok(())
+    }
+
+    /// Each VM's namespace, its NIC the TAP its host's agent made.
+    fn plug_vms(&mut self) -> Result<(), LabError> {
+        for k in 0..self.vms.len() {
+            let (tap, hns) = (
+                self.vms[k].tap.clone(),
+                self.host_ns[self.vms[k].host].clone(),
+            );
             if !wait_for(Duration::from_secs(15), || {
-                lab.topo.ok(&format!("ip -n {hns} link show {tap}"))
+                self.topo.ok(&format!("ip -n {hns} link show {tap}"))
             }) {
-                return Err(lab.with_logs(err(format!("the agent of {hns} made no TAP {tap}"))));
+                return Err(self.with_logs(err(format!("the agent of {hns} made no TAP {tap}"))));
             }
-            let ns = lab.topo.add_ns(&format!("v{}", k + 1))?;
-            lab.vms[k].ns = ns;
-            lab.topo.sh(&lab.plug(k))?;
+            let ns = self.topo.add_ns(&format!("v{}", k + 1))?;
+            self.vms[k].ns = ns;
+            self.topo.sh(&self.plug(k))?;
         }
-        Ok(lab)
+        Ok(())
     }
 
     /// `e`, with the tail of every process's log.
