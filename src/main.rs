@@ -363,6 +363,21 @@ enum PortCmd {
 enum HostCmd {
     /// Every host (module): its agent's connection, tunnel address and revisions.
     List,
+    /// Put a host in maintenance: no port is bound or migrated to it (its
+    /// own stay until moved away; `dvs host list` says "draining").
+    Drain {
+        /// The host.
+        host: String,
+        /// End the drain instead.
+        #[arg(long)]
+        off: bool,
+    },
+    /// Forget a host with nothing on it (no port bound, none migrating to
+    /// or from it, its agent stopped); otherwise say what remains.
+    Remove {
+        /// The host.
+        host: String,
+    },
 }
 
 #[derive(Subcommand, Debug)]
@@ -655,6 +670,8 @@ fn admin(
             netdev_later,
         }),
         Command::Host(HostCmd::List) => C::HostList,
+        Command::Host(HostCmd::Drain { host, off }) => C::HostDrain { host, off },
+        Command::Host(HostCmd::Remove { host }) => C::HostRemove(host),
         Command::Show(ShowCmd::Chassis) => C::ShowChassis,
         Command::Migrate(MigrateCmd::Start {
             port,

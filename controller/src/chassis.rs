@@ -124,6 +124,10 @@ pub struct HostRec {
     pub acked: u64,
     /// The revision of the last change to what the host must run.
     pub desired: u64,
+    /// In maintenance (`dvs host drain`): no port is bound or migrated to
+    /// it; its own ports stay until they are moved away.
+    #[serde(default)]
+    pub draining: bool,
 }
 
 /// Counters and numbering kept with the records.
@@ -635,9 +639,16 @@ impl Chassis {
     /// host or interface name, [`Error::Conflict`] when the interface is
     /// another port's on that host.
     pub fn bind_port(&mut self, id: PortId, host: &str, attach: Attach) -> Result<(), Error> {
-        self.port_rec(id)?;
+        let here = self
+            .port_rec(id)?
+            .binding
+            .as_ref()
+            .is_some_and(|b| b.host == host);
         self.not_moving(id)?;
         check_host_name(host)?;
+        if !here {
+            self.not_draining(host, "bind ports to")?;
+        }
         self.free_dev(id, host, &attach)?;
         self.ensure_host(host);
         self.index_remove(id.number());
@@ -715,6 +726,82 @@ impl Chassis {
         Ok(())
     }
 
+    /// Refuse `what` (a verb phrase) toward a host in maintenance.
+    pub(crate) fn not_draining(&self, host: &str, what: &str) -> Result<(), Error> {
+        if self.hosts.get(host).is_some_and(|h| h.draining) {
+            return Err(Error::Conflict(format!(
+                "host {host} is draining (dvs host drain): {what} another host, or end its drain with `dvs host drain {host} --off`"
+            )));
+        }
+        Ok(())
+    }
+
+    /// Put `host` in maintenance, or take it out (`drain` false): a
+    /// draining host gets no new port, bound or migrated; its own stay
+    /// until moved. Returns whether anything changed.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown host.
+    pub fn drain_host(&mut self, host: &str, drain: bool) -> Result<bool, Error> {
+        let h = self.hosts.get_mut(host).ok_or_else(|| unknown_host(host))?;
+        if h.draining == drain {
+            return Ok(false);
+        }
+        h.draining = drain;
+        self.dirty.hosts.insert(host.to_string());
+        Ok(true)
+    }
+
+    /// Forget `host` — only an empty one: no port bound to it, none on its
+    /// way there, no migration under way from or to it.
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown host, [`Error::Conflict`] naming
+    /// what it still has.
+    pub fn remove_host(&mut self, host: &str) -> Result<(), Error> {
+        if !self.hosts.contains_key(host) {
+            return Err(unknown_host(host));
+        }
+        let mut left: Vec<String> = self
+            .index
+            .by_host
+            .get(host)
+            .into_iter()
+            .flatten()
+            .filter_map(|n| self.ports.get(n))
+            .map(|p| p.id.to_string())
+            .collect();
+        left.extend(
+            self.ports
+                .values()
+                .filter(|p| p.moving.as_ref().is_some_and(|m| m.to.host == host))
+                .map(|p| format!("{} (migrating here)", p.id)),
+        );
+        if !left.is_empty() {
+            return Err(Error::Conflict(format!(
+                "host {host} still has ports {}: migrate them away or delete them first",
+                left.join(", ")
+            )));
+        }
+        let under_way: Vec<String> = self
+            .migrations
+            .values()
+            .filter(|m| !m.finished() && (m.from.host == host || m.to.host == host))
+            .map(|m| m.id.to_string())
+            .collect();
+        if !under_way.is_empty() {
+            return Err(Error::Conflict(format!(
+                "host {host} is in migrations {} under way: let them end or abort them first",
+                under_way.join(", ")
+            )));
+        }
+        self.hosts.remove(host);
+        self.dirty.hosts.insert(host.to_string());
+        // Other hosts' tunnel peers named it.
+        self.bump();
+        Ok(())
+    }
+
     fn ensure_host(&mut self, host: &str) -> &mut HostRec {
         if !self.hosts.contains_key(host) {
             let module = self.meta.next_module;
@@ -728,6 +815,7 @@ impl Chassis {
                     tunnel_ip: None,
                     acked: 0,
                     desired: 0,
+                    draining: false,
                 },
             );
         }
@@ -1004,6 +1092,10 @@ impl Chassis {
         }
         (peers, macs)
     }
+}
+
+fn unknown_host(host: &str) -> Error {
+    Error::NotFound(format!("no host `{host}`: `dvs host list` shows them"))
 }
 
 fn check_host_name(host: &str) -> Result<(), Error> {
@@ -1311,5 +1403,32 @@ mod tests {
             .contains("from the future"));
         c.ack("h1", r).unwrap();
         assert_eq!(c.host("h1").unwrap().acked, r);
+    }
+
+    #[test]
+    fn a_draining_host_keeps_its_ports_and_takes_no_new_one() {
+        let mut c = chassis();
+        let a = c.create_port("vm-a", "02:00:00:00:00:0a", "web").unwrap();
+        let b = c.create_port("vm-b", "02:00:00:00:00:0b", "web").unwrap();
+        c.bind_port(a, "h1", Attach::Tap("ta".into())).unwrap();
+        assert!(c.drain_host("h1", true).unwrap());
+        assert!(!c.drain_host("h1", true).unwrap(), "already draining");
+        assert!(c.host("h1").unwrap().draining);
+        let e = c.bind_port(b, "h1", Attach::Tap("tb".into())).unwrap_err();
+        assert!(e.to_string().contains("host h1 is draining"), "{e}");
+        // Its own port may be bound there again (a VM restarting in place).
+        c.bind_port(a, "h1", Attach::Netdev("vnet0".into()))
+            .unwrap();
+        assert!(c
+            .drain_host("h9", true)
+            .unwrap_err()
+            .to_string()
+            .contains("no host `h9`"));
+        let e = c.remove_host("h1").unwrap_err();
+        assert!(e.to_string().contains("still has ports veth1"), "{e}");
+        c.bind_port(a, "h2", Attach::Tap("ta".into())).unwrap();
+        c.remove_host("h1").unwrap();
+        assert!(c.host("h1").is_none());
+        assert!(c.remove_host("h1").is_err());
     }
 }

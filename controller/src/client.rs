@@ -34,6 +34,12 @@ pub enum Command {
     PortDelete(String),
     PortBind(api::BindPortRequest),
     HostList,
+    /// Put a host in maintenance, or (`off`) take it out.
+    HostDrain {
+        host: String,
+        off: bool,
+    },
+    HostRemove(String),
     ShowChassis,
     /// Begin a migration; with `wait`, return once the destination has the
     /// port with its policy (or the migration ended).
@@ -245,6 +251,23 @@ pub async fn call<T: Transport>(
             let r = c.list_hosts(e).await.map_err(refused)?.into_inner();
             render_hosts(&r.hosts, out)
         }
+        Command::HostDrain { host, off } => {
+            let h = c
+                .drain_host(api::DrainHostRequest { host, off })
+                .await
+                .map_err(refused)?
+                .into_inner();
+            render_hosts(std::slice::from_ref(&h), out)
+        }
+        Command::HostRemove(name) => {
+            c.remove_host(api::Name { name: name.clone() })
+                .await
+                .map_err(refused)?;
+            match out {
+                Output::Json => json!({ "removed": name }).to_string(),
+                Output::Table => format!("host {name} removed\n"),
+            }
+        }
         Command::MigrateStart { req, wait } => {
             let mut m = c.start_migration(req).await.map_err(refused)?.into_inner();
             if wait {
@@ -369,6 +392,7 @@ fn host_json(h: &api::Host) -> Value {
         "name": h.name, "module": h.module, "tunnel_ip": h.tunnel_ip,
         "connected": h.connected, "desired_revision": h.desired_revision,
         "acked_revision": h.acked_revision, "lag_seconds": h.lag_seconds, "ports": h.ports,
+        "draining": h.draining,
     })
 }
 
@@ -498,7 +522,11 @@ fn render_hosts(hosts: &[api::Host], out: Output) -> String {
                 } else {
                     h.tunnel_ip.clone()
                 },
-                if h.connected { "ok" } else { "offline" }.into(),
+                format!(
+                    "{}{}",
+                    if h.connected { "ok" } else { "offline" },
+                    if h.draining { ", draining" } else { "" }
+                ),
                 h.ports.to_string(),
                 format!("{}/{}", h.acked_revision, h.desired_revision),
                 format!("{:.1}s", h.lag_seconds),

@@ -723,3 +723,99 @@ async fn a_destination_whose_interface_never_appears_is_aborted_naming_it() {
     r.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Maintenance: a draining host gets no new port, bound or migrated (the
+/// reason says so and nothing changes), `host list` says so; a host is
+/// removed only when nothing is left on it and its agent is stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_draining_host_takes_nothing_new_and_only_an_empty_one_is_removed() {
+    let dir = temp("drain");
+    let mut r = Running::start(&dir).await;
+    let (mut admin, h1, h2) = setup(&r).await;
+    let h = admin
+        .drain_host(api::DrainHostRequest {
+            host: "h2".into(),
+            off: false,
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(h.draining && h.name == "h2");
+    let hosts = admin
+        .list_hosts(api::Empty {})
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts;
+    assert!(hosts.iter().any(|h| h.name == "h2" && h.draining));
+    assert!(hosts.iter().any(|h| h.name == "h1" && !h.draining));
+    let before = admin
+        .show_chassis(api::Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    // Toward it: refused, naming the drain and the way out.
+    let e = admin
+        .start_migration(api::StartMigrationRequest {
+            port: "veth1".into(),
+            to: "h2".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("host h2 is draining"), "{e}");
+    assert!(e.message().contains("dvs host drain h2 --off"), "{e}");
+    let e = admin
+        .create_port(api::CreatePortRequest {
+            vm: "vm9".into(),
+            mac: "02:00:00:00:00:09".into(),
+            profile: "web".into(),
+            host: "h2".into(),
+            tap: "t9".into(),
+            netdev: String::new(),
+        })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("draining"), "{e}");
+    let after = admin
+        .show_chassis(api::Empty {})
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(before.revision, after.revision, "a refusal changes nothing");
+    assert_eq!(before.ports.len(), after.ports.len());
+    // A host with a port, or a connected agent, is not removed.
+    let e = admin
+        .remove_host(api::Name { name: "h1".into() })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("connected"), "{e}");
+    drop(h1);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let e = admin
+        .remove_host(api::Name { name: "h1".into() })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("still has ports veth1"), "{e}");
+    // The empty one goes once its agent stopped.
+    drop(h2);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    admin
+        .remove_host(api::Name { name: "h2".into() })
+        .await
+        .unwrap();
+    let hosts = admin
+        .list_hosts(api::Empty {})
+        .await
+        .unwrap()
+        .into_inner()
+        .hosts;
+    assert!(hosts.iter().all(|h| h.name != "h2"), "{hosts:?}");
+    let e = admin
+        .remove_host(api::Name { name: "h2".into() })
+        .await
+        .unwrap_err();
+    assert!(e.message().contains("no host `h2`"), "{e}");
+    r.halt().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

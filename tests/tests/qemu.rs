@@ -383,12 +383,15 @@ fn window_loss(replies: &[(f64, u64)], window: (f64, f64)) -> (u64, f64) {
     (lost, gap)
 }
 
+/// The median: the middle value, or the mean of the two middle ones.
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
-    if v.is_empty() {
-        return f64::NAN;
+    let n = v.len();
+    match n {
+        0 => f64::NAN,
+        _ if n % 2 == 1 => v[n / 2],
+        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
     }
-    v[v.len() / 2]
 }
 
 /// A TCP echo client in `ns`: a line every 10 ms to `ip:7` until `stop`

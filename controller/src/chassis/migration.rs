@@ -179,6 +179,7 @@ impl Chassis {
                 m.migration, m.to.host
             )));
         }
+        self.not_draining(to, "migrate ports to")?;
         if from.host == to {
             return Err(Error::Invalid(format!(
                 "port {port} is on host {to} already: migrate it to another host"

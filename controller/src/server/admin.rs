@@ -163,6 +163,32 @@ impl api::admin_server::Admin for Controller {
         Ok(Response::new(self.port_view(&st, p)))
     }
 
+    async fn drain_host(
+        &self,
+        req: Request<api::DrainHostRequest>,
+    ) -> Result<Response<api::Host>, Status> {
+        let r = req.into_inner();
+        self.mutate(true, |c| c.drain_host(&r.host, !r.off))?;
+        let st = self.lock();
+        let host = self
+            .host_views(&st)
+            .into_iter()
+            .find(|h| h.name == r.host)
+            .ok_or_else(|| Status::not_found(format!("no host `{}`", r.host)))?;
+        Ok(Response::new(host))
+    }
+
+    async fn remove_host(&self, req: Request<api::Name>) -> Result<Response<api::Empty>, Status> {
+        let host = req.into_inner().name;
+        if self.lock().sessions.contains_key(&host) {
+            return Err(Status::failed_precondition(format!(
+                "host {host}'s agent is connected: stop it first (a running agent registers the host again)"
+            )));
+        }
+        self.mutate(true, |c| c.remove_host(&host))?;
+        Ok(Response::new(api::Empty {}))
+    }
+
     async fn list_hosts(&self, _: Request<api::Empty>) -> Result<Response<api::HostList>, Status> {
         let st = self.lock();
         Ok(Response::new(api::HostList {

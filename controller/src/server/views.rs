@@ -95,6 +95,7 @@ impl Controller {
                     acked_revision: h.acked,
                     lag_seconds: lag,
                     ports: st.chassis.host_port_count(&h.name) as u32,
+                    draining: h.draining,
                 }
             })
             .collect()
