@@ -93,6 +93,10 @@ drop_reasons! {
     /// The source MAC is a local port's own `mac`, and the frame came from
     /// elsewhere (the tunnel or another port) while that port forwards.
     MacOwned => "mac_owned",
+    /// A frame on a port in standby whose source is not the port's own
+    /// `mac`: it is no sign that the VM runs here, and does not switch the
+    /// port over.
+    ForeignWakeup => "foreign_wakeup",
 }
 
 /// A counter per [`DropReason`].

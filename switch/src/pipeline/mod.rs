@@ -982,6 +982,17 @@ impl Switch {
         if self.standby_any {
             if let Ingress::Port(no) = ingress {
                 if self.port_standby(no) {
+                    // Only the VM's own MAC says the VM runs here: another
+                    // source must not switch the port over.
+                    let own = self.port(no).and_then(|(c, _)| c.mac);
+                    if own.is_some_and(|m| m != view.src) {
+                        self.count_drop(ingress, DropReason::ForeignWakeup);
+                        return Processed {
+                            verdict: Verdict::Drop(DropReason::ForeignWakeup),
+                            frame,
+                            vlan: Some(vlan),
+                        };
+                    }
                     if !self.wakeups.contains(&no) {
                         self.wakeups.push(no);
                     }

@@ -919,3 +919,23 @@ fn the_underlay_is_not_trusted() {
     let p = r.send_from_port(1, frame(mac(1), mac(2), &[]));
     assert_eq!(p.verdict, Verdict::Flood, "unknown until the VM speaks");
 }
+
+#[test]
+fn only_the_vms_own_mac_wakes_a_standby_port() {
+    let vm = PortConfig {
+        mac: Some(mac(1)),
+        ..access(1, "vm", 10)
+    };
+    let mut r = Rig::new(vec![vm, access(2, "peer", 10)]);
+    r.sw.set_port_standby(PortNo(0), true).unwrap();
+    // Something else on the VM's port: no switchover, nothing held, counted.
+    let p = r.send_from_port(0, frame(MacAddr::BROADCAST, mac(7), &[]));
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::ForeignWakeup));
+    assert!(r.sw.take_standby_wakeups().is_empty());
+    assert!(r.sw.take_held(PortNo(0)).is_empty());
+    assert_eq!(r.drops(0, DropReason::ForeignWakeup), 1);
+    // The VM itself: it runs here.
+    r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    assert_eq!(r.sw.take_standby_wakeups(), vec![PortNo(0)]);
+    assert_eq!(r.sw.take_held(PortNo(0)).len(), 1);
+}
