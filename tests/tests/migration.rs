@@ -5,7 +5,8 @@
 //! addresses (its sockets stay), it resumes, and its first frame switches
 //! the port over. Under a ping every 10 ms, an iperf3 TCP stream, a denied
 //! UDP flow, a VLAN neighbour and a NetFlow-counted UDP flow, back and forth.
-//! Then aborts at every phase, and `kill -9` of each party.
+//! Then aborts at every phase, and `kill -9` of each party; and a host
+//! evacuated — eight VMs leaving it at once — drained and removed.
 
 #![allow(clippy::unwrap_used)] // a test fails on the spot, saying where
 
@@ -581,4 +582,94 @@ fn aborts_and_crashes_at_every_phase_end_in_one_consistent_state() {
     c.wait_converged(Duration::from_secs(20));
     consistent(&c, 1, 0, "source killed while activating");
     println!("{}", c.ok(&["migrate", "list"]));
+}
+
+/// A host evacuated at once, as DRS or a maintenance mode does it: eight
+/// VMs leave h1 together — all eight prepared on h2 before any moves, then
+/// every NIC moved — and each arrives with its port; then h1 is drained
+/// and, once its agent is stopped, removed.
+#[test]
+fn eight_vms_leave_one_host_at_once_then_it_is_drained_and_removed() {
+    if !e2e_ready(TOOLS) {
+        return;
+    }
+    const N: usize = 8;
+    let mut c = Chassis::new(
+        2,
+        "kind: PortProfile\nname: vlan10\nvlan: { mode: access, id: 10 }\n",
+        &[("peer", 1, "10.30.0.100/24", "vlan10")],
+    );
+    for i in 1..=N {
+        let mac = format!("02:00:00:bb:00:{i:02x}");
+        c.add_tap_vm(
+            &format!("e{i}"),
+            0,
+            &format!("10.30.0.{i}/24"),
+            "vlan10",
+            &mac,
+        );
+    }
+    for i in 1..=N {
+        assert_eq!(c.ping("peer", &format!("e{i}"), 1).1, 1, "e{i} before");
+    }
+    let started = Instant::now();
+    let ids: Vec<u64> = (1..=N).map(|i| c.begin_move(&format!("e{i}"), 1)).collect();
+    // All eight under way together.
+    let syncing = c
+        .migrations()
+        .iter()
+        .filter(|m| m["phase"] == "syncing")
+        .count();
+    assert_eq!(syncing, N, "{:?}", c.migrations());
+    for i in 1..=N {
+        c.swap_nic(&format!("e{i}"), 1);
+    }
+    let mut triggers = Vec::new();
+    for id in &ids {
+        let m = c.wait_phase(*id, "done", Duration::from_secs(20));
+        assert!(m["first_frame_at_destination_ms"].is_number(), "{m}");
+        triggers.push(m["trigger"].as_str().unwrap_or("-").to_string());
+    }
+    let total = started.elapsed();
+    // (The VMs are idle but for the moves: a blackout would measure their
+    // quiet, not the switch; the migration benchmark measures those.)
+    eprintln!(
+        "{N} concurrent migrations h1 -> h2: all done {:.0} ms after the first began; triggers {triggers:?}",
+        total.as_secs_f64() * 1e3
+    );
+    for i in 1..=N {
+        assert_eq!(c.ping("peer", &format!("e{i}"), 1).1, 1, "e{i} after");
+    }
+    let ports = c.json(&["port", "list"]);
+    let on_h2 = ports
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["host"] == "h2")
+        .count();
+    assert_eq!(on_h2, N + 1, "{ports}");
+    // Evacuated: drain it, and once its agent is stopped, remove it.
+    c.ok(&["host", "drain", "h1"]);
+    let hosts = c.json(&["host", "list"]);
+    assert!(
+        hosts
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|h| h["name"] == "h1" && h["draining"] == true),
+        "{hosts}"
+    );
+    let refused = c.dvs(&["port", "bind", "veth1", "--host", "h1", "--tap", "x1"]);
+    assert!(!refused.status.success());
+    assert!(String::from_utf8_lossy(&refused.stderr).contains("draining"));
+    c.topo.stop(&Chassis::agent_label(0));
+    assert!(wait_for(Duration::from_secs(10), || c
+        .dvs(&["host", "remove", "h1"])
+        .status
+        .success()));
+    let hosts = c.json(&["host", "list"]);
+    assert!(
+        hosts.as_array().unwrap().iter().all(|h| h["name"] != "h1"),
+        "{hosts}"
+    );
 }
