@@ -1083,10 +1083,19 @@ impl Chassis {
             let coming =
                 |(p, _): &(&PortRec, IpAddr)| p.moving.as_ref().is_none_or(|m| m.to.host != host);
             for (p, ip) in vms.filter_map(remote).filter(coming) {
+                // A VM under way elsewhere: its entry may go to the
+                // destination as soon as the VM is heard from there.
+                let moving_to = p
+                    .moving
+                    .as_ref()
+                    .and_then(|m| self.hosts.get(&m.to.host))
+                    .and_then(|h| h.tunnel_ip)
+                    .filter(|to| *to != ip);
                 macs.push(RemoteMac {
                     vlan: *v,
                     mac: p.mac,
                     remote: ip,
+                    moving_to,
                 });
             }
         }
@@ -1430,5 +1439,30 @@ mod tests {
         c.remove_host("h1").unwrap();
         assert!(c.host("h1").is_none());
         assert!(c.remove_host("h1").is_err());
+    }
+
+    #[test]
+    fn other_hosts_learn_where_a_migrating_vm_is_going() {
+        let mut c = chassis();
+        let a = c.create_port("vm-a", "02:00:00:00:00:0a", "web").unwrap();
+        let b = c.create_port("vm-b", "02:00:00:00:00:0b", "web").unwrap();
+        c.bind_port(a, "h1", Attach::Tap("ta".into())).unwrap();
+        c.bind_port(b, "h3", Attach::Tap("tb".into())).unwrap();
+        for (h, ip) in [("h1", "10.0.0.1"), ("h2", "10.0.0.2"), ("h3", "10.0.0.3")] {
+            c.register(h, ip.parse().unwrap()).unwrap();
+        }
+        let key = "mac/10/02:00:00:00:00:0a";
+        let before = c.host_items("h3")[key].to_json();
+        assert_eq!(before["remote"], "10.0.0.1");
+        assert!(before.get("moving_to").is_none(), "{before}");
+        c.begin_migration(a, "h2", None, std::time::Duration::ZERO)
+            .unwrap();
+        let during = c.host_items("h3")[key].to_json();
+        assert_eq!(
+            (during["remote"].as_str(), during["moving_to"].as_str()),
+            (Some("10.0.0.1"), Some("10.0.0.2"))
+        );
+        // The destination does not place the VM that is coming to it.
+        assert!(!c.host_items("h2").contains_key(key));
     }
 }

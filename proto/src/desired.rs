@@ -76,6 +76,11 @@ pub struct RemoteMac {
     pub vlan: u16,
     pub mac: MacAddr,
     pub remote: IpAddr,
+    /// The VM is under way to the host at this address (a migration): the
+    /// entry moves there when the VM is heard from there, before the
+    /// controller's next state says so.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub moving_to: Option<IpAddr>,
 }
 
 /// A VLAN stretched over VXLAN to the hosts that also carry it.
@@ -220,6 +225,7 @@ mod tests {
                 vlan: 10,
                 mac: "02:00:00:00:00:0b".parse().unwrap(),
                 remote: "10.0.0.2".parse().unwrap(),
+                moving_to: Some("10.0.0.3".parse().unwrap()),
             }),
             Item::Segments(vec![Segment {
                 vlan: 10,

@@ -216,6 +216,9 @@ pub struct MacCounters {
     /// Frames from elsewhere whose source MAC is a local port's own `mac`
     /// (not learned, dropped as `mac_owned`).
     pub owned_refused: u64,
+    /// Static entries of a migrating VM that moved to its destination
+    /// when the VM was heard from there, ahead of the controller.
+    pub announced_moves: u64,
 }
 
 /// What a policer did.

@@ -288,6 +288,14 @@ fn a_vm_moves_back_and_forth_under_traffic_and_its_port_moves_with_it() {
         received >= sent_ok * 9 / 10,
         "{received} of {sent_ok} arrived"
     );
+    // The VM's new place reached b's host through the data plane (its
+    // announcement from the destination), ahead of the controller's update.
+    let h3: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(c.stats_file(2)).unwrap_or_default())
+            .unwrap_or_default();
+    let ahead = h3["mac"]["announced_moves"].as_u64().unwrap_or(0);
+    eprintln!("h3 moved a's entry ahead of the controller {ahead} times");
+    assert!(ahead >= 1, "h3's MAC counters: {}", h3["mac"]);
     for i in 0..3 {
         c.topo.stop(&Chassis::agent_label(i));
     }

@@ -140,6 +140,9 @@ pub struct StaticMac {
     pub vlan: VlanId,
     pub mac: MacAddr,
     pub at: StaticLocation,
+    /// A remote VM under way to the host at this address (a migration):
+    /// its entry moves there when the VM is heard from there.
+    pub moving_to: Option<IpAddr>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -231,6 +234,8 @@ struct RawStaticMac {
     port: Option<String>,
     #[serde(default)]
     remote: Option<IpAddr>,
+    #[serde(default)]
+    moving_to: Option<IpAddr>,
 }
 
 #[derive(Deserialize)]
@@ -614,10 +619,16 @@ fn validate_static_macs(
                 ))
             }
         };
+        if let (Some(to), StaticLocation::Port(_)) = (m.moving_to, &loc) {
+            return Err(format!(
+                "{at}: `moving_to: {to}` is for a remote VM (`remote:`), not a local port"
+            ));
+        }
         static_macs.push(StaticMac {
             vlan: m.vlan,
             mac: m.mac,
             at: loc,
+            moving_to: m.moving_to,
         });
     }
     Ok(static_macs)

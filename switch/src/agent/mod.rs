@@ -266,7 +266,8 @@ fn set_static_mac<P: PortIo>(dp: &mut Datapath<P>, m: &StaticMac) {
             None => return, // validated: cannot happen
         },
     };
-    dp.switch.set_static_mac(m.vlan, m.mac, loc);
+    dp.switch
+        .set_static_mac_moving(m.vlan, m.mac, loc, m.moving_to);
 }
 
 /// Flow exports leave from the tunnel address (the host's address on the

@@ -48,6 +48,11 @@ struct Slot {
     location: Location,
     last_seen: Duration,
     is_static: bool,
+    /// A static entry's one other place: the destination of its VM's
+    /// migration. The entry goes there when the VM is heard from there
+    /// (its announcement, flooded once its port forwards), ahead of the
+    /// controller's update.
+    alternate: Option<Location>,
     /// Moves since `window` began.
     moves: u8,
     window: Duration,
@@ -204,6 +209,7 @@ impl MacTable {
                         location,
                         last_seen: now,
                         is_static: false,
+                        alternate: None,
                         moves: 0,
                         window: now,
                         held_until: Duration::ZERO,
@@ -215,7 +221,11 @@ impl MacTable {
             return;
         };
         if s.is_static {
-            if s.location != location {
+            if s.alternate == Some(location) {
+                s.location = location;
+                s.alternate = None;
+                self.counters.announced_moves += 1;
+            } else if s.location != location {
                 self.counters.static_conflicts += 1;
             }
             return;
@@ -276,6 +286,19 @@ impl MacTable {
     /// Place `mac` on `vlan` at `location` for good (replaces any entry; static
     /// entries do not count against the learning bound).
     pub fn set_static(&mut self, vlan: VlanId, mac: MacAddr, location: Location) {
+        self.set_static_moving(vlan, mac, location, None);
+    }
+
+    /// [`MacTable::set_static`], with the one other place the entry may go
+    /// when `mac` is heard from there (`alternate`: its VM's migration's
+    /// destination; nowhere else).
+    pub fn set_static_moving(
+        &mut self,
+        vlan: VlanId,
+        mac: MacAddr,
+        location: Location,
+        alternate: Option<Location>,
+    ) {
         let old = self.slots.insert(
             key(vlan, mac),
             Slot {
@@ -284,6 +307,7 @@ impl MacTable {
                 location,
                 last_seen: Duration::ZERO,
                 is_static: true,
+                alternate,
                 moves: 0,
                 window: Duration::ZERO,
                 held_until: Duration::ZERO,
@@ -448,6 +472,32 @@ mod tests {
         let e = t.entries(S);
         assert_eq!(e.len(), 1);
         assert_eq!((e[0].vlan, e[0].mac, e[0].is_static), (v(1), m(1), true));
+    }
+
+    #[test]
+    fn a_migrating_vms_entry_moves_only_to_its_destination() {
+        let mut t = MacTable::new(MacTableConfig::default());
+        let (src, dst) = (
+            Location::Remote("10.0.0.2".parse().unwrap()),
+            Location::Remote("10.0.0.3".parse().unwrap()),
+        );
+        t.set_static_moving(v(1), m(1), src, Some(dst));
+        // Heard from anywhere else: it stays.
+        t.learn(S, v(1), m(1), Location::Remote("10.0.0.9".parse().unwrap()));
+        t.learn(S, v(1), m(1), Location::Port(PortNo(3)));
+        assert_eq!(t.lookup(S, v(1), m(1)), Some(src));
+        assert_eq!(t.counters().static_conflicts, 2);
+        // Heard from its destination: there, once; still static.
+        t.learn(S, v(1), m(1), dst);
+        assert_eq!(t.lookup(S, v(1), m(1)), Some(dst));
+        assert_eq!(t.counters().announced_moves, 1);
+        t.learn(S, v(1), m(1), src);
+        assert_eq!(
+            t.lookup(S, v(1), m(1)),
+            Some(dst),
+            "no way back but the controller's"
+        );
+        assert!(t.entries(S)[0].is_static);
     }
 
     #[test]

@@ -828,7 +828,20 @@ impl Switch {
 
     /// Place `mac` on `vlan` for good (a VM known to be on a port or host).
     pub fn set_static_mac(&mut self, vlan: VlanId, mac: MacAddr, location: Location) {
-        self.macs.set_static(vlan, mac, location);
+        self.set_static_mac_moving(vlan, mac, location, None);
+    }
+
+    /// [`Switch::set_static_mac`] for a VM under way to the host at
+    /// `moving_to`: the entry moves there when the VM is heard from there.
+    pub fn set_static_mac_moving(
+        &mut self,
+        vlan: VlanId,
+        mac: MacAddr,
+        location: Location,
+        moving_to: Option<IpAddr>,
+    ) {
+        let alternate = moving_to.map(Location::Remote);
+        self.macs.set_static_moving(vlan, mac, location, alternate);
         self.generation += 1;
     }
 
