@@ -25,6 +25,18 @@ pub(super) fn attach(tap: &str, netdev: &str, later: bool) -> Result<Attach, Sta
     }
 }
 
+impl Controller {
+    /// Port `id` as the admin service shows it.
+    fn port_reply(&self, id: PortId) -> Result<Response<api::Port>, Status> {
+        let st = self.lock();
+        let p = st
+            .chassis
+            .port(id)
+            .ok_or_else(|| Status::not_found(format!("no port {id}")))?;
+        Ok(Response::new(self.port_view(&st, p)))
+    }
+}
+
 #[tonic::async_trait]
 impl api::admin_server::Admin for Controller {
     async fn apply_profiles(
@@ -125,13 +137,7 @@ impl api::admin_server::Admin for Controller {
     }
 
     async fn get_port(&self, req: Request<api::PortRef>) -> Result<Response<api::Port>, Status> {
-        let id = parse_port(&req.into_inner().id)?;
-        let st = self.lock();
-        let p = st
-            .chassis
-            .port(id)
-            .ok_or_else(|| Status::not_found(format!("no port {id}")))?;
-        Ok(Response::new(self.port_view(&st, p)))
+        self.port_reply(parse_port(&req.into_inner().id)?)
     }
 
     async fn delete_port(
@@ -155,12 +161,7 @@ impl api::admin_server::Admin for Controller {
             let a = attach(&r.tap, &r.netdev, r.netdev_later)?;
             self.mutate(true, |c| c.bind_port(id, &r.host, a))?;
         }
-        let st = self.lock();
-        let p = st
-            .chassis
-            .port(id)
-            .ok_or_else(|| Status::not_found(format!("no port {id}")))?;
-        Ok(Response::new(self.port_view(&st, p)))
+        self.port_reply(id)
     }
 
     async fn drain_host(
