@@ -247,6 +247,41 @@ pub async fn call<T: Transport>(
                 Output::Table => render_ports(std::slice::from_ref(&p), out),
             }
         }
+        cmd @ (Command::HostList
+        | Command::HostDrain { .. }
+        | Command::HostRemove(_)
+        | Command::MigrateStart { .. }
+        | Command::MigrateActivate(_)
+        | Command::MigrateAbort(_)
+        | Command::MigrateList) => call_hosts_and_migrations(c, cmd, out).await?,
+        Command::ShowChassis => {
+            let r = c.show_chassis(e).await.map_err(refused)?.into_inner();
+            match out {
+                Output::Json => json!({
+                    "revision": r.revision,
+                    "modules": r.hosts.iter().map(host_json).collect::<Vec<_>>(),
+                    "interfaces": r.ports.iter().map(port_json).collect::<Vec<_>>(),
+                })
+                .to_string(),
+                Output::Table => format!(
+                    "chassis revision {}\n\nModules\n{}\nInterfaces\n{}",
+                    r.revision,
+                    render_hosts(&r.hosts, out),
+                    render_ports(&r.ports, out)
+                ),
+            }
+        }
+    })
+}
+
+/// [`call`]'s host and migration commands.
+async fn call_hosts_and_migrations<T: Transport>(
+    c: &mut AdminClient<T>,
+    cmd: Command,
+    out: Output,
+) -> Result<String, ClientError> {
+    let e = api::Empty {};
+    Ok(match cmd {
         Command::HostList => {
             let r = c.list_hosts(e).await.map_err(refused)?.into_inner();
             render_hosts(&r.hosts, out)
@@ -287,22 +322,10 @@ pub async fn call<T: Transport>(
             let r = c.list_migrations(e).await.map_err(refused)?.into_inner();
             render_migrations(&r.migrations, out)
         }
-        Command::ShowChassis => {
-            let r = c.show_chassis(e).await.map_err(refused)?.into_inner();
-            match out {
-                Output::Json => json!({
-                    "revision": r.revision,
-                    "modules": r.hosts.iter().map(host_json).collect::<Vec<_>>(),
-                    "interfaces": r.ports.iter().map(port_json).collect::<Vec<_>>(),
-                })
-                .to_string(),
-                Output::Table => format!(
-                    "chassis revision {}\n\nModules\n{}\nInterfaces\n{}",
-                    r.revision,
-                    render_hosts(&r.hosts, out),
-                    render_ports(&r.ports, out)
-                ),
-            }
+        other => {
+            return Err(ClientError::Refused(format!(
+                "{other:?} is not a host or migration command"
+            )))
         }
     })
 }

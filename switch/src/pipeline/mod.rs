@@ -994,39 +994,11 @@ impl Switch {
         };
         if self.standby_any {
             if let Ingress::Port(no) = ingress {
-                if self.port_standby(no) {
-                    // Only the VM's own MAC says the VM runs here: another
-                    // source must not switch the port over.
-                    let own = self.port(no).and_then(|(c, _)| c.mac);
-                    if own.is_some_and(|m| m != view.src) {
-                        self.count_drop(ingress, DropReason::ForeignWakeup);
-                        return Processed {
-                            verdict: Verdict::Drop(DropReason::ForeignWakeup),
-                            frame,
-                            vlan: Some(vlan),
-                        };
-                    }
-                    if !self.wakeups.contains(&no) {
-                        self.wakeups.push(no);
-                    }
-                    // Small frames wait for the port's activation (the
-                    // VM's ARP after resuming must not wait a second for
-                    // its retry); the rest are dropped.
-                    let f = &buf[frame.clone()];
-                    if gso_size == 0
-                        && f.len() <= usize::from(MAX_HELD_FRAME)
-                        && self.held.iter().filter(|(p, _)| *p == no).count() < MAX_HELD
-                    {
-                        self.held.push((no, f.to_vec()));
-                        return Processed {
-                            verdict: Verdict::Drop(DropReason::Standby),
-                            frame,
-                            vlan: Some(vlan),
-                        };
-                    }
-                    self.count_drop(ingress, DropReason::Standby);
+                if let Some(reason) =
+                    self.standby_ingress(no, view.src, &buf[frame.clone()], gso_size)
+                {
                     return Processed {
-                        verdict: Verdict::Drop(DropReason::Standby),
+                        verdict: Verdict::Drop(reason),
                         frame,
                         vlan: Some(vlan),
                     };
@@ -1234,6 +1206,43 @@ impl Switch {
             return None;
         };
         self.ports.get(usize::from(no.0))?.as_ref()?.cfg.qos.mark
+    }
+
+    /// A frame `f` from port `no`'s VM while the port is in standby:
+    /// the reason it goes no further (`None`: the port forwards). Only the
+    /// VM's own MAC says the VM runs here (a wakeup; another source is
+    /// `foreign_wakeup`); its small frames wait for the port's activation
+    /// (the VM's ARP after resuming must not wait a second for its retry),
+    /// the rest are dropped.
+    fn standby_ingress(
+        &mut self,
+        no: PortNo,
+        src: MacAddr,
+        f: &[u8],
+        gso_size: u16,
+    ) -> Option<DropReason> {
+        if !self.port_standby(no) {
+            return None;
+        }
+        let ingress = Ingress::Port(no);
+        let own = self.port(no).and_then(|(c, _)| c.mac);
+        if own.is_some_and(|m| m != src) {
+            self.count_drop(ingress, DropReason::ForeignWakeup);
+            return Some(DropReason::ForeignWakeup);
+        }
+        if !self.wakeups.contains(&no) {
+            self.wakeups.push(no);
+        }
+        if gso_size == 0
+            && f.len() <= usize::from(MAX_HELD_FRAME)
+            && self.held.iter().filter(|(p, _)| *p == no).count() < MAX_HELD
+        {
+            // Held, not dropped: it is switched when the port forwards.
+            self.held.push((no, f.to_vec()));
+        } else {
+            self.count_drop(ingress, DropReason::Standby);
+        }
+        Some(DropReason::Standby)
     }
 
     /// The policy of the sending port on a frame from its VM
