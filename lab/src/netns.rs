@@ -128,8 +128,9 @@ impl Topo {
     fn add_ns(&mut self, short: &str) -> Result<String, LabError> {
         let ns = format!("{}{short}", self.prefix);
         // No IPv6: a host's kernel would send router solicitations on a
-        // TAP made for an incoming VM — frames "from the VM" on a standby
-        // port, a switchover before the VM moved.
+        // TAP made for an incoming VM (the agent counts them as
+        // `foreign_wakeup` and switches nothing, but they are noise in
+        // the lab's counters), and VMs would chatter.
         self.sh(&format!(
             "ip netns add {ns} && ip -n {ns} link set lo up && \
              ip netns exec {ns} sysctl -qw net.ipv6.conf.all.disable_ipv6=1 net.ipv6.conf.default.disable_ipv6=1"

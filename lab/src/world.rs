@@ -429,6 +429,15 @@ impl Lab {
         })
     }
 
+    /// [`Lab::migration_record`]; an aborted migration is an error.
+    fn live_record(&mut self, id: u64) -> Result<serde_json::Value, LabError> {
+        let m = self.migration_record(id)?;
+        if m["phase"] == "aborted" {
+            return Err(LabError::Controller(format!("migration aborted: {m}")));
+        }
+        Ok(m)
+    }
+
     /// The hypervisor's next step of a migration, when its time came:
     /// begin (the destination prepares the port), pause the VM when the
     /// migration syncs (stop-and-copy), plug its NIC into the
@@ -439,10 +448,6 @@ impl Lab {
         const PAUSE: Duration = Duration::from_millis(20);
         let (vm, to) = (hv.vm, hv.to);
         let port = self.vms[vm].port;
-        let aborted = |m: &serde_json::Value| {
-            (m["phase"] == "aborted")
-                .then(|| LabError::Controller(format!("migration aborted: {m}")))
-        };
         match hv.step {
             Step::Running { until } if now >= until => {
                 let text = self.control.view(
@@ -463,11 +468,7 @@ impl Lab {
             }
             Step::Begun if now >= hv.next_check => {
                 hv.next_check = now + Duration::from_millis(5);
-                let m = self.migration_record(hv.id)?;
-                if let Some(e) = aborted(&m) {
-                    return Err(e);
-                }
-                if m["phase"] == "syncing" {
+                if self.live_record(hv.id)?["phase"] == "syncing" {
                     // Stop-and-copy: the VM stops running.
                     self.vms[vm].paused = true;
                     hv.step = Step::Paused { until: now + PAUSE };
@@ -490,10 +491,7 @@ impl Lab {
             }
             Step::Resumed if now >= hv.next_check => {
                 hv.next_check = now + Duration::from_millis(20);
-                let m = self.migration_record(hv.id)?;
-                if let Some(e) = aborted(&m) {
-                    return Err(e);
-                }
+                let m = self.live_record(hv.id)?;
                 if m["phase"] == "done" && m["first_frame_at_destination_ms"].is_number() {
                     hv.done_at.get_or_insert(now);
                 }

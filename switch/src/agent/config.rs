@@ -313,6 +313,16 @@ pub fn assemble(
     doc
 }
 
+/// `a, b, c` for an error message, or `none`.
+fn names<'a>(known: impl Iterator<Item = &'a str>) -> String {
+    let known: Vec<&str> = known.collect();
+    if known.is_empty() {
+        "none".into()
+    } else {
+        known.join(", ")
+    }
+}
+
 fn validate(raw: Raw) -> Result<AgentConfig, String> {
     if raw.host.trim().is_empty() {
         return Err("host: the host name is empty".into());
@@ -475,14 +485,9 @@ fn validate_port(
         Some(name) => match profiles.get(name) {
             Some(base) => own.over(base),
             None => {
-                let known: Vec<&str> = profiles.keys().map(String::as_str).collect();
                 return Err(format!(
                     "{at}: unknown profile `{name}`; profiles in this file: {}",
-                    if known.is_empty() {
-                        "none".into()
-                    } else {
-                        known.join(", ")
-                    }
+                    names(profiles.keys().map(String::as_str))
                 ));
             }
         },
@@ -586,14 +591,9 @@ fn validate_static_macs(
         let loc = match (m.port, m.remote) {
             (Some(name), None) => {
                 let Some(p) = ports.iter().find(|p| p.port.name == name) else {
-                    let known: Vec<&str> = ports.iter().map(|p| p.port.name.as_str()).collect();
                     return Err(format!(
                         "{at}: unknown port `{name}`; ports in this file: {}",
-                        if known.is_empty() {
-                            "none".into()
-                        } else {
-                            known.join(", ")
-                        }
+                        names(ports.iter().map(|p| p.port.name.as_str()))
                     ));
                 };
                 if !p.port.vlan.carries(m.vlan) {

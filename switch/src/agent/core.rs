@@ -14,8 +14,8 @@
 //! Per desired state (full after a (re)connection, or a delta on the last
 //! one): the items are put together into an agent file and checked whole
 //! with the code of `dvs agent --config` ([`desired_config`]); what differs
-//! is applied ([`apply_with`]); each port's standby follows it
-//! ([`Migrations::sync_standby`], with `resync` on a full state); the state
+//! is applied ([`apply_with`]); each port's mode follows it
+//! ([`Migrations::follow_items`], with `resync` on a full state); the state
 //! is saved, then acknowledged if it all runs.
 
 use std::collections::BTreeMap;
@@ -197,7 +197,7 @@ impl<P: PortIo + Device> AgentCore<P> {
         let old = self.cfg.clone();
         let r = apply_with(&mut self.dp, &mut self.cfg, new, now, attacher, open);
         self.migrations
-            .sync_standby(&mut self.dp, &old, &self.cfg, resync, now);
+            .follow_items(&mut self.dp, &old, &self.cfg, resync, now);
         self.changed = true;
         // Applied or not, this is what the datapath now works from.
         self.desired = Desired { revision, items };

@@ -736,7 +736,7 @@ impl Migrations {
 
     /// Make every port's mode what its item asks for ([`PortMode`]'s
     /// table), and forget the ports that are gone.
-    pub fn sync_standby<P: PortIo>(
+    pub fn follow_items<P: PortIo>(
         &mut self,
         dp: &mut Datapath<P>,
         old: &AgentConfig,
