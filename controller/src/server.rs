@@ -113,7 +113,8 @@ impl Controller {
         let store = Store::open(data_dir)?;
         let mut chassis = store.load()?;
         // Migrations cut short by the restart end consistently now.
-        for (id, out) in chassis.recover_migrations(migration::unix_now()) {
+        let wait = migration::PREPARE_TIMEOUT;
+        for (id, out) in chassis.recover_migrations(migration::unix_now(), wait) {
             tracing::warn!(
                 migration = id,
                 ?out,

@@ -9,22 +9,31 @@
 //!                 ◄──────────────────────────── Prepared ──────────── standby (policy in
 //!                 Syncing ─── StartSync ──────► full snapshot,         place, not forwarding)
 //!                                                then deltas ───────► merged
-//!  resumed / ───► Switching ─ DeactivateSource ► stop forwarding,
-//!  first frame                                   last delta ─────────► merged
+//!                                               (the VM heard there:  forward from
+//!  resumed / ───► Switching ◄─────── Resumed, DestinationStarted ───── the pre-copy, at once)
+//!  first frame    ─ DeactivateSource ► stop forwarding,
+//!                                      last delta
 //!                 ◄──────── SourceDeactivated ─┘
-//!                 Activating ─ ActivateDestination ─────────────────► forward
-//!                 ◄──────────────────────────── Activated ───────────┘
+//!                 Activating ─ ActivateDestination ─────────────────► merge it (or start
+//!                 ◄──────────────────────────── Activated ───────────┘ from it) and forward
 //!                 Done ─ MoveMac (every host), Announce (GARP/RARP, when the
 //!                        VM has not spoken yet)
 //!  abort ───────► Aborted ─ CleanDestination, KeepSource / ReactivateSource
 //! ```
 //!
-//! Safety: the destination is told to forward only after the source said
-//! it stopped, so a port is never active on two hosts; the destination
-//! forwards only a port it installed with its policy (Prepared) and the
-//! source's last delta; an abort before `Done` always leaves the source
-//! active and the destination clean. Inputs that do not fit the phase are
-//! refused with the phase named, and change nothing.
+//! Safety: the destination forwards only a port it installed with its
+//! policy (Prepared), and only once the VM runs there — it heard the VM
+//! itself (`DestinationStarted`: the VM's own first frame, or its VMM
+//! reading the NIC; it runs from the pre-copy and merges the source's last
+//! delta when it comes) or the source said it stopped. The port may so be
+//! active on both hosts only while switching after the VM was heard at the
+//! destination: the source then serves a VM that no longer runs there
+//! (and sends copies of its frames to the destination). A source that is
+//! lost after the destination started does not abort the migration: the
+//! destination keeps the pre-copy's state. An abort before `Done` leaves
+//! the source active and the destination clean — after the destination
+//! dropped the port, when it may have forwarded. Inputs that do not fit the
+//! phase are refused with the phase named, and change nothing.
 
 use dvs_proto::api;
 use std::time::Duration;
@@ -95,6 +104,11 @@ pub enum Input {
     Synced { seq: u32 },
     /// The VM runs on the destination.
     Resumed(Trigger),
+    /// The destination heard the VM and forwards from the pre-copy, without
+    /// waiting for the source's last delta.
+    DestinationStarted,
+    /// The source's agent is gone (the reason) before it said it stopped.
+    SourceLost(String),
     /// The source stopped forwarding; its last delta is `last_seq`; its
     /// last frames from and to the VM passed at `last_frame`.
     SourceDeactivated { last_seq: u32, last_frame: Frames },
@@ -130,9 +144,12 @@ pub enum Output {
     PrepareDestination,
     StartSync,
     DeactivateSource,
-    /// Apply everything through the source's last delta, then forward.
+    /// Apply everything through the source's last delta, then forward
+    /// (`handover`: the source's last state is kept; without it, what the
+    /// pre-copy had).
     ActivateDestination {
         through_seq: u32,
+        handover: bool,
     },
     MoveMac,
     /// Announce the VM (GARP/RARP) from the destination: it has not spoken.
@@ -140,8 +157,11 @@ pub enum Output {
     CleanDestination,
     /// The source never stopped: nothing to do there.
     KeepSource,
-    /// The source stopped: it forwards again.
-    ReactivateSource,
+    /// The source stopped: it forwards again — once the destination
+    /// dropped the port, when it may have forwarded (`after_clean`).
+    ReactivateSource {
+        after_clean: bool,
+    },
 }
 
 /// The moments of a migration, on the controller's clock.
@@ -224,6 +244,9 @@ pub struct Migration {
     synced: Option<u32>,
     /// The VM resumed before the destination was ready.
     early_resume: Option<Trigger>,
+    /// The destination forwards from the pre-copy (it heard the VM).
+    #[serde(default)]
+    destination_started: bool,
     timeline: Timeline,
 }
 
@@ -237,6 +260,7 @@ impl Migration {
                 phase: Phase::Preparing,
                 synced: None,
                 early_resume: None,
+                destination_started: false,
                 timeline: Timeline {
                     begin: now,
                     ..Timeline::default()
@@ -266,7 +290,14 @@ impl Migration {
 
     /// Is the port forwarding at the destination?
     pub fn destination_active(&self) -> bool {
-        self.phase == Phase::Done
+        // Told to forward (activating), or forwarding since it heard the VM.
+        matches!(self.phase, Phase::Activating | Phase::Done)
+            || self.destination_started && self.phase == Phase::Switching
+    }
+
+    /// Did the destination start the port on its own (from the pre-copy)?
+    pub fn destination_started(&self) -> bool {
+        self.destination_started
     }
 
     fn refuse(&self, input: &Input, hint: &'static str) -> ProtocolError {
@@ -274,6 +305,8 @@ impl Migration {
             Input::Prepared => "Prepared".to_string(),
             Input::Synced { seq } => format!("Synced({seq})"),
             Input::Resumed(t) => format!("Resumed({t:?})"),
+            Input::DestinationStarted => "DestinationStarted".into(),
+            Input::SourceLost(r) => format!("SourceLost({r})"),
             Input::SourceDeactivated { .. } => "SourceDeactivated".into(),
             Input::Activated { .. } => "Activated".into(),
             Input::FirstFrameForwarded { .. } => "FirstFrameForwarded".into(),
@@ -338,8 +371,33 @@ impl Migration {
                 self.phase = Activating;
                 vec![Output::ActivateDestination {
                     through_seq: *last_seq,
+                    handover: true,
                 }]
             }
+            (Switching | Activating, Input::DestinationStarted) => {
+                self.destination_started = true;
+                Vec::new()
+            }
+            // Told again (a destination's report after a reconnection).
+            (Done, Input::DestinationStarted) => Vec::new(),
+            (Preparing | Syncing, Input::DestinationStarted) => {
+                return Err(self.refuse(&input, ": the switchover has not started"))
+            }
+            (Switching, Input::SourceLost(_)) if self.destination_started => {
+                // The VM runs at the destination: it keeps what the
+                // pre-copy had.
+                self.phase = Activating;
+                vec![Output::ActivateDestination {
+                    through_seq: self.synced.unwrap_or(0),
+                    handover: false,
+                }]
+            }
+            (Preparing | Syncing | Switching, Input::SourceLost(r)) => {
+                self.abort(now, r);
+                vec![Output::CleanDestination, Output::KeepSource]
+            }
+            // It stopped already: not needed any more.
+            (Activating | Done, Input::SourceLost(_)) => Vec::new(),
             (Activating, Input::Activated { first_frame }) => {
                 if first_frame.is_some() {
                     self.timeline.first_frame_at_destination = *first_frame;
@@ -352,7 +410,8 @@ impl Migration {
                 }
                 out
             }
-            (Activating | Done, Input::FirstFrameForwarded { at }) => {
+            // A destination that started on its own forwards while switching.
+            (Switching | Activating | Done, Input::FirstFrameForwarded { at }) => {
                 let t = &mut self.timeline;
                 t.first_frame_at_destination = t.first_frame_at_destination.or(at.from_vm);
                 t.first_to_vm_at_destination = t.first_to_vm_at_destination.or(at.to_vm);
@@ -365,8 +424,12 @@ impl Migration {
                 vec![Output::CleanDestination, Output::KeepSource]
             }
             (Switching | Activating, Input::Abort(r)) => {
+                let after_clean = self.phase == Activating || self.destination_started;
                 self.abort(now, r);
-                vec![Output::CleanDestination, Output::ReactivateSource]
+                vec![
+                    Output::CleanDestination,
+                    Output::ReactivateSource { after_clean },
+                ]
             }
             (Done, Input::Abort(_)) => {
                 return Err(self.refuse(
@@ -427,9 +490,12 @@ mod tests {
                 }
             )
             .unwrap(),
-            vec![Output::ActivateDestination { through_seq: 2 }]
+            vec![Output::ActivateDestination {
+                through_seq: 2,
+                handover: true
+            }]
         );
-        assert!(!m.source_active() && !m.destination_active());
+        assert!(!m.source_active() && m.destination_active());
         // The VM spoke first (its RARP): no announcement needed.
         assert_eq!(
             m.handle(
@@ -495,7 +561,9 @@ mod tests {
                 .unwrap();
             assert!(out.contains(&Output::CleanDestination), "{steps}: {out:?}");
             let source = if steps >= 2 {
-                Output::ReactivateSource
+                Output::ReactivateSource {
+                    after_clean: steps == 3,
+                }
             } else {
                 Output::KeepSource
             };
@@ -534,12 +602,66 @@ mod tests {
         assert!(e.to_string().ends_with("migrate it back instead"), "{e}");
     }
 
+    #[test]
+    fn a_destination_that_heard_the_vm_forwards_at_once_and_outlives_its_source() {
+        let (mut m, _) = Migration::begin(5, Duration::ZERO);
+        m.handle(MS, Input::Prepared).unwrap();
+        m.handle(2 * MS, Input::Synced { seq: 0 }).unwrap();
+        let e = m.handle(3 * MS, Input::DestinationStarted).unwrap_err();
+        assert!(
+            e.to_string().ends_with("the switchover has not started"),
+            "{e}"
+        );
+        m.handle(4 * MS, Input::Resumed(Trigger::FirstFrame))
+            .unwrap();
+        assert!(m
+            .handle(4 * MS, Input::DestinationStarted)
+            .unwrap()
+            .is_empty());
+        // The window: both forward, the source for a VM that left.
+        assert!(m.source_active() && m.destination_active());
+        // The source is lost before its delta: the pre-copy is what the
+        // destination keeps, and the migration finishes.
+        assert_eq!(
+            m.handle(5 * MS, Input::SourceLost("gone".into())).unwrap(),
+            vec![Output::ActivateDestination {
+                through_seq: 0,
+                handover: false
+            }]
+        );
+        assert!(!m.source_active() && m.destination_active());
+        m.handle(6 * MS, Input::Activated { first_frame: None })
+            .unwrap();
+        assert_eq!(m.phase(), Phase::Done);
+        // Without the destination's start, losing the source aborts.
+        let (mut m, _) = Migration::begin(6, Duration::ZERO);
+        m.handle(MS, Input::Prepared).unwrap();
+        m.handle(MS, Input::Resumed(Trigger::FirstFrame)).unwrap();
+        let out = m.handle(MS, Input::SourceLost("gone".into())).unwrap();
+        assert_eq!(out, vec![Output::CleanDestination, Output::KeepSource]);
+        // An abort after the destination started waits for its cleanup.
+        let (mut m, _) = Migration::begin(7, Duration::ZERO);
+        m.handle(MS, Input::Prepared).unwrap();
+        m.handle(MS, Input::Resumed(Trigger::NicRead)).unwrap();
+        m.handle(MS, Input::DestinationStarted).unwrap();
+        let out = m.handle(MS, Input::Abort("no".into())).unwrap();
+        assert_eq!(
+            out,
+            vec![
+                Output::CleanDestination,
+                Output::ReactivateSource { after_clean: true }
+            ]
+        );
+    }
+
     fn input() -> impl Strategy<Value = Input> {
         prop_oneof![
             Just(Input::Prepared),
             (0u32..4).prop_map(|seq| Input::Synced { seq }),
             Just(Input::Resumed(Trigger::VmmResumed)),
             Just(Input::Resumed(Trigger::FirstFrame)),
+            Just(Input::DestinationStarted),
+            Just(Input::SourceLost("x".into())),
             (0u32..4).prop_map(|last_seq| Input::SourceDeactivated {
                 last_seq,
                 last_frame: Frames::default()
@@ -556,41 +678,75 @@ mod tests {
     proptest! {
         /// Whatever the hosts report, in any order, played against a model
         /// of the two hosts driven only by what they report and what they
-        /// are told: the port is never active on both, the destination is
-        /// told to forward only after its policy was in place and the
-        /// source stopped, and an aborted migration leaves the source
-        /// active and the destination clean.
+        /// are told: the destination forwards only with its policy in place
+        /// and once the VM runs there (it heard the VM, or the source
+        /// stopped); the port is active on both only in the switching
+        /// window after the destination heard the VM; a source's frames
+        /// are taken over only once it stopped or is gone; an aborted
+        /// migration leaves the source active and the destination clean,
+        /// and a source resumes only after a destination that may have
+        /// forwarded dropped the port.
         #[test]
-        fn never_active_on_two_hosts(inputs in proptest::collection::vec(input(), 0..24)) {
+        fn the_port_forwards_where_the_vm_runs(inputs in proptest::collection::vec(input(), 0..24)) {
             let (mut m, _) = Migration::begin(1, Duration::ZERO);
-            let (mut prepared, mut source_stopped) = (false, false);
+            let (mut prepared, mut source_stopped, mut source_lost, mut heard) =
+                (false, false, false, false);
             // What each host does, as far as its messages say.
             let (mut src, mut dst) = (true, false);
             for (k, i) in inputs.into_iter().enumerate() {
                 let now = MS * k as u32;
+                let before = m.phase();
                 let is_prepared = i == Input::Prepared;
                 let is_stop = matches!(i, Input::SourceDeactivated { .. });
+                let is_lost = matches!(i, Input::SourceLost(_));
+                let is_started = i == Input::DestinationStarted;
                 let Ok(out) = m.handle(now, i) else { continue };
                 prepared |= is_prepared;
                 source_stopped |= is_stop;
-                if is_stop {
+                if is_stop || (is_lost && before != Phase::Done) {
                     src = false;
+                    source_lost |= is_lost;
+                }
+                if is_started && before != Phase::Done {
+                    // The destination reported it forwards.
+                    prop_assert!(prepared, "started without its policy: {m:?}");
+                    heard = true;
+                    dst = true;
                 }
                 for o in &out {
                     match o {
-                        Output::ActivateDestination { .. } => {
-                            prop_assert!(prepared && source_stopped);
+                        Output::ActivateDestination { handover, .. } => {
+                            prop_assert!(prepared);
+                            prop_assert!(
+                                source_stopped || (source_lost && heard && !handover),
+                                "activated while the source forwards: {m:?}"
+                            );
                             dst = true;
                         }
-                        Output::ReactivateSource => src = true,
+                        Output::ReactivateSource { after_clean } => {
+                            // The model cleans in order: a destination that
+                            // may have forwarded is gone first.
+                            prop_assert!(!dst, "resumed over the destination: {m:?}");
+                            prop_assert!(*after_clean || !heard);
+                            src = true;
+                        }
+                        Output::KeepSource => src = !source_lost,
                         Output::CleanDestination => dst = false,
                         _ => {}
                     }
                 }
-                prop_assert!(!(src && dst), "active on both hosts: {m:?}");
-                prop_assert_eq!(src, m.source_active(), "{:?}", m);
+                if src && dst {
+                    prop_assert!(
+                        heard && m.phase() == Phase::Switching,
+                        "active on both hosts outside the window: {m:?}"
+                    );
+                }
+                prop_assert_eq!(dst, m.destination_active(), "{:?}", m);
                 if m.phase() == Phase::Aborted {
-                    prop_assert!(src && !dst);
+                    prop_assert!(!dst && (src || source_lost));
+                }
+                if m.phase() == Phase::Done {
+                    prop_assert!(dst && !src);
                 }
             }
         }

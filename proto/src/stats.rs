@@ -116,6 +116,14 @@ impl DropCounters {
         self.0.iter().sum()
     }
 
+    /// Add what grew from `then` to `now` (two readings of another
+    /// counter set).
+    pub fn add_growth(&mut self, then: &Self, now: &Self) {
+        for (i, c) in self.0.iter_mut().enumerate() {
+            *c += now.0[i].saturating_sub(then.0[i]);
+        }
+    }
+
     /// The non-zero counters by name.
     pub fn nonzero(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
         DropReason::ALL
@@ -169,6 +177,23 @@ pub struct PortCounters {
     /// Frames for the VM that were not sent to it, by reason (its inbound
     /// access list).
     pub tx_drops: DropCounters,
+}
+
+impl PortCounters {
+    /// Add what grew from `then` to `now`, two readings of the same port
+    /// elsewhere (a migration's source: its pre-copy and its last state).
+    pub fn add_growth(&mut self, then: &Self, now: &Self) {
+        let grow = |mine: &mut u64, a: u64, b: u64| *mine += b.saturating_sub(a);
+        grow(&mut self.rx_frames, then.rx_frames, now.rx_frames);
+        grow(&mut self.rx_bytes, then.rx_bytes, now.rx_bytes);
+        grow(&mut self.rx_broadcast, then.rx_broadcast, now.rx_broadcast);
+        grow(&mut self.rx_multicast, then.rx_multicast, now.rx_multicast);
+        grow(&mut self.tx_frames, then.tx_frames, now.tx_frames);
+        grow(&mut self.tx_bytes, then.tx_bytes, now.tx_bytes);
+        grow(&mut self.tx_errors, then.tx_errors, now.tx_errors);
+        self.drops.add_growth(&then.drops, &now.drops);
+        self.tx_drops.add_growth(&then.tx_drops, &now.tx_drops);
+    }
 }
 
 /// What the VXLAN uplink saw and did.
@@ -337,6 +362,28 @@ pub struct Stats {
     pub mac_entries: usize,
     /// Each NetFlow monitor's table and exporter.
     pub netflow: Vec<MonitorStats>,
+    /// What the switch did for migrations' switchovers.
+    pub switchover: SwitchoverCounters,
+}
+
+/// What a switch did for migrations' switchovers (see `docs/migration.md`).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct SwitchoverCounters {
+    /// Frames for a migrating VM a source delivered to its port and also
+    /// sent to the migration's destination (the VM reads one of the two).
+    pub relayed: u64,
+    /// Frames for a VM whose port started at its destination before the
+    /// source's last state came, that the port's inbound policy refused
+    /// and only that state could admit (a connection it does not know
+    /// yet): held for it.
+    pub held: u64,
+    /// Held frames the state admitted (a connection it brought).
+    pub admitted: u64,
+    /// Held frames still refused when the state came or their wait ended.
+    pub refused: u64,
+    /// Frames refused at once because the hold was full.
+    pub overflow: u64,
 }
 
 /// A NetFlow monitor's line of [`Stats`].

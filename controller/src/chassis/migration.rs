@@ -13,6 +13,7 @@ use dvs_proto::PortId;
 use serde::{Deserialize, Serialize};
 
 use super::{list, Attach, Binding, Chassis, Moving};
+use crate::store::Kept;
 use crate::Error;
 
 /// A migration, as kept (it outlives the controller's restarts).
@@ -49,6 +50,19 @@ pub struct MigrationRec {
     /// When the destination's standby port had its interface (wall clock).
     #[serde(default)]
     pub interface_ready: Option<Duration>,
+    /// When the destination started the port from the pre-copy on its
+    /// own, having heard the VM (wall clock).
+    #[serde(default)]
+    pub destination_started: Option<Duration>,
+    /// The source was lost before its handover: the destination runs from
+    /// the pre-copy (the kept snapshot it is sent).
+    #[serde(default)]
+    pub without_handover: bool,
+    /// After a restart of the controller: the migration waits until then
+    /// for its destination to say whether it started the port (it goes on
+    /// if so, and is aborted otherwise).
+    #[serde(default)]
+    pub recovering_until: Option<Duration>,
 }
 
 impl MigrationRec {
@@ -81,11 +95,13 @@ pub enum Order {
         command: api::MigrationCommand,
         best_effort: bool,
     },
-    /// Send `host` the source's kept handover snapshot in chunks, each a
-    /// `command` (START).
+    /// Send `host` a kept snapshot (the source's handover, or the
+    /// pre-copy when the source was lost) in chunks, each a `command`
+    /// (START).
     Handover {
         host: String,
         command: api::MigrationCommand,
+        kept: Kept,
     },
 }
 
@@ -220,10 +236,13 @@ impl Chassis {
                 prepare_revision: self.meta.revision,
                 resume_after: None,
                 interface_ready: None,
+                destination_started: None,
+                without_handover: false,
+                recovering_until: None,
             },
         );
         self.dirty.migrations.insert(id);
-        let orders = self.carry_out(id, &out, false);
+        let orders = self.carry_out(id, &out);
         Ok((id, orders))
     }
 
@@ -255,7 +274,6 @@ impl Chassis {
             Error::NotFound(format!("no migration {id}: `dvs migrate list` shows them"))
         })?;
         let stopped = matches!(input, Input::SourceDeactivated { .. });
-        let activating = rec.machine.phase() == Phase::Activating;
         let out = rec
             .machine
             .handle(now, input)
@@ -272,7 +290,7 @@ impl Chassis {
                 self.set_moving(port, Some(m));
             }
         }
-        Ok(self.carry_out(id, &out, activating))
+        Ok(self.carry_out(id, &out))
     }
 
     /// The handover to send migration `id`'s destination again (an
@@ -282,13 +300,17 @@ impl Chassis {
         Some(Order::Handover {
             host: r.to.host.clone(),
             command: r.command(Op::Start),
+            kept: if r.without_handover {
+                Kept::Base
+            } else {
+                Kept::Handover
+            },
         })
     }
 
     /// Each protocol output of migration `id`: its desired-state part
-    /// done here, its commands returned (`activating`: the migration was
-    /// activating when the output came).
-    fn carry_out(&mut self, id: u64, out: &[Output], activating: bool) -> Vec<Order> {
+    /// done here, its commands returned.
+    pub(crate) fn carry_out(&mut self, id: u64, out: &[Output]) -> Vec<Order> {
         let Some(r) = self.migrations.get(&id).cloned() else {
             return Vec::new();
         };
@@ -298,11 +320,21 @@ impl Chassis {
             command,
             best_effort,
         };
+        // A command to the source naming the destination's tunnel address.
+        let ip = self.hosts.get(&r.to.host).and_then(|h| h.tunnel_ip);
+        let toward = |op| {
+            let mut c = r.command(op);
+            c.redirect = ip.map(|i| i.to_string()).unwrap_or_default();
+            c
+        };
         let mut orders = Vec::new();
         for o in out {
             match o {
                 // The destination's item (standby) came with the migration.
-                Output::PrepareDestination | Output::KeepSource => {}
+                Output::PrepareDestination => {}
+                // The source may be copying the VM's frames to the
+                // destination (since the pre-copy): it stops.
+                Output::KeepSource => orders.push(to_source(r.command(Op::Resume), true)),
                 Output::CleanDestination => self.set_moving(port, None),
                 Output::MoveMac => {
                     let n = port.number();
@@ -315,27 +347,27 @@ impl Chassis {
                     self.dirty.ports.insert(n);
                     self.bump();
                 }
-                Output::DeactivateSource => {
-                    let ip = self.hosts.get(&r.to.host).and_then(|h| h.tunnel_ip);
-                    let mut c = r.command(Op::Stop);
-                    c.redirect = ip.map(|i| i.to_string()).unwrap_or_default();
-                    orders.push(to_source(c, false));
-                }
+                Output::DeactivateSource => orders.push(to_source(toward(Op::Stop), false)),
                 // A pre-copy while the source still forwards: the handover
-                // at the switchover is then only what changed.
-                Output::StartSync => orders.push(to_source(r.command(Op::Sync), false)),
-                Output::ActivateDestination { .. } => orders.push(Order::Handover {
-                    host: r.to.host.clone(),
-                    command: r.command(Op::Start),
-                }),
+                // at the switchover is then only what changed; and frames
+                // for the VM go to the destination too from then on.
+                Output::StartSync => orders.push(to_source(toward(Op::Sync), false)),
+                Output::ActivateDestination { handover, .. } => {
+                    if !handover {
+                        if let Some(m) = self.migrations.get_mut(&id) {
+                            m.without_handover = true;
+                        }
+                    }
+                    orders.extend(self.handover_order(id));
+                }
                 // Best effort: the VM's own frames announce it too.
                 Output::Announce => orders.push(Order::Command {
                     host: r.to.host.clone(),
                     command: r.command(Op::Announce),
                     best_effort: true,
                 }),
-                Output::ReactivateSource => {
-                    if activating {
+                Output::ReactivateSource { after_clean } => {
+                    if *after_clean {
                         // The destination may have started: the source
                         // takes the port back once the destination has
                         // dropped it (`resume_after`).
@@ -363,21 +395,25 @@ impl Chassis {
     }
 
     /// After a restart of the controller: migrations that were preparing,
-    /// syncing or switching are aborted (the source keeps or takes the
-    /// port back); those activating go on (the source's state is kept:
-    /// the destination gets it again when its agent is back).
-    pub fn recover_migrations(&mut self, now: Duration) -> Vec<(u64, Vec<Order>)> {
-        let open: Vec<u64> = self
-            .migrations
-            .values()
-            .filter(|r| {
-                matches!(
-                    r.machine.phase(),
-                    Phase::Preparing | Phase::Syncing | Phase::Switching
-                )
-            })
-            .map(|r| r.id)
-            .collect();
+    /// or syncing without a pre-copy, are aborted (the source keeps the
+    /// port); those with a pre-copy that were syncing or switching wait
+    /// until `wait` for their destination to say whether it started the
+    /// port from it (it may have heard the VM meanwhile: the migration goes
+    /// on; otherwise it is aborted, the source keeping or taking the port
+    /// back); those activating go on (the source's state is kept: the
+    /// destination gets it again when its agent is back).
+    pub fn recover_migrations(&mut self, now: Duration, wait: Duration) -> Vec<(u64, Vec<Order>)> {
+        let mut open = Vec::new();
+        for r in self.migrations.values_mut() {
+            match r.machine.phase() {
+                Phase::Syncing | Phase::Switching if r.base_bytes > 0 => {
+                    r.recovering_until = Some(now + wait);
+                    self.dirty.migrations.insert(r.id);
+                }
+                Phase::Preparing | Phase::Syncing | Phase::Switching => open.push(r.id),
+                _ => {}
+            }
+        }
         let mut done = Vec::new();
         for id in open {
             let reason = "the controller restarted before the switchover".to_string();

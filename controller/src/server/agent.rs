@@ -262,6 +262,7 @@ impl Controller {
                             self.mutate(false, |c| c.ack(host, revision))?;
                             self.prepared(host, revision).await;
                             self.released(host, Some(revision)).await;
+                            self.recovered(host).await;
                         }
                         FromAgent::Migration(e) => self.migration_event(host, e, &mut chunks).await,
                         FromAgent::Report(stats) => {

@@ -55,6 +55,22 @@ fn frames(from_vm_us: u64, to_vm_us: u64) -> Frames {
     }
 }
 
+/// A party of a migration that could not be told its part, and why.
+#[derive(Debug)]
+pub(super) struct Unreachable {
+    host: String,
+    why: String,
+}
+
+impl Unreachable {
+    fn of(host: &str, why: String) -> Self {
+        Unreachable {
+            host: host.to_string(),
+            why,
+        }
+    }
+}
+
 /// A migration as the admin service shows it.
 pub fn view(r: &MigrationRec) -> api::Migration {
     let t = r.machine.timeline();
@@ -79,6 +95,7 @@ pub fn view(r: &MigrationRec) -> api::Migration {
         destination_interface: r.to.attach.dev().to_string(),
         blackout_us: us(t.blackout()),
         first_to_peer_destination_us: us(t.first_to_peer_at_destination),
+        destination_started_us: us(r.destination_started),
         done_us: us(t.done),
         aborted_us: us(t.aborted.as_ref().map(|a| a.0)),
         abort_reason: t.aborted.as_ref().map(|a| a.1.clone()).unwrap_or_default(),
@@ -147,8 +164,15 @@ impl Controller {
             if let Some(r) = self.record(id) {
                 tracing::info!(migration = id, port = %r.port, phase = r.machine.phase().as_str(), ?out, "migration step");
             }
-            if let Err(e) = self.perform(id, &out).await {
-                next = Some(Input::Abort(e));
+            if let Err(u) = self.perform(id, &out).await {
+                // A source that cannot be told may be needed no more (the
+                // destination heard the VM); anyone else is.
+                let source = self.record(id).is_some_and(|r| r.from.host == u.host);
+                next = Some(if source {
+                    Input::SourceLost(u.why)
+                } else {
+                    Input::Abort(u.why)
+                });
             }
         }
         Ok(())
@@ -156,7 +180,7 @@ impl Controller {
 
     /// Send what the chassis ordered for migration `id`. An error names
     /// the party that cannot be told.
-    async fn perform(&self, id: u64, orders: &[Order]) -> Result<(), String> {
+    async fn perform(&self, id: u64, orders: &[Order]) -> Result<(), Unreachable> {
         for o in orders {
             match o {
                 Order::Command {
@@ -166,14 +190,21 @@ impl Controller {
                 } => {
                     let r = self.send_command(host, command.clone()).await;
                     if !best_effort {
-                        r?;
+                        r.map_err(|why| Unreachable::of(host, why))?;
                     }
                 }
-                Order::Handover { host, command } => {
+                Order::Handover {
+                    host,
+                    command,
+                    kept,
+                } => {
                     let bytes = self
-                        .kept(Kept::Handover, id)?
-                        .ok_or("the source's snapshot is not kept")?;
-                    self.send_chunks(host, command, &bytes).await?;
+                        .kept(*kept, id)
+                        .and_then(|b| b.ok_or_else(|| "the source's snapshot is not kept".into()))
+                        .map_err(|why| Unreachable::of(host, why))?;
+                    self.send_chunks(host, command, &bytes)
+                        .await
+                        .map_err(|why| Unreachable::of(host, why))?;
                 }
             }
         }
@@ -254,8 +285,8 @@ impl Controller {
         let now = self.now();
         let (id, out) = self.mutate(true, |c| c.begin_migration(port, &r.to, a, now))?;
         tracing::info!(migration = id, %port, to = %r.to, "migration begins");
-        if let Err(e) = self.perform(id, &out).await {
-            self.input(id, Input::Abort(e)).await?;
+        if let Err(u) = self.perform(id, &out).await {
+            self.input(id, Input::Abort(u.why)).await?;
         }
         self.migration_view(id)
     }
@@ -347,14 +378,7 @@ impl Controller {
         };
         let (source, destination) = (r.from.host == host, r.to.host == host);
         let result = match kind {
-            Kind::Wakeup if destination => {
-                let t = if e.nic_read {
-                    Trigger::NicRead
-                } else {
-                    Trigger::FirstFrame
-                };
-                self.input(id, Input::Resumed(t)).await
-            }
+            Kind::Wakeup if destination => self.wakeup(&r, &e).await,
             Kind::Attached if destination => {
                 let at = Duration::from_micros(e.at_us);
                 tracing::info!(migration = id, %host, device = %e.device, "the destination's port has its interface");
@@ -407,6 +431,67 @@ impl Controller {
         };
         if let Err(s) = result {
             tracing::warn!(%host, migration = id, ?kind, error = %s.message(), "migration event refused");
+        }
+    }
+
+    /// The destination says the VM runs there — and, when it `started`,
+    /// that it forwards from the pre-copy already. After a restart of the
+    /// controller this is how the destination tells it started (the
+    /// source, which may have resumed, is told to stop again).
+    async fn wakeup(&self, r: &MigrationRec, e: &api::MigrationEvent) -> Result<(), Status> {
+        let t = if e.nic_read {
+            Trigger::NicRead
+        } else {
+            Trigger::FirstFrame
+        };
+        self.input(r.id, Input::Resumed(t)).await?;
+        if !e.started {
+            return Ok(());
+        }
+        let at = Duration::from_micros(e.at_us);
+        let recovering = r.recovering_until.is_some();
+        self.input_noting(
+            r.id,
+            Input::DestinationStarted,
+            move |m| {
+                m.destination_started.get_or_insert(at);
+                m.recovering_until = None;
+            },
+            None,
+        )
+        .await?;
+        let switching = self
+            .record(r.id)
+            .is_some_and(|m| m.machine.phase() == Phase::Switching);
+        if recovering && switching {
+            tracing::info!(migration = r.id, "the destination forwards since before the restart: the source is told to stop again");
+            let out = self.mutate(false, |c| {
+                Ok(c.carry_out(r.id, &[dvs_migrate::protocol::Output::DeactivateSource]))
+            })?;
+            if let Err(u) = self.perform(r.id, &out).await {
+                self.input(r.id, Input::SourceLost(u.why)).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Migrations that wait, after a restart of the controller, for their
+    /// destination `host` to say whether it started the port: its first
+    /// acknowledgement came and it did not say so (it would have said it
+    /// before) — aborted.
+    pub(super) async fn recovered(&self, host: &str) {
+        let waiting: Vec<u64> = self
+            .lock()
+            .chassis
+            .migrations()
+            .filter(|m| m.recovering_until.is_some() && m.to.host == host && !m.finished())
+            .map(|m| m.id)
+            .collect();
+        for id in waiting {
+            let why = "the controller restarted before the switchover".to_string();
+            let _ = self
+                .input_noting(id, Input::Abort(why), |m| m.recovering_until = None, None)
+                .await;
         }
     }
 
@@ -491,7 +576,7 @@ impl Controller {
             };
             let out: Vec<Order> = self.lock().chassis.handover_order(id).into_iter().collect();
             let r = match base {
-                Ok(()) => self.perform(id, &out).await,
+                Ok(()) => self.perform(id, &out).await.map_err(|u| u.why),
                 Err(e) => Err(e),
             };
             if let Err(e) = r {
@@ -524,7 +609,14 @@ impl Controller {
             .collect();
         for (id, who) in hit {
             let why = format!("the {who} host {host} disconnected");
-            if let Err(s) = self.input(id, Input::Abort(why)).await {
+            // A source lost after the destination heard the VM is not
+            // needed: the destination keeps the pre-copy's state.
+            let input = if who == "source" {
+                Input::SourceLost(why)
+            } else {
+                Input::Abort(why)
+            };
+            if let Err(s) = self.input(id, input).await {
                 tracing::warn!(migration = id, error = %s.message(), "abort refused");
             }
         }
@@ -559,6 +651,15 @@ impl Controller {
             .filter_map(|m| {
                 let age = now.saturating_sub(m.machine.timeline().begin);
                 let host = &m.to.host;
+                if m.recovering_until.is_some_and(|t| now > t) && !m.finished() {
+                    return Some((
+                        m.id,
+                        format!(
+                            "the controller restarted before the switchover and host {host} did not say within {} s whether it started the port",
+                            PREPARE_TIMEOUT.as_secs()
+                        ),
+                    ));
+                }
                 match m.machine.phase() {
                     Phase::Preparing if age > PREPARE_TIMEOUT => Some(format!(
                         "host {host} did not install the port within {} s (see its agent's log)",

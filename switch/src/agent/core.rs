@@ -198,6 +198,14 @@ impl<P: PortIo + Device> AgentCore<P> {
         let r = apply_with(&mut self.dp, &mut self.cfg, new, now, attacher, open);
         self.migrations
             .follow_items(&mut self.dp, &old, &self.cfg, resync, now);
+        if resync {
+            // A controller that restarted may not know these ports forward:
+            // told again before the state is acknowledged.
+            let again = self.migrations.early_starts().into_iter();
+            self.out.extend(
+                again.map(|e| Outbound::Send(agent_message::Msg::Migration(migration::report(e)))),
+            );
+        }
         self.changed = true;
         // Applied or not, this is what the datapath now works from.
         self.desired = Desired { revision, items };
@@ -238,7 +246,7 @@ impl<P: PortIo + Device> AgentCore<P> {
         let read = attacher.take_read();
         let events = self
             .migrations
-            .events(&mut self.dp.switch, &self.cfg.ports, &read)
+            .events(&mut self.dp, &self.cfg.ports, &self.inbox, &read, now)
             .into_iter()
             .chain(attached_events(
                 &self.dp,

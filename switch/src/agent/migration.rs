@@ -102,8 +102,11 @@ pub fn report(e: Event) -> api::MigrationEvent {
             port,
             migration,
             nic_read,
+            started,
         } => api::MigrationEvent {
             nic_read,
+            started: started.is_some(),
+            at_us: us(started),
             ..event(migration.unwrap_or(0), &port.to_string(), Kind::Wakeup)
         },
         Event::FirstForwarded {
@@ -281,6 +284,11 @@ pub enum Inbound {
 }
 
 impl Inbox {
+    /// The pre-copy kept for `migration`, if it came.
+    pub fn base(&self, migration: u64) -> Option<&PortState> {
+        self.bases.get(&migration).map(|s| &s.state.state)
+    }
+
     /// Take a PRESYNC or START chunk of `c` for `port`.
     pub fn take(&mut self, c: &api::MigrationCommand, port: PortId) -> Inbound {
         let key = (c.migration, c.op);
@@ -327,11 +335,13 @@ pub struct Handover {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Event {
     /// The VM sent a frame on a port in standby, or (`nic_read`) its VMM
-    /// read the port's interface: it runs here now.
+    /// read the port's interface: it runs here now. `started`: the port
+    /// forwards from the pre-copy since then (wall clock).
     Wakeup {
         port: PortId,
         migration: Option<u64>,
         nic_read: bool,
+        started: Option<Duration>,
     },
     /// A started port forwarded its first frame from the VM, to it, or
     /// from it to one peer (unicast: not an announcement) — wall clock,
@@ -357,8 +367,15 @@ pub enum Event {
 pub struct Migrations {
     /// The wall-clock time of the datapath clock's zero.
     epoch: Duration,
-    /// Migrations whose destination port was started by command.
+    /// Migrations whose destination port was started (by command, or on
+    /// its own from the pre-copy).
     started: BTreeSet<u64>,
+    /// Migrations whose destination port started from the pre-copy on its
+    /// own and awaits the source's last state.
+    early: BTreeMap<u64, Early>,
+    /// Sources' ports whose VM's frames are copied to their migration's
+    /// destination.
+    copies: BTreeMap<PortId, u64>,
     /// Each port's mode, where it is not [`PortMode::Active`].
     modes: BTreeMap<PortId, PortMode>,
     /// The open flow records stopped ports handed over (theirs again if
@@ -403,6 +420,19 @@ impl PortMode {
     fn forwards(&self) -> bool {
         *self == PortMode::Active
     }
+}
+
+/// A destination port started from the pre-copy, before the source's
+/// last state came.
+#[derive(Debug)]
+struct Early {
+    port: PortId,
+    /// The pre-copy it started from: what the source's last state is
+    /// compared with.
+    base: PortState,
+    /// When (wall clock), and what its standby dropped before.
+    at: Duration,
+    dropped: u64,
 }
 
 /// How long a stopped source keeps redirecting the VM's frames after its
@@ -534,10 +564,12 @@ impl Migrations {
                     .and_then(|h| stopped_events(m, port, h))
                     .unwrap_or_else(fail)
             }
-            Op::Sync => self
-                .sync(&mut dp.switch, m, port, now)
-                .and_then(|state| synced_events(m, port, state))
-                .unwrap_or_else(fail),
+            Op::Sync => {
+                let copy_to = c.redirect.parse().ok();
+                self.sync(&mut dp.switch, m, port, copy_to, now)
+                    .and_then(|state| synced_events(m, port, state))
+                    .unwrap_or_else(fail)
+            }
             Op::Presync | Op::Start => {
                 let state = match inbox.take(c, port) {
                     Inbound::More | Inbound::Based => return Vec::new(),
@@ -553,6 +585,7 @@ impl Migrations {
                 }
             }
             Op::Resume => {
+                self.stop_copy(dp, port, m);
                 if matches!(self.modes.get(&port), Some(PortMode::Stopped { migration, .. }) if *migration == m)
                 {
                     self.enter(dp, port, PortMode::Active, now);
@@ -570,16 +603,23 @@ impl Migrations {
         }
     }
 
+    /// The pre-copy of port `id`; from now on frames for its VM go to
+    /// the destination `copy_to` too (the VM may start there any time).
     fn sync(
         &mut self,
         sw: &mut Switch,
         migration: u64,
         id: PortId,
+        copy_to: Option<IpAddr>,
         now: Duration,
     ) -> Result<PortState, String> {
         let no = sw
             .port_by_id(id)
             .ok_or_else(|| format!("port {id} is not on this host"))?;
+        if let Some(ip) = copy_to {
+            let _ = sw.set_port_copy(no, Some(ip));
+            self.copies.insert(id, migration);
+        }
         let mut state = sw
             .save_port(no, now)
             .ok_or_else(|| format!("port {id} is not on this host"))?;
@@ -603,6 +643,16 @@ impl Migrations {
             .switch
             .port_by_id(id)
             .ok_or_else(|| format!("port {id} is not on this host"))?;
+        // The redirect replaces the copy.
+        self.stop_copy(dp, id, migration);
+        // Stopped already (told again after a controller's restart): the
+        // flow records it handed over go again.
+        let taken_before = match self.modes.get(&id) {
+            Some(PortMode::Stopped { migration: m, .. }) if *m == migration => {
+                self.taken_flows.remove(&id).unwrap_or_default()
+            }
+            _ => Vec::new(),
+        };
         // Forwarding nothing from here on; the state is taken after.
         let stopped = |redirect| PortMode::Stopped {
             migration,
@@ -614,6 +664,7 @@ impl Migrations {
             .save_port(no, now)
             .ok_or_else(|| format!("port {id} is not on this host"))?;
         state.flows = sw.take_port_flows(no, now);
+        state.flows.extend(taken_before);
         let connections = state.conntrack.len();
         let last = sw.port_last_frames(no);
         let (last_from_vm, last_to_vm) = (last.from_vm, last.to_vm);
@@ -651,6 +702,22 @@ impl Migrations {
         state: &PortState,
         now: Duration,
     ) -> Result<u64, String> {
+        if let Some(e) = self.early.remove(&migration) {
+            // It forwards already: the source's last state merges in, and
+            // the frames only it could admit are judged.
+            let no = dp
+                .switch
+                .port_by_id(e.port)
+                .ok_or_else(|| format!("port {id} is not on this host any more"))?;
+            let released = dp
+                .switch
+                .merge_port(no, state, &e.base, now)
+                .map_err(|e| e.to_string())?;
+            let n = released.len();
+            dp.send_released(now, released);
+            tracing::info!(port = %id, migration, released = n, "the source's last state merged into the port started from the pre-copy");
+            return Ok(e.dropped);
+        }
         if self.started.contains(&migration) {
             // Again (a restarted controller finishing the activation).
             return Ok(0);
@@ -675,6 +742,75 @@ impl Migrations {
         });
         tracing::info!(port = %id, migration, "port started from its migration's state");
         Ok(dropped)
+    }
+
+    /// Start standby port `id` of `migration` from its pre-copy `base`
+    /// now that its VM runs here, without waiting for the source.
+    fn start_early<P: PortIo>(
+        &mut self,
+        dp: &mut Datapath<P>,
+        migration: u64,
+        id: PortId,
+        base: PortState,
+        now: Duration,
+    ) -> Result<Duration, String> {
+        let sw = &mut dp.switch;
+        let no = sw
+            .port_by_id(id)
+            .ok_or_else(|| format!("port {id} is not on this host"))?;
+        let dropped = sw.port(no).map_or(0, |(_, c)| {
+            c.drops.get(crate::DropReason::Standby) + c.tx_drops.get(crate::DropReason::Standby)
+        });
+        sw.restore_port(no, &base, now).map_err(|e| e.to_string())?;
+        sw.await_state(no, now).map_err(|e| e.to_string())?;
+        let at = self.epoch + now;
+        self.early.insert(
+            migration,
+            Early {
+                port: id,
+                base,
+                at,
+                dropped,
+            },
+        );
+        self.started.insert(migration);
+        self.enter(dp, id, PortMode::Active, now);
+        self.awaiting.push(Awaiting {
+            migration,
+            no,
+            since: now,
+            from_vm: false,
+            to_vm: false,
+            to_peer: false,
+        });
+        tracing::info!(port = %id, migration, "the VM runs here: port started from the pre-copy");
+        Ok(at)
+    }
+
+    /// Frames for port `id`'s VM are no longer copied to `migration`'s
+    /// destination.
+    fn stop_copy<P: PortIo>(&mut self, dp: &mut Datapath<P>, id: PortId, migration: u64) {
+        if self.copies.get(&id) == Some(&migration) {
+            self.copies.remove(&id);
+            if let Some(no) = dp.switch.port_by_id(id) {
+                let _ = dp.switch.set_port_copy(no, None);
+            }
+        }
+    }
+
+    /// The migrations whose destination port started from the pre-copy
+    /// here and still awaits the source's last state, as the wakeups that
+    /// said so (told again to a controller after a reconnection).
+    pub fn early_starts(&self) -> Vec<Event> {
+        self.early
+            .iter()
+            .map(|(m, e)| Event::Wakeup {
+                port: e.port,
+                migration: Some(*m),
+                nic_read: false,
+                started: Some(e.at),
+            })
+            .collect()
     }
 
     /// Put port `id` in `mode` — the one place a port's mode changes
@@ -801,13 +937,28 @@ impl Migrations {
         });
         self.taken_flows.retain(|id, _| live.contains(id));
         self.bases.retain(|id, _| live.contains(id));
+        // After a reconnection the controller may have ended a migration
+        // without telling the source: no copy outlives it.
+        let ended: Vec<(PortId, u64)> = self
+            .copies
+            .iter()
+            .filter(|(id, _)| resync || !live.contains(id))
+            .map(|(id, m)| (*id, *m))
+            .collect();
+        for (id, m) in ended {
+            self.stop_copy(dp, id, m);
+        }
         let migrations: BTreeSet<u64> = new.iter().filter_map(|p| p.migration).collect();
         self.started.retain(|m| migrations.contains(m));
+        self.early.retain(|m, _| migrations.contains(m));
     }
 
     /// Drop the redirects kept after their port left once their time is up
     /// (with the segment kept for them, unless `cfg` has it now).
     pub fn expire<P: PortIo>(&mut self, dp: &mut Datapath<P>, cfg: &AgentConfig, now: Duration) {
+        // Frames that waited for a started port's state and waited enough.
+        let due = dp.switch.take_due(now);
+        dp.send_released(now, due);
         if self.lingering.is_empty() {
             return;
         }
@@ -831,28 +982,44 @@ impl Migrations {
     }
 
     /// Wakeups of standby ports and first frames of started ones.
-    /// `nic_read`: ports the agent saw their VMM read (the rest spoke).
-    pub fn events(
+    /// `nic_read`: ports the agent saw their VMM read (the rest spoke). A
+    /// woken port whose migration's pre-copy is here starts from it at
+    /// once (`inbox`).
+    pub fn events<P: PortIo>(
         &mut self,
-        sw: &mut Switch,
+        dp: &mut Datapath<P>,
         specs: &[PortSpec],
+        inbox: &Inbox,
         nic_read: &[PortNo],
+        now: Duration,
     ) -> Vec<Event> {
         let mut out = Vec::new();
-        for no in sw.take_standby_wakeups() {
-            let Some((cfg, _)) = sw.port(no) else {
+        for no in dp.switch.take_standby_wakeups() {
+            let Some((cfg, _)) = dp.switch.port(no) else {
                 continue;
             };
+            let id = cfg.id;
             let migration = specs
                 .iter()
-                .find(|s| s.port.id == cfg.id)
+                .find(|s| s.port.id == id)
                 .and_then(|s| s.migration);
+            let standby = matches!(self.modes.get(&id), Some(PortMode::Standby { .. }));
+            let base = migration
+                .filter(|_| standby)
+                .and_then(|m| Some((m, inbox.base(m)?.clone())));
+            let started = base.and_then(|(m, b)| {
+                self.start_early(dp, m, id, b, now)
+                    .map_err(|e| tracing::error!(port = %id, migration = m, error = %e, "cannot start the port from its pre-copy"))
+                    .ok()
+            });
             out.push(Event::Wakeup {
-                port: cfg.id,
+                port: id,
                 migration,
                 nic_read: nic_read.contains(&no),
+                started,
             });
         }
+        let sw = &mut dp.switch;
         let epoch = self.epoch;
         self.awaiting.retain_mut(|a| {
             let last = sw.port_last_frames(a.no);

@@ -467,6 +467,35 @@ impl<P: PortIo> Datapath<P> {
         job.frame = frame;
         job.now = now;
         job.from_tunnel = matches!(ingress, Ingress::Tunnel { .. });
+        self.transmit();
+    }
+
+    /// Send frames the switch held and now lets go (a migrated port's
+    /// state came: [`crate::pipeline::switchover`]), each as its output
+    /// says.
+    pub fn send_released(
+        &mut self,
+        now: Duration,
+        frames: Vec<crate::pipeline::switchover::Release>,
+    ) {
+        for r in frames {
+            self.batch_pos = 0;
+            let len = r.frame.len().min(MAX_READ);
+            let job = &mut self.job;
+            job.buf[HEADROOM..HEADROOM + len].copy_from_slice(&r.frame[..len]);
+            job.out.clear();
+            job.out.push(r.out);
+            job.vnet = None;
+            job.frame = HEADROOM..HEADROOM + len;
+            job.now = now;
+            job.from_tunnel = false;
+            self.transmit();
+            self.end_batch();
+        }
+    }
+
+    /// Send the job's frame to its outputs.
+    fn transmit(&mut self) {
         // A lone frame may be sent inline, unless a copy is for a shaped
         // port: those always go through the transmit thread, whose queue
         // keeps them in order.
@@ -670,6 +699,7 @@ impl<P: PortIo> Datapath<P> {
                     }
                 })
                 .collect(),
+            switchover: sw.switchover_counters().clone(),
         }
     }
 }

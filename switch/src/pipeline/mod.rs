@@ -33,6 +33,7 @@
 //! tunnel.
 
 pub mod mactable;
+pub mod switchover;
 
 use std::net::IpAddr;
 use std::ops::Range;
@@ -54,7 +55,7 @@ use crate::policy::qos::{Policer, PolicerCounters, PolicerState};
 use crate::policy::security::PortGuard;
 use crate::wire::{self, vxlan, EthView, FlowKey};
 use crate::Error;
-use dvs_proto::stats::{DropReason, MacCounters, PortCounters, TunnelCounters};
+use dvs_proto::stats::{DropReason, MacCounters, PortCounters, SwitchoverCounters, TunnelCounters};
 
 /// A port's index on this host's switch (not its chassis-wide [`PortId`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -68,6 +69,16 @@ pub enum Ingress {
     Tunnel {
         src: IpAddr,
     },
+}
+
+impl Ingress {
+    /// The tunnel endpoint a frame came from (`None`: a local port).
+    pub fn tunnel_src(self) -> Option<IpAddr> {
+        match self {
+            Ingress::Tunnel { src } => Some(src),
+            Ingress::Port(_) => None,
+        }
+    }
 }
 
 /// Where one copy of a frame goes.
@@ -231,6 +242,12 @@ struct Port {
     /// When the port last took a unicast frame from its VM — one meant for
     /// a peer, not an announcement (zero: never).
     last_unicast_from_vm: Duration,
+    /// A migration's source: frames for the VM go to this tunnel endpoint
+    /// (its destination) too ([`Switch::set_port_copy`]).
+    copy_to: Option<IpAddr>,
+    /// A destination started from the pre-copy (at this time): the
+    /// source's last state is to come ([`Switch::await_state`]).
+    awaiting: Option<Duration>,
 }
 
 impl Port {
@@ -255,6 +272,8 @@ impl Port {
             last_from_vm: Duration::ZERO,
             last_to_vm: Duration::ZERO,
             last_unicast_from_vm: Duration::ZERO,
+            copy_to: None,
+            awaiting: None,
             cfg,
             counters: PortCounters::default(),
         }
@@ -316,6 +335,10 @@ pub struct Switch {
     known_peers: Vec<IpAddr>,
     /// Each port's own MAC ([`PortConfig::mac`]).
     owned: FxHashMap<u64, PortNo>,
+    /// Frames for VMs that wait for their port's state
+    /// ([`switchover`]).
+    waiting: Vec<switchover::Waiting>,
+    switchover: SwitchoverCounters,
 }
 
 /// How often flow tables run their timeouts.
@@ -358,6 +381,8 @@ impl Switch {
             tunnel_peers: Vec::new(),
             known_peers: Vec::new(),
             owned: FxHashMap::default(),
+            waiting: Vec::new(),
+            switchover: SwitchoverCounters::default(),
         }
     }
 
@@ -429,6 +454,7 @@ impl Switch {
         let p = self.ports.get_mut(usize::from(no.0))?.take()?;
         self.macs.flush_port(no);
         self.held.retain(|(h, _)| *h != no);
+        self.waiting.retain(|w| w.no != no);
         self.rebuild();
         Some(p.counters)
     }
@@ -1160,6 +1186,10 @@ impl Switch {
                             egress: Egress::Port(p),
                             tag: tag.map(|t| t | u16::from(pcp) << 13),
                         });
+                        let (from, vni) = (ingress.tunnel_src(), state.vni);
+                        if let Some(copy) = self.copy_for(p, from, vni) {
+                            out.push(copy);
+                        }
                         return Verdict::Forward;
                     }
                     // The port no longer carries the VLAN: flood instead.
@@ -1272,7 +1302,7 @@ impl Switch {
         key: &mut Option<FlowKey>,
         out: &mut Vec<Output>,
     ) {
-        let ports = &mut self.ports;
+        let (ports, waiting, counters) = (&mut self.ports, &mut self.waiting, &mut self.switchover);
         out.retain(|o| {
             let Egress::Port(p) = o.egress else {
                 return true;
@@ -1283,7 +1313,10 @@ impl Switch {
             match port_policy(port, Direction::ToVm, now, frame, vlan, key) {
                 Ok(()) => true,
                 Err(reason) => {
-                    port.counters.tx_drops.add(reason);
+                    let w = (p, vlan, o.tag, frame, &*key, reason);
+                    if !Switch::wait_for_state(waiting, counters, port, w, now) {
+                        port.counters.tx_drops.add(reason);
+                    }
                     false
                 }
             }

@@ -203,6 +203,20 @@ impl Acl {
         v
     }
 
+    /// Add what grew between two readings (`then`, `now`) of the same
+    /// list's counters elsewhere; readings of another list are ignored.
+    pub fn add_hits_growth(&mut self, then: &[u64], now: &[u64]) -> bool {
+        let n = self.hits.len();
+        if then.len() != n + 1 || now.len() != n + 1 {
+            return false;
+        }
+        for (i, h) in self.hits.iter_mut().enumerate() {
+            *h += now[i].saturating_sub(then[i]);
+        }
+        self.default_hits += now[n].saturating_sub(then[n]);
+        true
+    }
+
     /// Restore counters saved from a list with the same rules; counters of
     /// another list are ignored (the rules they counted are gone).
     pub fn restore_hits(&mut self, saved: &[u64]) -> bool {

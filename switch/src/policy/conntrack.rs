@@ -319,6 +319,31 @@ impl ConnTrack {
         }
     }
 
+    /// Take a migration source's last connections (`saved`) into a table
+    /// that has run on an earlier copy of them since `since` (this host's
+    /// clock): a connection the source has comes in unless the entry here
+    /// saw a packet later; one the source no longer has (`gone`) goes,
+    /// unless it saw a packet here since `since` (it lives on here).
+    pub fn merge(&mut self, saved: &[SavedConn], gone: &[ConnKey], since: Duration, now: Duration) {
+        for k in gone {
+            if self.map.get(k).is_some_and(|e| e.last_seen < since) {
+                self.map.remove(k);
+            }
+        }
+        let fresher: Vec<SavedConn> = saved
+            .iter()
+            .filter(|c| {
+                ConnKey::of(&c.first).is_some_and(|k| {
+                    self.map
+                        .get(&k)
+                        .is_none_or(|e| e.last_seen < now.saturating_sub(c.idle))
+                })
+            })
+            .cloned()
+            .collect();
+        self.restore(&fresher, now);
+    }
+
     /// Remove entries idle past their state's timeout.
     pub fn expire(&mut self, now: Duration) {
         let t = self.timeouts;
