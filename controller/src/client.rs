@@ -646,6 +646,7 @@ pub fn migration_json(m: &api::Migration) -> Value {
         "begin_unix_us": m.begin_us,
         "policy_ready_ms": rel(m.policy_ready_us),
         "switchover_ms": rel(m.switchover_us),
+        "destination_started_ms": rel(m.destination_started_us),
         "destination_interface": m.destination_interface,
         "interface_ready_ms": rel(m.interface_ready_us),
         "last_frame_at_source_ms": rel(m.last_frame_source_us),

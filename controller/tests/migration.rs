@@ -109,10 +109,23 @@ struct Agent {
     items: std::collections::BTreeMap<String, serde_json::Value>,
     revision: u64,
     commands: Vec<api::MigrationCommand>,
+    /// Told before the next full state is acknowledged.
+    telling: Vec<api::MigrationEvent>,
 }
 
 impl Agent {
     async fn connect(url: &str, host: &str, ip: &str) -> Agent {
+        Self::connect_telling(url, host, ip, Vec::new()).await
+    }
+
+    /// Connect, and tell `events` before acknowledging the first state
+    /// (as an agent that reconnects says what its ports do).
+    async fn connect_telling(
+        url: &str,
+        host: &str,
+        ip: &str,
+        events: Vec<api::MigrationEvent>,
+    ) -> Agent {
         let mut c = AgentClient::connect(url.to_string()).await.unwrap();
         let (tx, rx) = mpsc::channel(64);
         tx.send(api::AgentMessage {
@@ -136,6 +149,7 @@ impl Agent {
             items: Default::default(),
             revision: 0,
             commands: Vec::new(),
+            telling: events,
         };
         a.next().await;
         a
@@ -155,6 +169,9 @@ impl Agent {
                     .into_iter()
                     .map(|i| (i.key, serde_json::from_str(&i.json).unwrap()))
                     .collect();
+                for e in std::mem::take(&mut self.telling) {
+                    self.event(e).await;
+                }
                 self.ack(f.revision).await;
             }
             Msg::Delta(d) => {
@@ -817,5 +834,131 @@ async fn a_draining_host_takes_nothing_new_and_only_an_empty_one_is_removed() {
         .unwrap_err();
     assert!(e.message().contains("no host `h2`"), "{e}");
     r.halt().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// The pre-copy of migration `m` sent by the source and taken by the
+/// destination: its bytes, and where the source is told to copy the VM's
+/// frames.
+async fn presync(h1: &mut Agent, h2: &mut Agent, m: u64) -> (Vec<u8>, String) {
+    let copy_to = h1.command(Op::Sync).await.redirect;
+    let port = PortId::new(1).unwrap();
+    let state = dvs_switch::tracked_port_state(20);
+    let events = dvs_switch::agent::migration::synced_events(m, port, state).unwrap();
+    let bytes: Vec<u8> = events.iter().flat_map(|e| e.chunk.clone()).collect();
+    for e in events {
+        h1.event(e).await;
+    }
+    let pre = h2.command(Op::Presync).await;
+    assert_eq!(pre.chunk, bytes);
+    (bytes, copy_to)
+}
+
+/// h2 heard the VM and forwards from the pre-copy.
+fn started(m: u64) -> api::MigrationEvent {
+    api::MigrationEvent {
+        started: true,
+        at_us: 42,
+        ..event(m, "veth1", Kind::Wakeup)
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_heard_the_vm_finishes_without_its_source() {
+    let dir = temp("nosource");
+    let mut r = Running::start(&dir).await;
+    let (mut admin, mut h1, mut h2) = setup(&r).await;
+    let m = start(&mut admin).await;
+    prepare(&mut h2, m.id).await;
+    let (base, copy_to) = presync(&mut h1, &mut h2, m.id).await;
+    assert_eq!(
+        copy_to, "10.0.0.2",
+        "the source copies the VM's frames to h2"
+    );
+    h2.event(started(m.id)).await;
+    h1.command(Op::Stop).await;
+    let x = phase(&mut admin, m.id, "switching").await;
+    assert_eq!(x.destination_started_us, 42);
+    // The source dies before its handover: the destination keeps what
+    // the pre-copy had (it is sent it again as the state to merge).
+    drop(h1);
+    let start = h2.command(Op::Start).await;
+    assert_eq!(start.chunk, base);
+    h2.event(event(m.id, "veth1", Kind::Started)).await;
+    let x = phase(&mut admin, m.id, "done").await;
+    assert_eq!(x.snapshot_bytes, 0, "no handover came");
+    h2.until(|a| {
+        a.items
+            .get("port/veth1")
+            .is_some_and(|p| p.get("standby").is_none())
+    })
+    .await;
+    r.halt().await;
+    drop(h2);
+    r.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_controller_goes_on_with_a_destination_that_started_unheard() {
+    let dir = temp("unheard");
+    let mut r = Running::start(&dir).await;
+    let (mut admin, mut h1, mut h2) = setup(&r).await;
+    let m = start(&mut admin).await;
+    prepare(&mut h2, m.id).await;
+    presync(&mut h1, &mut h2, m.id).await;
+    phase(&mut admin, m.id, "syncing").await;
+    // h2 hears the VM and starts, but the controller dies before it hears.
+    r.halt().await;
+    drop((h1, h2, admin));
+    r.stop().await;
+
+    let mut r = Running::start(&dir).await;
+    let mut admin = r.admin().await;
+    assert_eq!(
+        list(&mut admin).await.pop().unwrap().phase().name(),
+        "syncing"
+    );
+    let mut h1 = Agent::connect(&r.url, "h1", "10.0.0.1").await;
+    // Back, h2 says what it does before it acknowledges the state.
+    let mut h2 = Agent::connect_telling(&r.url, "h2", "10.0.0.2", vec![started(m.id)]).await;
+    h1.command(Op::Stop).await;
+    send_stopped(&h1, m.id, &snapshot(m.id, 30), 1 << 20, 30).await;
+    h2.command(Op::Start).await;
+    h2.event(event(m.id, "veth1", Kind::Started)).await;
+    let x = phase(&mut admin, m.id, "done").await;
+    assert_eq!((x.connections, x.destination_started_us), (30, 42));
+
+    // Had it not started, its first acknowledgement aborts the migration.
+    let m2 = admin
+        .start_migration(api::StartMigrationRequest {
+            port: "veth1".into(),
+            to: "h1".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    h1.until(|a| {
+        a.items
+            .get("port/veth1")
+            .is_some_and(|p| p["standby"] == true && p["migration"] == m2.id)
+    })
+    .await;
+    presync(&mut h2, &mut h1, m2.id).await;
+    r.halt().await;
+    drop((h1, h2, admin));
+    r.stop().await;
+    let mut r = Running::start(&dir).await;
+    let mut admin = r.admin().await;
+    let h1 = Agent::connect(&r.url, "h1", "10.0.0.1").await;
+    let x = phase(&mut admin, m2.id, "aborted").await;
+    assert_eq!(
+        x.abort_reason,
+        "the controller restarted before the switchover"
+    );
+    r.halt().await;
+    drop((h1, admin));
+    r.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }

@@ -681,3 +681,137 @@ fn eight_vms_leave_one_host_at_once_then_it_is_drained_and_removed() {
         "{hosts}"
     );
 }
+
+/// What VM `a` runs for [`the_destination_forwards_before_the_controller_hears_of_it`]:
+/// a UDP conversation from port 40001 with `b`'s port 9, opened now, and a
+/// port (40003) it talks to no one from; what arrives on either is printed.
+const LISTENER: &str = r#"
+import select, socket
+talk = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); talk.bind(("", 40001))
+quiet = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); quiet.bind(("", 40003))
+talk.sendto(b"hi", ("10.30.0.2", 9))
+print("sent", flush=True)
+while True:
+    ready, _, _ = select.select([talk, quiet], [], [], 60)
+    if not ready:
+        break
+    for s in ready:
+        data, _ = s.recvfrom(100)
+        print("got", s.getsockname()[1], data.decode(), flush=True)
+"#;
+
+/// `b` answers `a`'s conversation and tries one `a` never opened.
+const ANSWER: &str = r#"
+import socket
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("", 9))
+s.sendto(b"reply", ("10.30.0.1", 40001))
+s.sendto(b"unasked", ("10.30.0.1", 40003))
+"#;
+
+/// Host `i`'s switchover counter `name` (its stats file).
+fn switchover(c: &Chassis, i: usize, name: &str) -> u64 {
+    let text = std::fs::read_to_string(c.stats_file(i)).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    v["switchover"][name].as_u64().unwrap_or(0)
+}
+
+/// The destination forwards the moment the VM runs there, from the
+/// pre-copy, without the controller: with the controller frozen (it hears
+/// nothing), the VM reaches its peer from h2 at once. A reply on a
+/// connection the VM opened after the pre-copy waits for the source's last
+/// state and is admitted when it lands; one of no connection is refused.
+/// Then the controller dies after the destination started unheard (the
+/// restarted one finishes the migration), and the source dies before its
+/// handover (the destination keeps the pre-copy's state, the migration
+/// finishes).
+#[test]
+fn the_destination_forwards_before_the_controller_hears_of_it() {
+    if !e2e_ready(TOOLS) {
+        return;
+    }
+    let mut c = chassis();
+    assert_eq!(c.ping("a", "b", 2), (2, 2), "{}", c.topo.logs());
+    let (a_ns, b_ns) = (c.vm("a").1.clone(), c.vm("b").1.clone());
+    let h1 = Chassis::agent_label(0);
+    let pre_copied = |c: &Chassis, id: u64| {
+        let ok = wait_for(Duration::from_secs(10), || {
+            c.migration(id)["base_snapshot_bytes"].as_u64().unwrap_or(0) > 0
+        });
+        assert!(ok, "no pre-copy: {}", c.migration(id));
+    };
+
+    // Frames only the source's last state admits wait for it.
+    let id = c.begin_move("a", 1);
+    pre_copied(&c, id);
+    c.topo
+        .spawn(&a_ns, "listener", &["/usr/bin/python3", "-c", LISTENER]);
+    assert!(wait_for(Duration::from_secs(5), || c
+        .topo
+        .log("listener")
+        .contains("sent")));
+    c.topo.signal("controller", "STOP");
+    c.swap_nic("a", 1);
+    let (_, replies) = c.ping("a", "b", 3);
+    assert!(
+        replies >= 2,
+        "a does not reach b from h2 while the controller is frozen: {replies}/3\n{}",
+        c.topo.logs()
+    );
+    c.topo.sh(&b_ns, &format!("/usr/bin/python3 -c '{ANSWER}'"));
+    std::thread::sleep(Duration::from_millis(200));
+    let log = c.topo.log("listener");
+    assert!(
+        !log.contains("got"),
+        "admitted before the state came: {log}"
+    );
+    c.topo.signal("controller", "CONT");
+    let m = c.wait_phase(id, "done", Duration::from_secs(20));
+    assert!(m["destination_started_ms"].is_number(), "{m}");
+    assert!(
+        wait_for(Duration::from_secs(5), || c
+            .topo
+            .log("listener")
+            .contains("got 40001 reply")),
+        "the held reply was not admitted: {}\n{}",
+        c.topo.log("listener"),
+        c.topo.logs()
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || switchover(&c, 1, "refused") >= 1),
+        "nothing refused"
+    );
+    assert!(!c.topo.log("listener").contains("unasked"));
+    assert!(switchover(&c, 1, "held") >= 2 && switchover(&c, 1, "admitted") >= 1);
+    consistent(&c, 1, 0, "held frames");
+
+    // The controller dies after the destination started, before it heard.
+    c.move_vm("a", 0);
+    consistent(&c, 0, 1, "moved back");
+    let id = c.begin_move("a", 1);
+    pre_copied(&c, id);
+    c.topo.signal("controller", "STOP");
+    c.swap_nic("a", 1);
+    assert!(c.ping("a", "b", 3).1 >= 2, "{}", c.topo.logs());
+    c.topo.kill9("controller");
+    c.start_controller();
+    let m = c.wait_phase(id, "done", Duration::from_secs(30));
+    assert!(m["destination_started_ms"].is_number(), "{m}");
+    c.wait_converged(Duration::from_secs(20));
+    consistent(&c, 1, 0, "controller killed after the destination started");
+
+    // The source dies before its handover.
+    c.move_vm("a", 0);
+    consistent(&c, 0, 1, "moved back again");
+    let id = c.begin_move("a", 1);
+    pre_copied(&c, id);
+    c.topo.signal(&h1, "STOP");
+    c.swap_nic("a", 1);
+    assert!(c.ping("a", "b", 3).1 >= 2, "{}", c.topo.logs());
+    c.wait_phase(id, "switching", Duration::from_secs(5));
+    c.topo.kill9(&h1);
+    let m = c.wait_phase(id, "done", Duration::from_secs(20));
+    assert_eq!(m["snapshot_bytes"], 0, "no handover: {m}");
+    c.start_agent(0);
+    c.wait_converged(Duration::from_secs(20));
+    consistent(&c, 1, 0, "source killed after the destination started");
+}

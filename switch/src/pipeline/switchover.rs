@@ -29,7 +29,7 @@ use crate::wire::FlowKey;
 use crate::Error;
 
 /// How long a frame waits for its port's state at most.
-pub const STATE_WAIT: Duration = Duration::from_millis(500);
+pub const STATE_WAIT: Duration = Duration::from_secs(1);
 /// Frames waiting for their ports' state, at most (the whole switch).
 pub const MAX_WAITING: usize = 64;
 

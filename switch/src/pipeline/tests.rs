@@ -939,3 +939,129 @@ fn only_the_vms_own_mac_wakes_a_standby_port() {
     assert_eq!(r.sw.take_standby_wakeups(), vec![PortNo(0)]);
     assert_eq!(r.sw.take_held(PortNo(0)).len(), 1);
 }
+
+/// Two switches with the stateful port of [`a_port_saved_on_one_switch_continues_on_another`]:
+/// the source `a` (the VM opened one connection before the pre-copy and
+/// one after), the destination `b` started from the pre-copy.
+fn switched_over() -> (Rig, Rig, PortState, PortState) {
+    let policy = || PortAcl {
+        inbound: rules("[ { action: permit, ethertype: arp }, { action: deny } ]"),
+        outbound: rules("[ { action: permit, proto: tcp, stateful: true }, { action: permit } ]"),
+    };
+    let rig = || {
+        let mut r = Rig::new(vec![access(1, "vm", 10), access(2, "peer", 10)]);
+        r.sw.set_port_acl(PortNo(0), policy()).unwrap();
+        r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+        r.send_from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
+        r
+    };
+    let mut a = rig();
+    a.send_from_port(0, tcp_frame(mac(2), mac(1), 1, 2, 40000, 80, 0x02));
+    let base = a.sw.save_port(PortNo(0), T).unwrap();
+    a.send_from_port(0, tcp_frame(mac(2), mac(1), 1, 2, 40001, 80, 0x02));
+    let last = a.sw.save_port(PortNo(0), T).unwrap();
+    let mut b = rig();
+    b.sw.restore_port(PortNo(0), &base, T).unwrap();
+    b.sw.await_state(PortNo(0), T).unwrap();
+    (a, b, base, last)
+}
+
+#[test]
+fn a_reply_only_the_sources_last_state_admits_waits_for_it() {
+    let (_, mut b, base, last) = switched_over();
+    let tx = |r: &Rig| {
+        r.sw.port(PortNo(0))
+            .unwrap()
+            .1
+            .tx_drops
+            .get(DropReason::AclDeny)
+    };
+    let before = tx(&b);
+    // The connection the pre-copy has passes at once.
+    let old = tcp_frame(mac(1), mac(2), 2, 1, 80, 40000, 0x12);
+    assert_eq!(b.send_from_port(1, old).verdict, Verdict::Forward);
+    // A reply on the one opened after it waits; so does one of no
+    // connection; a frame of no connection at all (not IP) is refused.
+    let new = tcp_frame(mac(1), mac(2), 2, 1, 80, 40001, 0x12);
+    let stranger = tcp_frame(mac(1), mac(2), 2, 1, 5555, 22, 0x02);
+    for f in [new.clone(), stranger] {
+        assert_eq!(
+            b.send_from_port(1, f).verdict,
+            Verdict::Drop(DropReason::AclDeny)
+        );
+    }
+    let mut not_ip = frame(mac(1), mac(2), &[]);
+    not_ip[12..14].copy_from_slice(&0x88b5u16.to_be_bytes());
+    b.send_from_port(1, not_ip);
+    let c = b.sw.switchover_counters().clone();
+    assert_eq!((c.held, c.admitted, c.refused), (2, 0, 0), "{c:?}");
+    assert_eq!(tx(&b), before + 1, "only the non-IP frame is refused yet");
+    // The state lands: the reply it admits is let go, the other refused.
+    let released = b.sw.merge_port(PortNo(0), &last, &base, T * 2).unwrap();
+    assert_eq!(released.len(), 1);
+    assert_eq!(released[0].frame, new);
+    assert_eq!(released[0].out.egress, Egress::Port(PortNo(0)));
+    let c = b.sw.switchover_counters().clone();
+    assert_eq!((c.admitted, c.refused), (1, 1), "{c:?}");
+    assert_eq!(tx(&b), before + 2);
+    assert!(!b.sw.port_awaiting(PortNo(0)));
+    // Nothing waits any more: a stranger is refused at once.
+    let stranger = tcp_frame(mac(1), mac(2), 2, 1, 5556, 22, 0x02);
+    b.send_from_port(1, stranger);
+    assert_eq!(b.sw.switchover_counters().held, 2);
+    // Counters: what the source counted after the pre-copy is added.
+    let (_, counters) = b.sw.port(PortNo(0)).unwrap();
+    assert_eq!(counters.rx_frames, last.counters.rx_frames);
+    assert_eq!(b.sw.port_conntrack(PortNo(0)).unwrap().len(), 2);
+}
+
+#[test]
+fn a_held_frame_is_judged_when_its_wait_ends_and_the_hold_is_bounded() {
+    let (_, mut b, _, _) = switched_over();
+    for i in 0..switchover::MAX_WAITING as u16 + 3 {
+        let f = tcp_frame(mac(1), mac(2), 2, 1, 80, 41000 + i, 0x12);
+        b.send_from_port(1, f);
+    }
+    let c = b.sw.switchover_counters().clone();
+    assert_eq!((c.held, c.overflow), (switchover::MAX_WAITING as u64, 3));
+    assert!(b.sw.take_due(T + switchover::STATE_WAIT / 2).is_empty());
+    assert_eq!(b.sw.switchover_counters().refused, 0);
+    assert!(b.sw.take_due(T + switchover::STATE_WAIT).is_empty());
+    assert_eq!(
+        b.sw.switchover_counters().refused,
+        switchover::MAX_WAITING as u64,
+        "judged on what the port knows: no such connection"
+    );
+}
+
+#[test]
+fn a_source_copies_its_vms_frames_to_the_destination_but_not_back() {
+    let mut r = Rig::new(vec![access(1, "vm", 10), access(2, "peer", 10)]);
+    with_segment(&mut r, 10, 5010, &["10.0.0.2", "10.0.0.3"]);
+    r.send_from_port(0, frame(MacAddr::BROADCAST, mac(1), &[]));
+    r.sw.set_port_copy(PortNo(0), Some(ip("10.0.0.2"))).unwrap();
+    let vni = Vni::new(5010).unwrap();
+    r.send_from_port(1, frame(mac(1), mac(2), &[]));
+    assert_eq!(
+        r.egress(),
+        vec![
+            Egress::Port(PortNo(0)),
+            Egress::Tunnel {
+                dst: ip("10.0.0.2"),
+                vni
+            }
+        ]
+    );
+    // From the third host: copied too; from the destination: not back.
+    for (src, copies) in [("10.0.0.3", 2), ("10.0.0.2", 1)] {
+        r.send(
+            Ingress::Tunnel { src: ip(src) },
+            vxlan_packet(5010, &frame(mac(1), mac(9), &[])),
+        );
+        assert_eq!(r.out.len(), copies, "from {src}: {:?}", r.out);
+    }
+    assert_eq!(r.sw.switchover_counters().relayed, 2);
+    r.sw.set_port_copy(PortNo(0), None).unwrap();
+    r.send_from_port(1, frame(mac(1), mac(2), &[]));
+    assert_eq!(r.egress(), vec![Egress::Port(PortNo(0))]);
+}
