@@ -15,5 +15,6 @@
 
 pub mod chassis;
 pub mod collector;
+pub mod guestmove;
 pub mod netns;
 pub mod qemu;

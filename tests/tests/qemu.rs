@@ -18,8 +18,9 @@ use std::time::Duration;
 
 use dvs_tests::chassis::Chassis;
 use dvs_tests::collector::{sequence_failures, Nfcapd};
-use dvs_tests::netns::{e2e_ready, wait_for, Topo, CORE_IP};
-use dvs_tests::qemu::{hook, ping_gaps, Guest, Qemu, Start};
+use dvs_tests::guestmove::{self, listen, median, ok, replies, window_loss, Moved};
+use dvs_tests::netns::{e2e_ready, wait_for, CORE_IP};
+use dvs_tests::qemu::{ping_gaps, Guest, Qemu, Start};
 use serde_json::json;
 
 const TOOLS: &[&str] = &[
@@ -83,38 +84,13 @@ fn chassis(hosts: usize) -> (Chassis, String) {
 
 /// The libvirt hook on host `i` of the chassis.
 fn call(c: &Chassis, i: usize, op: &str, sub: &str, tap: Option<&str>) -> Result<String, String> {
-    let g = guest();
-    hook(
-        &c.topo,
-        &c.core,
-        &c.url(),
-        &format!("h{}", i + 1),
-        [&g.name, op, sub],
-        &g.xml(tap),
-    )
-}
-
-fn ok(r: Result<String, String>, what: &str, c: &Chassis) -> String {
-    r.unwrap_or_else(|e| panic!("the hook's {what} failed: {e}\n{}", c.topo.logs()))
+    guestmove::call(c, &guest(), i, op, sub, tap)
 }
 
 /// Start the guest on host `i` as libvirt does; returns its QEMU once the
 /// guest's network is up.
 fn start(c: &mut Chassis, i: usize, label: &str, tap: &str) -> Qemu {
-    let said = ok(call(c, i, "prepare", "begin", None), "prepare begin", c);
-    assert!(said.contains("named at start"), "{said}");
-    let ns = c.hosts[i].clone();
-    let q = Qemu::launch(&mut c.topo, &ns, label, tap, &guest(), Start::Boot);
-    let said = ok(call(c, i, "start", "begin", Some(tap)), "start begin", c);
-    assert!(said.contains(&format!("interface {tap}")), "{said}");
-    q.go(&c.topo);
-    ok(
-        call(c, i, "started", "begin", Some(tap)),
-        "started begin",
-        c,
-    );
-    q.wait_booted(&c.topo);
-    q
+    guestmove::start(c, &guest(), i, label, tap)
 }
 
 /// Pings from the peer to the guest: (sent, received).
@@ -243,177 +219,6 @@ fn a_qemu_guest_starts_stops_and_starts_again_as_libvirt_drives_it() {
     q.quit(&mut c.topo, &ns);
 }
 
-/// What one migration looked like.
-#[derive(Debug, Clone)]
-struct Moved {
-    announce: bool,
-    /// QEMU's reported downtime (ms).
-    downtime: f64,
-    /// The wall-clock window of the move (s since the epoch).
-    window: (f64, f64),
-    /// When the destination's `cont` returned: the VM runs there.
-    resumed: f64,
-    /// dvs's timeline (the bridge reference has none).
-    record: Option<serde_json::Value>,
-}
-
-fn unix_now() -> f64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .as_secs_f64()
-}
-
-/// The destination QEMU listens for the incoming migration on `socket`
-/// (a quiet guest: no announcements after it resumes).
-fn listen(dst: &Qemu, socket: &std::path::Path, announce: bool) {
-    if !announce {
-        dst.qmp("migrate-set-parameters", json!({ "announce-rounds": 0 }));
-    }
-    dst.qmp(
-        "migrate-incoming",
-        json!({ "uri": format!("unix:{}", socket.display()) }),
-    );
-}
-
-/// Migrate, then resume the destination as libvirt's Finish does; QEMU's
-/// downtime (ms) and when the destination runs (s since the epoch).
-fn migrate_and_resume(src: &Qemu, dst: &Qemu, socket: &std::path::Path) -> (f64, f64) {
-    let q = src.migrate(socket);
-    dst.qmp("cont", serde_json::Value::Null);
-    let resumed = unix_now();
-    (q["downtime"].as_f64().unwrap_or(f64::NAN), resumed)
-}
-
-/// Move the guest from host `from` to host `to` of the chassis as libvirt
-/// does, the hook called at each of libvirt's steps.
-fn libvirt_move(
-    c: &mut Chassis,
-    src: Qemu,
-    from: usize,
-    to: usize,
-    n: usize,
-    announce: bool,
-) -> (Qemu, Moved) {
-    let tap = c.topo.name(&format!("m{n}"));
-    // Destination: `migrate begin` (the XML without the TAP's name),
-    // `prepare begin`, the TAP made, `start begin`, QEMU paused and
-    // listening, `started begin`.
-    let said = ok(call(c, to, "migrate", "begin", None), "migrate begin", c);
-    assert!(said.contains("policy in place"), "{said}");
-    ok(call(c, to, "prepare", "begin", None), "prepare begin", c);
-    let ns = c.hosts[to].clone();
-    let dst = Qemu::launch(
-        &mut c.topo,
-        &ns,
-        &format!("qemu-m{n}"),
-        &tap,
-        &guest(),
-        Start::Incoming,
-    );
-    ok(call(c, to, "start", "begin", Some(&tap)), "start begin", c);
-    dst.go(&c.topo);
-    let socket = c.topo.dir.join(format!("mig{n}.sock"));
-    listen(&dst, &socket, announce);
-    ok(
-        call(c, to, "started", "begin", Some(&tap)),
-        "started begin",
-        c,
-    );
-    let id = c.migrations().last().unwrap()["id"].as_u64().unwrap();
-    let t0 = unix_now();
-    let (downtime, resumed) = migrate_and_resume(&src, &dst, &socket);
-    // Source: libvirt's Confirm stops QEMU there.
-    let src_ns = c.hosts[from].clone();
-    let src_tap = src.tap.clone();
-    src.quit(&mut c.topo, &src_ns);
-    ok(
-        call(c, from, "stopped", "end", Some(&src_tap)),
-        "stopped end",
-        c,
-    );
-    ok(call(c, from, "release", "end", None), "release end", c);
-    let record = c.wait_phase(id, "done", Duration::from_secs(15));
-    std::thread::sleep(Duration::from_millis(1500));
-    let t1 = unix_now();
-    (
-        dst,
-        Moved {
-            announce,
-            downtime,
-            window: (t0, t1),
-            resumed,
-            record: Some(record),
-        },
-    )
-}
-
-/// Replies of `ping -D` as (time, icmp_seq).
-fn replies(out: &str) -> Vec<(f64, u64)> {
-    out.lines()
-        .filter(|l| l.contains("bytes from"))
-        .filter_map(|l| {
-            let ts = l.strip_prefix('[')?.split(']').next()?.parse().ok()?;
-            let seq = l
-                .split("icmp_seq=")
-                .nth(1)?
-                .split_whitespace()
-                .next()?
-                .parse()
-                .ok()?;
-            Some((ts, seq))
-        })
-        .collect()
-}
-
-/// Pings lost and the largest gap between replies (ms) within `window`.
-fn window_loss(replies: &[(f64, u64)], window: (f64, f64)) -> (u64, f64) {
-    let r: Vec<&(f64, u64)> = replies
-        .iter()
-        .filter(|(t, _)| *t >= window.0 && *t <= window.1)
-        .collect();
-    let (Some(first), Some(last)) = (r.first(), r.last()) else {
-        return (u64::MAX, f64::INFINITY);
-    };
-    let lost = (last.1 - first.1 + 1).saturating_sub(r.len() as u64);
-    let gap = r
-        .windows(2)
-        .map(|w| (w[1].0 - w[0].0) * 1000.0)
-        .fold(0.0, f64::max);
-    (lost, gap)
-}
-
-/// The median: the middle value, or the mean of the two middle ones.
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    let n = v.len();
-    match n {
-        0 => f64::NAN,
-        _ if n % 2 == 1 => v[n / 2],
-        _ => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-    }
-}
-
-/// A TCP echo client in `ns`: a line every 10 ms to `ip:7` until `stop`
-/// exists; prints {"sent", "echoed", "max_gap_ms", "error"} at the end.
-fn echo_client(ip: &str, stop: &std::path::Path) -> String {
-    format!(
-        "import socket,time,json,os\n\
-         s=socket.create_connection(('{ip}',7),5)\ns.settimeout(10)\n\
-         sent=echoed=0;gap=0.0;last=time.time();err=None;buf=b''\n\
-         while not os.path.exists('{stop}'):\n  \
-           try:\n    s.sendall(b'x'*31+b'\\n');sent+=1\n    \
-             while buf.count(b'\\n')<1:\n      d=s.recv(4096)\n      \
-               if not d: raise OSError('closed')\n      buf+=d\n    \
-             buf=buf[buf.index(b'\\n')+1:];echoed+=1\n    \
-             now=time.time();gap=max(gap,now-last);last=now\n  \
-           except OSError as e:\n    err=str(e);break\n  \
-           time.sleep(0.01)\n\
-         print(json.dumps({{'sent':sent,'echoed':echoed,'max_gap_ms':gap*1000,'error':err}}))\n",
-        stop = stop.display()
-    )
-}
-
 /// Counts TCP connections to `ip:80` that succeed (each try 50 ms apart)
 /// until `stop` exists.
 fn denied_prober(ip: &str, stop: &std::path::Path) -> String {
@@ -453,7 +258,7 @@ fn a_qemu_guest_migrates_there_and_back_under_ping_and_tcp_echo() {
     let stop = c.topo.dir.join("stop-traffic");
     c.topo
         .spawn(&p_ns, "ping", &["ping", "-D", "-i", "0.01", &ip]);
-    let echo = echo_client(&ip, &stop);
+    let echo = guestmove::echo_client(&ip, &stop);
     c.topo
         .spawn(&p_ns, "echo", &["/usr/bin/python3", "-c", &echo]);
     let denied = denied_prober(&ip, &stop);
@@ -476,7 +281,9 @@ fn a_qemu_guest_migrates_there_and_back_under_ping_and_tcp_echo() {
     .into_iter()
     .enumerate()
     {
-        let (next, m) = libvirt_move(&mut c, q, at, to, n + 1, announce);
+        let settle = Duration::from_millis(1500);
+        let (next, m) =
+            guestmove::libvirt_move(&mut c, &guest(), q, at, to, n + 1, announce, settle);
         q = next;
         // The port is on the destination, and only there.
         let p = port(&c, &id);
@@ -606,7 +413,7 @@ fn a_qemu_guest_migrates_there_and_back_under_ping_and_tcp_echo() {
     assert_eq!(sequence_failures(&exporters), Some(0), "{exporters}");
 
     // The bridge reference: the same QEMU moves on a Linux bridge.
-    let bridge = bridge_reference();
+    let bridge = guestmove::bridge_reference(&guest(), &[true, false, true, false], "0.01");
 
     eprintln!("\nper migration (ping every 10 ms from a peer; dvs on a 3-host chassis, bridge: both TAPs on one Linux bridge):");
     eprintln!("| # | path | announce | pings lost | largest gap ms | QEMU downtime ms | dvs blackout ms (from/to VM) | trigger |");
@@ -724,79 +531,4 @@ fn a_qemu_guest_migrates_there_and_back_under_ping_and_tcp_echo() {
     eprintln!("beyond QEMU's downtime, medians: announcing {on:.1} ms, quiet {off:.1} ms");
     assert!(d_off <= d_on + 10.0, "a quiet guest's switchover waits {d_off:.1} ms after it resumed, an announcing one's {d_on:.1} ms");
     assert!(off <= on + 25.0, "a quiet guest's peers wait {off:.1} ms beyond QEMU's downtime, an announcing one's {on:.1} ms");
-}
-
-/// Four migrations of the guest between TAPs on one Linux bridge, two with
-/// announcements and two without, under the same ping: the reference.
-fn bridge_reference() -> Vec<(Moved, Vec<(f64, u64)>)> {
-    let mut topo = Topo::new();
-    let br = topo.add_ns("br");
-    let p = topo.add_ns("pb");
-    let (a, b) = (topo.name("ba"), topo.name("bb"));
-    topo.sh(
-        "",
-        &format!("ip link add {a} netns {br} type veth peer name {b} netns {p}"),
-    );
-    topo.sh(
-        &br,
-        &format!(
-            "ip link add br0 type bridge && ip link set br0 up && ip link set {a} master br0 up"
-        ),
-    );
-    topo.sh(&p, &format!("ip link set {b} name eth0 && ip addr add 10.40.0.100/24 dev eth0 && ip link set eth0 up"));
-    let g = guest();
-    let tap = |topo: &Topo, n: usize| topo.name(&format!("r{n}"));
-    let t0 = tap(&topo, 0);
-    let mut q = Qemu::launch(&mut topo, &br, "bq0", &t0, &g, Start::Boot);
-    topo.sh(&br, &format!("ip link set {t0} master br0"));
-    q.go(&topo);
-    q.wait_booted(&topo);
-    assert!(wait_for(Duration::from_secs(15), || topo
-        .try_sh(&p, &format!("ping -c 1 -W 1 {}", g.ip()))
-        .status
-        .success()));
-    let mut out = Vec::new();
-    for (n, announce) in [true, false, true, false].into_iter().enumerate() {
-        topo.spawn(
-            &p,
-            &format!("bping{n}"),
-            &["ping", "-D", "-i", "0.01", g.ip()],
-        );
-        std::thread::sleep(Duration::from_secs(1));
-        let t = tap(&topo, n + 1);
-        let dst = Qemu::launch(
-            &mut topo,
-            &br,
-            &format!("bq{}", n + 1),
-            &t,
-            &g,
-            Start::Incoming,
-        );
-        topo.sh(&br, &format!("ip link set {t} master br0"));
-        dst.go(&topo);
-        let socket = topo.dir.join(format!("bmig{n}.sock"));
-        listen(&dst, &socket, announce);
-        let w0 = unix_now();
-        let (downtime, resumed) = migrate_and_resume(&q, &dst, &socket);
-        q.quit(&mut topo, &br);
-        std::thread::sleep(Duration::from_millis(1500));
-        let w1 = unix_now();
-        topo.signal(&format!("bping{n}"), "INT");
-        assert!(wait_for(Duration::from_secs(5), || !topo
-            .running(&format!("bping{n}"))));
-        let rep = replies(&topo.log(&format!("bping{n}")));
-        out.push((
-            Moved {
-                announce,
-                downtime,
-                window: (w0, w1),
-                resumed,
-                record: None,
-            },
-            rep,
-        ));
-        q = dst;
-    }
-    q.quit(&mut topo, &br);
-    out
 }

@@ -1,12 +1,18 @@
 //! A host's part in a live migration (the controller coordinates it:
 //! `dvs_migrate::protocol`). The destination installs the port in standby
 //! from its profile (`standby: true` in its item: policy in place, nothing
-//! forwarded); the source, told to stop, puts its port in standby, sends
-//! frames for the VM's MAC to the destination and hands the port's state
-//! over (counters, rule hits, buckets, connections, sticky and learned MACs,
-//! open flow records — taken, so that only the destination exports them);
-//! the destination continues from that state and forwards. An abort makes
-//! the source forward again.
+//! forwarded) and keeps the source's pre-copy; the source, from the
+//! pre-copy on, copies frames for the VM to the destination. The moment
+//! the VM is heard at the destination (its own frame, or its VMM reading
+//! the NIC), the destination starts the port from the pre-copy and
+//! forwards, without waiting for anyone. The source, told to stop, puts
+//! its port in standby, sends frames for the VM's MAC to the destination
+//! and hands the port's state over (counters, rule hits, buckets,
+//! connections, sticky and learned MACs, open flow records — taken, so
+//! that only the destination exports them); the destination merges it
+//! into what it runs (or, if it had not started, starts from it) and the
+//! frames that waited for it are judged (`pipeline::switchover`). An
+//! abort makes the source forward again.
 //!
 //! A port's mode ([`PortMode`]: forwarding, in standby, or stopped with its
 //! VM's frames redirected) has one owner, [`Migrations`]: it follows the
@@ -398,6 +404,11 @@ pub struct Migrations {
 /// | `Standby`           | —                          | `Active`         | `Stopped`   | `Active`  | —             |
 /// | `Stopped` (m)       | —                          | `Active` on a full state only | — | `Active` | `Active` |
 ///
+/// And a `Standby` port whose VM is heard (its frame, its VMM reading the
+/// NIC) goes `Active` at once when its migration's pre-copy is here: it
+/// starts from it, as if started (its START then merges the source's
+/// last state).
+///
 /// Leaving `Stopped` undoes the stop: the redirect goes, the handed-over
 /// flow records come back. Entering `Active` switches the frames the VM
 /// sent meanwhile.
@@ -722,6 +733,23 @@ impl Migrations {
             // Again (a restarted controller finishing the activation).
             return Ok(0);
         }
+        let dropped = self.run_from(dp, migration, id, state, false, now)?;
+        tracing::info!(port = %id, migration, "port started from its migration's state");
+        Ok(dropped)
+    }
+
+    /// Port `id` of `migration` forwards from `state` now (`early`: the
+    /// pre-copy, the source's last state to come); returns the frames its
+    /// standby dropped before.
+    fn run_from<P: PortIo>(
+        &mut self,
+        dp: &mut Datapath<P>,
+        migration: u64,
+        id: PortId,
+        state: &PortState,
+        early: bool,
+        now: Duration,
+    ) -> Result<u64, String> {
         let sw = &mut dp.switch;
         let no = sw
             .port_by_id(id)
@@ -730,8 +758,11 @@ impl Migrations {
             c.drops.get(crate::DropReason::Standby) + c.tx_drops.get(crate::DropReason::Standby)
         });
         sw.restore_port(no, state, now).map_err(|e| e.to_string())?;
-        self.enter(dp, id, PortMode::Active, now);
+        if early {
+            sw.await_state(no, now).map_err(|e| e.to_string())?;
+        }
         self.started.insert(migration);
+        self.enter(dp, id, PortMode::Active, now);
         self.awaiting.push(Awaiting {
             migration,
             no,
@@ -740,7 +771,6 @@ impl Migrations {
             to_vm: false,
             to_peer: false,
         });
-        tracing::info!(port = %id, migration, "port started from its migration's state");
         Ok(dropped)
     }
 
@@ -754,15 +784,7 @@ impl Migrations {
         base: PortState,
         now: Duration,
     ) -> Result<Duration, String> {
-        let sw = &mut dp.switch;
-        let no = sw
-            .port_by_id(id)
-            .ok_or_else(|| format!("port {id} is not on this host"))?;
-        let dropped = sw.port(no).map_or(0, |(_, c)| {
-            c.drops.get(crate::DropReason::Standby) + c.tx_drops.get(crate::DropReason::Standby)
-        });
-        sw.restore_port(no, &base, now).map_err(|e| e.to_string())?;
-        sw.await_state(no, now).map_err(|e| e.to_string())?;
+        let dropped = self.run_from(dp, migration, id, &base, true, now)?;
         let at = self.epoch + now;
         self.early.insert(
             migration,
@@ -773,16 +795,6 @@ impl Migrations {
                 dropped,
             },
         );
-        self.started.insert(migration);
-        self.enter(dp, id, PortMode::Active, now);
-        self.awaiting.push(Awaiting {
-            migration,
-            no,
-            since: now,
-            from_vm: false,
-            to_vm: false,
-            to_peer: false,
-        });
         tracing::info!(port = %id, migration, "the VM runs here: port started from the pre-copy");
         Ok(at)
     }
