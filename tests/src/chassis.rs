@@ -28,8 +28,11 @@ pub struct Chassis {
     pub vms: Vec<(String, String, String, String)>,
     /// VMs whose NIC is a TAP of their host's agent.
     pub taps: Vec<TapVm>,
-    /// When the last [`Chassis::swap_nic`] resumed its VM (its NIC up).
+    /// When the last [`Chassis::swap_nic`] resumed its VM: its new NIC
+    /// came up (seen from inside the VM, which announced itself then).
     pub resumed_at: Option<std::time::SystemTime>,
+    /// NIC moves so far (names the processes that watch them).
+    swaps: usize,
     data_dir: PathBuf,
     /// Mutual TLS: the PKI directory (CA, controller and host certificates).
     pki: Option<PathBuf>,
@@ -62,6 +65,7 @@ impl Chassis {
             vms: Vec::new(),
             taps: Vec::new(),
             resumed_at: None,
+            swaps: 0,
             data_dir,
             pki,
         };
@@ -489,6 +493,26 @@ impl Chassis {
         let ns = self.vm(name).1.clone();
         let (src, dst) = (self.hosts[t.host].clone(), self.hosts[to].clone());
         self.wait_tap(to, &t.tap);
+        // The VM resumes the moment its new NIC is up: a process already
+        // running in it sees the old one go and the new one come up, and
+        // announces the VM at once (QEMU's RARP), saying when.
+        self.swaps += 1;
+        let label = format!("resume-{name}-{}", self.swaps);
+        let script = format!(
+            "import os, time\n\
+             def nic():\n    try:\n        return (int(open(\"/sys/class/net/eth0/ifindex\").read()), int(open(\"/sys/class/net/eth0/flags\").read(), 16))\n    except OSError:\n        return (0, 0)\n\
+             old = nic()[0]\nprint(\"ready\", flush=True)\n\
+             while old and nic()[0] == old:\n    time.sleep(0.0002)\n\
+             while not nic()[1] & 1:\n    time.sleep(0.0002)\n\
+             t = time.time()\n{}\nprint(repr(t), flush=True)\n",
+            dvs_lab::netns::rarp_script(&t.mac)
+        );
+        self.topo
+            .spawn(&ns, &label, &["/usr/bin/python3", "-c", &script]);
+        let ready = wait_for(Duration::from_secs(10), || {
+            self.topo.log(&label).contains("ready")
+        });
+        assert!(ready, "{label}: {}", self.topo.log(&label));
         let start = std::time::Instant::now();
         self.topo.sh(
             "",
@@ -500,15 +524,15 @@ impl Chassis {
             ),
         );
         let pause = start.elapsed();
-        self.resumed_at = Some(std::time::SystemTime::now());
-        // Resumed: QEMU announces the VM.
-        self.topo.sh(
-            "",
-            &format!(
-                "ip netns exec {ns} /usr/bin/python3 -c '{}'",
-                dvs_lab::netns::rarp_script(&t.mac)
-            ),
-        );
+        let announced = wait_for(Duration::from_secs(5), || !self.topo.running(&label));
+        assert!(announced, "{label} did not see the NIC come up");
+        self.resumed_at = self
+            .topo
+            .log(&label)
+            .lines()
+            .last()
+            .and_then(|l| l.trim().parse::<f64>().ok())
+            .map(|t| std::time::UNIX_EPOCH + Duration::from_secs_f64(t));
         self.taps[i].host = to;
         pause
     }
