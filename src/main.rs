@@ -183,8 +183,10 @@ enum Command {
 enum MigrateCmd {
     /// Begin migrating a port to a host: the destination installs it from
     /// its profile in standby (policy in place, not forwarding). The port
-    /// switches over on `dvs migrate activate` or on the VM's first frame
-    /// at the destination, whichever comes first.
+    /// switches over on the VM's first frame at the destination (or its VMM
+    /// reading the port's TAP) — the destination then forwards at once,
+    /// from the pre-copy — or on `dvs migrate activate`, whichever comes
+    /// first.
     Start {
         /// The port (vethN).
         #[arg(long)]
@@ -208,7 +210,9 @@ enum MigrateCmd {
         #[arg(long)]
         wait: bool,
     },
-    /// The VM resumed on the destination: switch the port over.
+    /// The VM resumed on the destination: switch the port over (the source
+    /// stops; the destination forwards from its handover, unless it heard
+    /// the VM and forwards already).
     Activate {
         /// The migration's ID...
         #[arg(long, default_value_t = 0, required_unless_present = "port")]
@@ -231,7 +235,8 @@ enum MigrateCmd {
         reason: String,
     },
     /// Every migration with its timeline (ms from its beginning): policy
-    /// ready on the destination, switchover and its trigger, last frame at
+    /// ready on the destination, when the destination started on its own
+    /// (JSON), switchover and its trigger, last frame at
     /// the source, first at the destination, blackout (what the VM's peers
     /// lived through; from and to the VM), frames dropped, snapshot sizes.
     List,

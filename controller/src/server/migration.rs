@@ -588,7 +588,7 @@ impl Controller {
     /// `host`'s agent went away: migrations that cannot finish without it
     /// are aborted (a source that already stopped is not needed any more).
     pub(super) async fn host_gone(&self, host: &str) {
-        let hit: Vec<(u64, &'static str)> = self
+        let hit: Vec<(u64, Input)> = self
             .lock()
             .chassis
             .migrations()
@@ -599,23 +599,19 @@ impl Controller {
                     Phase::Preparing | Phase::Syncing | Phase::Switching
                 );
                 if m.to.host == host {
-                    Some((m.id, "destination"))
+                    let why = format!("the destination host {host} disconnected");
+                    Some((m.id, Input::Abort(why)))
                 } else if m.from.host == host && before_stop {
-                    Some((m.id, "source"))
+                    // Not needed any more if the destination heard the VM:
+                    // it keeps the pre-copy's state.
+                    let why = format!("the source host {host} disconnected");
+                    Some((m.id, Input::SourceLost(why)))
                 } else {
                     None
                 }
             })
             .collect();
-        for (id, who) in hit {
-            let why = format!("the {who} host {host} disconnected");
-            // A source lost after the destination heard the VM is not
-            // needed: the destination keeps the pre-copy's state.
-            let input = if who == "source" {
-                Input::SourceLost(why)
-            } else {
-                Input::Abort(why)
-            };
+        for (id, input) in hit {
             if let Err(s) = self.input(id, input).await {
                 tracing::warn!(migration = id, error = %s.message(), "abort refused");
             }

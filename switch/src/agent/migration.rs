@@ -14,11 +14,12 @@
 //! frames that waited for it are judged (`pipeline::switchover`). An
 //! abort makes the source forward again.
 //!
-//! A port's mode ([`PortMode`]: forwarding, in standby, or stopped with its
-//! VM's frames redirected) has one owner, [`Migrations`]: it follows the
+//! A port's mode ([`PortMode`]: forwarding, forwarding and copying its VM's
+//! frames to the destination, in standby, or stopped with its VM's frames
+//! redirected) has one owner, [`Migrations`]: it follows the
 //! port's item, with two exceptions that only commands make — a source
-//! told to stop stays stopped until a full state or a resume (a profile
-//! change does not restart it), and a destination started by its
+//! told to sync keeps copying, and one told to stop stays stopped, until a
+//! full state or a resume (a profile change changes neither), and a destination started by its
 //! migration's command forwards even while its item still says standby
 //! (the controller moves the port's binding right after). The switch's
 //! standby flag is only ever set from the mode ([`Migrations::enter`]), but
@@ -379,9 +380,6 @@ pub struct Migrations {
     /// Migrations whose destination port started from the pre-copy on its
     /// own and awaits the source's last state.
     early: BTreeMap<u64, Early>,
-    /// Sources' ports whose VM's frames are copied to their migration's
-    /// destination.
-    copies: BTreeMap<PortId, u64>,
     /// Each port's mode, where it is not [`PortMode::Active`].
     modes: BTreeMap<PortId, PortMode>,
     /// The open flow records stopped ports handed over (theirs again if
@@ -398,11 +396,12 @@ pub struct Migrations {
 
 /// What a port does, and why.
 ///
-/// | mode, then →        | item: standby (m)          | item: forwarding | STOP (m)    | START (m) | RESUME (m)    |
-/// |---------------------|----------------------------|------------------|-------------|-----------|---------------|
-/// | `Active`            | `Standby` unless m started | —                | `Stopped`   | `Active`  | —             |
-/// | `Standby`           | —                          | `Active`         | `Stopped`   | `Active`  | —             |
-/// | `Stopped` (m)       | —                          | `Active` on a full state only | — | `Active` | `Active` |
+/// | mode, then →        | item: standby (m)          | item: forwarding | SYNC (m)     | STOP (m)    | START (m) | RESUME (m)    |
+/// |---------------------|----------------------------|------------------|--------------|-------------|-----------|---------------|
+/// | `Active`            | `Standby` unless m started | —                | `Copying`    | `Stopped`   | `Active`  | —             |
+/// | `Copying` (m)       | `Standby`                  | `Active` on a full state only | — | `Stopped` | —      | `Active`      |
+/// | `Standby`           | —                          | `Active`         | —            | `Stopped`   | `Active`  | —             |
+/// | `Stopped` (m)       | —                          | `Active` on a full state only | — | — | `Active` | `Active` |
 ///
 /// And a `Standby` port whose VM is heard (its frame, its VMM reading the
 /// NIC) goes `Active` at once when its migration's pre-copy is here: it
@@ -410,12 +409,17 @@ pub struct Migrations {
 /// last state).
 ///
 /// Leaving `Stopped` undoes the stop: the redirect goes, the handed-over
-/// flow records come back. Entering `Active` switches the frames the VM
-/// sent meanwhile.
+/// flow records come back. Entering `Copying` has the switch copy frames
+/// for the VM to the destination, leaving it stops that. Entering a mode
+/// that forwards switches the frames the VM sent meanwhile.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum PortMode {
     /// Forwarding.
     Active,
+    /// A migration's source after its pre-copy: forwarding, and sending a
+    /// copy of every frame for the VM to the destination (`to`), where the
+    /// VM may start any time.
+    Copying { migration: u64, to: IpAddr },
     /// Installed with its policy, forwarding nothing: a migration's
     /// destination before its start.
     Standby { migration: Option<u64> },
@@ -429,7 +433,7 @@ pub enum PortMode {
 
 impl PortMode {
     fn forwards(&self) -> bool {
-        *self == PortMode::Active
+        matches!(self, PortMode::Active | PortMode::Copying { .. })
     }
 }
 
@@ -577,7 +581,7 @@ impl Migrations {
             }
             Op::Sync => {
                 let copy_to = c.redirect.parse().ok();
-                self.sync(&mut dp.switch, m, port, copy_to, now)
+                self.sync(dp, m, port, copy_to, now)
                     .and_then(|state| synced_events(m, port, state))
                     .unwrap_or_else(fail)
             }
@@ -596,8 +600,7 @@ impl Migrations {
                 }
             }
             Op::Resume => {
-                self.stop_copy(dp, port, m);
-                if matches!(self.modes.get(&port), Some(PortMode::Stopped { migration, .. }) if *migration == m)
+                if matches!(self.modes.get(&port), Some(PortMode::Stopped { migration, .. } | PortMode::Copying { migration, .. }) if *migration == m)
                 {
                     self.enter(dp, port, PortMode::Active, now);
                 }
@@ -616,21 +619,22 @@ impl Migrations {
 
     /// The pre-copy of port `id`; from now on frames for its VM go to
     /// the destination `copy_to` too (the VM may start there any time).
-    fn sync(
+    fn sync<P: PortIo>(
         &mut self,
-        sw: &mut Switch,
+        dp: &mut Datapath<P>,
         migration: u64,
         id: PortId,
         copy_to: Option<IpAddr>,
         now: Duration,
     ) -> Result<PortState, String> {
-        let no = sw
+        let no = dp
+            .switch
             .port_by_id(id)
             .ok_or_else(|| format!("port {id} is not on this host"))?;
-        if let Some(ip) = copy_to {
-            let _ = sw.set_port_copy(no, Some(ip));
-            self.copies.insert(id, migration);
+        if let Some(to) = copy_to {
+            self.enter(dp, id, PortMode::Copying { migration, to }, now);
         }
+        let sw = &mut dp.switch;
         let mut state = sw
             .save_port(no, now)
             .ok_or_else(|| format!("port {id} is not on this host"))?;
@@ -654,8 +658,6 @@ impl Migrations {
             .switch
             .port_by_id(id)
             .ok_or_else(|| format!("port {id} is not on this host"))?;
-        // The redirect replaces the copy.
-        self.stop_copy(dp, id, migration);
         // Stopped already (told again after a controller's restart): the
         // flow records it handed over go again.
         let taken_before = match self.modes.get(&id) {
@@ -799,17 +801,6 @@ impl Migrations {
         Ok(at)
     }
 
-    /// Frames for port `id`'s VM are no longer copied to `migration`'s
-    /// destination.
-    fn stop_copy<P: PortIo>(&mut self, dp: &mut Datapath<P>, id: PortId, migration: u64) {
-        if self.copies.get(&id) == Some(&migration) {
-            self.copies.remove(&id);
-            if let Some(no) = dp.switch.port_by_id(id) {
-                let _ = dp.switch.set_port_copy(no, None);
-            }
-        }
-    }
-
     /// The migrations whose destination port started from the pre-copy
     /// here and still awaits the source's last state, as the wakeups that
     /// said so (told again to a controller after a reconnection).
@@ -826,9 +817,9 @@ impl Migrations {
     }
 
     /// Put port `id` in `mode` — the one place a port's mode changes
-    /// (see [`PortMode`]): the switch's standby flag follows it; leaving
-    /// `Stopped` undoes the stop; entering `Active` switches the frames
-    /// the VM sent while it waited.
+    /// (see [`PortMode`]): the switch's standby flag and copy follow it;
+    /// leaving `Stopped` undoes the stop; entering a mode that forwards
+    /// switches the frames the VM sent while it waited.
     pub fn enter<P: PortIo>(
         &mut self,
         dp: &mut Datapath<P>,
@@ -850,6 +841,13 @@ impl Migrations {
             }
         }
         if let Some(no) = no {
+            let copy_to = |m: &PortMode| match m {
+                PortMode::Copying { to, .. } => Some(*to),
+                _ => None,
+            };
+            if copy_to(&mode) != copy_to(&before) {
+                let _ = dp.switch.set_port_copy(no, copy_to(&mode));
+            }
             let standby = !mode.forwards();
             if dp.switch.port_standby(no) != standby {
                 let _ = dp.switch.set_port_standby(no, standby);
@@ -861,7 +859,7 @@ impl Migrations {
         if mode != before {
             tracing::info!(port = %id, ?before, ?mode, "port mode");
         }
-        if !mode.forwards() {
+        if mode != PortMode::Active {
             self.modes.insert(id, mode);
         }
     }
@@ -877,7 +875,10 @@ impl Migrations {
             (true, _) => PortMode::Standby {
                 migration: p.migration,
             },
-            (false, PortMode::Stopped { .. }) if !resync => now.clone(),
+            // A source keeps copying or stays stopped until a command, or
+            // a full state after a reconnection (the controller may have
+            // ended its migration without telling it), says otherwise.
+            (false, PortMode::Stopped { .. } | PortMode::Copying { .. }) if !resync => now.clone(),
             (false, _) => PortMode::Active,
         }
     }
@@ -949,17 +950,6 @@ impl Migrations {
         });
         self.taken_flows.retain(|id, _| live.contains(id));
         self.bases.retain(|id, _| live.contains(id));
-        // After a reconnection the controller may have ended a migration
-        // without telling the source: no copy outlives it.
-        let ended: Vec<(PortId, u64)> = self
-            .copies
-            .iter()
-            .filter(|(id, _)| resync || !live.contains(id))
-            .map(|(id, m)| (*id, *m))
-            .collect();
-        for (id, m) in ended {
-            self.stop_copy(dp, id, m);
-        }
         let migrations: BTreeSet<u64> = new.iter().filter_map(|p| p.migration).collect();
         self.started.retain(|m| migrations.contains(m));
         self.early.retain(|m, _| migrations.contains(m));

@@ -339,6 +339,8 @@ pub struct Switch {
     /// ([`switchover`]).
     waiting: Vec<switchover::Waiting>,
     switchover: SwitchoverCounters,
+    /// Some port copies its VM's frames ([`Switch::set_port_copy`]).
+    copy_any: bool,
 }
 
 /// How often flow tables run their timeouts.
@@ -383,6 +385,7 @@ impl Switch {
             owned: FxHashMap::default(),
             waiting: Vec::new(),
             switchover: SwitchoverCounters::default(),
+            copy_any: false,
         }
     }
 
@@ -455,6 +458,7 @@ impl Switch {
         self.macs.flush_port(no);
         self.held.retain(|(h, _)| *h != no);
         self.waiting.retain(|w| w.no != no);
+        self.copy_any = self.ports.iter().flatten().any(|p| p.copy_to.is_some());
         self.rebuild();
         Some(p.counters)
     }
@@ -1186,9 +1190,11 @@ impl Switch {
                             egress: Egress::Port(p),
                             tag: tag.map(|t| t | u16::from(pcp) << 13),
                         });
-                        let (from, vni) = (ingress.tunnel_src(), state.vni);
-                        if let Some(copy) = self.copy_for(p, from, vni) {
-                            out.push(copy);
+                        if self.copy_any {
+                            let (from, vni) = (ingress.tunnel_src(), state.vni);
+                            if let Some(copy) = self.copy_for(p, from, vni) {
+                                out.push(copy);
+                            }
                         }
                         return Verdict::Forward;
                     }
@@ -1313,8 +1319,15 @@ impl Switch {
             match port_policy(port, Direction::ToVm, now, frame, vlan, key) {
                 Ok(()) => true,
                 Err(reason) => {
-                    let w = (p, vlan, o.tag, frame, &*key, reason);
-                    if !Switch::wait_for_state(waiting, counters, port, w, now) {
+                    let r = switchover::Refused {
+                        no: p,
+                        vlan,
+                        tag: o.tag,
+                        frame,
+                        key,
+                        reason,
+                    };
+                    if !Switch::wait_for_state(waiting, counters, port, r, now) {
                         port.counters.tx_drops.add(reason);
                     }
                     false

@@ -43,6 +43,17 @@ pub(super) struct Waiting {
     until: Duration,
 }
 
+/// A frame for port `no`'s VM (on `vlan`, to go out with `tag`) that the
+/// port's policy refused for `reason`.
+pub(super) struct Refused<'a> {
+    pub no: PortNo,
+    pub vlan: VlanId,
+    pub tag: Option<u16>,
+    pub frame: &'a [u8],
+    pub key: &'a Option<FlowKey>,
+    pub reason: DropReason,
+}
+
 /// A held frame the port's policy now admits: to be sent as `out` says.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Release {
@@ -59,6 +70,7 @@ impl Switch {
     /// [`Error::UnknownPortNo`].
     pub fn set_port_copy(&mut self, no: PortNo, to: Option<IpAddr>) -> Result<(), Error> {
         self.port_mut(no)?.copy_to = to;
+        self.copy_any = self.ports.iter().flatten().any(|p| p.copy_to.is_some());
         Ok(())
     }
 
@@ -185,30 +197,22 @@ impl Switch {
         out
     }
 
-    /// Port `no`'s policy refused `frame` (on `vlan`, to go out with `tag`)
-    /// for `reason`: does it wait for the port's state instead? Only a
-    /// frame of a connection, refused by the lists of a port that tracks
-    /// connections and awaits its source's state, while the hold has room.
+    /// Port `port` refused a frame (`r`): does it wait for the port's
+    /// state instead? Only a frame of a connection, refused by the lists
+    /// of a port that tracks connections and awaits its source's state,
+    /// while the hold has room.
     pub(super) fn wait_for_state(
         waiting: &mut Vec<Waiting>,
         counters: &mut SwitchoverCounters,
         port: &super::Port,
-        w: (
-            PortNo,
-            VlanId,
-            Option<u16>,
-            &[u8],
-            &Option<FlowKey>,
-            DropReason,
-        ),
+        r: Refused,
         now: Duration,
     ) -> bool {
-        let (no, vlan, tag, frame, key, reason) = w;
-        let waits = reason == DropReason::AclDeny
+        let waits = r.reason == DropReason::AclDeny
             && port.awaiting.is_some()
             && port.conntrack.is_some()
-            && frame.len() <= usize::from(MAX_HELD_FRAME)
-            && key.as_ref().and_then(ConnKey::of).is_some();
+            && r.frame.len() <= usize::from(MAX_HELD_FRAME)
+            && r.key.as_ref().and_then(ConnKey::of).is_some();
         if !waits {
             return false;
         }
@@ -218,10 +222,10 @@ impl Switch {
         }
         counters.held += 1;
         waiting.push(Waiting {
-            no,
-            vlan,
-            tag,
-            frame: frame.to_vec(),
+            no: r.no,
+            vlan: r.vlan,
+            tag: r.tag,
+            frame: r.frame.to_vec(),
             until: now + STATE_WAIT,
         });
         true
