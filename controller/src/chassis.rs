@@ -21,7 +21,7 @@ use std::net::IpAddr;
 use dvs_proto::desired::{Item, PortItem, RemoteMac, Segment};
 use dvs_proto::netflow::{NetflowMonitor, RawMonitor};
 use dvs_proto::profile::{self, Policy, RawProfile};
-use dvs_proto::{MacAddr, PortId, VlanMode};
+use dvs_proto::{known_names, MacAddr, PortId, VlanMode};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -481,7 +481,7 @@ impl Chassis {
                 "no {} `{name}`; {}s: {}",
                 kind.label(),
                 kind.label(),
-                list(
+                known_names(
                     self.docs()
                         .filter(|d| d.kind == kind)
                         .map(|d| d.name.as_str())
@@ -604,7 +604,7 @@ impl Chassis {
         }
         Err(Error::NotFound(format!(
             "no profile `{profile}`; profiles: {}",
-            list(self.profiles.keys().map(String::as_str))
+            known_names(self.profiles.keys().map(String::as_str))
         )))
     }
 
@@ -1174,15 +1174,6 @@ fn changed_fields(old: &Value, new: &Value) -> Vec<String> {
         .filter(|k| old.get(k.as_str()) != new.get(k.as_str()))
         .cloned()
         .collect()
-}
-
-fn list<'a>(names: impl Iterator<Item = &'a str>) -> String {
-    let v: Vec<&str> = names.collect();
-    if v.is_empty() {
-        "none".into()
-    } else {
-        v.join(", ")
-    }
 }
 
 #[cfg(test)]

@@ -30,6 +30,16 @@ pub use netflow::{FlowDirection, FlowVersion, NetflowBinding, NetflowMonitor};
 pub use qos::RateLimit;
 pub use security::Security;
 
+/// The names an error message offers as valid — `a, b, c`, or `none`.
+pub fn known_names<'a>(names: impl Iterator<Item = &'a str>) -> String {
+    let v: Vec<&str> = names.collect();
+    if v.is_empty() {
+        "none".into()
+    } else {
+        v.join(", ")
+    }
+}
+
 /// Why a value offered at the edge (a file, a command line, a peer) is not valid.
 ///
 /// Every message names the offending value and what would be valid.

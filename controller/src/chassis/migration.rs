@@ -12,9 +12,10 @@ use dvs_proto::api::{self, migration_command::Op};
 use dvs_proto::PortId;
 use serde::{Deserialize, Serialize};
 
-use super::{list, Attach, Binding, Chassis, Moving};
+use super::{Attach, Binding, Chassis, Moving};
 use crate::store::Kept;
 use crate::Error;
+use dvs_proto::known_names;
 
 /// A migration, as kept (it outlives the controller's restarts).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -159,7 +160,7 @@ impl Chassis {
             } else {
                 format!(
                     "unknown host `{to}`: hosts whose agent registered are {}",
-                    list(known.into_iter())
+                    known_names(known.into_iter())
                 )
             }));
         }

@@ -46,7 +46,7 @@ use dvs_proto::net::VlanModeRepr;
 use dvs_proto::netflow::{NetflowMonitor, RawMonitor, RawNetflow};
 use dvs_proto::profile::{self, Policy, RawAcl, RawPolicy, RawProfile, RawQos};
 use dvs_proto::security::RawSecurity;
-use dvs_proto::{MacAddr, PortId, VlanId, Vni};
+use dvs_proto::{known_names, MacAddr, PortId, VlanId, Vni};
 use serde::Deserialize;
 
 use crate::pipeline::mactable::MacTableConfig;
@@ -313,16 +313,6 @@ pub fn assemble(
     doc
 }
 
-/// `a, b, c` for an error message, or `none`.
-fn names<'a>(known: impl Iterator<Item = &'a str>) -> String {
-    let known: Vec<&str> = known.collect();
-    if known.is_empty() {
-        "none".into()
-    } else {
-        known.join(", ")
-    }
-}
-
 fn validate(raw: Raw) -> Result<AgentConfig, String> {
     if raw.host.trim().is_empty() {
         return Err("host: the host name is empty".into());
@@ -487,7 +477,7 @@ fn validate_port(
             None => {
                 return Err(format!(
                     "{at}: unknown profile `{name}`; profiles in this file: {}",
-                    names(profiles.keys().map(String::as_str))
+                    known_names(profiles.keys().map(String::as_str))
                 ));
             }
         },
@@ -593,7 +583,7 @@ fn validate_static_macs(
                 let Some(p) = ports.iter().find(|p| p.port.name == name) else {
                     return Err(format!(
                         "{at}: unknown port `{name}`; ports in this file: {}",
-                        names(ports.iter().map(|p| p.port.name.as_str()))
+                        known_names(ports.iter().map(|p| p.port.name.as_str()))
                     ));
                 };
                 if !p.port.vlan.carries(m.vlan) {
