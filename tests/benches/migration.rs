@@ -317,20 +317,41 @@ fn guest() -> Guest {
     }
 }
 
-/// One QEMU migration's figures (see [`figures`]).
-type Fig = (f64, f64, f64, f64);
+/// One QEMU migration's figures, ms.
+#[derive(Debug, Clone, Copy)]
+struct Fig {
+    /// What the switch added to QEMU's downtime: the peer's largest gap
+    /// minus it.
+    added: f64,
+    gap: f64,
+    downtime: f64,
+    /// dvs's timeline blackout (the bridge: none).
+    blackout: f64,
+    /// The destination's `cont` returned → the peer's first reply after it.
+    to_reply: f64,
+    /// `cont` returned → the destination forwarded the VM's first frame
+    /// (dvs's timeline; the bridge: none).
+    to_forward: f64,
+}
 
-/// One QEMU migration's figures: (what the switch added to QEMU's
-/// downtime — the peer's largest gap minus it —, the gap, the downtime,
-/// dvs's timeline blackout), ms.
 fn figures(m: &Moved, replies: &[(f64, u64)]) -> Fig {
     let (_, gap) = window_loss(replies, m.window);
-    let blackout = m
-        .record
-        .as_ref()
-        .and_then(|r| r["blackout_ms"].as_f64())
-        .unwrap_or(f64::NAN);
-    (gap - m.downtime, gap, m.downtime, blackout)
+    let rec = |k: &str| m.record.as_ref().and_then(|r| r[k].as_f64());
+    let first_reply = replies
+        .iter()
+        .find(|(t, _)| *t >= m.resumed)
+        .map_or(f64::NAN, |(t, _)| *t);
+    let forwarded = rec("begin_unix_us")
+        .zip(rec("first_frame_at_destination_ms"))
+        .map_or(f64::NAN, |(b, f)| b / 1e6 + f / 1e3);
+    Fig {
+        added: gap - m.downtime,
+        gap,
+        downtime: m.downtime,
+        blackout: rec("blackout_ms").unwrap_or(f64::NAN),
+        to_reply: (first_reply - m.resumed) * 1e3,
+        to_forward: (forwarded - m.resumed) * 1e3,
+    }
 }
 
 /// The real-guest part: `per_mode` migrations with QEMU's announcements
@@ -431,8 +452,16 @@ fn qemu_part(per_mode: usize) {
         "\n{} live migrations of a QEMU (TCG) guest as libvirt makes them, under a ping every 1 ms and a TCP echo every 10 ms from a peer (dvs: a 3-host chassis, the peer on the third; bridge: two TAPs of one Linux bridge, the peer on it), this machine:\n",
         moves.len()
     );
-    println!("| # | path | announce | QEMU downtime ms | peer's largest gap ms | gap − downtime ms | dvs blackout ms | trigger |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("| # | path | announce | QEMU downtime ms | peer's largest gap ms | gap − downtime ms | `cont` → first reply ms | `cont` → destination forwards ms | dvs blackout ms | trigger |");
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let on_off = |a: bool| if a { "on" } else { "off" };
+    let ms = |v: f64| {
+        if v.is_nan() {
+            "-".to_string()
+        } else {
+            format!("{v:.1}")
+        }
+    };
     let mut rows: Vec<(&str, bool, Fig)> = Vec::new();
     for (n, m) in moves.iter().enumerate() {
         let f = figures(m, &replies);
@@ -442,25 +471,28 @@ fn qemu_part(per_mode: usize) {
             .and_then(|r| r["trigger"].as_str())
             .unwrap_or("-");
         println!(
-            "| {} | dvs | {} | {:.1} | {:.1} | {:.1} | {:.1} | {trigger} |",
+            "| {} | dvs | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {trigger} |",
             n + 1,
-            if m.announce { "on" } else { "off" },
-            f.2,
-            f.1,
-            f.0,
-            f.3
+            on_off(m.announce),
+            f.downtime,
+            f.gap,
+            f.added,
+            ms(f.to_reply),
+            ms(f.to_forward),
+            ms(f.blackout),
         );
         rows.push(("dvs", m.announce, f));
     }
     for (n, (m, rep)) in bridge.iter().enumerate() {
         let f = figures(m, rep);
         println!(
-            "| {} | bridge | {} | {:.1} | {:.1} | {:.1} | - | - |",
+            "| {} | bridge | {} | {:.1} | {:.1} | {:.1} | {} | - | - | - |",
             n + 1,
-            if m.announce { "on" } else { "off" },
-            f.2,
-            f.1,
-            f.0
+            on_off(m.announce),
+            f.downtime,
+            f.gap,
+            f.added,
+            ms(f.to_reply),
         );
         rows.push(("bridge", m.announce, f));
     }
@@ -468,8 +500,8 @@ fn qemu_part(per_mode: usize) {
         "\nTCP echo (dvs): {}",
         echo_out.lines().last().unwrap_or("-")
     );
-    println!("\n| announce | path | downtime median | gap median | gap − downtime median | p99 | dvs blackout median | p99 |");
-    println!("|---|---|---|---|---|---|---|---|");
+    println!("\n| announce | path | downtime median | gap median | gap − downtime median | p99 | `cont` → first reply median | dvs blackout median | p99 |");
+    println!("|---|---|---|---|---|---|---|---|---|");
     for announce in [true, false] {
         let mut added = Vec::new();
         for path in ["dvs", "bridge"] {
@@ -479,30 +511,28 @@ fn qemu_part(per_mode: usize) {
                 .map(|r| r.2)
                 .collect();
             let col = |k: fn(&Fig) -> f64| sel.iter().map(k).collect::<Vec<f64>>();
-            let (a, b) = (col(|x| x.0), col(|x| x.3));
+            let (a, b) = (col(|x| x.added), col(|x| x.blackout));
+            let dvs = path == "dvs";
             println!(
-                "| {} | {path} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
-                if announce { "on" } else { "off" },
-                guestmove::median(col(|x| x.2)),
-                guestmove::median(col(|x| x.1)),
+                "| {} | {path} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
+                on_off(announce),
+                guestmove::median(col(|x| x.downtime)),
+                guestmove::median(col(|x| x.gap)),
                 guestmove::median(a.clone()),
                 pct(a.clone(), 0.99),
-                if path == "dvs" {
-                    format!("{:.1}", guestmove::median(b.clone()))
+                guestmove::median(col(|x| x.to_reply)),
+                if dvs {
+                    ms(guestmove::median(b.clone()))
                 } else {
                     "-".into()
                 },
-                if path == "dvs" {
-                    format!("{:.1}", pct(b, 0.99))
-                } else {
-                    "-".into()
-                },
+                if dvs { ms(pct(b, 0.99)) } else { "-".into() },
             );
             added.push((guestmove::median(a.clone()), pct(a, 0.99)));
         }
         println!(
-            "| {} | dvs − bridge | | | {:+.1} | {:+.1} | | |",
-            if announce { "on" } else { "off" },
+            "| {} | dvs − bridge | | | {:+.1} | {:+.1} | | | |",
+            on_off(announce),
             added[0].0 - added[1].0,
             added[0].1 - added[1].1
         );

@@ -495,11 +495,13 @@ impl Chassis {
         self.wait_tap(to, &t.tap);
         // The VM resumes the moment its new NIC is up: a process already
         // running in it sees the old one go and the new one come up, and
-        // announces the VM at once (QEMU's RARP), saying when.
+        // announces the VM at once (QEMU's RARP), saying when. Its modules
+        // are loaded before it waits: importing `socket` takes tens of ms
+        // on a busy machine, which would be counted as the switch's.
         self.swaps += 1;
         let label = format!("resume-{name}-{}", self.swaps);
         let script = format!(
-            "import os, time\n\
+            "import os, socket, time\n\
              def nic():\n    try:\n        return (int(open(\"/sys/class/net/eth0/ifindex\").read()), int(open(\"/sys/class/net/eth0/flags\").read(), 16))\n    except OSError:\n        return (0, 0)\n\
              old = nic()[0]\nprint(\"ready\", flush=True)\n\
              while old and nic()[0] == old:\n    time.sleep(0.0002)\n\
