@@ -740,17 +740,52 @@ fn received_of(out: &str) -> u16 {
 /// A Python script sending, on `eth0`, the RARP announcement QEMU sends
 /// for a NIC of MAC `mac` when a VM resumes after a migration.
 pub fn rarp_script(mac: &str) -> String {
+    format!("{}announce()\n", rarp_announcer(mac))
+}
+
+/// Python that loads what the RARP announcement of MAC `mac` needs and
+/// defines `announce()`, which sends it on `eth0` (bound when called: the
+/// NIC may not be there yet). A script that times the announcement runs
+/// this before it waits: importing `socket` takes tens of ms on a busy
+/// machine.
+pub fn rarp_announcer(mac: &str) -> String {
     let m = mac.replace(':', "");
     format!(
-        "import socket; s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind((\"eth0\", 0)); \
-         m = bytes.fromhex(\"{m}\"); \
-         s.send(b\"\\xff\" * 6 + m + b\"\\x80\\x35\\x00\\x01\\x08\\x00\\x06\\x04\\x00\\x03\" + m + bytes(4) + m + bytes(4) + bytes(18))"
+        "import socket\n\
+         def announce():\n    \
+             s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW); s.bind((\"eth0\", 0))\n    \
+             m = bytes.fromhex(\"{m}\")\n    \
+             s.send(b\"\\xff\" * 6 + m + b\"\\x80\\x35\\x00\\x01\\x08\\x00\\x06\\x04\\x00\\x03\" + m + bytes(4) + m + bytes(4) + bytes(18))\n"
     )
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_rarp_script_is_python_that_builds_qemus_frame() {
+        // Run with `socket` replaced: the frame it would send on eth0.
+        let fake = "import sys, types\n\
+             class S:\n    def __init__(self, *a): pass\n    def bind(self, a): assert a == ('eth0', 0)\n    def send(self, b): print(b.hex())\n\
+             sys.modules['socket'] = types.SimpleNamespace(socket=S, AF_PACKET=17, SOCK_RAW=3)\n";
+        let script = format!("{fake}{}", rarp_script("52:54:00:d0:00:07"));
+        let out = std::process::Command::new("python3")
+            .args(["-c", &script])
+            .output()
+            .expect("python3 runs");
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let mac = "525400d00007";
+        let want = format!(
+            "ffffffffffff{mac}80350001080006040003{mac}00000000{mac}00000000{}\n",
+            "00".repeat(18)
+        );
+        assert_eq!(String::from_utf8_lossy(&out.stdout), want);
+    }
 
     #[test]
     fn ping_summaries_are_read() {

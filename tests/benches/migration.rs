@@ -329,8 +329,9 @@ struct Fig {
     blackout: f64,
     /// The destination's `cont` returned → the peer's first reply after it.
     to_reply: f64,
-    /// `cont` returned → the destination forwarded the VM's first frame
-    /// (dvs's timeline; the bridge: none).
+    /// `cont` returned → the destination's port started forwarding on
+    /// the VM's own signal (dvs's timeline; none when it waited for the
+    /// controller, and for the bridge).
     to_forward: f64,
 }
 
@@ -341,8 +342,8 @@ fn figures(m: &Moved, replies: &[(f64, u64)]) -> Fig {
         .iter()
         .find(|(t, _)| *t >= m.resumed)
         .map_or(f64::NAN, |(t, _)| *t);
-    let forwarded = rec("begin_unix_us")
-        .zip(rec("first_frame_at_destination_ms"))
+    let started = rec("begin_unix_us")
+        .zip(rec("destination_started_ms"))
         .map_or(f64::NAN, |(b, f)| b / 1e6 + f / 1e3);
     Fig {
         added: gap - m.downtime,
@@ -350,7 +351,7 @@ fn figures(m: &Moved, replies: &[(f64, u64)]) -> Fig {
         downtime: m.downtime,
         blackout: rec("blackout_ms").unwrap_or(f64::NAN),
         to_reply: (first_reply - m.resumed) * 1e3,
-        to_forward: (forwarded - m.resumed) * 1e3,
+        to_forward: (started - m.resumed) * 1e3,
     }
 }
 
@@ -452,7 +453,7 @@ fn qemu_part(per_mode: usize) {
         "\n{} live migrations of a QEMU (TCG) guest as libvirt makes them, under a ping every 1 ms and a TCP echo every 10 ms from a peer (dvs: a 3-host chassis, the peer on the third; bridge: two TAPs of one Linux bridge, the peer on it), this machine:\n",
         moves.len()
     );
-    println!("| # | path | announce | QEMU downtime ms | peer's largest gap ms | gap − downtime ms | `cont` → first reply ms | `cont` → destination forwards ms | dvs blackout ms | trigger |");
+    println!("| # | path | announce | QEMU downtime ms | peer's largest gap ms | gap − downtime ms | `cont` → first reply ms | `cont` → destination port started ms | dvs blackout ms | trigger |");
     println!("|---|---|---|---|---|---|---|---|---|---|");
     let on_off = |a: bool| if a { "on" } else { "off" };
     let ms = |v: f64| {
@@ -462,16 +463,17 @@ fn qemu_part(per_mode: usize) {
             format!("{v:.1}")
         }
     };
+    let dvs_moves = moves
+        .iter()
+        .enumerate()
+        .map(|(n, m)| ("dvs", n, m, &replies[..]));
+    let bridge_moves = (bridge.iter().enumerate()).map(|(n, (m, rep))| ("bridge", n, m, &rep[..]));
     let mut rows: Vec<(&str, bool, Fig)> = Vec::new();
-    for (n, m) in moves.iter().enumerate() {
-        let f = figures(m, &replies);
-        let trigger = m
-            .record
-            .as_ref()
-            .and_then(|r| r["trigger"].as_str())
-            .unwrap_or("-");
+    for (path, n, m, rep) in dvs_moves.chain(bridge_moves) {
+        let f = figures(m, rep);
+        let trigger = m.record.as_ref().and_then(|r| r["trigger"].as_str());
         println!(
-            "| {} | dvs | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {trigger} |",
+            "| {} | {path} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} |",
             n + 1,
             on_off(m.announce),
             f.downtime,
@@ -480,21 +482,9 @@ fn qemu_part(per_mode: usize) {
             ms(f.to_reply),
             ms(f.to_forward),
             ms(f.blackout),
+            trigger.unwrap_or("-"),
         );
-        rows.push(("dvs", m.announce, f));
-    }
-    for (n, (m, rep)) in bridge.iter().enumerate() {
-        let f = figures(m, rep);
-        println!(
-            "| {} | bridge | {} | {:.1} | {:.1} | {:.1} | {} | - | - | - |",
-            n + 1,
-            on_off(m.announce),
-            f.downtime,
-            f.gap,
-            f.added,
-            ms(f.to_reply),
-        );
-        rows.push(("bridge", m.announce, f));
+        rows.push((path, m.announce, f));
     }
     println!(
         "\nTCP echo (dvs): {}",
@@ -512,21 +502,17 @@ fn qemu_part(per_mode: usize) {
                 .collect();
             let col = |k: fn(&Fig) -> f64| sel.iter().map(k).collect::<Vec<f64>>();
             let (a, b) = (col(|x| x.added), col(|x| x.blackout));
-            let dvs = path == "dvs";
             println!(
-                "| {} | {path} | {:.1} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} |",
+                "| {} | {path} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
                 on_off(announce),
                 guestmove::median(col(|x| x.downtime)),
                 guestmove::median(col(|x| x.gap)),
                 guestmove::median(a.clone()),
                 pct(a.clone(), 0.99),
-                guestmove::median(col(|x| x.to_reply)),
-                if dvs {
-                    ms(guestmove::median(b.clone()))
-                } else {
-                    "-".into()
-                },
-                if dvs { ms(pct(b, 0.99)) } else { "-".into() },
+                ms(guestmove::median(col(|x| x.to_reply))),
+                // The bridge has no timeline: its blackouts are NaN, "-".
+                ms(guestmove::median(b.clone())),
+                ms(pct(b, 0.99)),
             );
             added.push((guestmove::median(a.clone()), pct(a, 0.99)));
         }

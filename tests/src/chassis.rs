@@ -495,19 +495,18 @@ impl Chassis {
         self.wait_tap(to, &t.tap);
         // The VM resumes the moment its new NIC is up: a process already
         // running in it sees the old one go and the new one come up, and
-        // announces the VM at once (QEMU's RARP), saying when. Its modules
-        // are loaded before it waits: importing `socket` takes tens of ms
-        // on a busy machine, which would be counted as the switch's.
+        // announces the VM at once (QEMU's RARP), saying when (what the
+        // announcement needs is loaded before it waits).
         self.swaps += 1;
         let label = format!("resume-{name}-{}", self.swaps);
         let script = format!(
-            "import os, socket, time\n\
+            "import os, time\n{}\
              def nic():\n    try:\n        return (int(open(\"/sys/class/net/eth0/ifindex\").read()), int(open(\"/sys/class/net/eth0/flags\").read(), 16))\n    except OSError:\n        return (0, 0)\n\
              old = nic()[0]\nprint(\"ready\", flush=True)\n\
              while old and nic()[0] == old:\n    time.sleep(0.0002)\n\
              while not nic()[1] & 1:\n    time.sleep(0.0002)\n\
-             t = time.time()\n{}\nprint(repr(t), flush=True)\n",
-            dvs_lab::netns::rarp_script(&t.mac)
+             t = time.time()\nannounce()\nprint(repr(t), flush=True)\n",
+            dvs_lab::netns::rarp_announcer(&t.mac)
         );
         self.topo
             .spawn(&ns, &label, &["/usr/bin/python3", "-c", &script]);
