@@ -18,9 +18,10 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
+use dvs_migrate::lanes::Lanes;
 use dvs_proto::api;
 use dvs_proto::stats::Stats;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::watch;
 use tonic::Status;
 
 use crate::chassis::Chassis;
@@ -38,7 +39,8 @@ mod views;
 
 pub use auth::{TlsFiles, TokenCheck};
 
-type Outbox = mpsc::Sender<Result<api::ControllerMessage, Status>>;
+/// An agent's stream: revisions and commands, pre-copies behind them.
+type Outbox = Lanes<Result<api::ControllerMessage, Status>>;
 
 /// A connected agent.
 #[derive(Debug, Clone)]

@@ -962,3 +962,149 @@ async fn a_restarted_controller_goes_on_with_a_destination_that_started_unheard(
     r.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// Thirty-two migrations at once share the controller's one path to their
+/// destination (a host evacuated in a chassis): thirty-one pre-copies of
+/// megabytes each are on their way to h2 when the first migration's VM
+/// runs there — its switchover reaches h2 ahead of them (the stream's
+/// urgent lane), after its own pre-copy, with at most what the transport
+/// had already taken of the others in between.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_switchover_does_not_wait_behind_other_migrations_pre_copies() {
+    const N: u32 = 32;
+    let dir = temp("lanes");
+    let mut r = Running::start(&dir).await;
+    let (mut admin, mut h1, mut h2) = setup(&r).await;
+    for i in 2..=N {
+        admin
+            .create_port(api::CreatePortRequest {
+                vm: format!("vm{i}"),
+                mac: format!("02:00:00:00:01:{i:02x}"),
+                profile: "web".into(),
+                host: "h1".into(),
+                tap: format!("t{i}"),
+                netdev: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    let mut ids = Vec::new();
+    for i in 1..=N {
+        let m = admin
+            .start_migration(api::StartMigrationRequest {
+                port: format!("veth{i}"),
+                to: "h2".into(),
+                ..Default::default()
+            })
+            .await
+            .unwrap()
+            .into_inner();
+        ids.push(m.id);
+    }
+    h2.until(|a| {
+        (1..=N).all(|i| {
+            a.items
+                .get(&format!("port/veth{i}"))
+                .is_some_and(|p| p["standby"] == true)
+        })
+    })
+    .await;
+    for _ in 0..N {
+        h1.command(Op::Sync).await;
+    }
+    // The first migration's pre-copy is small; the others' are megabytes.
+    let big = dvs_switch::tracked_port_state(20_000);
+    let mut big_chunks = 0;
+    for (i, &m) in ids.iter().enumerate() {
+        let port = PortId::new(i as u32 + 1).unwrap();
+        let state = if i == 0 {
+            dvs_switch::tracked_port_state(20)
+        } else {
+            big.clone()
+        };
+        let events = dvs_switch::agent::migration::synced_events(m, port, state).unwrap();
+        if i > 0 {
+            big_chunks += events.len();
+        }
+        for e in events {
+            h1.event(e).await;
+        }
+    }
+    assert!(big_chunks >= 2 * (N as usize - 1), "{big_chunks} chunks");
+    let first = ids[0];
+    for _ in 0..500 {
+        let m = list(&mut admin).await;
+        if m.iter().any(|x| x.id == first && x.base_snapshot_bytes > 0) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    // h2 hears the first VM and forwards from its pre-copy; h1 stops and
+    // hands over — behind the other pre-copies on h1's own stream.
+    h2.event(started(first)).await;
+    let stop = h1.command(Op::Stop).await;
+    assert_eq!(stop.migration, first);
+    let h = Handover {
+        transfer: Transfer {
+            state: dvs_switch::tracked_port_state(20),
+            gone: Vec::new(),
+            since_base: Duration::from_millis(5),
+        },
+        delta: false,
+        connections: 20,
+        last_from_vm: Some(Duration::from_micros(1)),
+        last_to_vm: None,
+    };
+    let port = PortId::new(1).unwrap();
+    for e in dvs_switch::agent::migration::stopped_events(first, port, h).unwrap() {
+        h1.event(e).await;
+    }
+    // Once the controller has the handover (behind the other pre-copies on
+    // h1's stream) and has sent START (right after, in the same task), h2
+    // reads: what came before the first one's START?
+    phase(&mut admin, first, "activating").await;
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut seen = Vec::new();
+    let start_at = loop {
+        h2.next().await;
+        seen.extend(h2.commands.drain(..).map(|c| (c.op, c.migration, c.more)));
+        if let Some(i) = seen
+            .iter()
+            .position(|&(op, m, _)| op == Op::Start as i32 && m == first)
+        {
+            break i;
+        }
+    };
+    let before = &seen[..start_at];
+    assert!(
+        before
+            .iter()
+            .any(|&(op, m, more)| op == Op::Presync as i32 && m == first && !more),
+        "its own pre-copy first: {before:?}"
+    );
+    let others = before
+        .iter()
+        .filter(|&&(op, m, _)| op == Op::Presync as i32 && m != first)
+        .count();
+    eprintln!(
+        "{others} of {big_chunks} chunks of other pre-copies reached h2 before the switchover"
+    );
+    assert!(
+        others < big_chunks / 4,
+        "{others} of {big_chunks} chunks of other pre-copies came first"
+    );
+    // The others all arrive after it, whole.
+    while seen
+        .iter()
+        .filter(|&&(op, m, more)| op == Op::Presync as i32 && m != first && !more)
+        .count()
+        < N as usize - 1
+    {
+        h2.next().await;
+        seen.extend(h2.commands.drain(..).map(|c| (c.op, c.migration, c.more)));
+    }
+    r.halt().await;
+    drop((h1, h2));
+    r.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

@@ -5,8 +5,9 @@
 //! addresses (its sockets stay), it resumes, and its first frame switches
 //! the port over. Under a ping every 10 ms, an iperf3 TCP stream, a denied
 //! UDP flow, a VLAN neighbour and a NetFlow-counted UDP flow, back and forth.
-//! Then aborts at every phase, and `kill -9` of each party; and a host
-//! evacuated — eight VMs leaving it at once — drained and removed.
+//! Then aborts at every phase, and `kill -9` of each party; and a DRS
+//! burst — thirty-two VMs moving at once, eight from each of four hosts —
+//! after which the evacuated host is drained and removed.
 
 #![allow(clippy::unwrap_used)] // a test fails on the spot, saying where
 
@@ -592,49 +593,53 @@ fn aborts_and_crashes_at_every_phase_end_in_one_consistent_state() {
     println!("{}", c.ok(&["migrate", "list"]));
 }
 
-/// A host evacuated at once, as DRS or a maintenance mode does it: eight
-/// VMs leave h1 together — all eight prepared on h2 before any moves, then
-/// every NIC moved — and each arrives with its port; then h1 is drained
-/// and, once its agent is stopped, removed.
+/// A DRS burst and a host evacuated at once: thirty-two VMs move
+/// together in a chassis of four hosts, eight leaving each host (h1 → h2,
+/// h2 → h3, h3 → h4, h4 → h2) — all thirty-two prepared and pre-copied
+/// before any moves, then every NIC moved — and each arrives with its
+/// port; then h1, empty, is drained and, once its agent is stopped,
+/// removed.
 #[test]
-fn eight_vms_leave_one_host_at_once_then_it_is_drained_and_removed() {
+fn thirty_two_vms_move_at_once_eight_from_each_host_then_the_empty_one_is_drained_and_removed() {
     if !e2e_ready(TOOLS) {
         return;
     }
-    const N: usize = 8;
+    const PER_HOST: usize = 8;
+    const HOSTS: usize = 4;
+    let to = |h: usize| if h == HOSTS - 1 { 1 } else { h + 1 };
     let mut c = Chassis::new(
-        2,
+        HOSTS,
         "kind: PortProfile\nname: vlan10\nvlan: { mode: access, id: 10 }\n",
-        &[("peer", 1, "10.30.0.100/24", "vlan10")],
+        &[("peer", 2, "10.30.1.1/16", "vlan10")],
     );
-    for i in 1..=N {
-        let mac = format!("02:00:00:bb:00:{i:02x}");
-        c.add_tap_vm(
-            &format!("e{i}"),
-            0,
-            &format!("10.30.0.{i}/24"),
-            "vlan10",
-            &mac,
-        );
+    let vms: Vec<(String, usize)> = (0..HOSTS)
+        .flat_map(|h| (1..=PER_HOST).map(move |i| (format!("e{}x{i}", h + 1), h)))
+        .collect();
+    for (n, (name, h)) in vms.iter().enumerate() {
+        let mac = format!("02:00:00:bb:{:02x}:{:02x}", h + 1, n + 1);
+        c.add_tap_vm(name, *h, &format!("10.30.0.{}/16", n + 1), "vlan10", &mac);
     }
-    for i in 1..=N {
-        assert_eq!(c.ping("peer", &format!("e{i}"), 1).1, 1, "e{i} before");
+    for (name, _) in &vms {
+        assert_eq!(c.ping("peer", name, 1).1, 1, "{name} before");
     }
     let started = Instant::now();
-    let ids: Vec<u64> = (1..=N).map(|i| c.begin_move(&format!("e{i}"), 1)).collect();
-    // All eight under way together.
+    let ids: Vec<u64> = vms
+        .iter()
+        .map(|(name, h)| c.begin_move(name, to(*h)))
+        .collect();
+    // All thirty-two under way together.
     let syncing = c
         .migrations()
         .iter()
         .filter(|m| m["phase"] == "syncing")
         .count();
-    assert_eq!(syncing, N, "{:?}", c.migrations());
-    for i in 1..=N {
-        c.swap_nic(&format!("e{i}"), 1);
+    assert_eq!(syncing, vms.len(), "{:?}", c.migrations());
+    for (name, h) in &vms {
+        c.swap_nic(name, to(*h));
     }
     let mut triggers = Vec::new();
     for id in &ids {
-        let m = c.wait_phase(*id, "done", Duration::from_secs(20));
+        let m = c.wait_phase(*id, "done", Duration::from_secs(30));
         assert!(m["first_frame_at_destination_ms"].is_number(), "{m}");
         triggers.push(m["trigger"].as_str().unwrap_or("-").to_string());
     }
@@ -642,20 +647,27 @@ fn eight_vms_leave_one_host_at_once_then_it_is_drained_and_removed() {
     // (The VMs are idle but for the moves: a blackout would measure their
     // quiet, not the switch; the migration benchmark measures those.)
     eprintln!(
-        "{N} concurrent migrations h1 -> h2: all done {:.0} ms after the first began; triggers {triggers:?}",
+        "{} concurrent migrations, {PER_HOST} from each of {HOSTS} hosts: all done {:.0} ms after the first began; triggers {triggers:?}",
+        vms.len(),
         total.as_secs_f64() * 1e3
     );
-    for i in 1..=N {
-        assert_eq!(c.ping("peer", &format!("e{i}"), 1).1, 1, "e{i} after");
+    for (name, _) in &vms {
+        assert_eq!(c.ping("peer", name, 1).1, 1, "{name} after");
     }
     let ports = c.json(&["port", "list"]);
-    let on_h2 = ports
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|p| p["host"] == "h2")
-        .count();
-    assert_eq!(on_h2, N + 1, "{ports}");
+    let on = |host: &str| {
+        ports
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["host"] == host)
+            .count()
+    };
+    assert_eq!(
+        [on("h1"), on("h2"), on("h3"), on("h4")],
+        [0, 2 * PER_HOST, PER_HOST + 1, PER_HOST],
+        "{ports}"
+    );
     // Evacuated: drain it, and once its agent is stopped, remove it.
     c.ok(&["host", "drain", "h1"]);
     let hosts = c.json(&["host", "list"]);

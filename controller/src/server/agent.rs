@@ -7,16 +7,18 @@ use std::hash::{Hash, Hasher};
 use std::net::IpAddr;
 use std::pin::Pin;
 
+use dvs_migrate::lanes::lanes;
 use dvs_proto::api::{self, agent_message, controller_message};
 use dvs_proto::desired::Item;
 use dvs_proto::stats::Stats;
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::Stream;
 use tonic::{Request, Response, Status, Streaming};
 
 use super::auth::cert_names;
-use super::{Controller, Session};
+use super::{Controller, Outbox, Session};
+
+/// Revisions waiting for a slow agent before the feed waits for it.
+const FEED_DEPTH: usize = 16;
 
 /// What one host has been sent, sans-IO: its full state, then deltas from
 /// what it last got. The session's driver feeds it the host's items at
@@ -185,7 +187,7 @@ impl api::agent_server::Agent for Controller {
             }
         }
         let module = self.mutate(true, |c| c.register(&host, ip))?;
-        let (tx, rx) = mpsc::channel(16);
+        let (tx, rx) = lanes();
         self.lock().sessions.insert(
             host.clone(),
             Session {
@@ -199,7 +201,7 @@ impl api::agent_server::Agent for Controller {
         tokio::spawn(async move {
             let r = me.serve_session(&host, module, inbound, tx.clone()).await;
             if let Err(s) = r {
-                let _ = tx.send(Err(s)).await;
+                let _ = tx.urgent(None, Err(s));
             }
             me.lock().sessions.remove(&host);
             tracing::info!(%host, "agent session ended");
@@ -207,7 +209,7 @@ impl api::agent_server::Agent for Controller {
                 me.host_gone(&host).await;
             }
         });
-        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+        Ok(Response::new(Box::pin(rx)))
     }
 }
 
@@ -234,7 +236,7 @@ impl Controller {
         host: &str,
         module: u32,
         mut inbound: Streaming<api::AgentMessage>,
-        tx: mpsc::Sender<Result<api::ControllerMessage, Status>>,
+        tx: Outbox,
     ) -> Result<(), Status> {
         let mut changes = self.revision.subscribe();
         let (rev, items) = self.items_of(host);
@@ -243,7 +245,7 @@ impl Controller {
         let full = api::ControllerMessage {
             msg: Some(controller_message::Msg::Full(full)),
         };
-        if tx.send(Ok(full)).await.is_err() {
+        if tx.urgent(None, Ok(full)).is_err() {
             return Ok(());
         }
         // A migration that was activating when the controller stopped
@@ -280,9 +282,11 @@ impl Controller {
                     let delta = api::ControllerMessage {
                         msg: Some(controller_message::Msg::Delta(delta)),
                     };
-                    if tx.send(Ok(delta)).await.is_err() {
+                    if tx.urgent(None, Ok(delta)).is_err() {
                         return Ok(());
                     }
+                    // A slow agent holds the feed back, not the memory.
+                    tx.room(FEED_DEPTH).await;
                 }
             }
         }

@@ -112,18 +112,24 @@ impl Controller {
         self.lock().chassis.migration(id).cloned()
     }
 
-    /// Send `host` a command on its session.
-    async fn send_command(&self, host: &str, c: api::MigrationCommand) -> Result<(), String> {
+    /// Send `host` a command on its session: a pre-copy's chunks in the
+    /// bulk lane, every other command ahead of them (a switchover of one
+    /// migration never waits for another's pre-copy: [`dvs_migrate::lanes`]).
+    fn send_command(&self, host: &str, c: api::MigrationCommand) -> Result<(), String> {
         let tx = self.lock().sessions.get(host).map(|s| s.tx.clone());
         let Some(tx) = tx else {
             return Err(format!("host {host} is not connected"));
         };
-        let m = api::ControllerMessage {
+        let (id, pre_copy) = (c.migration, c.op == Op::Presync as i32);
+        let m = Ok(api::ControllerMessage {
             msg: Some(controller_message::Msg::Migration(c)),
-        };
-        tx.send(Ok(m))
-            .await
-            .map_err(|_| format!("host {host}'s session ended"))
+        });
+        if pre_copy {
+            tx.bulk(id, m)
+        } else {
+            tx.urgent(Some(id), m)
+        }
+        .map_err(|_| format!("host {host}'s session ended"))
     }
 
     /// Feed migration `id` an input and carry out what follows; a party
@@ -188,7 +194,7 @@ impl Controller {
                     command,
                     best_effort,
                 } => {
-                    let r = self.send_command(host, command.clone()).await;
+                    let r = self.send_command(host, command.clone());
                     if !best_effort {
                         r.map_err(|why| Unreachable::of(host, why))?;
                     }
@@ -203,7 +209,6 @@ impl Controller {
                         .and_then(|b| b.ok_or_else(|| "the source's snapshot is not kept".into()))
                         .map_err(|why| Unreachable::of(host, why))?;
                     self.send_chunks(host, command, &bytes)
-                        .await
                         .map_err(|why| Unreachable::of(host, why))?;
                 }
             }
@@ -216,7 +221,7 @@ impl Controller {
     }
 
     /// Send `bytes` (a snapshot) to `host` in chunks, each a `command`.
-    async fn send_chunks(
+    fn send_chunks(
         &self,
         host: &str,
         command: &api::MigrationCommand,
@@ -228,7 +233,7 @@ impl Controller {
                 more,
                 ..command.clone()
             };
-            self.send_command(host, c).await?;
+            self.send_command(host, c)?;
         }
         Ok(())
     }
@@ -330,7 +335,7 @@ impl Controller {
             .collect();
         for m in ready {
             tracing::info!(migration = m.id, source = %m.from.host, "the destination dropped the port: the source resumes");
-            let _ = self.send_command(&m.from.host, m.command(Op::Resume)).await;
+            let _ = self.send_command(&m.from.host, m.command(Op::Resume));
             let _ = self.mutate(true, |c| {
                 c.note_migration(m.id, |r| r.resume_after = None);
                 Ok(())
@@ -540,10 +545,7 @@ impl Controller {
             let why = format!("the source's pre-copy: {e}");
             return self.input(r.id, Input::Abort(why)).await;
         }
-        if let Err(e) = self
-            .send_chunks(&r.to.host, &r.command(Op::Presync), &bytes)
-            .await
-        {
+        if let Err(e) = self.send_chunks(&r.to.host, &r.command(Op::Presync), &bytes) {
             return self.input(r.id, Input::Abort(e)).await;
         }
         let size = bytes.len() as u64;
@@ -567,10 +569,7 @@ impl Controller {
             // The pre-copy first (the handover may be a delta of it): the
             // destination may have lost it with its session.
             let base = match (self.kept(Kept::Base, id), self.record(id)) {
-                (Ok(Some(b)), Some(r)) => {
-                    self.send_chunks(&r.to.host, &r.command(Op::Presync), &b)
-                        .await
-                }
+                (Ok(Some(b)), Some(r)) => self.send_chunks(&r.to.host, &r.command(Op::Presync), &b),
                 (Err(e), _) => Err(e),
                 _ => Ok(()),
             };

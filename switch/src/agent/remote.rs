@@ -7,8 +7,10 @@
 //! applies what differs, carries out migration commands and reports — and
 //! this session thread (tokio), a transport: it registers, hands every
 //! message from the controller to the datapath loop (and wakes it), sends
-//! what the core has for the controller, and saves the state the core
-//! runs to `DIR/desired.json` before the acknowledgement that follows it.
+//! what the core has for the controller — pre-copies in the stream's bulk
+//! lane, behind everything a switchover waits for
+//! ([`dvs_migrate::lanes`]) — and saves the state the core runs to
+//! `DIR/desired.json` before the acknowledgement that follows it.
 //!
 //! Headless: when the controller is away the datapath keeps forwarding with
 //! what it has, and the session is retried (0.5 s, doubling to 5 s); the
@@ -23,10 +25,10 @@ use std::path::{Path, PathBuf};
 use std::sync::mpsc::Sender;
 use std::time::Duration;
 
+use dvs_migrate::lanes::{lanes, Lanes};
 use dvs_proto::api::{self, agent_client::AgentClient, agent_message};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::UnboundedReceiver;
-use tokio_stream::wrappers::ReceiverStream;
 
 use crate::agent::core::{desired_config, Desired, Outbound};
 use crate::agent::{self, ControlLink};
@@ -244,23 +246,23 @@ impl Session {
         let mut client = AgentClient::new(ch)
             .max_decoding_message_size(64 << 20)
             .max_encoding_message_size(64 << 20);
-        let (out, out_rx) = tokio::sync::mpsc::channel(16);
-        let send = |m: agent_message::Msg| api::AgentMessage { msg: Some(m) };
-        out.send(send(agent_message::Msg::Register(api::Register {
-            host: self.opts.host.clone(),
-            tunnel_ip: self.opts.tunnel_ip.to_string(),
-            revision: self.saved.revision,
-        })))
-        .await
-        .map_err(|e| e.to_string())?;
+        let (out, out_rx) = lanes();
+        put(
+            &out,
+            agent_message::Msg::Register(api::Register {
+                host: self.opts.host.clone(),
+                tunnel_ip: self.opts.tunnel_ip.to_string(),
+                revision: self.saved.revision,
+            }),
+        )?;
         let mut inbound = client
-            .session(ReceiverStream::new(out_rx))
+            .session(out_rx)
             .await
             .map_err(|s| format!("the controller refused the session: {}", s.message()))?
             .into_inner();
         tracing::info!(controller = %self.opts.controller, "connected to the controller");
         for m in std::mem::take(&mut self.held) {
-            out.send(send(m)).await.map_err(|e| e.to_string())?;
+            put(&out, m)?;
         }
         loop {
             tokio::select! {
@@ -274,9 +276,69 @@ impl Session {
                 }
                 Some(o) = self.outbound.recv() => match o {
                     Outbound::Save(d) => self.save(d).await,
-                    Outbound::Send(m) => out.send(send(m)).await.map_err(|e| e.to_string())?,
+                    Outbound::Send(m) => put(&out, m)?,
                 },
             }
         }
+    }
+}
+
+/// Send `m` on the session's stream: a pre-copy's chunks in the bulk lane,
+/// everything else ahead of them (see [`dvs_migrate::lanes`]).
+fn put(out: &Lanes<api::AgentMessage>, m: agent_message::Msg) -> Result<(), String> {
+    let key = match &m {
+        agent_message::Msg::Migration(e) => Some(e.migration),
+        _ => None,
+    };
+    let pre_copy = matches!(&m, agent_message::Msg::Migration(e)
+        if e.kind == api::migration_event::Kind::Synced as i32);
+    let m = api::AgentMessage { msg: Some(m) };
+    match key {
+        Some(k) if pre_copy => out.bulk(k, m),
+        _ => out.urgent(key, m),
+    }
+    .map_err(|e| format!("session: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::pin::Pin;
+    use std::task::{Context, Poll, Waker};
+    use tokio_stream::Stream;
+
+    fn migration(id: u64, kind: api::migration_event::Kind) -> agent_message::Msg {
+        agent_message::Msg::Migration(api::MigrationEvent {
+            migration: id,
+            kind: kind as i32,
+            ..Default::default()
+        })
+    }
+
+    #[test]
+    fn pre_copies_go_behind_what_a_switchover_waits_for() {
+        use api::migration_event::Kind;
+        let (out, mut rx) = lanes();
+        put(&out, migration(2, Kind::Synced)).unwrap();
+        put(&out, migration(1, Kind::Synced)).unwrap();
+        put(&out, migration(2, Kind::Synced)).unwrap();
+        put(&out, agent_message::Msg::Ack(api::Ack { revision: 7 })).unwrap();
+        put(&out, migration(1, Kind::Stopped)).unwrap();
+        let mut cx = Context::from_waker(Waker::noop());
+        let mut order = Vec::new();
+        while let Poll::Ready(Some(m)) = Pin::new(&mut rx).poll_next(&mut cx) {
+            order.push(match m.msg {
+                Some(agent_message::Msg::Migration(e)) => (e.migration, e.kind),
+                Some(agent_message::Msg::Ack(_)) => (0, 0),
+                other => panic!("{other:?}"),
+            });
+        }
+        let (synced, stopped) = (Kind::Synced as i32, Kind::Stopped as i32);
+        // The ack first; migration 1's handover after its own pre-copy;
+        // migration 2's pre-copy last.
+        assert_eq!(
+            order,
+            [(0, 0), (1, synced), (1, stopped), (2, synced), (2, synced)]
+        );
     }
 }
