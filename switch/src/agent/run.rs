@@ -136,9 +136,10 @@ impl Waits {
                 wait = wait.min(w);
             }
         }
-        // Round up: waking a little late keeps the shaper from spinning.
-        let ms = wait.as_micros().div_ceil(1000) as i32;
-        sys::poll(&mut self.pollfds, ms)
+        // Round up to a tenth of a millisecond: waking a little late keeps
+        // the shaper from spinning.
+        let wait = Duration::from_micros(wait.as_micros().div_ceil(100) as u64 * 100);
+        sys::poll(&mut self.pollfds, wait)
             .map(drop)
             .map_err(|e| Error::io("waiting for frames", e))
     }

@@ -12,6 +12,7 @@ use std::mem;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
 
 const IFNAMSIZ: usize = 16;
 
@@ -594,11 +595,24 @@ pub fn writev(fd: RawFd, parts: &[io::IoSlice<'_>]) -> io::Result<usize> {
     }
 }
 
-/// Wait until one of `fds` is ready or `timeout_ms` passes; returns how many
-/// are ready (0 on timeout or signal).
-pub fn poll(fds: &mut [libc::pollfd], timeout_ms: i32) -> io::Result<usize> {
-    // SAFETY: fds is a live slice of pollfd of the given length.
-    let n = unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, timeout_ms) };
+/// Wait until one of `fds` is ready or `timeout` passes (to the
+/// microsecond: `ppoll`); returns how many are ready (0 on timeout or
+/// signal).
+pub fn poll(fds: &mut [libc::pollfd], timeout: Duration) -> io::Result<usize> {
+    let ts = libc::timespec {
+        tv_sec: timeout.as_secs() as libc::time_t,
+        tv_nsec: timeout.subsec_nanos() as libc::c_long,
+    };
+    // SAFETY: fds is a live slice of pollfd of the given length; ts lives
+    // across the call; no signal mask is given (the current one stays).
+    let n = unsafe {
+        libc::ppoll(
+            fds.as_mut_ptr(),
+            fds.len() as libc::nfds_t,
+            &ts,
+            std::ptr::null(),
+        )
+    };
     if n < 0 {
         let e = io::Error::last_os_error();
         if e.kind() == io::ErrorKind::Interrupted {
