@@ -1108,3 +1108,76 @@ async fn a_switchover_does_not_wait_behind_other_migrations_pre_copies() {
     r.stop().await;
     let _ = std::fs::remove_dir_all(&dir);
 }
+
+/// A destination that forwards the port (it heard the VM) and then loses
+/// its session is not aborted: the VM runs there. Back without the port
+/// (its agent restarted and lost it), the migration is aborted naming
+/// that; back saying it still forwards, it gets what it missed and the
+/// migration finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_destination_that_forwards_and_disconnects_is_waited_for() {
+    let dir = temp("away");
+    let mut r = Running::start(&dir).await;
+    let (mut admin, mut h1, mut h2) = setup(&r).await;
+    // Back without the port: aborted, the source takes the port back.
+    let m = start(&mut admin).await;
+    prepare(&mut h2, m.id).await;
+    presync(&mut h1, &mut h2, m.id).await;
+    h2.event(started(m.id)).await;
+    h1.command(Op::Stop).await;
+    phase(&mut admin, m.id, "switching").await;
+    drop(h2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(phase(&mut admin, m.id, "switching").await.abort_reason, "");
+    let mut h2 = Agent::connect(&r.url, "h2", "10.0.0.2").await;
+    let x = phase(&mut admin, m.id, "aborted").await;
+    assert_eq!(
+        x.abort_reason,
+        "host h2 came back without the port it had started"
+    );
+    // The source forwards again once the destination let the port go.
+    h2.until(|a| !a.items.contains_key("port/veth1")).await;
+    h1.command(Op::Resume).await;
+    drop(h2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Away while the source hands over: the destination gets the pre-copy
+    // and the handover when it is back, saying it forwards.
+    let mut h2 = Agent::connect(&r.url, "h2", "10.0.0.2").await;
+    h1.until(|a| {
+        a.items
+            .get("port/veth1")
+            .is_some_and(|p| p.get("standby").is_none())
+    })
+    .await;
+    let m = start(&mut admin).await;
+    prepare(&mut h2, m.id).await;
+    let (base, _) = presync(&mut h1, &mut h2, m.id).await;
+    h2.event(started(m.id)).await;
+    h1.command(Op::Stop).await;
+    phase(&mut admin, m.id, "switching").await;
+    drop(h2);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let bytes = snapshot(m.id, 30);
+    send_stopped(&h1, m.id, &bytes, 1 << 20, 30).await;
+    phase(&mut admin, m.id, "activating").await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(phase(&mut admin, m.id, "activating").await.abort_reason, "");
+    let mut h2 = Agent::connect_telling(&r.url, "h2", "10.0.0.2", vec![started(m.id)]).await;
+    let pre = h2.command(Op::Presync).await;
+    assert_eq!(pre.chunk, base, "the pre-copy again");
+    let start = h2.command(Op::Start).await;
+    assert_eq!(start.chunk, bytes, "the handover it missed");
+    h2.event(event(m.id, "veth1", Kind::Started)).await;
+    let x = phase(&mut admin, m.id, "done").await;
+    assert_eq!(x.snapshot_bytes, bytes.len() as u64);
+    h2.until(|a| {
+        a.items
+            .get("port/veth1")
+            .is_some_and(|p| p.get("standby").is_none())
+    })
+    .await;
+    r.halt().await;
+    drop((h1, h2));
+    r.stop().await;
+    let _ = std::fs::remove_dir_all(&dir);
+}

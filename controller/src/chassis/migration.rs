@@ -59,9 +59,10 @@ pub struct MigrationRec {
     /// the pre-copy (the kept snapshot it is sent).
     #[serde(default)]
     pub without_handover: bool,
-    /// After a restart of the controller: the migration waits until then
-    /// for its destination to say whether it started the port (it goes on
-    /// if so, and is aborted otherwise).
+    /// After a restart of the controller, or after a destination that
+    /// forwards the port already disconnected: the migration waits until
+    /// then for its destination to say whether it started the port (it
+    /// goes on if so, and is aborted otherwise).
     #[serde(default)]
     pub recovering_until: Option<Duration>,
 }

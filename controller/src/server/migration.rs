@@ -172,8 +172,14 @@ impl Controller {
             }
             if let Err(u) = self.perform(id, &out).await {
                 // A source that cannot be told may be needed no more (the
-                // destination heard the VM); anyone else is.
-                let source = self.record(id).is_some_and(|r| r.from.host == u.host);
+                // destination heard the VM); a destination that forwards
+                // the port already is waited for; anyone else is needed.
+                let r = self.record(id);
+                let source = r.as_ref().is_some_and(|r| r.from.host == u.host);
+                if r.is_some_and(|r| r.to.host == u.host && r.destination_started.is_some()) {
+                    self.await_destination(id, &u.why)?;
+                    continue;
+                }
                 next = Some(if source {
                     Input::SourceLost(u.why)
                 } else {
@@ -480,20 +486,46 @@ impl Controller {
         Ok(())
     }
 
-    /// Migrations that wait, after a restart of the controller, for their
-    /// destination `host` to say whether it started the port: its first
-    /// acknowledgement came and it did not say so (it would have said it
-    /// before) — aborted.
+    /// Migration `id`'s destination forwards the port already (the VM runs
+    /// there) but cannot be told (`why`): the migration waits, up to
+    /// [`PREPARE_TIMEOUT`], for it to come back and say so again; then it
+    /// goes on (what it was not sent is sent again:
+    /// [`Controller::resume_activations`]), and otherwise it is aborted.
+    fn await_destination(&self, id: u64, why: &str) -> Result<(), Status> {
+        let until = self.now() + PREPARE_TIMEOUT;
+        tracing::warn!(
+            migration = id,
+            reason = why,
+            wait_s = PREPARE_TIMEOUT.as_secs(),
+            "the destination forwards the port but is away: waiting for it"
+        );
+        self.mutate(false, |c| {
+            c.note_migration(id, |m| {
+                m.recovering_until.get_or_insert(until);
+            });
+            Ok(())
+        })
+    }
+
+    /// Migrations that wait — after a restart of the controller, or after
+    /// their destination, which forwarded the port, disconnected — for
+    /// their destination `host` to say whether it started the port: its
+    /// first acknowledgement came and it did not say so (it would have
+    /// said it before) — aborted.
     pub(super) async fn recovered(&self, host: &str) {
-        let waiting: Vec<u64> = self
+        let waiting: Vec<(u64, bool)> = self
             .lock()
             .chassis
             .migrations()
             .filter(|m| m.recovering_until.is_some() && m.to.host == host && !m.finished())
-            .map(|m| m.id)
+            .map(|m| (m.id, m.destination_started.is_some()))
             .collect();
-        for id in waiting {
-            let why = "the controller restarted before the switchover".to_string();
+        for (id, started) in waiting {
+            let why = if started {
+                format!("host {host} came back without the port it had started")
+            } else {
+                "the controller restarted before the switchover".to_string()
+            };
             let _ = self
                 .input_noting(id, Input::Abort(why), |m| m.recovering_until = None, None)
                 .await;
@@ -597,7 +629,11 @@ impl Controller {
                     m.machine.phase(),
                     Phase::Preparing | Phase::Syncing | Phase::Switching
                 );
-                if m.to.host == host {
+                if m.to.host == host && m.destination_started.is_some() {
+                    // It forwards the port (the VM runs there): it is
+                    // waited for, not aborted.
+                    None
+                } else if m.to.host == host {
                     let why = format!("the destination host {host} disconnected");
                     Some((m.id, Input::Abort(why)))
                 } else if m.from.host == host && before_stop {
@@ -613,6 +649,19 @@ impl Controller {
         for (id, input) in hit {
             if let Err(s) = self.input(id, input).await {
                 tracing::warn!(migration = id, error = %s.message(), "abort refused");
+            }
+        }
+        let forwarding: Vec<u64> = self
+            .lock()
+            .chassis
+            .migrations()
+            .filter(|m| !m.finished() && m.to.host == host && m.destination_started.is_some())
+            .map(|m| m.id)
+            .collect();
+        for id in forwarding {
+            let why = format!("the destination host {host} disconnected");
+            if let Err(s) = self.await_destination(id, &why) {
+                tracing::warn!(migration = id, error = %s.message(), "cannot wait for the destination");
             }
         }
         // A destination that left cannot hold its port against the source.
@@ -647,12 +696,14 @@ impl Controller {
                 let age = now.saturating_sub(m.machine.timeline().begin);
                 let host = &m.to.host;
                 if m.recovering_until.is_some_and(|t| now > t) && !m.finished() {
+                    let secs = PREPARE_TIMEOUT.as_secs();
                     return Some((
                         m.id,
-                        format!(
-                            "the controller restarted before the switchover and host {host} did not say within {} s whether it started the port",
-                            PREPARE_TIMEOUT.as_secs()
-                        ),
+                        if m.destination_started.is_some() {
+                            format!("host {host} started the port, then disconnected, and did not come back within {secs} s")
+                        } else {
+                            format!("the controller restarted before the switchover and host {host} did not say within {secs} s whether it started the port")
+                        },
                     ));
                 }
                 match m.machine.phase() {
