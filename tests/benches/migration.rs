@@ -333,6 +333,11 @@ struct Fig {
     /// the VM's own signal (dvs's timeline; none when it waited for the
     /// controller, and for the bridge).
     to_forward: f64,
+    /// `cont` returned → the first echo request put into the VM's TAP
+    /// (negative: it waited there when the VM resumed).
+    to_tap: f64,
+    /// `cont` returned → the VM's first reply out of its TAP.
+    from_tap: f64,
 }
 
 fn figures(m: &Moved, replies: &[(f64, u64)]) -> Fig {
@@ -345,7 +350,10 @@ fn figures(m: &Moved, replies: &[(f64, u64)]) -> Fig {
     let started = rec("begin_unix_us")
         .zip(rec("destination_started_ms"))
         .map_or(f64::NAN, |(b, f)| b / 1e6 + f / 1e3);
+    let (to_tap, from_tap) = guestmove::tap_times(&m.tap, m.window.0, m.resumed);
     Fig {
+        to_tap,
+        from_tap,
         added: gap - m.downtime,
         gap,
         downtime: m.downtime,
@@ -453,8 +461,8 @@ fn qemu_part(per_mode: usize) {
         "\n{} live migrations of a QEMU (TCG) guest as libvirt makes them, under a ping every 1 ms and a TCP echo every 10 ms from a peer (dvs: a 3-host chassis, the peer on the third; bridge: two TAPs of one Linux bridge, the peer on it), this machine:\n",
         moves.len()
     );
-    println!("| # | path | announce | QEMU downtime ms | peer's largest gap ms | gap − downtime ms | `cont` → first reply ms | `cont` → destination port started ms | dvs blackout ms | trigger |");
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("| # | path | announce | QEMU downtime ms | peer's largest gap ms | gap − downtime ms | `cont` → first reply ms | `cont` → destination port started ms | `cont` → first request into the TAP ms | `cont` → first reply out of it ms | dvs blackout ms | trigger |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     let on_off = |a: bool| if a { "on" } else { "off" };
     let ms = |v: f64| {
         if v.is_nan() {
@@ -473,7 +481,7 @@ fn qemu_part(per_mode: usize) {
         let f = figures(m, rep);
         let trigger = m.record.as_ref().and_then(|r| r["trigger"].as_str());
         println!(
-            "| {} | {path} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} |",
+            "| {} | {path} | {} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} |",
             n + 1,
             on_off(m.announce),
             f.downtime,
@@ -481,6 +489,8 @@ fn qemu_part(per_mode: usize) {
             f.added,
             ms(f.to_reply),
             ms(f.to_forward),
+            ms(f.to_tap),
+            ms(f.from_tap),
             ms(f.blackout),
             trigger.unwrap_or("-"),
         );
@@ -490,8 +500,8 @@ fn qemu_part(per_mode: usize) {
         "\nTCP echo (dvs): {}",
         echo_out.lines().last().unwrap_or("-")
     );
-    println!("\n| announce | path | downtime median | gap median | gap − downtime median | p99 | `cont` → first reply median | dvs blackout median | p99 |");
-    println!("|---|---|---|---|---|---|---|---|---|");
+    println!("\n| announce | path | downtime median | gap median | gap − downtime median | p99 | `cont` → first reply median | `cont` → first request into the TAP median | p99 | `cont` → first reply out of it median | dvs blackout median | p99 |");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for announce in [true, false] {
         let mut added = Vec::new();
         for path in ["dvs", "bridge"] {
@@ -502,14 +512,18 @@ fn qemu_part(per_mode: usize) {
                 .collect();
             let col = |k: fn(&Fig) -> f64| sel.iter().map(k).collect::<Vec<f64>>();
             let (a, b) = (col(|x| x.added), col(|x| x.blackout));
+            let tap = col(|x| x.to_tap);
             println!(
-                "| {} | {path} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} |",
+                "| {} | {path} | {:.1} | {:.1} | {:.1} | {:.1} | {} | {} | {} | {} | {} | {} |",
                 on_off(announce),
                 guestmove::median(col(|x| x.downtime)),
                 guestmove::median(col(|x| x.gap)),
                 guestmove::median(a.clone()),
                 pct(a.clone(), 0.99),
                 ms(guestmove::median(col(|x| x.to_reply))),
+                ms(guestmove::median(tap.clone())),
+                ms(pct(tap, 0.99)),
+                ms(guestmove::median(col(|x| x.from_tap))),
                 // The bridge has no timeline: its blackouts are NaN, "-".
                 ms(guestmove::median(b.clone())),
                 ms(pct(b, 0.99)),
@@ -517,7 +531,7 @@ fn qemu_part(per_mode: usize) {
             added.push((guestmove::median(a.clone()), pct(a, 0.99)));
         }
         println!(
-            "| {} | dvs − bridge | | | {:+.1} | {:+.1} | | | |",
+            "| {} | dvs − bridge | | | {:+.1} | {:+.1} | | | | | | |",
             on_off(announce),
             added[0].0 - added[1].0,
             added[0].1 - added[1].1
@@ -526,6 +540,7 @@ fn qemu_part(per_mode: usize) {
     println!(
         "\ntargets: what dvs adds ≤ what the bridge adds + 1 ms (median), + 5 ms (p99), both modes"
     );
+    println!("(the peer's gap is the pinger's too: iputils ping sends one request per 10 ms, its MININTERVAL, while replies are outstanding; the TAP columns time what the switch delivered, by the kernel's timestamps on the destination's TAP)");
 }
 
 /// Eight VMs leave one host at once under traffic (a peer on a third host

@@ -77,6 +77,80 @@ pub fn echo_client(ip: &str, stop: &std::path::Path) -> String {
     )
 }
 
+/// A listener on a VM's TAP: when each ICMP echo request went into the
+/// VM and each reply came out, by the kernel's timestamps — what the
+/// switch delivered, apart from how soon a TCG guest answers and from
+/// the peer's pinger (iputils `ping` sends one request per 10 ms, its
+/// `MININTERVAL`, while replies are outstanding: during a blackout).
+#[derive(Debug)]
+pub struct TapWatch {
+    label: String,
+}
+
+/// The listener [`TapWatch`] runs (python: an AF_PACKET socket on the
+/// TAP with `SO_TIMESTAMPNS`); prints `ready`, then `<time> req|rep`.
+const TAP_WATCH: &str = r#"
+import socket, struct, sys
+s = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(3))
+s.bind((sys.argv[1], 0))
+s.setsockopt(socket.SOL_SOCKET, 35, 1)
+print("ready", flush=True)
+while True:
+    data, anc, _, _ = s.recvmsg(64, 64)
+    if len(data) < 35 or data[12:14] != b"\x08\x00" or data[23] != 1:
+        continue
+    t = data[14 + (data[14] & 15) * 4]
+    if t not in (0, 8):
+        continue
+    for level, kind, d in anc:
+        if level == socket.SOL_SOCKET and kind == 35:
+            sec, ns = struct.unpack("qq", d[:16])
+            print(f"{sec + ns / 1e9:.6f} {'req' if t == 8 else 'rep'}", flush=True)
+"#;
+
+impl TapWatch {
+    /// Listen on `tap` in namespace `ns` (process `label`).
+    pub fn start(topo: &mut Topo, ns: &str, label: &str, tap: &str) -> TapWatch {
+        topo.spawn(ns, label, &["/usr/bin/python3", "-c", TAP_WATCH, tap]);
+        assert!(
+            wait_for(Duration::from_secs(10), || topo
+                .log(label)
+                .starts_with("ready")),
+            "the TAP listener did not start: {}",
+            topo.log(label)
+        );
+        TapWatch {
+            label: label.to_string(),
+        }
+    }
+
+    /// Stop; when each request went in and each reply came out:
+    /// `(time, true)` for a request to the VM, `(time, false)` for a reply.
+    pub fn finish(self, topo: &mut Topo) -> Vec<(f64, bool)> {
+        topo.stop(&self.label);
+        topo.log(&self.label)
+            .lines()
+            .filter_map(|l| {
+                let (t, kind) = l.split_once(' ')?;
+                Some((t.parse().ok()?, kind == "req"))
+            })
+            .collect()
+    }
+}
+
+/// `cont` returned (`resumed`) → the first request the switch put into the
+/// VM's TAP and the first reply that came out of it, after the VM had
+/// stopped at the source (`stopped`: a request before it was the
+/// source's), in ms; NaN when none came.
+pub fn tap_times(tap: &[(f64, bool)], stopped: f64, resumed: f64) -> (f64, f64) {
+    let first = |req: bool| {
+        tap.iter()
+            .find(|(t, r)| *r == req && *t >= stopped)
+            .map_or(f64::NAN, |(t, _)| (t - resumed) * 1e3)
+    };
+    (first(true), first(false))
+}
+
 /// What one migration looked like.
 #[derive(Debug, Clone)]
 pub struct Moved {
@@ -89,6 +163,8 @@ pub struct Moved {
     pub resumed: f64,
     /// dvs's timeline (the bridge reference has none).
     pub record: Option<serde_json::Value>,
+    /// What the destination's TAP carried ([`TapWatch`]), when watched.
+    pub tap: Vec<(f64, bool)>,
 }
 
 pub fn unix_now() -> f64 {
@@ -166,6 +242,7 @@ pub fn libvirt_move(
         .last()
         .and_then(|m| m["id"].as_u64())
         .expect("migrate begin made a migration");
+    let watch = TapWatch::start(&mut c.topo, &ns, &format!("tapw{n}"), &tap);
     let t0 = unix_now();
     let (downtime, resumed) = migrate_and_resume(&src, &dst, &socket);
     // Source: libvirt's Confirm stops QEMU there.
@@ -181,6 +258,7 @@ pub fn libvirt_move(
     let record = c.wait_phase(id, "done", Duration::from_secs(15));
     std::thread::sleep(settle);
     let t1 = unix_now();
+    let tap = watch.finish(&mut c.topo);
     (
         dst,
         Moved {
@@ -189,6 +267,7 @@ pub fn libvirt_move(
             window: (t0, t1),
             resumed,
             record: Some(record),
+            tap,
         },
     )
 }
@@ -294,11 +373,13 @@ pub fn bridge_reference(
         dst.go(&topo);
         let socket = topo.dir.join(format!("bmig{n}.sock"));
         listen(&dst, &socket, announce);
+        let watch = TapWatch::start(&mut topo, &br, &format!("btapw{n}"), &t);
         let w0 = unix_now();
         let (downtime, resumed) = migrate_and_resume(&q, &dst, &socket);
         q.quit(&mut topo, &br);
         std::thread::sleep(Duration::from_millis(1500));
         let w1 = unix_now();
+        let tap = watch.finish(&mut topo);
         topo.signal(&format!("bping{n}"), "INT");
         assert!(wait_for(Duration::from_secs(5), || !topo
             .running(&format!("bping{n}"))));
@@ -310,6 +391,7 @@ pub fn bridge_reference(
                 window: (w0, w1),
                 resumed,
                 record: None,
+                tap,
             },
             rep,
         ));
