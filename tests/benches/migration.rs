@@ -25,7 +25,11 @@
 //! two TAPs of one Linux bridge — the reference. Per migration: QEMU's
 //! downtime (`query-migrate`), the peer's largest gap between replies,
 //! their difference (what the switch adds to the VM's own pause), dvs's
-//! timeline blackout; medians and p99 per mode.
+//! timeline blackout, and — from a listener on the destination's TAP, by
+//! the kernel's timestamps — `cont` → the first echo request the switch
+//! put into the VM's TAP and → the VM's first reply out of it (what the
+//! switch delivered, apart from the guest's own answer); medians and p99
+//! per mode.
 //!
 //! Run (root): `cargo bench -p dvs-tests --bench migration [-- MOVES]
 //! [qemu=N] [only=netns|qemu]` (MOVES: namespace migrations, default 100;
