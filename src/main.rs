@@ -330,6 +330,21 @@ enum PortCmd {
         /// ...or on an interface the VMM made.
         #[arg(long, default_value = "")]
         netdev: String,
+        /// A static IP binding of the VM (repeatable; v4 or v6): what IP
+        /// source guard and ARP/ND inspection allow it.
+        #[arg(long = "ip", value_name = "ADDR")]
+        ips: Vec<String>,
+    },
+    /// Replace a port's static IP bindings.
+    Set {
+        /// The port (vethN).
+        id: String,
+        /// A static IP binding of the VM (repeatable; v4 or v6).
+        #[arg(long = "ip", value_name = "ADDR", required_unless_present = "no_ips")]
+        ips: Vec<String>,
+        /// Remove every static IP binding.
+        #[arg(long, conflicts_with = "ips")]
+        no_ips: bool,
     },
     /// Every port.
     List,
@@ -650,6 +665,7 @@ fn admin(
             host,
             tap,
             netdev,
+            ips,
         }) => C::PortCreate(api::CreatePortRequest {
             vm,
             mac,
@@ -657,7 +673,11 @@ fn admin(
             host,
             tap,
             netdev,
+            ips,
         }),
+        Command::Port(PortCmd::Set { id, ips, no_ips: _ }) => {
+            C::PortSetIps(api::SetPortIpsRequest { id, ips })
+        }
         Command::Port(PortCmd::List) => C::PortList,
         Command::Port(PortCmd::Show { id }) => C::PortShow(id),
         Command::Port(PortCmd::Delete { id }) => C::PortDelete(id),

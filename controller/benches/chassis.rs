@@ -243,7 +243,7 @@ async fn run(hosts: usize, ports_per_host: usize) {
             );
             let vlan = group * VLANS_PER_GROUP + i % VLANS_PER_GROUP;
             let id = c
-                .create_port(&format!("vm{n}"), &mac, &format!("t{vlan}"))
+                .create_port(&format!("vm{n}"), &mac, &format!("t{vlan}"), &[])
                 .unwrap();
             c.bind_port(id, &format!("h{h}"), Attach::Tap(format!("tap{i}")))
                 .unwrap();

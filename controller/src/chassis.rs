@@ -97,6 +97,10 @@ pub struct PortRec {
     pub vm: String,
     pub mac: MacAddr,
     pub profile: String,
+    /// The VM's static IP bindings (`--ip`): IP source guard and ARP/ND
+    /// inspection allow them.
+    #[serde(default)]
+    pub ips: Vec<IpAddr>,
     pub binding: Option<Binding>,
     /// Where the port is migrating to, while it does.
     #[serde(default)]
@@ -555,7 +559,13 @@ impl Chassis {
     /// # Errors
     /// [`Error::Invalid`] for an empty VM name or a bad MAC, [`Error::NotFound`]
     /// for an unknown profile, [`Error::Conflict`] for a MAC another port has.
-    pub fn create_port(&mut self, vm: &str, mac: &str, profile: &str) -> Result<PortId, Error> {
+    pub fn create_port(
+        &mut self,
+        vm: &str,
+        mac: &str,
+        profile: &str,
+        ips: &[String],
+    ) -> Result<PortId, Error> {
         if vm.trim().is_empty() {
             return Err(Error::Invalid("--vm: the VM name is empty".into()));
         }
@@ -585,11 +595,13 @@ impl Chassis {
             vm: vm.to_string(),
             mac,
             profile: profile.to_string(),
+            ips: parse_ips(ips)?,
             binding: None,
             moving: None,
         };
         self.known_profile(profile)?;
         check_port_policy(&rec, &self.resolved)?;
+        self.check_ips(&rec)?;
         self.meta.next_port += 1;
         self.ports.insert(id.number(), rec);
         self.index_add(id.number());
@@ -617,11 +629,53 @@ impl Chassis {
         let mut rec = self.port_rec(id)?.clone();
         rec.profile = profile.to_string();
         check_port_policy(&rec, &self.resolved)?;
+        self.check_ips(&rec)?;
         self.index_remove(id.number());
         self.ports.insert(id.number(), rec);
         self.index_add(id.number());
         self.dirty.ports.insert(id.number());
         self.bump();
+        Ok(())
+    }
+
+    /// Set port `id`'s static IP bindings (`ips`; none: it has none).
+    ///
+    /// # Errors
+    /// [`Error::NotFound`] for an unknown port; [`Error::Invalid`] for a
+    /// value that is no address a VM can have; [`Error::Conflict`] for an
+    /// address another port has on a VLAN this one carries.
+    pub fn set_port_ips(&mut self, id: PortId, ips: &[String]) -> Result<(), Error> {
+        let mut rec = self.port_rec(id)?.clone();
+        rec.ips = parse_ips(ips)?;
+        self.check_ips(&rec)?;
+        self.ports.insert(id.number(), rec);
+        self.dirty.ports.insert(id.number());
+        self.bump();
+        Ok(())
+    }
+
+    /// No address of `rec`'s is another port's on a VLAN both carry (two
+    /// VMs of one segment cannot both own it).
+    fn check_ips(&self, rec: &PortRec) -> Result<(), Error> {
+        if rec.ips.is_empty() {
+            return Ok(());
+        }
+        let mine = self.port_vlans(rec);
+        for other in self.ports.values().filter(|o| o.id != rec.id) {
+            let Some(ip) = rec.ips.iter().find(|ip| other.ips.contains(ip)) else {
+                continue;
+            };
+            if let Some(v) = self
+                .port_vlans(other)
+                .into_iter()
+                .find(|v| mine.contains(v))
+            {
+                return Err(Error::Conflict(format!(
+                    "--ip {ip}: bound to port {} (VM `{}`) on VLAN {v} already",
+                    other.id, other.vm
+                )));
+            }
+        }
         Ok(())
     }
 
@@ -1018,6 +1072,7 @@ impl Chassis {
             name: p.id.to_string(),
             profile: p.profile.clone(),
             mac: p.mac,
+            ips: p.ips.clone(),
             tap: None,
             netdev: None,
             awaiting_netdev: false,
@@ -1148,6 +1203,32 @@ fn validate(
 }
 
 /// A port needs its profile to exist and to give it a VLAN.
+/// Static IP bindings as given (`--ip`): addresses a VM can have, each
+/// kept once, in the order given.
+fn parse_ips(ips: &[String]) -> Result<Vec<IpAddr>, Error> {
+    let mut out: Vec<IpAddr> = Vec::new();
+    for s in ips {
+        let ip: IpAddr = s.trim().parse().map_err(|_| {
+            Error::Invalid(format!(
+                "--ip `{s}` is not an IP address: give one address, like 10.0.0.5 or 2001:db8::5"
+            ))
+        })?;
+        let bad = match ip {
+            IpAddr::V4(a) => a.is_unspecified() || a.is_multicast() || a.is_broadcast(),
+            IpAddr::V6(a) => a.is_unspecified() || a.is_multicast(),
+        };
+        if bad {
+            return Err(Error::Invalid(format!(
+                "--ip {ip} is not a unicast address a VM can have"
+            )));
+        }
+        if !out.contains(&ip) {
+            out.push(ip);
+        }
+    }
+    Ok(out)
+}
+
 fn check_port_policy(p: &PortRec, resolved: &BTreeMap<String, Policy>) -> Result<(), Error> {
     match resolved.get(&p.profile) {
         None => Err(Error::Invalid(format!(
@@ -1179,6 +1260,11 @@ fn changed_fields(old: &Value, new: &Value) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A new port of VM `vm` with MAC `mac` on `profile`, no IP bindings.
+    fn port(c: &mut Chassis, vm: &str, mac: &str, profile: &str) -> PortId {
+        c.create_port(vm, mac, profile, &[]).unwrap()
+    }
     use serde_json::json;
 
     const BASE: &str = "kind: PortProfile\nname: base\nvlan: { mode: access, id: 10 }\n---\n\
@@ -1259,7 +1345,7 @@ mod tests {
     #[test]
     fn profiles_in_use_cannot_be_deleted_or_lose_their_vlan() {
         let mut c = chassis();
-        let id = c.create_port("vm1", "02:00:00:00:00:01", "web").unwrap();
+        let id = port(&mut c, "vm1", "02:00:00:00:00:01", "web");
         assert_eq!(id.to_string(), "veth1");
         assert_eq!(
             c.delete_doc(Kind::PortProfile, "web")
@@ -1295,9 +1381,7 @@ mod tests {
         c.delete_doc(Kind::PortProfile, "web").unwrap();
         // IDs are never given twice.
         assert_eq!(
-            c.create_port("vm2", "02:00:00:00:00:02", "base")
-                .unwrap()
-                .to_string(),
+            port(&mut c, "vm2", "02:00:00:00:00:02", "base").to_string(),
             "veth2"
         );
     }
@@ -1305,25 +1389,27 @@ mod tests {
     #[test]
     fn ports_are_checked() {
         let mut c = chassis();
-        assert!(c.create_port("", "02:00:00:00:00:01", "web").is_err());
+        assert!(c.create_port("", "02:00:00:00:00:01", "web", &[]).is_err());
         assert!(c
-            .create_port("vm", "02:00:00:00:00", "web")
+            .create_port("vm", "02:00:00:00:00", "web", &[])
             .unwrap_err()
             .to_string()
             .starts_with("--mac: MAC address `02:00:00:00:00` is not valid"));
-        assert!(c.create_port("vm", "01:00:00:00:00:01", "web").is_err());
         assert!(c
-            .create_port("vm", "02:00:00:00:00:01", "nope")
+            .create_port("vm", "01:00:00:00:00:01", "web", &[])
+            .is_err());
+        assert!(c
+            .create_port("vm", "02:00:00:00:00:01", "nope", &[])
             .unwrap_err()
             .to_string()
             .starts_with("no profile `nope`; profiles: base, web"));
-        let a = c.create_port("vm", "02:00:00:00:00:01", "web").unwrap();
+        let a = port(&mut c, "vm", "02:00:00:00:00:01", "web");
         assert!(c
-            .create_port("vm", "02:00:00:00:00:01", "web")
+            .create_port("vm", "02:00:00:00:00:01", "web", &[])
             .unwrap_err()
             .to_string()
             .contains("belongs to port veth1"));
-        let b = c.create_port("vm", "02:00:00:00:00:02", "web").unwrap();
+        let b = port(&mut c, "vm", "02:00:00:00:00:02", "web");
         c.bind_port(a, "h1", Attach::Tap("tap-a".into())).unwrap();
         assert!(c
             .bind_port(b, "h1", Attach::Tap("tap-a".into()))
@@ -1335,6 +1421,60 @@ mod tests {
     }
 
     #[test]
+    fn ip_bindings_are_addresses_each_owned_once_per_vlan() {
+        let mut c = chassis();
+        c.apply(
+            "kind: PortProfile\nname: db\nvlan: { mode: access, id: 20 }\n",
+            false,
+        )
+        .unwrap();
+        let ips = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let a = c
+            .create_port(
+                "a",
+                "02:00:00:00:00:0a",
+                "web",
+                &ips(&["10.0.0.5", "2001:db8::5", "10.0.0.5"]),
+            )
+            .unwrap();
+        assert_eq!(
+            c.port(a).unwrap().ips,
+            [
+                "10.0.0.5".parse::<IpAddr>().unwrap(),
+                "2001:db8::5".parse().unwrap()
+            ]
+        );
+        let item = c.port_item(c.port(a).unwrap(), &Attach::Unnamed, "h1");
+        assert_eq!(item.ips.len(), 2, "sent with the port");
+        let e = |r: Result<PortId, Error>| r.unwrap_err().to_string();
+        assert_eq!(
+            e(c.create_port("b", "02:00:00:00:00:0b", "web", &ips(&["10.0.0.5"]))),
+            "--ip 10.0.0.5: bound to port veth1 (VM `a`) on VLAN 10 already"
+        );
+        assert!(
+            e(c.create_port("b", "02:00:00:00:00:0b", "web", &ips(&["10.0.0"])))
+                .contains("--ip `10.0.0` is not an IP address")
+        );
+        assert!(
+            e(c.create_port("b", "02:00:00:00:00:0b", "web", &ips(&["224.0.0.1"])))
+                .contains("not a unicast address")
+        );
+        // Another VLAN may use it; a profile change that brings it into
+        // VLAN 10 is refused.
+        let d = c
+            .create_port("d", "02:00:00:00:00:0d", "db", &ips(&["10.0.0.5"]))
+            .unwrap();
+        assert!(c
+            .set_port_profile(d, "web")
+            .unwrap_err()
+            .to_string()
+            .contains("bound to port veth1"));
+        c.set_port_ips(a, &[]).unwrap();
+        assert!(c.port(a).unwrap().ips.is_empty());
+        c.set_port_profile(d, "web").unwrap();
+    }
+
+    #[test]
     fn a_host_gets_its_ports_their_policy_segments_and_remote_macs() {
         let mut c = chassis();
         c.apply(
@@ -1343,9 +1483,9 @@ mod tests {
             false,
         )
         .unwrap();
-        let a = c.create_port("vm-a", "02:00:00:00:00:0a", "web").unwrap();
-        let b = c.create_port("vm-b", "02:00:00:00:00:0b", "web").unwrap();
-        let d = c.create_port("vm-d", "02:00:00:00:00:0d", "db").unwrap();
+        let a = port(&mut c, "vm-a", "02:00:00:00:00:0a", "web");
+        let b = port(&mut c, "vm-b", "02:00:00:00:00:0b", "web");
+        let d = port(&mut c, "vm-d", "02:00:00:00:00:0d", "db");
         c.bind_port(a, "h1", Attach::Tap("ta".into())).unwrap();
         c.bind_port(b, "h2", Attach::Tap("tb".into())).unwrap();
         c.bind_port(d, "h2", Attach::Netdev("vnet0".into()))
@@ -1408,8 +1548,8 @@ mod tests {
     #[test]
     fn a_draining_host_keeps_its_ports_and_takes_no_new_one() {
         let mut c = chassis();
-        let a = c.create_port("vm-a", "02:00:00:00:00:0a", "web").unwrap();
-        let b = c.create_port("vm-b", "02:00:00:00:00:0b", "web").unwrap();
+        let a = port(&mut c, "vm-a", "02:00:00:00:00:0a", "web");
+        let b = port(&mut c, "vm-b", "02:00:00:00:00:0b", "web");
         c.bind_port(a, "h1", Attach::Tap("ta".into())).unwrap();
         assert!(c.drain_host("h1", true).unwrap());
         assert!(!c.drain_host("h1", true).unwrap(), "already draining");
@@ -1435,8 +1575,8 @@ mod tests {
     #[test]
     fn other_hosts_learn_where_a_migrating_vm_is_going() {
         let mut c = chassis();
-        let a = c.create_port("vm-a", "02:00:00:00:00:0a", "web").unwrap();
-        let b = c.create_port("vm-b", "02:00:00:00:00:0b", "web").unwrap();
+        let a = port(&mut c, "vm-a", "02:00:00:00:00:0a", "web");
+        let b = port(&mut c, "vm-b", "02:00:00:00:00:0b", "web");
         c.bind_port(a, "h1", Attach::Tap("ta".into())).unwrap();
         c.bind_port(b, "h3", Attach::Tap("tb".into())).unwrap();
         for (h, ip) in [("h1", "10.0.0.1"), ("h2", "10.0.0.2"), ("h3", "10.0.0.3")] {

@@ -33,6 +33,7 @@ pub enum Command {
     PortShow(String),
     PortDelete(String),
     PortBind(api::BindPortRequest),
+    PortSetIps(api::SetPortIpsRequest),
     HostList,
     /// Put a host in maintenance, or (`off`) take it out.
     HostDrain {
@@ -247,6 +248,13 @@ pub async fn call<T: Transport>(
                 Output::Table => render_ports(std::slice::from_ref(&p), out),
             }
         }
+        Command::PortSetIps(req) => {
+            let p = c.set_port_ips(req).await.map_err(refused)?.into_inner();
+            match out {
+                Output::Json => port_json(&p).to_string(),
+                Output::Table => port_detail(&p),
+            }
+        }
         cmd @ (Command::HostList
         | Command::HostDrain { .. }
         | Command::HostRemove(_)
@@ -406,7 +414,7 @@ fn port_json(p: &api::Port) -> Value {
         "id": p.id, "vm": p.vm, "mac": p.mac, "profile": p.profile,
         "profile_version": p.profile_version, "host": p.host, "tap": p.tap,
         "netdev": p.netdev, "state": p.state().name(), "attachment": p.attachment,
-        "vlan": p.vlan, "stats": stats,
+        "vlan": p.vlan, "ips": p.ips, "stats": stats,
     })
 }
 
@@ -513,6 +521,9 @@ fn port_detail(p: &api::Port) -> String {
             String::new()
         }
     );
+    if !p.ips.is_empty() {
+        let _ = writeln!(s, "  IP bindings: {} (static)", p.ips.join(", "));
+    }
     if let Some(st) = port_stats(p) {
         let c = &st.counters;
         let _ = writeln!(

@@ -263,8 +263,12 @@ mod tests {
                 false,
             )
             .unwrap();
-            let a = c.create_port("vm-a", "02:00:00:00:00:0a", "web").unwrap();
-            let b = c.create_port("vm-b", "02:00:00:00:00:0b", "web").unwrap();
+            let a = c
+                .create_port("vm-a", "02:00:00:00:00:0a", "web", &[])
+                .unwrap();
+            let b = c
+                .create_port("vm-b", "02:00:00:00:00:0b", "web", &[])
+                .unwrap();
             c.bind_port(a, "h1", Attach::Tap("ta".into())).unwrap();
             c.register("h1", "10.0.0.1".parse().unwrap()).unwrap();
             c.delete_port(b).unwrap();
@@ -287,7 +291,7 @@ mod tests {
         assert_eq!(c.doc(Kind::PortProfile, "web").unwrap().version, 1);
         // The next port takes a new number: veth2 was used once.
         assert_eq!(
-            c.create_port("vm-c", "02:00:00:00:00:0c", "web")
+            c.create_port("vm-c", "02:00:00:00:00:0c", "web", &[])
                 .unwrap()
                 .to_string(),
             "veth3"

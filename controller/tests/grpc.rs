@@ -233,6 +233,7 @@ async fn bad_admin_calls_are_refused_and_change_nothing() {
             host: "h1".into(),
             tap: "t1".into(),
             netdev: String::new(),
+            ips: Vec::new(),
         })
         .await
         .unwrap_err();

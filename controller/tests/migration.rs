@@ -790,6 +790,7 @@ async fn a_draining_host_takes_nothing_new_and_only_an_empty_one_is_removed() {
             host: "h2".into(),
             tap: "t9".into(),
             netdev: String::new(),
+            ips: Vec::new(),
         })
         .await
         .unwrap_err();
@@ -984,6 +985,7 @@ async fn a_switchover_does_not_wait_behind_other_migrations_pre_copies() {
                 host: "h1".into(),
                 tap: format!("t{i}"),
                 netdev: String::new(),
+                ips: Vec::new(),
             })
             .await
             .unwrap();

@@ -131,6 +131,7 @@ impl Lab {
                         host: format!("h{}", i + 1),
                         tap: format!("vm{n}"),
                         netdev: String::new(),
+                        ips: Vec::new(),
                     }),
                     Output::Table,
                 )?;

@@ -47,6 +47,9 @@ pub struct PortItem {
     pub name: String,
     pub profile: String,
     pub mac: MacAddr,
+    /// The VM's static IP bindings (`dvs port create --ip`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub ips: Vec<std::net::IpAddr>,
     /// A TAP the agent makes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
@@ -215,6 +218,7 @@ mod tests {
                 name: "veth7".into(),
                 profile: "web".into(),
                 mac: "02:00:00:00:00:0a".parse().unwrap(),
+                ips: vec!["10.0.0.7".parse().unwrap(), "2001:db8::7".parse().unwrap()],
                 tap: None,
                 netdev: Some("vnet0".into()),
                 awaiting_netdev: false,
@@ -242,6 +246,7 @@ mod tests {
             name: "veth1".into(),
             profile: "p".into(),
             mac: "02:00:00:00:00:01".parse().unwrap(),
+            ips: Vec::new(),
             tap: Some("t1".into()),
             netdev: None,
             awaiting_netdev: false,

@@ -106,13 +106,16 @@ impl Policy {
         })
     }
 
-    /// The security of a port whose VM has MAC `mac`: with no allowed MACs
-    /// listed, the VM's own is the one allowed.
-    pub fn security_for(&self, mac: Option<MacAddr>) -> Security {
+    /// The security of a port whose VM has MAC `mac` and the IP bindings
+    /// `ips`: with no allowed MACs listed, the VM's own is the one allowed;
+    /// IP source guard allows the bindings and the profile's `allowed_ips`.
+    pub fn security_for(&self, mac: Option<MacAddr>, ips: &[std::net::IpAddr]) -> Security {
         let mut s = self.security.clone().unwrap_or_default();
         if s.allowed_macs.is_empty() && self.security.is_some() {
             s.allowed_macs.extend(mac);
         }
+        s.allowed_ips
+            .extend(ips.iter().map(|&ip| ipnetwork::IpNetwork::from(ip)));
         s
     }
 }

@@ -3,8 +3,10 @@
 //! ```yaml
 //! security:
 //!   allowed_macs: ["02:00:00:00:00:01"]     # default: the port's own MAC
-//!   allowed_ips: [10.0.0.5, 2001:db8::5]    # with ip_source_guard
+//!   allowed_ips: [10.0.0.0/24]              # with ip_source_guard, beside
+//!                                           # each port's own bindings
 //!   ip_source_guard: true                   # IP, ARP and ND senders must match
+//!                                           # the port's bindings (`--ip`)
 //!   mac_limit: 1                            # distinct source MACs (trunks)
 //!   storm_control: { broadcast_pps: 100, multicast_pps: 1000 }
 //! ```
@@ -19,7 +21,10 @@ use crate::{Error, MacAddr};
 pub struct Security {
     /// Source MACs the VM may use (empty: any, subject to `mac_limit`).
     pub allowed_macs: Vec<MacAddr>,
-    /// Source addresses the VM may use when `ip_source_guard` is on.
+    /// Source addresses the VM may use when `ip_source_guard` is on,
+    /// beside the port's own bindings (a profile is shared by many VMs:
+    /// a VM's own addresses are bound to its port, `dvs port create
+    /// --ip`).
     pub allowed_ips: Vec<IpNetwork>,
     pub ip_source_guard: bool,
     /// The most distinct source MACs the port may use.
@@ -91,12 +96,6 @@ impl Security {
             })?;
             allowed_ips.push(n);
         }
-        if raw.ip_source_guard && allowed_ips.is_empty() {
-            return Err(bad(
-                "ip_source_guard",
-                "IP source guard needs allowed_ips: list the addresses the VM may use".into(),
-            ));
-        }
         let mac_limit = match raw.mac_limit {
             None => None,
             Some(n) if (1..=65_536).contains(&n) => Some(n as u32),
@@ -135,7 +134,7 @@ mod tests {
             security: Some(s),
             ..Default::default()
         }
-        .security_for(mac))
+        .security_for(mac, &[]))
     }
 
     #[test]
@@ -161,9 +160,24 @@ mod tests {
     }
 
     #[test]
+    fn ip_source_guard_alone_means_the_ports_bindings() {
+        let s = sec("{ mac_limit: 1, ip_source_guard: true }", None).unwrap();
+        assert!(s.ip_source_guard && s.allowed_ips.is_empty());
+        let raw: RawSecurity = serde_norway::from_str("{ ip_source_guard: true }").unwrap();
+        let p = crate::profile::Policy {
+            security: Some(Security::from_raw(&raw, "security").unwrap()),
+            ..Default::default()
+        };
+        let bound = p.security_for(None, &["10.0.0.5".parse().unwrap()]);
+        assert_eq!(
+            bound.allowed_ips,
+            ["10.0.0.5/32".parse::<IpNetwork>().unwrap()]
+        );
+    }
+
+    #[test]
     fn bad_security_names_the_field() {
         let e = |y: &str| sec(y, None).unwrap_err().to_string();
-        assert!(e("{ ip_source_guard: true }").contains("IP source guard needs allowed_ips"));
         assert_eq!(
             e("{ mac_limit: 0 }"),
             "security, mac_limit: 0 is out of range 1..=65536"

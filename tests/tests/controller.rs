@@ -6,7 +6,8 @@
 //! state; a restarted controller keeps every ID, and its agents reconnect
 //! without flapping a port; a port bound to an interface that is not there
 //! waits for it — across an agent restart, and whatever kind of device
-//! comes under its name.
+//! comes under its name. IP source guard in a shared profile (the
+//! DESIGN's) allows each port's own bindings (`dvs port set --ip`).
 
 #![allow(clippy::unwrap_used)] // a test fails on the spot, saying where
 
@@ -394,4 +395,135 @@ fn the_namespace_lab_runs_on_real_agents_and_cleans_up() {
         .unwrap();
     let left = String::from_utf8_lossy(&left.stdout);
     assert!(!left.contains(&prefix), "left behind: {left}");
+}
+
+/// Port `id`'s drop counter `reason` in host `i`'s stats file.
+fn port_drops(c: &Chassis, i: usize, id: &str, reason: &str) -> u64 {
+    let text = std::fs::read_to_string(c.stats_file(i)).unwrap_or_default();
+    let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+    v["ports"]
+        .as_array()
+        .and_then(|ps| ps.iter().find(|p| p["id"] == id))
+        .and_then(|p| p["counters"]["drops"][reason].as_u64())
+        .unwrap_or(0)
+}
+
+/// The profile of `../shared/DESIGN.md`, as written there (its mirror
+/// session aside): `security: { mac_limit: 1, ip_source_guard: true }`
+/// in a profile many VMs share, each VM's own address bound to its port.
+const DESIGN_PROFILE: &str = "kind: PortProfile\nname: base\nvlan: { mode: access, id: 10 }\n---\n\
+kind: PortProfile\nname: web\ninherit: base\nvlan: { mode: access, id: 10 }\n\
+acl:\n  in:\n    - { action: permit, proto: tcp, dst_port: 80, stateful: true }\n    - { action: permit, proto: icmp }\n    - { action: deny }\n\
+qos:\n  in:  { avg_mbps: 100, peak_mbps: 200, burst_kb: 512 }\n  out: { avg_mbps: 100 }\n  mark: { dscp: 26, pcp: 3 }\n\
+security: { mac_limit: 1, ip_source_guard: true }\nnetflow: { monitor: default }\n---\n\
+kind: NetflowMonitor\nname: default\nversion: ipfix\ncollectors: [ \"127.0.0.1:4739\" ]\nactive_timeout_s: 60\ninactive_timeout_s: 15\nsampling: 1\n";
+
+/// IP source guard with the port's own bindings: the DESIGN's profile
+/// applies; a guarded VM without bindings sends no IP at all (fail
+/// closed); bound (`dvs port set --ip`), it reaches its peer from that
+/// address only — another source address is dropped and counted — and a
+/// second binding lets that one through too. An address bound to another
+/// port of the VLAN is refused naming it; a non-address is refused.
+#[test]
+fn ip_source_guard_allows_the_ports_own_bindings() {
+    if !e2e_ready(TOOLS) {
+        return;
+    }
+    let c = Chassis::new(
+        2,
+        DESIGN_PROFILE,
+        &[
+            ("a", 0, "10.50.0.1/24", "web"),
+            ("b", 1, "10.50.0.2/24", "base"),
+        ],
+    );
+    let a = c.vm("a").3.clone();
+    let b = c.vm("b").3.clone();
+    // The profile's `in` list ends in a deny, which ARP into the VM meets
+    // too: the two know each other's MACs.
+    let (ns_a, ns_b) = (c.vm("a").1.clone(), c.vm("b").1.clone());
+    let mac = |ns: &str| {
+        c.topo
+            .sh(ns, "cat /sys/class/net/eth0/address")
+            .trim()
+            .to_string()
+    };
+    let (mac_a, mac_b) = (mac(&ns_a), mac(&ns_b));
+    c.topo.sh(
+        &ns_a,
+        &format!("ip neigh replace 10.50.0.2 lladdr {mac_b} dev eth0 nud permanent"),
+    );
+    c.topo.sh(
+        &ns_b,
+        &format!("ip neigh replace 10.50.0.1 lladdr {mac_a} dev eth0 nud permanent"),
+    );
+    c.topo.sh(
+        &ns_b,
+        &format!("ip neigh replace 10.50.0.99 lladdr {mac_a} dev eth0 nud permanent"),
+    );
+    assert_eq!(c.ping("a", "b", 2).1, 0, "no bindings: a sends no IP");
+    assert!(
+        wait_for(Duration::from_secs(5), || port_drops(
+            &c,
+            0,
+            &a,
+            "spoofed_ip"
+        ) >= 2),
+        "spoofed_ip {}",
+        port_drops(&c, 0, &a, "spoofed_ip")
+    );
+    let shown = c.ok(&["port", "set", &a, "--ip", "10.50.0.1"]);
+    assert!(shown.contains("IP bindings: 10.50.0.1"), "{shown}");
+    assert_eq!(
+        c.json(&["port", "show", &a])["ips"],
+        serde_json::json!(["10.50.0.1"])
+    );
+    c.wait_converged(Duration::from_secs(20));
+    assert_eq!(c.ping("a", "b", 3).1, 3, "a from its bound address");
+    // Another source address on a's NIC: dropped at a's port, counted.
+    let ip_b = c.vm("b").2.clone();
+    c.topo.sh(&ns_a, "ip addr add 10.50.0.99/24 dev eth0");
+    let before = port_drops(&c, 0, &a, "spoofed_ip");
+    let o = c.topo.try_sh(
+        &ns_a,
+        &format!("ping -c 3 -i 0.2 -W 1 -I 10.50.0.99 {ip_b}"),
+    );
+    assert_eq!(
+        dvs_tests::netns::parse_ping(&String::from_utf8_lossy(&o.stdout)).1,
+        0
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || port_drops(
+            &c,
+            0,
+            &a,
+            "spoofed_ip"
+        ) >= before + 3),
+        "spoofed_ip {} → {}",
+        before,
+        port_drops(&c, 0, &a, "spoofed_ip")
+    );
+    // Bound too, it goes through.
+    c.ok(&["port", "set", &a, "--ip", "10.50.0.1", "--ip", "10.50.0.99"]);
+    c.wait_converged(Duration::from_secs(20));
+    let o = c.topo.try_sh(
+        &ns_a,
+        &format!("ping -c 3 -i 0.2 -W 1 -I 10.50.0.99 {ip_b}"),
+    );
+    assert_eq!(
+        dvs_tests::netns::parse_ping(&String::from_utf8_lossy(&o.stdout)).1,
+        3
+    );
+    // Bad input: refused, naming what is wrong; nothing changes.
+    let taken = c.dvs(&["port", "set", &b, "--ip", "10.50.0.99"]);
+    assert!(!taken.status.success());
+    let why = String::from_utf8_lossy(&taken.stderr);
+    assert!(
+        why.contains(&format!("bound to port {a}")) && why.contains("VLAN 10"),
+        "{why}"
+    );
+    let bad = c.dvs(&["port", "set", &b, "--ip", "10.50.0.300"]);
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("is not an IP address"));
+    assert_eq!(c.json(&["port", "show", &b])["ips"], serde_json::json!([]));
+    assert_eq!(c.ping("b", "a", 2).1, 2, "b is unguarded");
 }

@@ -115,7 +115,7 @@ impl api::admin_server::Admin for Controller {
         let id = self.mutate(true, |c| {
             // Checked whole: a bad binding leaves no port behind.
             let mut next = c.clone();
-            let id = next.create_port(&r.vm, &r.mac, &r.profile)?;
+            let id = next.create_port(&r.vm, &r.mac, &r.profile, &r.ips)?;
             if let Some(a) = bind {
                 next.bind_port(id, &r.host, a)?;
             }
@@ -161,6 +161,16 @@ impl api::admin_server::Admin for Controller {
             let a = attach(&r.tap, &r.netdev, r.netdev_later)?;
             self.mutate(true, |c| c.bind_port(id, &r.host, a))?;
         }
+        self.port_reply(id)
+    }
+
+    async fn set_port_ips(
+        &self,
+        req: Request<api::SetPortIpsRequest>,
+    ) -> Result<Response<api::Port>, Status> {
+        let r = req.into_inner();
+        let id = parse_port(&r.id)?;
+        self.mutate(true, |c| c.set_port_ips(id, &r.ips))?;
         self.port_reply(id)
     }
 

@@ -68,6 +68,7 @@ impl Controller {
                 .and_then(|s| serde_json::to_string(s).ok())
                 .unwrap_or_default(),
             attachment,
+            ips: p.ips.iter().map(ToString::to_string).collect(),
         }
     }
 

@@ -21,6 +21,7 @@ pub async fn seed(url: &str) {
             host: "h1".into(),
             tap: "t1".into(),
             netdev: String::new(),
+            ips: Vec::new(),
         })
         .await
         .unwrap();

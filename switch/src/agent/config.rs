@@ -214,6 +214,10 @@ struct RawPort {
     /// The VM's MAC (the default allowed source of port security).
     #[serde(default)]
     mac: Option<MacAddr>,
+    /// The VM's addresses (IP source guard and ARP/ND inspection allow
+    /// them, beside the profile's `allowed_ips`).
+    #[serde(default)]
+    ips: Vec<IpAddr>,
     #[serde(default)]
     security: Option<RawSecurity>,
     #[serde(default)]
@@ -496,7 +500,7 @@ fn validate_port(
         outbound: policy.qos_out,
         mark: policy.mark,
     };
-    let security = policy.security_for(p.mac);
+    let security = policy.security_for(p.mac, &p.ips);
     let netflow = match &policy.netflow {
         None => None,
         Some(b) => match monitors.get(&b.monitor) {
