@@ -404,6 +404,17 @@ enum HostCmd {
 enum ShowCmd {
     /// Modules and interfaces, like `show module` and `show interface brief`.
     Chassis,
+    /// Every port's IP bindings, chassis-wide, with where each came from.
+    Ip {
+        #[command(subcommand)]
+        what: ShowIpCmd,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum ShowIpCmd {
+    /// The IP bindings of every port (static ones: `dvs port create/set --ip`).
+    Bindings,
 }
 
 fn main() -> ExitCode {
@@ -698,6 +709,9 @@ fn admin(
         Command::Host(HostCmd::Drain { host, off }) => C::HostDrain { host, off },
         Command::Host(HostCmd::Remove { host }) => C::HostRemove(host),
         Command::Show(ShowCmd::Chassis) => C::ShowChassis,
+        Command::Show(ShowCmd::Ip {
+            what: ShowIpCmd::Bindings,
+        }) => C::ShowIpBindings,
         Command::Migrate(MigrateCmd::Start {
             port,
             to,

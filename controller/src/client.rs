@@ -42,6 +42,7 @@ pub enum Command {
     },
     HostRemove(String),
     ShowChassis,
+    ShowIpBindings,
     /// Begin a migration; with `wait`, return once the destination has the
     /// port with its policy (or the migration ended).
     MigrateStart {
@@ -262,6 +263,10 @@ pub async fn call<T: Transport>(
         | Command::MigrateActivate(_)
         | Command::MigrateAbort(_)
         | Command::MigrateList) => call_hosts_and_migrations(c, cmd, out).await?,
+        Command::ShowIpBindings => {
+            let r = c.list_ports(e).await.map_err(refused)?.into_inner();
+            render_bindings(&r.ports, out)
+        }
         Command::ShowChassis => {
             let r = c.show_chassis(e).await.map_err(refused)?.into_inner();
             match out {
@@ -471,6 +476,40 @@ fn render_ports(ports: &[api::Port], out: Output) -> String {
             "TX",
             "DROPS",
         ],
+        &rows,
+    )
+}
+
+/// Every port's IP bindings, one row each: the address, whose it is and
+/// where it came from.
+fn render_bindings(ports: &[api::Port], out: Output) -> String {
+    let rows: Vec<(&str, &api::Port)> = ports
+        .iter()
+        .flat_map(|p| p.ips.iter().map(move |ip| (ip.as_str(), p)))
+        .collect();
+    if out == Output::Json {
+        let v = rows
+            .iter()
+            .map(|(ip, p)| {
+                json!({
+                    "ip": ip, "mac": p.mac, "vlan": p.vlan, "port": p.id,
+                    "vm": p.vm, "host": p.host, "source": "static",
+                })
+            })
+            .collect();
+        return Value::Array(v).to_string();
+    }
+    let rows: Vec<Vec<String>> = rows
+        .iter()
+        .map(|(ip, p)| {
+            let host = if p.host.is_empty() { "-" } else { &p.host };
+            [*ip, &p.mac, &p.vlan, &p.id, &p.vm, host, "static"]
+                .map(str::to_string)
+                .to_vec()
+        })
+        .collect();
+    table(
+        &["IP", "MAC", "VLAN", "INTERFACE", "VM", "HOST", "SOURCE"],
         &rows,
     )
 }

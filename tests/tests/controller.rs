@@ -525,5 +525,28 @@ fn ip_source_guard_allows_the_ports_own_bindings() {
     let bad = c.dvs(&["port", "set", &b, "--ip", "10.50.0.300"]);
     assert!(String::from_utf8_lossy(&bad.stderr).contains("is not an IP address"));
     assert_eq!(c.json(&["port", "show", &b])["ips"], serde_json::json!([]));
+    // Chassis-wide, with where each came from.
+    let all = c.json(&["show", "ip", "bindings"]);
+    let rows: Vec<(&str, &str, &str)> = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| {
+            (
+                r["ip"].as_str().unwrap(),
+                r["port"].as_str().unwrap(),
+                r["source"].as_str().unwrap(),
+            )
+        })
+        .collect();
+    assert_eq!(
+        rows,
+        [
+            ("10.50.0.1", a.as_str(), "static"),
+            ("10.50.0.99", a.as_str(), "static")
+        ],
+        "{all}"
+    );
+    assert!(c.ok(&["show", "ip", "bindings"]).contains("10.50.0.99"));
     assert_eq!(c.ping("b", "a", 2).1, 2, "b is unguarded");
 }
