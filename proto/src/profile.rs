@@ -8,6 +8,7 @@
 //! acl: { in: [ ... ], out: [ ... ] }  # see `acl`
 //! qos: { in: { avg_mbps: 100 }, out: { avg_mbps: 100 }, mark: { dscp: 26 } }
 //! security: { mac_limit: 1 }          # see `security`
+//! dhcp_snooping: { trusted: true }    # may serve DHCP, send router advertisements
 //! netflow: { monitor: default }       # see `netflow`
 //! ```
 //!
@@ -38,6 +39,9 @@ pub struct Policy {
     pub mark: Option<Marking>,
     pub security: Option<Security>,
     pub netflow: Option<NetflowBinding>,
+    /// `dhcp_snooping: { trusted }`: the port may serve DHCP and send
+    /// router advertisements (a DHCP server's or a router's port).
+    pub dhcp_trusted: Option<bool>,
 }
 
 impl Policy {
@@ -52,6 +56,7 @@ impl Policy {
             mark: self.mark.or(base.mark),
             security: self.security.or_else(|| base.security.clone()),
             netflow: self.netflow.or_else(|| base.netflow.clone()),
+            dhcp_trusted: self.dhcp_trusted.or(base.dhcp_trusted),
         }
     }
 
@@ -103,6 +108,7 @@ impl Policy {
                 .as_ref()
                 .map(|n| NetflowBinding::from_raw(n, at))
                 .transpose()?,
+            dhcp_trusted: raw.dhcp_snooping.as_ref().map(|d| d.trusted),
         })
     }
 
@@ -116,6 +122,7 @@ impl Policy {
         }
         s.allowed_ips
             .extend(ips.iter().map(|&ip| ipnetwork::IpNetwork::from(ip)));
+        s.dhcp_trusted = self.dhcp_trusted.unwrap_or(false);
         s
     }
 }
@@ -134,6 +141,8 @@ pub struct RawPolicy {
     pub security: Option<RawSecurity>,
     #[serde(default)]
     pub netflow: Option<RawNetflow>,
+    #[serde(default)]
+    pub dhcp_snooping: Option<RawDhcpSnooping>,
 }
 
 /// Access lists as written: `acl: { in: [rules], out: [rules] }` (`in`:
@@ -159,6 +168,14 @@ pub struct RawQos {
     pub mark: Option<RawMarking>,
 }
 
+/// `dhcp_snooping: { trusted: true }` as written.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawDhcpSnooping {
+    #[serde(default)]
+    pub trusted: bool,
+}
+
 /// A profile document as written. (Its policy fields repeat [`RawPolicy`]'s:
 /// serde cannot flatten a struct and still refuse unknown fields, and a
 /// misspelt field must not pass unnoticed.)
@@ -179,6 +196,8 @@ pub struct RawProfile {
     pub security: Option<RawSecurity>,
     #[serde(default)]
     pub netflow: Option<RawNetflow>,
+    #[serde(default)]
+    pub dhcp_snooping: Option<RawDhcpSnooping>,
 }
 
 /// Check a set of profiles whole and resolve their inheritance: each name
@@ -214,6 +233,7 @@ pub fn resolve(raws: &[RawProfile]) -> Result<BTreeMap<String, Policy>, Error> {
             qos: r.qos.clone(),
             security: r.security.clone(),
             netflow: r.netflow.clone(),
+            dhcp_snooping: r.dhcp_snooping.clone(),
         };
         let policy = Policy::from_raw(&raw, &format!("profile `{}`", r.name))?;
         if own

@@ -33,6 +33,10 @@ pub struct Security {
     pub broadcast_pps: Option<u32>,
     /// Multicast (non-broadcast) frames per second the VM may send.
     pub multicast_pps: Option<u32>,
+    /// The port may serve DHCP and send IPv6 router advertisements (a
+    /// profile's `dhcp_snooping: { trusted: true }`); other ports' server
+    /// messages are dropped (the rogue-server and router guards).
+    pub dhcp_trusted: bool,
 }
 
 /// The file form.
@@ -119,6 +123,7 @@ impl Security {
             mac_limit,
             broadcast_pps: pps("storm_control.broadcast_pps", storm.broadcast_pps)?,
             multicast_pps: pps("storm_control.multicast_pps", storm.multicast_pps)?,
+            dhcp_trusted: false,
         })
     }
 }

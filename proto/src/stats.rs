@@ -97,6 +97,13 @@ drop_reasons! {
     /// `mac`: it is no sign that the VM runs here, and does not switch the
     /// port over.
     ForeignWakeup => "foreign_wakeup",
+    /// A DHCP server's message (DHCPv4 offer/ack/nak, DHCPv6 advertise/
+    /// reply) from a port not trusted to serve DHCP (the rogue-server
+    /// guard: `dhcp_snooping: { trusted: true }` trusts one).
+    DhcpServer => "dhcp_server",
+    /// An IPv6 router advertisement from a port not trusted to send them
+    /// (the router guard).
+    RouterAdvertisement => "router_advertisement",
 }
 
 /// A counter per [`DropReason`].

@@ -222,6 +222,10 @@ struct RawPort {
     security: Option<RawSecurity>,
     #[serde(default)]
     netflow: Option<RawNetflow>,
+    /// `{ trusted: true }`: the port may serve DHCP and send router
+    /// advertisements.
+    #[serde(default)]
+    dhcp_snooping: Option<dvs_proto::profile::RawDhcpSnooping>,
     /// In standby (a migration's end that is not forwarding).
     #[serde(default)]
     standby: bool,
@@ -470,6 +474,7 @@ fn validate_port(
             qos: p.qos.clone(),
             security: p.security.clone(),
             netflow: p.netflow.clone(),
+            dhcp_snooping: p.dhcp_snooping.clone(),
         },
         at,
     )

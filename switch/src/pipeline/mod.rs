@@ -52,7 +52,7 @@ use crate::policy::acl::{Acl, RuleHits};
 use crate::policy::conntrack::SavedConn;
 use crate::policy::conntrack::{self, ConnTrack, Origin};
 use crate::policy::qos::{Policer, PolicerCounters, PolicerState};
-use crate::policy::security::PortGuard;
+use crate::policy::security::{snoop_bind, PortGuard, Snooped};
 use crate::wire::{self, vxlan, EthView, FlowKey};
 use crate::Error;
 use dvs_proto::stats::{DropReason, MacCounters, PortCounters, SwitchoverCounters, TunnelCounters};
@@ -181,6 +181,10 @@ pub struct PortState {
     /// in ms.
     #[serde(default)]
     pub learned_macs: Vec<(VlanId, MacAddr, u64)>,
+    /// The addresses DHCP gave the VM: address, client MAC, ms of lease
+    /// left.
+    #[serde(default)]
+    pub dhcp_bindings: Vec<(std::net::Ipv4Addr, MacAddr, u64)>,
 }
 
 /// A VLAN segment stretched across hosts by VXLAN.
@@ -231,6 +235,9 @@ struct Port {
     police_out: Option<Policer>,
     /// Port security of `cfg.security`, when it checks anything.
     guard: Option<PortGuard>,
+    /// The addresses DHCP gave the port's VM (snooped from the server's
+    /// acks toward it), for IP source guard.
+    snooped: Vec<Snooped>,
     /// The flow table of `cfg.netflow` and what it records.
     flow: Option<(usize, FlowDirection)>,
     /// In standby: installed with its policy, not forwarding.
@@ -267,6 +274,7 @@ impl Port {
             police_in: cfg.qos.inbound.map(|l| Policer::new(l, Duration::ZERO)),
             police_out: cfg.qos.outbound.map(|l| Policer::new(l, Duration::ZERO)),
             guard: PortGuard::new(&cfg.security),
+            snooped: Vec::new(),
             flow: None,
             standby: false,
             last_from_vm: Duration::ZERO,
@@ -717,9 +725,16 @@ impl Switch {
             .into_iter()
             .map(|(v, m, age)| (v, m, age.as_millis() as u64))
             .collect();
+        let dhcp_bindings = p
+            .snooped
+            .iter()
+            .filter(|b| b.until > now)
+            .map(|b| (b.ip, b.mac, b.until.saturating_sub(now).as_millis() as u64))
+            .collect();
         Some(PortState {
             flows,
             learned_macs,
+            dhcp_bindings,
             counters: p.counters.clone(),
             acl_in_hits: p.acl_in.as_ref().map(Acl::save_hits),
             acl_out_hits: p.acl_out.as_ref().map(Acl::save_hits),
@@ -770,6 +785,7 @@ impl Switch {
         if let Some(g) = p.guard.as_mut() {
             g.restore_sticky_macs(&state.sticky_macs);
         }
+        restore_bindings(&mut p.snooped, &state.dhcp_bindings, now);
         let (flow, vlans) = (p.flow, p.cfg.vlan.clone());
         if let Some((i, _)) = flow {
             self.monitors.restore(i, &state.flows, now);
@@ -1045,8 +1061,17 @@ impl Switch {
                 if !view.dst.is_multicast() {
                     port.last_unicast_from_vm = now;
                 }
+                let bytes = &buf[frame.clone()];
+                if let Err(reason) = dhcp_guard(port, bytes) {
+                    self.count_drop(ingress, reason);
+                    return Processed {
+                        verdict: Verdict::Drop(reason),
+                        frame,
+                        vlan: Some(vlan),
+                    };
+                }
                 if let Some(g) = port.guard.as_mut() {
-                    if let Err(reason) = g.check(now, &view, &buf[frame.clone()], vlan.get()) {
+                    if let Err(reason) = g.check(now, &view, bytes, vlan.get(), &port.snooped) {
                         self.count_drop(ingress, reason);
                         return Processed {
                             verdict: Verdict::Drop(reason),
@@ -1055,6 +1080,7 @@ impl Switch {
                         };
                     }
                 }
+                dhcp_from_vm(port, now, bytes);
             }
         }
         let mut key = None;
@@ -1317,7 +1343,10 @@ impl Switch {
                 return true;
             };
             match port_policy(port, Direction::ToVm, now, frame, vlan, key) {
-                Ok(()) => true,
+                Ok(()) => {
+                    dhcp_to_vm(port, now, frame);
+                    true
+                }
                 Err(reason) => {
                     let r = switchover::Refused {
                         no: p,
@@ -1514,6 +1543,82 @@ impl Switch {
 ///    the VM, the frame is only charged (the driver read it because the
 ///    shaper let it); to the VM, the transmit side's queue keeps it.
 ///
+/// Take the saved DHCP `bindings` (their leases' time left) into a port's
+/// list at `now`; a binding the port has already stays.
+fn restore_bindings(
+    list: &mut Vec<Snooped>,
+    bindings: &[(std::net::Ipv4Addr, MacAddr, u64)],
+    now: Duration,
+) {
+    for &(ip, mac, left) in bindings {
+        if !list.iter().any(|b| b.ip == ip) {
+            snoop_bind(list, ip, mac, now + Duration::from_millis(left));
+        }
+    }
+}
+
+/// DHCP snooping of a frame a VM sends: a server's message or a router
+/// advertisement from a port not trusted to send one is refused.
+fn dhcp_guard(port: &Port, frame: &[u8]) -> Result<(), DropReason> {
+    use wire::dhcp::ServerMessage;
+    if port.cfg.security.dhcp_trusted {
+        return Ok(());
+    }
+    match wire::dhcp::server_message(frame) {
+        Some(ServerMessage::Dhcp4 | ServerMessage::Dhcp6) => Err(DropReason::DhcpServer),
+        Some(ServerMessage::RouterAdvertisement) => Err(DropReason::RouterAdvertisement),
+        None => Ok(()),
+    }
+}
+
+/// DHCP snooping of a frame a VM sent that port security admitted: a
+/// release or decline ends the binding it names (after the frame itself
+/// passed, from that address), and ended leases go.
+fn dhcp_from_vm(port: &mut Port, now: Duration, frame: &[u8]) {
+    use wire::dhcp::Dhcp4Type;
+    if port.snooped.is_empty() {
+        return;
+    }
+    port.snooped.retain(|b| b.until > now);
+    if let Some(d) = wire::dhcp::dhcp4(frame) {
+        let gone = match d.kind {
+            Dhcp4Type::Release => Some(d.ciaddr),
+            Dhcp4Type::Decline => d.requested,
+            _ => None,
+        };
+        if let Some(ip) = gone {
+            port.snooped.retain(|b| !(b.ip == ip && b.mac == d.chaddr));
+        }
+    }
+}
+
+/// DHCP snooping of a frame the switch delivers to a VM: a server's ack
+/// for the port's VM binds the address it gives for the lease (a nak ends
+/// the client's bindings). Only trusted ports and other hosts (which
+/// guard their own ports) can have sent it.
+fn dhcp_to_vm(port: &mut Port, now: Duration, frame: &[u8]) {
+    use wire::dhcp::Dhcp4Type;
+    let Some(d) = wire::dhcp::dhcp4(frame) else {
+        return;
+    };
+    if port.cfg.mac.is_some_and(|m| m != d.chaddr) {
+        return;
+    }
+    match d.kind {
+        Dhcp4Type::Ack if !d.yiaddr.is_unspecified() => {
+            // No lease option: the RFC's default is the server's; a day.
+            let lease = match d.lease_s {
+                Some(u32::MAX) => Duration::from_secs(u64::from(u32::MAX)),
+                Some(s) => Duration::from_secs(u64::from(s)),
+                None => Duration::from_secs(86_400),
+            };
+            snoop_bind(&mut port.snooped, d.yiaddr, d.chaddr, now + lease);
+        }
+        Dhcp4Type::Nak => port.snooped.retain(|b| b.mac != d.chaddr),
+        _ => {}
+    }
+}
+
 /// From the VM, port security (`PortGuard`) runs before it; to the VM, a
 /// port in standby takes nothing before it.
 fn port_policy(

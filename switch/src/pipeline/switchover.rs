@@ -144,6 +144,7 @@ impl Switch {
         if let Some(g) = p.guard.as_mut() {
             g.restore_sticky_macs(&source.sticky_macs);
         }
+        super::restore_bindings(&mut p.snooped, &source.dhcp_bindings, now);
         if let Some((i, _)) = p.flow {
             self.monitors.restore(i, &source.flows, now);
         }

@@ -1065,3 +1065,99 @@ fn a_source_copies_its_vms_frames_to_the_destination_but_not_back() {
     r.send_from_port(1, frame(mac(1), mac(2), &[]));
     assert_eq!(r.egress(), vec![Egress::Port(PortNo(0))]);
 }
+
+#[test]
+fn dhcp_snooping_guards_servers_and_binds_what_the_server_gave() {
+    use crate::wire::dhcp::build::{dhcp4_msg, udp4_frame};
+    use std::net::Ipv4Addr;
+    let mut server = access(1, "server", 10);
+    server.security.dhcp_trusted = true;
+    let mut vm = access(2, "vm", 10);
+    vm.mac = Some(mac(2));
+    vm.security.ip_source_guard = true;
+    let rogue = access(3, "rogue", 10);
+    let mut r = Rig::new(vec![server, vm, rogue]);
+    let ack = |lease: u32| {
+        dhcp4_msg(
+            2,
+            5,
+            mac(2),
+            [0; 4],
+            [10, 0, 0, 7],
+            &[(51, &lease.to_be_bytes())],
+        )
+    };
+    let from_vm = |src: [u8; 4]| udp4_frame(mac(2), src, 5000, 5001, b"hi");
+    // A rogue server's ack: dropped, counted; it binds nothing.
+    let p = r.send_from_port(2, udp4_frame(mac(3), [10, 0, 0, 3], 67, 68, &ack(60)));
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::DhcpServer));
+    assert_eq!(r.drops(2, DropReason::DhcpServer), 1);
+    let p = r.send_from_port(1, from_vm([10, 0, 0, 7]));
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::SpoofedIp));
+    // The trusted server's ack reaches the VM and binds the address.
+    r.send_from_port(0, udp4_frame(mac(1), [10, 0, 0, 1], 67, 68, &ack(60)));
+    assert!(
+        r.egress().contains(&Egress::Port(PortNo(1))),
+        "{:?}",
+        r.egress()
+    );
+    let p = r.send_from_port(1, from_vm([10, 0, 0, 7]));
+    assert!(
+        matches!(p.verdict, Verdict::Flood | Verdict::Forward),
+        "{p:?}"
+    );
+    let p = r.send_from_port(1, from_vm([10, 0, 0, 8]));
+    assert_eq!(
+        p.verdict,
+        Verdict::Drop(DropReason::SpoofedIp),
+        "only that one"
+    );
+    // Saved with the port's state, and taken by another switch.
+    let st = r.sw.save_port(PortNo(1), T).unwrap();
+    assert_eq!(
+        st.dhcp_bindings,
+        [(Ipv4Addr::new(10, 0, 0, 7), mac(2), 60_000)]
+    );
+    let mut other = Rig::new(vec![{
+        let mut p = access(2, "vm", 10);
+        p.mac = Some(mac(2));
+        p.security.ip_source_guard = true;
+        p
+    }]);
+    other.sw.restore_port(PortNo(0), &st, T).unwrap();
+    let p = other.send_from_port(0, from_vm([10, 0, 0, 7]));
+    assert!(
+        matches!(p.verdict, Verdict::Flood | Verdict::Forward),
+        "{p:?}"
+    );
+    // The lease ends: refused again.
+    let mut f = from_vm([10, 0, 0, 7]);
+    let later = T + Duration::from_secs(61);
+    let p =
+        r.sw.process(later, Ingress::Port(PortNo(1)), &mut f, &mut r.out);
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::SpoofedIp));
+    // Bound again, then released by the VM: refused.
+    r.send_from_port(0, udp4_frame(mac(1), [10, 0, 0, 1], 67, 68, &ack(3600)));
+    let release = dhcp4_msg(1, 7, mac(2), [10, 0, 0, 7], [0; 4], &[]);
+    let p = r.send_from_port(1, udp4_frame(mac(2), [10, 0, 0, 7], 68, 67, &release));
+    assert!(
+        matches!(p.verdict, Verdict::Flood | Verdict::Forward),
+        "{p:?}"
+    );
+    let p = r.send_from_port(1, from_vm([10, 0, 0, 7]));
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::SpoofedIp));
+    // A router advertisement from an untrusted port: dropped.
+    let mut ra = vec![0x33, 0x33, 0, 0, 0, 1, 2, 0, 0, 0, 0, 3, 0x86, 0xdd];
+    ra.extend([0x60, 0, 0, 0, 0, 16, 58, 255]);
+    ra.extend([0xfe, 0x80].iter().chain(&[0u8; 14]));
+    ra.extend([0xff, 0x02].iter().chain(&[0u8; 13]).chain(&[1u8]));
+    ra.extend([134, 0, 0, 0, 64, 0, 7, 8, 0, 0, 0, 0, 0, 0, 0, 0]);
+    let p = r.send_from_port(2, ra.clone());
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::RouterAdvertisement));
+    ra[11] = 1;
+    let p = r.send_from_port(0, ra);
+    assert!(
+        matches!(p.verdict, Verdict::Flood | Verdict::Forward),
+        "trusted: {p:?}"
+    );
+}

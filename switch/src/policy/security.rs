@@ -7,7 +7,7 @@
 //! reason. The MAC limit is sticky: the first `mac_limit` source MACs a port
 //! uses are the ones it may keep using (until its policy changes).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv4Addr};
 use std::time::Duration;
 
 use dvs_proto::Security;
@@ -15,6 +15,31 @@ use rustc_hash::FxHashSet;
 
 use crate::wire::{EthView, FlowKey, ETH_HLEN};
 use dvs_proto::stats::DropReason;
+
+/// The most addresses DHCP snooping keeps for one port (beyond it, the
+/// binding that ends first makes room).
+pub const MAX_SNOOPED: usize = 16;
+
+/// An address a DHCP server gave a port's VM, snooped from its ack.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Snooped {
+    pub ip: Ipv4Addr,
+    /// The client the server gave it to (`chaddr`).
+    pub mac: dvs_proto::MacAddr,
+    /// When the lease ends, on the switch's clock.
+    pub until: Duration,
+}
+
+/// Bind `ip` to `mac` on a port until `until` (a renewal moves the end).
+pub fn snoop_bind(list: &mut Vec<Snooped>, ip: Ipv4Addr, mac: dvs_proto::MacAddr, until: Duration) {
+    list.retain(|b| b.ip != ip);
+    if list.len() >= MAX_SNOOPED {
+        if let Some(i) = (0..list.len()).min_by_key(|&i| list[i].until) {
+            list.swap_remove(i);
+        }
+    }
+    list.push(Snooped { ip, mac, until });
+}
 
 /// One port's security state.
 #[derive(Debug, Clone)]
@@ -105,12 +130,15 @@ impl PortGuard {
     ///
     /// # Errors
     /// The drop reason when the frame breaks the policy.
+    /// `snooped`: the addresses DHCP gave the port's VM, which IP source
+    /// guard allows while their leases last.
     pub fn check(
         &mut self,
         now: Duration,
         view: &EthView,
         frame: &[u8],
         vlan: u16,
+        snooped: &[Snooped],
     ) -> Result<(), DropReason> {
         let p = &self.policy;
         if !p.allowed_macs.is_empty() && !p.allowed_macs.contains(&view.src) {
@@ -138,16 +166,27 @@ impl PortGuard {
             }
         }
         if self.policy.ip_source_guard {
-            self.guard_ip(view, frame, vlan)?;
+            let allowed = |ip: IpAddr| {
+                self.policy.allowed_ips.iter().any(|n| n.contains(ip))
+                    || snooped
+                        .iter()
+                        .any(|b| IpAddr::V4(b.ip) == ip && b.until > now)
+            };
+            guard_ip(&allowed, view, frame, vlan)?;
         }
         Ok(())
     }
+}
 
-    fn allowed(&self, ip: IpAddr) -> bool {
-        self.policy.allowed_ips.iter().any(|n| n.contains(ip))
-    }
-
-    fn guard_ip(&self, view: &EthView, frame: &[u8], vlan: u16) -> Result<(), DropReason> {
+/// IP source guard and ARP/ND inspection of a frame a VM sends, against
+/// the addresses `allowed` says it may use.
+fn guard_ip(
+    allowed: &dyn Fn(IpAddr) -> bool,
+    view: &EthView,
+    frame: &[u8],
+    vlan: u16,
+) -> Result<(), DropReason> {
+    {
         match view.ethertype {
             0x0806 => {
                 // ARP: the sender must be the frame's source and an allowed
@@ -158,7 +197,7 @@ impl PortGuard {
                 let sha = &arp[8..14];
                 let spa = IpAddr::from([arp[14], arp[15], arp[16], arp[17]]);
                 let probe = spa == IpAddr::from([0, 0, 0, 0]);
-                if sha != view.src.0 || !(probe || self.allowed(spa)) {
+                if sha != view.src.0 || !(probe || allowed(spa)) {
                     return Err(DropReason::ArpNdSpoof);
                 }
                 Ok(())
@@ -171,14 +210,12 @@ impl PortGuard {
                 let ok = match src {
                     // DHCP before the VM has an address.
                     IpAddr::V4(a) => {
-                        self.allowed(src)
+                        allowed(src)
                             || a.is_unspecified() && k.proto == Some(17) && k.dst_port == 67
                     }
                     // Link-local and DAD sources are the VM's own business.
                     IpAddr::V6(a) => {
-                        self.allowed(src)
-                            || a.is_unspecified()
-                            || a.segments()[0] & 0xffc0 == 0xfe80
+                        allowed(src) || a.is_unspecified() || a.segments()[0] & 0xffc0 == 0xfe80
                     }
                 };
                 if !ok {
@@ -192,7 +229,7 @@ impl PortGuard {
                     let mut t = [0u8; 16];
                     t.copy_from_slice(target);
                     let t = std::net::Ipv6Addr::from(t);
-                    if !(self.allowed(IpAddr::V6(t)) || t.segments()[0] & 0xffc0 == 0xfe80) {
+                    if !(allowed(IpAddr::V6(t)) || t.segments()[0] & 0xffc0 == 0xfe80) {
                         return Err(DropReason::ArpNdSpoof);
                     }
                 }
@@ -245,7 +282,13 @@ mod tests {
     }
 
     fn check(g: &mut PortGuard, f: &[u8]) -> Result<(), DropReason> {
-        g.check(Duration::from_secs(1), &EthView::parse(f).unwrap(), f, 10)
+        g.check(
+            Duration::from_secs(1),
+            &EthView::parse(f).unwrap(),
+            f,
+            10,
+            &[],
+        )
     }
 
     #[test]
@@ -327,7 +370,10 @@ mod tests {
         let v = EthView::parse(&f).unwrap();
         // 10,000 broadcasts over one second: 100/s plus the 10-frame burst.
         let passed = (0..10_000u64)
-            .filter(|i| g.check(Duration::from_micros(i * 100), &v, &f, 10).is_ok())
+            .filter(|i| {
+                g.check(Duration::from_micros(i * 100), &v, &f, 10, &[])
+                    .is_ok()
+            })
             .count();
         assert!((100..=115).contains(&passed), "{passed} broadcasts passed");
         let unicast = eth(OTHER, VM, 0x0800, &ipv4([1, 1, 1, 1]));

@@ -8,6 +8,7 @@
 //! - [`ip`]: the [`FlowKey`] policy and flow accounting read, L3 metering,
 //!   DSCP marking;
 //! - [`checksum`]: finishing checksums offloads left undone;
+//! - [`dhcp`]: DHCP and router advertisements as the switch snoops them;
 //! - [`virtio`]: the virtio-net header of TAP devices ([`VnetHdr`]);
 //! - [`offload`]: software TSO ([`segment_tcp`]) and GRO ([`Coalescer`]);
 //! - [`announce`]: the RARP frames a switch sends for a VM;
@@ -18,6 +19,7 @@
 
 pub mod announce;
 pub mod checksum;
+pub mod dhcp;
 pub mod ethernet;
 pub mod ip;
 pub mod netflow;
