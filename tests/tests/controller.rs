@@ -7,7 +7,9 @@
 //! without flapping a port; a port bound to an interface that is not there
 //! waits for it — across an agent restart, and whatever kind of device
 //! comes under its name. IP source guard in a shared profile (the
-//! DESIGN's) allows each port's own bindings (`dvs port set --ip`).
+//! DESIGN's) allows each port's own bindings (`dvs port set --ip`), and
+//! what a real DHCP server (dnsmasq, on a trusted port) leased a real
+//! client (busybox's udhcpc); a rogue server (busybox's udhcpd) is dropped.
 
 #![allow(clippy::unwrap_used)] // a test fails on the spot, saying where
 
@@ -218,13 +220,11 @@ fn with_mutual_tls_only_an_agent_holding_its_hosts_certificate_joins() {
     assert_eq!(c.ping("a", "b", 3), (3, 3), "{}", c.topo.logs());
     // An agent on h1 that claims to be h2 (with h1's certificate) is refused.
     c.start_agent_as(0, "impostor", "h2", "h1", "127.0.0.1");
-    assert!(
-        wait_for(Duration::from_secs(10), || c
-            .topo
-            .log("impostor")
-            .contains("the client certificate does not name host h2")),
-        "{}",
-        c.topo.log("impostor")
+    wait_log(
+        &c,
+        "impostor",
+        "the client certificate does not name host h2",
+        10,
     );
     c.topo.stop("impostor");
     assert!(c.converged(), "the real h2 is untouched");
@@ -397,6 +397,19 @@ fn the_namespace_lab_runs_on_real_agents_and_cleans_up() {
     assert!(!left.contains(&prefix), "left behind: {left}");
 }
 
+/// Wait up to `secs` for process `label`'s log to say `text`; fail with
+/// the log.
+fn wait_log(c: &Chassis, label: &str, text: &str, secs: u64) {
+    assert!(
+        wait_for(Duration::from_secs(secs), || c
+            .topo
+            .log(label)
+            .contains(text)),
+        "{label} never said `{text}`:\n{}",
+        c.topo.log(label)
+    );
+}
+
 /// Port `id`'s drop counter `reason` in host `i`'s stats file.
 fn port_drops(c: &Chassis, i: usize, id: &str, reason: &str) -> u64 {
     let text = std::fs::read_to_string(c.stats_file(i)).unwrap_or_default();
@@ -549,4 +562,179 @@ fn ip_source_guard_allows_the_ports_own_bindings() {
     );
     assert!(c.ok(&["show", "ip", "bindings"]).contains("10.50.0.99"));
     assert_eq!(c.ping("b", "a", 2).1, 2, "b is unguarded");
+}
+
+/// A VM's `udhcpc` script: the address it is given goes on its NIC.
+const UDHCPC_SCRIPT: &str = "#!/bin/sh\ncase \"$1\" in\n  deconfig) ip -4 addr flush dev \"$interface\" ;;\n  bound|renew) ip -4 addr flush dev \"$interface\"; ip addr add \"$ip/$mask\" dev \"$interface\" ;;\nesac\n";
+
+/// DHCP snooping with real DHCP software: dnsmasq serves on a trusted
+/// port, busybox's udhcpd is a rogue server on an untrusted one, and a
+/// guarded VM (IP source guard, no static binding) takes a lease with
+/// busybox's udhcpc. The rogue's offers are dropped and counted, the VM
+/// gets dnsmasq's address and can use it (and no other); once it releases
+/// the lease, that address is refused too.
+#[test]
+fn dhcp_snooping_binds_dnsmasqs_lease_and_drops_a_rogue_server() {
+    if !e2e_ready(&["ip", "ping", "dnsmasq", "/bin/busybox"]) {
+        return;
+    }
+    let profiles = "kind: PortProfile\nname: server\nvlan: { mode: access, id: 10 }\ndhcp_snooping: { trusted: true }\n---\n\
+        kind: PortProfile\nname: guarded\nvlan: { mode: access, id: 10 }\nsecurity: { ip_source_guard: true }\n---\n\
+        kind: PortProfile\nname: plain\nvlan: { mode: access, id: 10 }\n";
+    let mut c = Chassis::new(
+        2,
+        profiles,
+        &[
+            ("srv", 0, "10.60.0.1/24", "server"),
+            ("cl", 1, "10.60.0.250/24", "guarded"),
+            ("rogue", 1, "10.60.0.2/24", "plain"),
+        ],
+    );
+    let (ns_srv, ns_cl, ns_rogue) = (
+        c.vm("srv").1.clone(),
+        c.vm("cl").1.clone(),
+        c.vm("rogue").1.clone(),
+    );
+    let (cl, rogue) = (c.vm("cl").3.clone(), c.vm("rogue").3.clone());
+    c.topo.sh(&ns_cl, "ip -4 addr flush dev eth0");
+    let dir = c.topo.dir.clone();
+    let leases = format!("--dhcp-leasefile={}", dir.join("dnsmasq.leases").display());
+    c.topo.spawn(
+        &ns_srv,
+        "dnsmasq",
+        &[
+            "dnsmasq",
+            "--no-daemon",
+            "--conf-file=/dev/null",
+            "--port=0",
+            "--interface=eth0",
+            "--bind-interfaces",
+            "--dhcp-range=10.60.0.50,10.60.0.60,255.255.255.0,300",
+            &leases,
+            "--log-dhcp",
+            // (dnsmasq pings an address before it offers it, longer than
+            // udhcpc waits between discovers.)
+            "--no-ping",
+        ],
+    );
+    let conf = dir.join("udhcpd.conf");
+    std::fs::write(
+        &conf,
+        format!(
+            "start 10.99.0.10\nend 10.99.0.20\ninterface eth0\nlease_file {}\nopt subnet 255.255.255.0\n",
+            dir.join("rogue.leases").display()
+        ),
+    )
+    .unwrap();
+    std::fs::write(dir.join("rogue.leases"), b"").unwrap();
+    c.topo.spawn(
+        &ns_rogue,
+        "udhcpd",
+        &["/bin/busybox", "udhcpd", "-f", &conf.to_string_lossy()],
+    );
+    let script = dir.join("udhcpc.sh");
+    std::fs::write(&script, UDHCPC_SCRIPT).unwrap();
+    std::process::Command::new("chmod")
+        .args(["+x", &script.to_string_lossy()])
+        .status()
+        .unwrap();
+    assert!(
+        wait_for(Duration::from_secs(10), || c
+            .topo
+            .log("dnsmasq")
+            .contains("DHCP, IP range")),
+        "dnsmasq did not start: {}",
+        c.topo.log("dnsmasq")
+    );
+    std::thread::sleep(Duration::from_millis(300));
+    let udhcpc = |c: &Chassis, extra: &str| {
+        c.topo.try_sh(
+            &ns_cl,
+            &format!(
+                "/bin/busybox udhcpc -i eth0 -q -n -t 5 -T 1 {extra} -s {}",
+                script.display()
+            ),
+        )
+    };
+    let o = udhcpc(&c, "");
+    assert!(
+        o.status.success(),
+        "udhcpc: {}{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr),
+        c.topo.logs()
+    );
+    let shown = c.topo.sh(&ns_cl, "ip -4 -o addr show dev eth0");
+    let leased = shown
+        .split_whitespace()
+        .skip_while(|w| *w != "inet")
+        .nth(1)
+        .and_then(|a| a.split('/').next())
+        .unwrap_or_default()
+        .to_string();
+    assert!(
+        leased.starts_with("10.60.0."),
+        "dnsmasq's address, not the rogue's: {shown}"
+    );
+    assert!(
+        wait_for(Duration::from_secs(5), || port_drops(
+            &c,
+            1,
+            &rogue,
+            "dhcp_server"
+        ) >= 1),
+        "the rogue's offers: {}",
+        c.topo.log("udhcpd")
+    );
+    // The leased address works; another one does not.
+    let ping = |c: &Chassis, from: &str| {
+        let o = c.topo.try_sh(
+            &ns_cl,
+            &format!("ping -c 3 -i 0.2 -W 1 -I {from} 10.60.0.1"),
+        );
+        dvs_tests::netns::parse_ping(&String::from_utf8_lossy(&o.stdout)).1
+    };
+    assert_eq!(ping(&c, &leased), 3, "from the leased {leased}");
+    c.topo.sh(&ns_cl, "ip addr add 10.60.0.99/24 dev eth0");
+    let before = port_drops(&c, 1, &cl, "spoofed_ip");
+    assert_eq!(ping(&c, "10.60.0.99"), 0);
+    assert!(wait_for(Duration::from_secs(5), || port_drops(
+        &c,
+        1,
+        &cl,
+        "spoofed_ip"
+    ) >= before + 3));
+    // A running client renews, then releases (busybox udhcpc's SIGUSR2):
+    // the address is the VM's no more.
+    c.topo.sh(&ns_cl, "ip addr del 10.60.0.99/24 dev eth0");
+    let script_path = script.to_string_lossy().to_string();
+    c.topo.spawn(
+        &ns_cl,
+        "udhcpc",
+        &[
+            "/bin/busybox",
+            "udhcpc",
+            "-i",
+            "eth0",
+            "-f",
+            "-t",
+            "5",
+            "-T",
+            "1",
+            "-s",
+            &script_path,
+        ],
+    );
+    wait_log(&c, "udhcpc", "obtained", 15);
+    assert_eq!(ping(&c, &leased), 3, "renewed");
+    c.topo.signal("udhcpc", "USR2");
+    wait_log(&c, "udhcpc", "unicasting a release", 5);
+    c.topo.stop("udhcpc");
+    assert!(wait_for(Duration::from_secs(5), || c
+        .topo
+        .log("dnsmasq")
+        .contains("DHCPRELEASE")));
+    c.topo
+        .sh(&ns_cl, &format!("ip addr add {leased}/24 dev eth0"));
+    assert_eq!(ping(&c, &leased), 0, "released");
 }
