@@ -413,7 +413,8 @@ enum ShowCmd {
 
 #[derive(Subcommand, Debug)]
 enum ShowIpCmd {
-    /// The IP bindings of every port (static ones: `dvs port create/set --ip`).
+    /// The IP bindings of every port: static ones (`dvs port create/set
+    /// --ip`) and those DHCP snooping made (as each host last reported).
     Bindings,
 }
 

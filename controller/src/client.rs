@@ -481,19 +481,42 @@ fn render_ports(ports: &[api::Port], out: Output) -> String {
 }
 
 /// Every port's IP bindings, one row each: the address, whose it is and
-/// where it came from.
+/// where it came from — `static` (`--ip`) or `dhcp` (snooped by its host,
+/// as it last reported, with the lease left).
 fn render_bindings(ports: &[api::Port], out: Output) -> String {
-    let rows: Vec<(&str, &api::Port)> = ports
-        .iter()
-        .flat_map(|p| p.ips.iter().map(move |ip| (ip.as_str(), p)))
-        .collect();
+    struct Row<'a> {
+        ip: String,
+        p: &'a api::Port,
+        source: &'static str,
+        lease_s: Option<u64>,
+    }
+    let mut rows = Vec::new();
+    for p in ports {
+        for ip in &p.ips {
+            rows.push(Row {
+                ip: ip.clone(),
+                p,
+                source: "static",
+                lease_s: None,
+            });
+        }
+        for b in port_stats(p).map(|s| s.dhcp_bindings).unwrap_or_default() {
+            rows.push(Row {
+                ip: b.ip.to_string(),
+                p,
+                source: "dhcp",
+                lease_s: Some(b.expires_in_s),
+            });
+        }
+    }
     if out == Output::Json {
         let v = rows
             .iter()
-            .map(|(ip, p)| {
+            .map(|r| {
                 json!({
-                    "ip": ip, "mac": p.mac, "vlan": p.vlan, "port": p.id,
-                    "vm": p.vm, "host": p.host, "source": "static",
+                    "ip": r.ip, "mac": r.p.mac, "vlan": r.p.vlan, "port": r.p.id,
+                    "vm": r.p.vm, "host": r.p.host, "source": r.source,
+                    "expires_in_s": r.lease_s,
                 })
             })
             .collect();
@@ -501,15 +524,32 @@ fn render_bindings(ports: &[api::Port], out: Output) -> String {
     }
     let rows: Vec<Vec<String>> = rows
         .iter()
-        .map(|(ip, p)| {
-            let host = if p.host.is_empty() { "-" } else { &p.host };
-            [*ip, &p.mac, &p.vlan, &p.id, &p.vm, host, "static"]
-                .map(str::to_string)
-                .to_vec()
+        .map(|r| {
+            let host = if r.p.host.is_empty() { "-" } else { &r.p.host };
+            let lease = r.lease_s.map_or("-".to_string(), |s| format!("{s} s"));
+            vec![
+                r.ip.clone(),
+                r.p.mac.clone(),
+                r.p.vlan.clone(),
+                r.p.id.clone(),
+                r.p.vm.clone(),
+                host.to_string(),
+                r.source.to_string(),
+                lease,
+            ]
         })
         .collect();
     table(
-        &["IP", "MAC", "VLAN", "INTERFACE", "VM", "HOST", "SOURCE"],
+        &[
+            "IP",
+            "MAC",
+            "VLAN",
+            "INTERFACE",
+            "VM",
+            "HOST",
+            "SOURCE",
+            "LEASE LEFT",
+        ],
         &rows,
     )
 }

@@ -434,6 +434,19 @@ pub struct PortStats {
     /// Where the port's device stands.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub attachment: Option<AttachmentStats>,
+    /// The addresses DHCP snooping bound to the port's VM.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub dhcp_bindings: Vec<DhcpBindingStats>,
+}
+
+/// An address a DHCP server leased a port's VM, as snooping saw it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DhcpBindingStats {
+    pub ip: std::net::Ipv4Addr,
+    /// The client it was leased to.
+    pub mac: crate::MacAddr,
+    /// Seconds of the lease left.
+    pub expires_in_s: u64,
 }
 
 /// A port's [`Attachment`] in the stats, with the line views show.

@@ -695,6 +695,22 @@ fn dhcp_snooping_binds_dnsmasqs_lease_and_drops_a_rogue_server() {
         dvs_tests::netns::parse_ping(&String::from_utf8_lossy(&o.stdout)).1
     };
     assert_eq!(ping(&c, &leased), 3, "from the leased {leased}");
+    // Chassis-wide, as its host reports it (once a second).
+    let snooped = || {
+        c.json(&["show", "ip", "bindings"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .any(|r| {
+                r["ip"] == leased.as_str() && r["port"] == cl.as_str() && r["source"] == "dhcp"
+            })
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), snooped),
+        "{}",
+        c.ok(&["show", "ip", "bindings"])
+    );
     c.topo.sh(&ns_cl, "ip addr add 10.60.0.99/24 dev eth0");
     let before = port_drops(&c, 1, &cl, "spoofed_ip");
     assert_eq!(ping(&c, "10.60.0.99"), 0);

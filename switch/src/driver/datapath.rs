@@ -8,7 +8,7 @@
 //! sockets in the agent, in-memory queues in the lab.
 
 pub use dvs_proto::stats::{
-    Attachment, AttachmentStats, ConnStats, MonitorStats, PortStats, Stats,
+    Attachment, AttachmentStats, ConnStats, DhcpBindingStats, MonitorStats, PortStats, Stats,
 };
 use std::io;
 use std::net::IpAddr;
@@ -675,6 +675,15 @@ impl<P: PortIo> Datapath<P> {
                         detail: a.to_string(),
                         state: a.clone(),
                     }),
+                    dhcp_bindings: sw
+                        .port_dhcp_bindings(no, now)
+                        .into_iter()
+                        .map(|(ip, mac, left)| DhcpBindingStats {
+                            ip,
+                            mac,
+                            expires_in_s: left.as_secs(),
+                        })
+                        .collect(),
                 })
                 .collect(),
             tunnel: sw.tunnel_counters().clone(),

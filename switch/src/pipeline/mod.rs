@@ -828,6 +828,26 @@ impl Switch {
     }
 
     /// A port's policer counters (inbound, outbound), where it has limits.
+    /// The addresses DHCP snooping bound on port `no` that have not
+    /// expired at `now`: address, client MAC, time left.
+    pub fn port_dhcp_bindings(
+        &self,
+        no: PortNo,
+        now: Duration,
+    ) -> Vec<(std::net::Ipv4Addr, MacAddr, Duration)> {
+        self.ports
+            .get(usize::from(no.0))
+            .and_then(Option::as_ref)
+            .map(|p| {
+                p.snooped
+                    .iter()
+                    .filter(|b| b.until > now)
+                    .map(|b| (b.ip, b.mac, b.until - now))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
     pub fn port_policers(&self, no: PortNo) -> (Option<PolicerCounters>, Option<PolicerCounters>) {
         match self.ports.get(usize::from(no.0)).and_then(Option::as_ref) {
             Some(p) => (
