@@ -9,12 +9,14 @@
 //!   ([`collector`]: nfcapd/nfdump and tshark); `tests/controller.rs` runs
 //!   a whole chassis — controller and agents — through the `dvs` command
 //!   line ([`chassis`]); `tests/qemu.rs` runs real QEMU guests as its VMs,
-//!   the libvirt hook called in libvirt's order ([`qemu`]).
+//!   the libvirt hook called in libvirt's order ([`qemu`]); [`dhcp`] runs
+//!   real DHCP software for the snooping tests.
 
 #![forbid(unsafe_code)]
 
 pub mod chassis;
 pub mod collector;
+pub mod dhcp;
 pub mod guestmove;
 pub mod netns;
 pub mod qemu;

@@ -16,6 +16,7 @@
 use std::time::Duration;
 
 use dvs_tests::chassis::Chassis;
+use dvs_tests::dhcp;
 use dvs_tests::netns::{e2e_ready, wait_for};
 
 const TOOLS: &[&str] = &["ip", "ss", "sysctl", "ping", "iperf3", "/usr/bin/python3"];
@@ -564,9 +565,6 @@ fn ip_source_guard_allows_the_ports_own_bindings() {
     assert_eq!(c.ping("b", "a", 2).1, 2, "b is unguarded");
 }
 
-/// A VM's `udhcpc` script: the address it is given goes on its NIC.
-const UDHCPC_SCRIPT: &str = "#!/bin/sh\ncase \"$1\" in\n  deconfig) ip -4 addr flush dev \"$interface\" ;;\n  bound|renew) ip -4 addr flush dev \"$interface\"; ip addr add \"$ip/$mask\" dev \"$interface\" ;;\nesac\n";
-
 /// DHCP snooping with real DHCP software: dnsmasq serves on a trusted
 /// port, busybox's udhcpd is a rogue server on an untrusted one, and a
 /// guarded VM (IP source guard, no static binding) takes a lease with
@@ -598,25 +596,6 @@ fn dhcp_snooping_binds_dnsmasqs_lease_and_drops_a_rogue_server() {
     let (cl, rogue) = (c.vm("cl").3.clone(), c.vm("rogue").3.clone());
     c.topo.sh(&ns_cl, "ip -4 addr flush dev eth0");
     let dir = c.topo.dir.clone();
-    let leases = format!("--dhcp-leasefile={}", dir.join("dnsmasq.leases").display());
-    c.topo.spawn(
-        &ns_srv,
-        "dnsmasq",
-        &[
-            "dnsmasq",
-            "--no-daemon",
-            "--conf-file=/dev/null",
-            "--port=0",
-            "--interface=eth0",
-            "--bind-interfaces",
-            "--dhcp-range=10.60.0.50,10.60.0.60,255.255.255.0,300",
-            &leases,
-            "--log-dhcp",
-            // (dnsmasq pings an address before it offers it, longer than
-            // udhcpc waits between discovers.)
-            "--no-ping",
-        ],
-    );
     let conf = dir.join("udhcpd.conf");
     std::fs::write(
         &conf,
@@ -632,49 +611,18 @@ fn dhcp_snooping_binds_dnsmasqs_lease_and_drops_a_rogue_server() {
         "udhcpd",
         &["/bin/busybox", "udhcpd", "-f", &conf.to_string_lossy()],
     );
-    let script = dir.join("udhcpc.sh");
-    std::fs::write(&script, UDHCPC_SCRIPT).unwrap();
-    std::process::Command::new("chmod")
-        .args(["+x", &script.to_string_lossy()])
-        .status()
-        .unwrap();
-    assert!(
-        wait_for(Duration::from_secs(10), || c
-            .topo
-            .log("dnsmasq")
-            .contains("DHCP, IP range")),
-        "dnsmasq did not start: {}",
-        c.topo.log("dnsmasq")
+    dhcp::dnsmasq(
+        &mut c.topo,
+        &ns_srv,
+        "dnsmasq",
+        "10.60.0.50,10.60.0.60,255.255.255.0,300",
+        &[],
     );
-    std::thread::sleep(Duration::from_millis(300));
-    let udhcpc = |c: &Chassis, extra: &str| {
-        c.topo.try_sh(
-            &ns_cl,
-            &format!(
-                "/bin/busybox udhcpc -i eth0 -q -n -t 5 -T 1 {extra} -s {}",
-                script.display()
-            ),
-        )
-    };
-    let o = udhcpc(&c, "");
-    assert!(
-        o.status.success(),
-        "udhcpc: {}{}\n{}",
-        String::from_utf8_lossy(&o.stdout),
-        String::from_utf8_lossy(&o.stderr),
-        c.topo.logs()
-    );
-    let shown = c.topo.sh(&ns_cl, "ip -4 -o addr show dev eth0");
-    let leased = shown
-        .split_whitespace()
-        .skip_while(|w| *w != "inet")
-        .nth(1)
-        .and_then(|a| a.split('/').next())
-        .unwrap_or_default()
-        .to_string();
+    let script = dhcp::udhcpc_script(&c.topo);
+    let leased = dhcp::lease(&c.topo, &ns_cl, "");
     assert!(
         leased.starts_with("10.60.0."),
-        "dnsmasq's address, not the rogue's: {shown}"
+        "dnsmasq's address, not the rogue's: {leased}"
     );
     assert!(
         wait_for(Duration::from_secs(5), || port_drops(

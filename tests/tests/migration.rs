@@ -7,7 +7,8 @@
 //! UDP flow, a VLAN neighbour and a NetFlow-counted UDP flow, back and forth.
 //! Then aborts at every phase, and `kill -9` of each party; and a DRS
 //! burst — thirty-two VMs moving at once, eight from each of four hosts —
-//! after which the evacuated host is drained and removed.
+//! after which the evacuated host is drained and removed. A VM whose
+//! address came from DHCP (dnsmasq) keeps it under IP source guard.
 
 #![allow(clippy::unwrap_used)] // a test fails on the spot, saying where
 
@@ -826,4 +827,57 @@ fn the_destination_forwards_before_the_controller_hears_of_it() {
     c.start_agent(0);
     c.wait_converged(Duration::from_secs(20));
     consistent(&c, 1, 0, "source killed after the destination started");
+}
+
+/// A guarded VM (IP source guard, no static binding) whose address came
+/// from DHCP — dnsmasq on a trusted port of a third host, the VM's own
+/// udhcpc — live-migrates: the snooped binding moves with its port, so
+/// the VM still uses its address at the destination, and its new host
+/// reports the binding.
+#[test]
+fn a_dhcp_binding_moves_with_its_vm() {
+    if !e2e_ready(&["ip", "ping", "/usr/bin/python3", "dnsmasq", "/bin/busybox"]) {
+        return;
+    }
+    let mut c = Chassis::new(
+        3,
+        "kind: PortProfile\nname: server\nvlan: { mode: access, id: 10 }\ndhcp_snooping: { trusted: true }\n---\n\
+         kind: PortProfile\nname: guarded\nvlan: { mode: access, id: 10 }\nsecurity: { ip_source_guard: true }\n",
+        &[("srv", 2, "10.61.0.1/24", "server")],
+    );
+    const MAC: &str = "02:00:00:cc:00:01";
+    c.add_tap_vm("g", 0, "10.61.0.55/24", "guarded", MAC);
+    let ns_srv = c.vm("srv").1.clone();
+    let (ns_g, g) = (c.vm("g").1.clone(), c.vm("g").3.clone());
+    dvs_tests::dhcp::dnsmasq(
+        &mut c.topo,
+        &ns_srv,
+        "dnsmasq",
+        "10.61.0.50,10.61.0.60,255.255.255.0,600",
+        &[&format!("--dhcp-host={MAC},10.61.0.55")],
+    );
+    c.topo.sh(&ns_g, "ip -4 addr flush dev eth0");
+    assert_eq!(dvs_tests::dhcp::lease(&c.topo, &ns_g, ""), "10.61.0.55");
+    let ping = |c: &Chassis| {
+        let o = c.topo.try_sh(&ns_g, "ping -c 3 -i 0.2 -W 1 10.61.0.1");
+        parse_ping(&String::from_utf8_lossy(&o.stdout)).1
+    };
+    assert_eq!(ping(&c), 3, "on h1, from its lease");
+    let id = c.begin_move("g", 1);
+    c.swap_nic("g", 1);
+    c.wait_phase(id, "done", Duration::from_secs(20));
+    assert_eq!(ping(&c), 3, "on h2, the binding came along");
+    let reported = || {
+        c.json(&["show", "ip", "bindings"])
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+            .into_iter()
+            .any(|r| r["port"] == g.as_str() && r["host"] == "h2" && r["source"] == "dhcp")
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), reported),
+        "{}",
+        c.ok(&["show", "ip", "bindings"])
+    );
 }
