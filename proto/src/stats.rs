@@ -371,6 +371,23 @@ pub struct Stats {
     pub netflow: Vec<MonitorStats>,
     /// What the switch did for migrations' switchovers.
     pub switchover: SwitchoverCounters,
+    /// What DHCP snooping saw.
+    pub dhcp: DhcpCounters,
+}
+
+/// What a switch's DHCP snooping saw (the drops of server messages from
+/// untrusted ports are the ports' `dhcp_server` drops).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DhcpCounters {
+    /// Acks toward a VM that bound (or renewed) an address.
+    pub bound: u64,
+    /// Bindings a VM's release or decline, or a server's nak, ended.
+    pub ended: u64,
+    /// DHCPv4 datagrams (UDP between ports 67 and 68) that are no DHCP
+    /// message the switch can read: passed on as they are, binding
+    /// nothing.
+    pub malformed: u64,
 }
 
 /// What a switch did for migrations' switchovers (see `docs/migration.md`).

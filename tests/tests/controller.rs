@@ -643,6 +643,15 @@ fn dhcp_snooping_binds_dnsmasqs_lease_and_drops_a_rogue_server() {
         dvs_tests::netns::parse_ping(&String::from_utf8_lossy(&o.stdout)).1
     };
     assert_eq!(ping(&c, &leased), 3, "from the leased {leased}");
+    let bound = || {
+        let text = std::fs::read_to_string(c.stats_file(1)).unwrap_or_default();
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap_or_default();
+        v["dhcp"]["bound"].as_u64().unwrap_or(0) >= 1
+    };
+    assert!(
+        wait_for(Duration::from_secs(5), bound),
+        "h2 counts the binding"
+    );
     // Chassis-wide, as its host reports it (once a second).
     let snooped = || {
         c.json(&["show", "ip", "bindings"])

@@ -709,6 +709,7 @@ impl<P: PortIo> Datapath<P> {
                 })
                 .collect(),
             switchover: sw.switchover_counters().clone(),
+            dhcp: sw.dhcp_counters().clone(),
         }
     }
 }

@@ -55,7 +55,9 @@ use crate::policy::qos::{Policer, PolicerCounters, PolicerState};
 use crate::policy::security::{snoop_bind, PortGuard, Snooped};
 use crate::wire::{self, vxlan, EthView, FlowKey};
 use crate::Error;
-use dvs_proto::stats::{DropReason, MacCounters, PortCounters, SwitchoverCounters, TunnelCounters};
+use dvs_proto::stats::{
+    DhcpCounters, DropReason, MacCounters, PortCounters, SwitchoverCounters, TunnelCounters,
+};
 
 /// A port's index on this host's switch (not its chassis-wide [`PortId`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -347,6 +349,7 @@ pub struct Switch {
     /// ([`switchover`]).
     waiting: Vec<switchover::Waiting>,
     switchover: SwitchoverCounters,
+    dhcp: DhcpCounters,
     /// Some port copies its VM's frames ([`Switch::set_port_copy`]).
     copy_any: bool,
 }
@@ -393,6 +396,7 @@ impl Switch {
             owned: FxHashMap::default(),
             waiting: Vec::new(),
             switchover: SwitchoverCounters::default(),
+            dhcp: DhcpCounters::default(),
             copy_any: false,
         }
     }
@@ -828,6 +832,11 @@ impl Switch {
     }
 
     /// A port's policer counters (inbound, outbound), where it has limits.
+    /// What DHCP snooping saw.
+    pub fn dhcp_counters(&self) -> &DhcpCounters {
+        &self.dhcp
+    }
+
     /// The addresses DHCP snooping bound on port `no` that have not
     /// expired at `now`: address, client MAC, time left.
     pub fn port_dhcp_bindings(
@@ -1100,7 +1109,7 @@ impl Switch {
                         };
                     }
                 }
-                dhcp_from_vm(port, now, bytes);
+                dhcp_from_vm(port, &mut self.dhcp, now, bytes);
             }
         }
         let mut key = None;
@@ -1355,6 +1364,8 @@ impl Switch {
         out: &mut Vec<Output>,
     ) {
         let (ports, waiting, counters) = (&mut self.ports, &mut self.waiting, &mut self.switchover);
+        let dhcp = &mut self.dhcp;
+        let message = dhcp_delivered(dhcp, frame);
         out.retain(|o| {
             let Egress::Port(p) = o.egress else {
                 return true;
@@ -1364,7 +1375,9 @@ impl Switch {
             };
             match port_policy(port, Direction::ToVm, now, frame, vlan, key) {
                 Ok(()) => {
-                    dhcp_to_vm(port, now, frame);
+                    if let Some(d) = &message {
+                        dhcp_to_vm(port, dhcp, now, d);
+                    }
                     true
                 }
                 Err(reason) => {
@@ -1594,34 +1607,49 @@ fn dhcp_guard(port: &Port, frame: &[u8]) -> Result<(), DropReason> {
 /// DHCP snooping of a frame a VM sent that port security admitted: a
 /// release or decline ends the binding it names (after the frame itself
 /// passed, from that address), and ended leases go.
-fn dhcp_from_vm(port: &mut Port, now: Duration, frame: &[u8]) {
+fn dhcp_from_vm(port: &mut Port, counters: &mut DhcpCounters, now: Duration, frame: &[u8]) {
     use wire::dhcp::Dhcp4Type;
-    if port.snooped.is_empty() {
+    if !wire::dhcp::is_dhcp4(frame, true) {
         return;
     }
+    let Some(d) = wire::dhcp::dhcp4(frame) else {
+        counters.malformed += 1;
+        return;
+    };
     port.snooped.retain(|b| b.until > now);
-    if let Some(d) = wire::dhcp::dhcp4(frame) {
-        let gone = match d.kind {
-            Dhcp4Type::Release => Some(d.ciaddr),
-            Dhcp4Type::Decline => d.requested,
-            _ => None,
-        };
-        if let Some(ip) = gone {
-            port.snooped.retain(|b| !(b.ip == ip && b.mac == d.chaddr));
-        }
+    let gone = match d.kind {
+        Dhcp4Type::Release => Some(d.ciaddr),
+        Dhcp4Type::Decline => d.requested,
+        _ => None,
+    };
+    if let Some(ip) = gone {
+        let before = port.snooped.len();
+        port.snooped.retain(|b| !(b.ip == ip && b.mac == d.chaddr));
+        counters.ended += (before - port.snooped.len()) as u64;
     }
 }
 
-/// DHCP snooping of a frame the switch delivers to a VM: a server's ack
-/// for the port's VM binds the address it gives for the lease (a nak ends
-/// the client's bindings). Only trusted ports and other hosts (which
-/// guard their own ports) can have sent it.
-fn dhcp_to_vm(port: &mut Port, now: Duration, frame: &[u8]) {
+/// The DHCPv4 message in a frame the switch delivers to VMs, read once
+/// for all its copies; a malformed one is counted.
+fn dhcp_delivered(counters: &mut DhcpCounters, frame: &[u8]) -> Option<wire::dhcp::Dhcp4> {
+    if !wire::dhcp::is_dhcp4(frame, false) {
+        return None;
+    }
+    let d = wire::dhcp::dhcp4(frame);
+    if d.is_none() {
+        counters.malformed += 1;
+    }
+    d
+}
+
+/// DHCP snooping of a message the switch delivers to a VM: a server's ack
+/// for the port's VM (its `mac`: a port without one binds nothing) binds
+/// the address it gives for the lease (a nak ends the client's bindings).
+/// Only trusted ports and other hosts (which guard their own ports) can
+/// have sent it.
+fn dhcp_to_vm(port: &mut Port, counters: &mut DhcpCounters, now: Duration, d: &wire::dhcp::Dhcp4) {
     use wire::dhcp::Dhcp4Type;
-    let Some(d) = wire::dhcp::dhcp4(frame) else {
-        return;
-    };
-    if port.cfg.mac.is_some_and(|m| m != d.chaddr) {
+    if port.cfg.mac != Some(d.chaddr) {
         return;
     }
     match d.kind {
@@ -1633,8 +1661,13 @@ fn dhcp_to_vm(port: &mut Port, now: Duration, frame: &[u8]) {
                 None => Duration::from_secs(86_400),
             };
             snoop_bind(&mut port.snooped, d.yiaddr, d.chaddr, now + lease);
+            counters.bound += 1;
         }
-        Dhcp4Type::Nak => port.snooped.retain(|b| b.mac != d.chaddr),
+        Dhcp4Type::Nak => {
+            let before = port.snooped.len();
+            port.snooped.retain(|b| b.mac != d.chaddr);
+            counters.ended += (before - port.snooped.len()) as u64;
+        }
         _ => {}
     }
 }

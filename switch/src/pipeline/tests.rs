@@ -1146,6 +1146,20 @@ fn dhcp_snooping_guards_servers_and_binds_what_the_server_gave() {
     );
     let p = r.send_from_port(1, from_vm([10, 0, 0, 7]));
     assert_eq!(p.verdict, Verdict::Drop(DropReason::SpoofedIp));
+    // A malformed DHCP message is passed on, counted, and binds nothing.
+    let mut bad = ack(3600);
+    bad.truncate(200);
+    r.send_from_port(0, udp4_frame(mac(1), [10, 0, 0, 1], 67, 68, &bad));
+    let p = r.send_from_port(1, from_vm([10, 0, 0, 7]));
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::SpoofedIp));
+    assert_eq!(
+        *r.sw.dhcp_counters(),
+        dvs_proto::stats::DhcpCounters {
+            bound: 2,
+            ended: 1,
+            malformed: 1
+        }
+    );
     // A router advertisement from an untrusted port: dropped.
     let mut ra = vec![0x33, 0x33, 0, 0, 0, 1, 2, 0, 0, 0, 0, 3, 0x86, 0xdd];
     ra.extend([0x60, 0, 0, 0, 0, 16, 58, 255]);

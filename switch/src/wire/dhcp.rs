@@ -149,6 +149,13 @@ pub fn dhcp4(frame: &[u8]) -> Option<Dhcp4> {
     })
 }
 
+/// Is `frame` an IPv4 UDP datagram from the DHCP client port to the
+/// server port (`to_server`), or the other way?
+pub fn is_dhcp4(frame: &[u8], to_server: bool) -> bool {
+    let ports = if to_server { (68, 67) } else { DHCP4 };
+    ethertype(frame) == Some(0x0800) && udp4(frame).is_some_and(|(s, d, _)| (s, d) == ports)
+}
+
 fn ethertype(frame: &[u8]) -> Option<u16> {
     frame.get(12..14).map(|b| u16::from_be_bytes([b[0], b[1]]))
 }
