@@ -459,7 +459,7 @@ pub struct PortStats {
 /// An address a DHCP server leased a port's VM, as snooping saw it.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct DhcpBindingStats {
-    pub ip: std::net::Ipv4Addr,
+    pub ip: std::net::IpAddr,
     /// The client it was leased to.
     pub mac: crate::MacAddr,
     /// Seconds of the lease left.

@@ -9,7 +9,8 @@
 //! comes under its name. IP source guard in a shared profile (the
 //! DESIGN's) allows each port's own bindings (`dvs port set --ip`), and
 //! what a real DHCP server (dnsmasq, on a trusted port) leased a real
-//! client (busybox's udhcpc); a rogue server (busybox's udhcpd) is dropped.
+//! client (busybox's udhcpc; for DHCPv6, ISC's dhclient); a rogue server
+//! (busybox's udhcpd) is dropped.
 
 #![allow(clippy::unwrap_used)] // a test fails on the spot, saying where
 
@@ -710,4 +711,110 @@ fn dhcp_snooping_binds_dnsmasqs_lease_and_drops_a_rogue_server() {
     c.topo
         .sh(&ns_cl, &format!("ip addr add {leased}/24 dev eth0"));
     assert_eq!(ping(&c, &leased), 0, "released");
+}
+
+/// DHCPv6 snooping with real software: dnsmasq leases a guarded VM an
+/// IPv6 address (IA_NA) that ISC's dhclient asks for; IP source guard then
+/// lets the VM use that address and no other.
+#[test]
+fn dhcpv6_snooping_binds_the_address_dnsmasq_leased() {
+    if !e2e_ready(&["ip", "ping", "dnsmasq", "dhclient"]) {
+        return;
+    }
+    let profiles = "kind: PortProfile\nname: server\nvlan: { mode: access, id: 10 }\ndhcp_snooping: { trusted: true }\n---\n\
+        kind: PortProfile\nname: guarded\nvlan: { mode: access, id: 10 }\nsecurity: { ip_source_guard: true }\n";
+    let mut c = Chassis::new(
+        2,
+        profiles,
+        &[
+            ("srv", 0, "10.62.0.1/24", "server"),
+            ("cl", 1, "10.62.0.250/24", "guarded"),
+        ],
+    );
+    let (ns_srv, ns_cl) = (c.vm("srv").1.clone(), c.vm("cl").1.clone());
+    let cl = c.vm("cl").3.clone();
+    // (The harness's VMs have IPv6 off: no stray router solicitations.)
+    for ns in [&ns_srv, &ns_cl] {
+        c.topo
+            .sh(ns, "sysctl -qw net.ipv6.conf.eth0.disable_ipv6=0");
+    }
+    c.topo
+        .sh(&ns_srv, "ip -6 addr add 2001:db8:62::1/64 dev eth0 nodad");
+    // Both link-local addresses past duplicate address detection.
+    for ns in [&ns_srv, &ns_cl] {
+        assert!(wait_for(Duration::from_secs(10), || c
+            .topo
+            .sh(ns, "ip -6 addr show dev eth0 tentative")
+            .trim()
+            .is_empty()));
+    }
+    dhcp::dnsmasq(
+        &mut c.topo,
+        &ns_srv,
+        "dnsmasq",
+        "10.62.0.50,10.62.0.60,255.255.255.0,300",
+        &["--dhcp-range=2001:db8:62::100,2001:db8:62::1ff,64,600"],
+    );
+    let leases = c.topo.dir.join("dhclient6.leases");
+    let leases_s = leases.to_string_lossy().to_string();
+    let pid = c
+        .topo
+        .dir
+        .join("dhclient6.pid")
+        .to_string_lossy()
+        .to_string();
+    c.topo.spawn(
+        &ns_cl,
+        "dhclient",
+        &[
+            "dhclient",
+            "-6",
+            "-d",
+            "-v",
+            "-sf",
+            "/bin/true",
+            "-lf",
+            &leases_s,
+            "-pf",
+            &pid,
+            "eth0",
+        ],
+    );
+    let leased = || {
+        let text = std::fs::read_to_string(&leases).unwrap_or_default();
+        text.split("iaaddr ")
+            .nth(1)
+            .and_then(|r| r.split_whitespace().next())
+            .map(str::to_string)
+    };
+    assert!(
+        wait_for(Duration::from_secs(20), || leased().is_some()),
+        "no lease: {}\n{}",
+        c.topo.log("dhclient"),
+        c.topo.log("dnsmasq")
+    );
+    c.topo.stop("dhclient");
+    let ip = leased().unwrap();
+    assert!(ip.starts_with("2001:db8:62::"), "{ip}");
+    // dhclient was told not to configure it (-sf /bin/true): the VM does.
+    c.topo
+        .sh(&ns_cl, &format!("ip -6 addr add {ip}/64 dev eth0 nodad"));
+    c.topo
+        .sh(&ns_cl, "ip -6 addr add 2001:db8:62::99/64 dev eth0 nodad");
+    let ping = |from: &str| {
+        let o = c.topo.try_sh(
+            &ns_cl,
+            &format!("ping -6 -c 3 -i 0.2 -W 1 -I {from} 2001:db8:62::1"),
+        );
+        dvs_tests::netns::parse_ping(&String::from_utf8_lossy(&o.stdout)).1
+    };
+    assert_eq!(ping(&ip), 3, "from the leased {ip}");
+    let before = port_drops(&c, 1, &cl, "spoofed_ip");
+    assert_eq!(ping("2001:db8:62::99"), 0, "another address");
+    assert!(wait_for(Duration::from_secs(5), || port_drops(
+        &c,
+        1,
+        &cl,
+        "spoofed_ip"
+    ) >= before + 3));
 }

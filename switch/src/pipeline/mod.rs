@@ -186,7 +186,7 @@ pub struct PortState {
     /// The addresses DHCP gave the VM: address, client MAC, ms of lease
     /// left.
     #[serde(default)]
-    pub dhcp_bindings: Vec<(std::net::Ipv4Addr, MacAddr, u64)>,
+    pub dhcp_bindings: Vec<(IpAddr, MacAddr, u64)>,
 }
 
 /// A VLAN segment stretched across hosts by VXLAN.
@@ -843,7 +843,7 @@ impl Switch {
         &self,
         no: PortNo,
         now: Duration,
-    ) -> Vec<(std::net::Ipv4Addr, MacAddr, Duration)> {
+    ) -> Vec<(IpAddr, MacAddr, Duration)> {
         self.ports
             .get(usize::from(no.0))
             .and_then(Option::as_ref)
@@ -1578,11 +1578,7 @@ impl Switch {
 ///
 /// Take the saved DHCP `bindings` (their leases' time left) into a port's
 /// list at `now`; a binding the port has already stays.
-fn restore_bindings(
-    list: &mut Vec<Snooped>,
-    bindings: &[(std::net::Ipv4Addr, MacAddr, u64)],
-    now: Duration,
-) {
+fn restore_bindings(list: &mut Vec<Snooped>, bindings: &[(IpAddr, MacAddr, u64)], now: Duration) {
     for &(ip, mac, left) in bindings {
         if !list.iter().any(|b| b.ip == ip) {
             snoop_bind(list, ip, mac, now + Duration::from_millis(left));
@@ -1608,7 +1604,18 @@ fn dhcp_guard(port: &Port, frame: &[u8]) -> Result<(), DropReason> {
 /// release or decline ends the binding it names (after the frame itself
 /// passed, from that address), and ended leases go.
 fn dhcp_from_vm(port: &mut Port, counters: &mut DhcpCounters, now: Duration, frame: &[u8]) {
-    use wire::dhcp::Dhcp4Type;
+    use wire::dhcp::{Dhcp4Type, Dhcp6Type};
+    if !port.snooped.is_empty() && frame.get(12..14) == Some(&[0x86, 0xdd]) {
+        if let Some(d) = wire::dhcp::dhcp6(frame) {
+            if matches!(d.kind, Dhcp6Type::Release | Dhcp6Type::Decline) {
+                let before = port.snooped.len();
+                port.snooped
+                    .retain(|b| !d.addrs.iter().any(|(a, _)| b.ip == IpAddr::V6(*a)));
+                counters.ended += (before - port.snooped.len()) as u64;
+            }
+        }
+        return;
+    }
     if !wire::dhcp::is_dhcp4(frame, true) {
         return;
     }
@@ -1624,22 +1631,40 @@ fn dhcp_from_vm(port: &mut Port, counters: &mut DhcpCounters, now: Duration, fra
     };
     if let Some(ip) = gone {
         let before = port.snooped.len();
-        port.snooped.retain(|b| !(b.ip == ip && b.mac == d.chaddr));
+        port.snooped
+            .retain(|b| !(b.ip == IpAddr::V4(ip) && b.mac == d.chaddr));
         counters.ended += (before - port.snooped.len()) as u64;
     }
 }
 
-/// The DHCPv4 message in a frame the switch delivers to VMs, read once
-/// for all its copies; a malformed one is counted.
-fn dhcp_delivered(counters: &mut DhcpCounters, frame: &[u8]) -> Option<wire::dhcp::Dhcp4> {
-    if !wire::dhcp::is_dhcp4(frame, false) {
+/// A DHCP server's message the switch delivers to VMs.
+enum Delivered {
+    V4(wire::dhcp::Dhcp4),
+    /// A DHCPv6 message, and the MAC it is sent to (DHCPv6 names its
+    /// client by DUID, not MAC).
+    V6(wire::dhcp::Dhcp6, MacAddr),
+}
+
+/// The DHCP server message in a frame the switch delivers to VMs, read
+/// once for all its copies; a malformed DHCPv4 one is counted.
+fn dhcp_delivered(counters: &mut DhcpCounters, frame: &[u8]) -> Option<Delivered> {
+    if wire::dhcp::is_dhcp4(frame, false) {
+        let d = wire::dhcp::dhcp4(frame);
+        if d.is_none() {
+            counters.malformed += 1;
+        }
+        return d.map(Delivered::V4);
+    }
+    if wire::dhcp::server_message(frame) != Some(wire::dhcp::ServerMessage::Dhcp6) {
         return None;
     }
-    let d = wire::dhcp::dhcp4(frame);
-    if d.is_none() {
+    let Some(d) = wire::dhcp::dhcp6(frame) else {
         counters.malformed += 1;
-    }
-    d
+        return None;
+    };
+    let mut dst = [0u8; 6];
+    dst.copy_from_slice(frame.get(..6)?);
+    Some(Delivered::V6(d, MacAddr(dst)))
 }
 
 /// DHCP snooping of a message the switch delivers to a VM: a server's ack
@@ -1647,8 +1672,29 @@ fn dhcp_delivered(counters: &mut DhcpCounters, frame: &[u8]) -> Option<wire::dhc
 /// the address it gives for the lease (a nak ends the client's bindings).
 /// Only trusted ports and other hosts (which guard their own ports) can
 /// have sent it.
-fn dhcp_to_vm(port: &mut Port, counters: &mut DhcpCounters, now: Duration, d: &wire::dhcp::Dhcp4) {
-    use wire::dhcp::Dhcp4Type;
+fn dhcp_to_vm(port: &mut Port, counters: &mut DhcpCounters, now: Duration, m: &Delivered) {
+    use wire::dhcp::{Dhcp4Type, Dhcp6Type};
+    let d = match m {
+        Delivered::V4(d) => d,
+        Delivered::V6(d, to) => {
+            if port.cfg.mac != Some(*to) || d.kind != Dhcp6Type::Reply {
+                return;
+            }
+            for &(ip, valid) in &d.addrs {
+                let ip = IpAddr::V6(ip);
+                if valid == 0 {
+                    let before = port.snooped.len();
+                    port.snooped.retain(|b| b.ip != ip);
+                    counters.ended += (before - port.snooped.len()) as u64;
+                } else {
+                    let until = now + Duration::from_secs(u64::from(valid));
+                    snoop_bind(&mut port.snooped, ip, *to, until);
+                    counters.bound += 1;
+                }
+            }
+            return;
+        }
+    };
     if port.cfg.mac != Some(d.chaddr) {
         return;
     }
@@ -1660,7 +1706,12 @@ fn dhcp_to_vm(port: &mut Port, counters: &mut DhcpCounters, now: Duration, d: &w
                 Some(s) => Duration::from_secs(u64::from(s)),
                 None => Duration::from_secs(86_400),
             };
-            snoop_bind(&mut port.snooped, d.yiaddr, d.chaddr, now + lease);
+            snoop_bind(
+                &mut port.snooped,
+                IpAddr::V4(d.yiaddr),
+                d.chaddr,
+                now + lease,
+            );
             counters.bound += 1;
         }
         Dhcp4Type::Nak => {

@@ -1116,7 +1116,7 @@ fn dhcp_snooping_guards_servers_and_binds_what_the_server_gave() {
     let st = r.sw.save_port(PortNo(1), T).unwrap();
     assert_eq!(
         st.dhcp_bindings,
-        [(Ipv4Addr::new(10, 0, 0, 7), mac(2), 60_000)]
+        [(IpAddr::V4(Ipv4Addr::new(10, 0, 0, 7)), mac(2), 60_000)]
     );
     let mut other = Rig::new(vec![{
         let mut p = access(2, "vm", 10);

@@ -7,7 +7,7 @@
 //! reason. The MAC limit is sticky: the first `mac_limit` source MACs a port
 //! uses are the ones it may keep using (until its policy changes).
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::net::IpAddr;
 use std::time::Duration;
 
 use dvs_proto::Security;
@@ -23,7 +23,7 @@ pub const MAX_SNOOPED: usize = 16;
 /// An address a DHCP server gave a port's VM, snooped from its ack.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Snooped {
-    pub ip: Ipv4Addr,
+    pub ip: IpAddr,
     /// The client the server gave it to (`chaddr`).
     pub mac: dvs_proto::MacAddr,
     /// When the lease ends, on the switch's clock.
@@ -31,7 +31,7 @@ pub struct Snooped {
 }
 
 /// Bind `ip` to `mac` on a port until `until` (a renewal moves the end).
-pub fn snoop_bind(list: &mut Vec<Snooped>, ip: Ipv4Addr, mac: dvs_proto::MacAddr, until: Duration) {
+pub fn snoop_bind(list: &mut Vec<Snooped>, ip: IpAddr, mac: dvs_proto::MacAddr, until: Duration) {
     list.retain(|b| b.ip != ip);
     if list.len() >= MAX_SNOOPED {
         if let Some(i) = (0..list.len()).min_by_key(|&i| list[i].until) {
@@ -168,9 +168,7 @@ impl PortGuard {
         if self.policy.ip_source_guard {
             let allowed = |ip: IpAddr| {
                 self.policy.allowed_ips.iter().any(|n| n.contains(ip))
-                    || snooped
-                        .iter()
-                        .any(|b| IpAddr::V4(b.ip) == ip && b.until > now)
+                    || snooped.iter().any(|b| b.ip == ip && b.until > now)
             };
             guard_ip(&allowed, view, frame, vlan)?;
         }

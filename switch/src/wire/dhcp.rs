@@ -149,6 +149,102 @@ pub fn dhcp4(frame: &[u8]) -> Option<Dhcp4> {
     })
 }
 
+/// The DHCPv6 message types the snooping acts on.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dhcp6Type {
+    Reply,
+    Release,
+    Decline,
+    Other(u8),
+}
+
+/// The addresses of a DHCPv6 message's IA_NA options (RFC 8415 21.4,
+/// 21.6): each with its valid lifetime in seconds.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Dhcp6 {
+    pub kind: Dhcp6Type,
+    pub addrs: Vec<(std::net::Ipv6Addr, u32)>,
+}
+
+/// The DHCPv6 message in `frame` (UDP between ports 546 and 547, either
+/// way), if its options read whole.
+pub fn dhcp6(frame: &[u8]) -> Option<Dhcp6> {
+    if ethertype(frame)? != 0x86dd || *frame.get(ETH_HLEN + 6)? == 6 {
+        return None;
+    }
+    let k = FlowKey::parse(frame, 0);
+    if k.proto != Some(17) || !matches!((k.src_port, k.dst_port), (547, 546) | (546, 547)) {
+        return None;
+    }
+    // The UDP payload: its length from the UDP header, found from the end
+    // of the IPv6 payload (extension headers are rare here; a frame with
+    // them is read through FlowKey's walk).
+    let ip_len = usize::from(u16::from_be_bytes([
+        *frame.get(ETH_HLEN + 4)?,
+        *frame.get(ETH_HLEN + 5)?,
+    ]));
+    let end = (ETH_HLEN + 40 + ip_len).min(frame.len());
+    let udp_len = {
+        // The UDP header sits right before the payload; find it by the
+        // ports FlowKey read, walking the headers the same way.
+        let mut at = ETH_HLEN + 40;
+        let mut next = frame[ETH_HLEN + 6];
+        for _ in 0..8 {
+            match next {
+                0 | 43 | 60 => {
+                    next = *frame.get(at)?;
+                    at += (usize::from(*frame.get(at + 1)?) + 1) * 8;
+                }
+                _ => break,
+            }
+        }
+        if next != 17 {
+            return None;
+        }
+        at
+    };
+    let msg = frame.get(udp_len + 8..end)?;
+    let (&t, rest) = msg.split_first()?;
+    let kind = match t {
+        7 => Dhcp6Type::Reply,
+        8 => Dhcp6Type::Release,
+        9 => Dhcp6Type::Decline,
+        t => Dhcp6Type::Other(t),
+    };
+    let mut addrs = Vec::new();
+    for (code, ia) in options6(rest.get(3..)?)? {
+        // IA_NA: IAID, T1, T2, then its own options.
+        if code == 3 {
+            for (c, a) in options6(ia.get(12..)?)? {
+                if c == 5 {
+                    let a = a.get(..24)?;
+                    let mut ip = [0u8; 16];
+                    ip.copy_from_slice(&a[..16]);
+                    let valid = u32::from_be_bytes([a[20], a[21], a[22], a[23]]);
+                    addrs.push((std::net::Ipv6Addr::from(ip), valid));
+                }
+            }
+        }
+    }
+    Some(Dhcp6 { kind, addrs })
+}
+
+/// DHCPv6 options (code, value) of `bytes`, or `None` if one runs past
+/// the end.
+fn options6(mut bytes: &[u8]) -> Option<Vec<(u16, &[u8])>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let h = bytes.get(..4)?;
+        let (code, len) = (
+            u16::from_be_bytes([h[0], h[1]]),
+            usize::from(u16::from_be_bytes([h[2], h[3]])),
+        );
+        out.push((code, bytes.get(4..4 + len)?));
+        bytes = &bytes[4 + len..];
+    }
+    Some(out)
+}
+
 /// Is `frame` an IPv4 UDP datagram from the DHCP client port to the
 /// server port (`to_server`), or the other way?
 pub fn is_dhcp4(frame: &[u8], to_server: bool) -> bool {
@@ -299,11 +395,60 @@ mod tests {
         assert_eq!(server_message(&ra), None, "a router solicitation");
     }
 
+    /// An Ethernet/IPv6/UDP frame from the DHCPv6 server port to the
+    /// client port carrying `msg`.
+    fn reply6(msg: &[u8]) -> Vec<u8> {
+        let mut f = vec![2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 9, 0x86, 0xdd];
+        let len = (8 + msg.len()) as u16;
+        f.extend([0x60, 0, 0, 0]);
+        f.extend(len.to_be_bytes());
+        f.extend([17, 64]);
+        f.extend([0xfe, 0x80].iter().chain(&[0u8; 13]).chain(&[9u8]));
+        f.extend([0xfe, 0x80].iter().chain(&[0u8; 13]).chain(&[1u8]));
+        f.extend(547u16.to_be_bytes());
+        f.extend(546u16.to_be_bytes());
+        f.extend(len.to_be_bytes());
+        f.extend([0, 0]);
+        f.extend(msg);
+        f
+    }
+
+    #[test]
+    fn a_dhcpv6_reply_gives_its_ia_na_addresses() {
+        let addr: std::net::Ipv6Addr = "2001:db8::7".parse().unwrap();
+        let mut iaaddr = addr.octets().to_vec();
+        iaaddr.extend(300u32.to_be_bytes());
+        iaaddr.extend(600u32.to_be_bytes());
+        let mut ia = vec![0, 0, 0, 1, 0, 0, 0, 100, 0, 0, 0, 200];
+        ia.extend([0, 5, 0, 24]);
+        ia.extend(&iaaddr);
+        let mut msg = vec![7, 1, 2, 3];
+        msg.extend([0, 1, 0, 4, 0, 3, 0, 1]); // a client ID, skipped
+        msg.extend([0, 3]);
+        msg.extend((ia.len() as u16).to_be_bytes());
+        msg.extend(&ia);
+        let f = reply6(&msg);
+        assert_eq!(server_message(&f), Some(ServerMessage::Dhcp6));
+        assert_eq!(
+            dhcp6(&f),
+            Some(Dhcp6 {
+                kind: Dhcp6Type::Reply,
+                addrs: vec![(addr, 600)]
+            })
+        );
+        // An option running past the end: not read.
+        let mut cut = msg.clone();
+        cut.truncate(msg.len() - 3);
+        assert_eq!(dhcp6(&reply6(&cut)), None);
+    }
+
     proptest::proptest! {
         #[test]
         fn any_bytes_are_safe(bytes in proptest::collection::vec(proptest::num::u8::ANY, 0..600)) {
             let _ = server_message(&bytes);
             let _ = dhcp4(&bytes);
+            let _ = dhcp6(&bytes);
+            let _ = dhcp6(&reply6(&bytes));
             // As the payload of a DHCP frame too.
             let _ = dhcp4(&udp4_frame(SERVER, [10, 0, 0, 1], 67, 68, &bytes));
         }
