@@ -600,8 +600,20 @@ fn port_detail(p: &api::Port) -> String {
             String::new()
         }
     );
-    if !p.ips.is_empty() {
-        let _ = writeln!(s, "  IP bindings: {} (static)", p.ips.join(", "));
+    let snooped: Vec<String> = port_stats(p)
+        .map(|st| st.dhcp_bindings)
+        .unwrap_or_default()
+        .iter()
+        .map(|b| format!("{} (dhcp, {} s left)", b.ip, b.expires_in_s))
+        .collect();
+    if !p.ips.is_empty() || !snooped.is_empty() {
+        let all: Vec<String> = p
+            .ips
+            .iter()
+            .map(|ip| format!("{ip} (static)"))
+            .chain(snooped)
+            .collect();
+        let _ = writeln!(s, "  IP bindings: {}", all.join(", "));
     }
     if let Some(st) = port_stats(p) {
         let c = &st.counters;

@@ -488,7 +488,7 @@ fn ip_source_guard_allows_the_ports_own_bindings() {
         port_drops(&c, 0, &a, "spoofed_ip")
     );
     let shown = c.ok(&["port", "set", &a, "--ip", "10.50.0.1"]);
-    assert!(shown.contains("IP bindings: 10.50.0.1"), "{shown}");
+    assert!(shown.contains("IP bindings: 10.50.0.1 (static)"), "{shown}");
     assert_eq!(
         c.json(&["port", "show", &a])["ips"],
         serde_json::json!(["10.50.0.1"])
@@ -668,6 +668,11 @@ fn dhcp_snooping_binds_dnsmasqs_lease_and_drops_a_rogue_server() {
         wait_for(Duration::from_secs(5), snooped),
         "{}",
         c.ok(&["show", "ip", "bindings"])
+    );
+    let shown = c.ok(&["port", "show", &cl]);
+    assert!(
+        shown.contains(&format!("IP bindings: {leased} (dhcp, ")),
+        "{shown}"
     );
     c.topo.sh(&ns_cl, "ip addr add 10.60.0.99/24 dev eth0");
     let before = port_drops(&c, 1, &cl, "spoofed_ip");
