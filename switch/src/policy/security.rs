@@ -184,57 +184,54 @@ fn guard_ip(
     frame: &[u8],
     vlan: u16,
 ) -> Result<(), DropReason> {
-    {
-        match view.ethertype {
-            0x0806 => {
-                // ARP: the sender must be the frame's source and an allowed
-                // address (0.0.0.0: a probe).
-                let arp = frame
-                    .get(ETH_HLEN..ETH_HLEN + 28)
+    match view.ethertype {
+        0x0806 => {
+            // ARP: the sender must be the frame's source and an allowed
+            // address (0.0.0.0: a probe).
+            let arp = frame
+                .get(ETH_HLEN..ETH_HLEN + 28)
+                .ok_or(DropReason::ArpNdSpoof)?;
+            let sha = &arp[8..14];
+            let spa = IpAddr::from([arp[14], arp[15], arp[16], arp[17]]);
+            let probe = spa == IpAddr::from([0, 0, 0, 0]);
+            if sha != view.src.0 || !(probe || allowed(spa)) {
+                return Err(DropReason::ArpNdSpoof);
+            }
+            Ok(())
+        }
+        0x0800 | 0x86dd => {
+            let k = FlowKey::parse(frame, vlan);
+            let Some(src) = k.src_ip else {
+                return Err(DropReason::SpoofedIp);
+            };
+            let ok = match src {
+                // DHCP before the VM has an address.
+                IpAddr::V4(a) => {
+                    allowed(src) || a.is_unspecified() && k.proto == Some(17) && k.dst_port == 67
+                }
+                // Link-local and DAD sources are the VM's own business.
+                IpAddr::V6(a) => {
+                    allowed(src) || a.is_unspecified() || a.segments()[0] & 0xffc0 == 0xfe80
+                }
+            };
+            if !ok {
+                return Err(DropReason::SpoofedIp);
+            }
+            // A neighbour advertisement must announce an allowed target.
+            if k.proto == Some(58) && k.src_port == 136 {
+                let target = frame
+                    .get(ETH_HLEN + 40 + 8..ETH_HLEN + 40 + 24)
                     .ok_or(DropReason::ArpNdSpoof)?;
-                let sha = &arp[8..14];
-                let spa = IpAddr::from([arp[14], arp[15], arp[16], arp[17]]);
-                let probe = spa == IpAddr::from([0, 0, 0, 0]);
-                if sha != view.src.0 || !(probe || allowed(spa)) {
+                let mut t = [0u8; 16];
+                t.copy_from_slice(target);
+                let t = std::net::Ipv6Addr::from(t);
+                if !(allowed(IpAddr::V6(t)) || t.segments()[0] & 0xffc0 == 0xfe80) {
                     return Err(DropReason::ArpNdSpoof);
                 }
-                Ok(())
             }
-            0x0800 | 0x86dd => {
-                let k = FlowKey::parse(frame, vlan);
-                let Some(src) = k.src_ip else {
-                    return Err(DropReason::SpoofedIp);
-                };
-                let ok = match src {
-                    // DHCP before the VM has an address.
-                    IpAddr::V4(a) => {
-                        allowed(src)
-                            || a.is_unspecified() && k.proto == Some(17) && k.dst_port == 67
-                    }
-                    // Link-local and DAD sources are the VM's own business.
-                    IpAddr::V6(a) => {
-                        allowed(src) || a.is_unspecified() || a.segments()[0] & 0xffc0 == 0xfe80
-                    }
-                };
-                if !ok {
-                    return Err(DropReason::SpoofedIp);
-                }
-                // A neighbour advertisement must announce an allowed target.
-                if k.proto == Some(58) && k.src_port == 136 {
-                    let target = frame
-                        .get(ETH_HLEN + 40 + 8..ETH_HLEN + 40 + 24)
-                        .ok_or(DropReason::ArpNdSpoof)?;
-                    let mut t = [0u8; 16];
-                    t.copy_from_slice(target);
-                    let t = std::net::Ipv6Addr::from(t);
-                    if !(allowed(IpAddr::V6(t)) || t.segments()[0] & 0xffc0 == 0xfe80) {
-                        return Err(DropReason::ArpNdSpoof);
-                    }
-                }
-                Ok(())
-            }
-            _ => Ok(()),
+            Ok(())
         }
+        _ => Ok(()),
     }
 }
 

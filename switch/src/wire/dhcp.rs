@@ -5,7 +5,7 @@
 //!
 //! Every function takes an untagged frame and is safe on any bytes: what
 //! cannot be read is `None`. IPv6 extension headers are walked (eight at
-//! most) the way [`FlowKey`] walks them, so a hop-by-hop or destination
+//! most) the way [`FlowKey`](crate::wire::FlowKey) walks them ([`ip::l4`]), so a hop-by-hop or destination
 //! options header does not hide a router advertisement; a non-first
 //! fragment carries no upper-layer header and is no server message.
 
@@ -13,7 +13,7 @@ use std::net::Ipv4Addr;
 
 use dvs_proto::MacAddr;
 
-use crate::wire::{FlowKey, ETH_HLEN};
+use crate::wire::{ip, ETH_HLEN};
 
 /// UDP ports of DHCPv4 (server, client) and DHCPv6 (server, client).
 const DHCP4: (u16, u16) = (67, 68);
@@ -39,24 +39,26 @@ pub enum ServerMessage {
 /// other UDP traffic is told apart from the first header bytes, without a
 /// full parse.
 pub fn server_message(frame: &[u8]) -> Option<ServerMessage> {
+    // The usual cases told from one byte: IPv4 not UDP, IPv6 with TCP
+    // straight after the fixed header.
     match ethertype(frame)? {
-        0x0800 => {
-            let (src, dst, _) = udp4(frame)?;
-            ((src, dst) == DHCP4).then_some(ServerMessage::Dhcp4)
-        }
-        0x86dd => {
-            // Next header TCP, straight after the fixed header: the usual case.
-            if *frame.get(ETH_HLEN + 6)? == 6 {
-                return None;
-            }
-            let k = FlowKey::parse(frame, 0);
-            match k.proto? {
-                17 if (k.src_port, k.dst_port) == DHCP6 => Some(ServerMessage::Dhcp6),
-                58 if k.src_port == ROUTER_ADVERTISEMENT => {
-                    Some(ServerMessage::RouterAdvertisement)
-                }
+        0x0800 if !udp4_at_a_glance(frame) => return None,
+        0x86dd if *frame.get(ETH_HLEN + 6)? == 6 => return None,
+        _ => {}
+    }
+    let (proto, l4) = ip::l4(frame)?;
+    let v6 = ethertype(frame)? == 0x86dd;
+    match proto {
+        17 => {
+            let (src, dst, _) = udp(l4)?;
+            match (src, dst) {
+                DHCP4 if !v6 => Some(ServerMessage::Dhcp4),
+                DHCP6 if v6 => Some(ServerMessage::Dhcp6),
                 _ => None,
             }
+        }
+        58 if l4.first() == Some(&(ROUTER_ADVERTISEMENT as u8)) => {
+            Some(ServerMessage::RouterAdvertisement)
         }
         _ => None,
     }
@@ -93,14 +95,7 @@ pub struct Dhcp4 {
 /// The DHCPv4 message in `frame` (UDP between ports 67 and 68), if it is
 /// one with Ethernet addresses and a type.
 pub fn dhcp4(frame: &[u8]) -> Option<Dhcp4> {
-    if ethertype(frame)? != 0x0800 {
-        return None;
-    }
-    let (src, dst, at) = udp4(frame)?;
-    if !matches!((src, dst), (67, 68) | (68, 67)) {
-        return None;
-    }
-    let m = frame.get(at..)?;
+    let m = dhcp_payload(frame, 0x0800, DHCP4)?;
     let fixed = m.get(..BOOTP_LEN + 4)?;
     // htype 1 (Ethernet), hlen 6, and the magic cookie.
     if fixed[1] != 1 || fixed[2] != 6 || fixed[BOOTP_LEN..] != COOKIE {
@@ -169,41 +164,7 @@ pub struct Dhcp6 {
 /// The DHCPv6 message in `frame` (UDP between ports 546 and 547, either
 /// way), if its options read whole.
 pub fn dhcp6(frame: &[u8]) -> Option<Dhcp6> {
-    if ethertype(frame)? != 0x86dd || *frame.get(ETH_HLEN + 6)? == 6 {
-        return None;
-    }
-    let k = FlowKey::parse(frame, 0);
-    if k.proto != Some(17) || !matches!((k.src_port, k.dst_port), (547, 546) | (546, 547)) {
-        return None;
-    }
-    // The UDP payload: its length from the UDP header, found from the end
-    // of the IPv6 payload (extension headers are rare here; a frame with
-    // them is read through FlowKey's walk).
-    let ip_len = usize::from(u16::from_be_bytes([
-        *frame.get(ETH_HLEN + 4)?,
-        *frame.get(ETH_HLEN + 5)?,
-    ]));
-    let end = (ETH_HLEN + 40 + ip_len).min(frame.len());
-    let udp_len = {
-        // The UDP header sits right before the payload; find it by the
-        // ports FlowKey read, walking the headers the same way.
-        let mut at = ETH_HLEN + 40;
-        let mut next = frame[ETH_HLEN + 6];
-        for _ in 0..8 {
-            match next {
-                0 | 43 | 60 => {
-                    next = *frame.get(at)?;
-                    at += (usize::from(*frame.get(at + 1)?) + 1) * 8;
-                }
-                _ => break,
-            }
-        }
-        if next != 17 {
-            return None;
-        }
-        at
-    };
-    let msg = frame.get(udp_len + 8..end)?;
+    let msg = dhcp_payload(frame, 0x86dd, DHCP6)?;
     let (&t, rest) = msg.split_first()?;
     let kind = match t {
         7 => Dhcp6Type::Reply,
@@ -248,31 +209,46 @@ fn options6(mut bytes: &[u8]) -> Option<Vec<(u16, &[u8])>> {
 /// Is `frame` an IPv4 UDP datagram from the DHCP client port to the
 /// server port (`to_server`), or the other way?
 pub fn is_dhcp4(frame: &[u8], to_server: bool) -> bool {
-    let ports = if to_server { (68, 67) } else { DHCP4 };
-    ethertype(frame) == Some(0x0800) && udp4(frame).is_some_and(|(s, d, _)| (s, d) == ports)
+    let want = if to_server { (DHCP4.1, DHCP4.0) } else { DHCP4 };
+    ethertype(frame) == Some(0x0800)
+        && udp4_at_a_glance(frame)
+        && ip::l4(frame)
+            .filter(|(proto, _)| *proto == 17)
+            .and_then(|(_, l4)| udp(l4))
+            .is_some_and(|(s, d, _)| (s, d) == want)
+}
+
+/// The IPv4 header's protocol byte says UDP (the full walk follows).
+fn udp4_at_a_glance(frame: &[u8]) -> bool {
+    frame.get(ETH_HLEN + 9) == Some(&17)
 }
 
 fn ethertype(frame: &[u8]) -> Option<u16> {
     frame.get(12..14).map(|b| u16::from_be_bytes([b[0], b[1]]))
 }
 
-/// The UDP ports of an (unfragmented, or first-fragment) IPv4 UDP frame
-/// and where its payload starts.
-fn udp4(frame: &[u8]) -> Option<(u16, u16, usize)> {
-    let ip = frame.get(ETH_HLEN..ETH_HLEN + 20)?;
-    if ip[0] >> 4 != 4 || ip[9] != 17 {
+/// The UDP payload of `frame` of `ethertype` between the DHCP `ports`
+/// (server, client), either way.
+fn dhcp_payload(frame: &[u8], ethertype_: u16, ports: (u16, u16)) -> Option<&[u8]> {
+    if ethertype(frame)? != ethertype_ {
         return None;
     }
-    let offset = u16::from_be_bytes([ip[6], ip[7]]) & 0x1fff;
-    let ihl = usize::from(ip[0] & 0x0f) * 4;
-    if offset != 0 || ihl < 20 {
+    let (17, l4) = ip::l4(frame)? else {
         return None;
-    }
-    let udp = frame.get(ETH_HLEN + ihl..ETH_HLEN + ihl + 8)?;
+    };
+    let (src, dst, payload) = udp(l4)?;
+    ((src, dst) == ports || (dst, src) == ports).then_some(payload)
+}
+
+/// The ports of a UDP header and its payload, as long as the header says
+/// (Ethernet padding left out).
+fn udp(l4: &[u8]) -> Option<(u16, u16, &[u8])> {
+    let h = l4.get(..8)?;
+    let len = usize::from(u16::from_be_bytes([h[4], h[5]])).clamp(8, l4.len());
     Some((
-        u16::from_be_bytes([udp[0], udp[1]]),
-        u16::from_be_bytes([udp[2], udp[3]]),
-        ETH_HLEN + ihl + 8,
+        u16::from_be_bytes([h[0], h[1]]),
+        u16::from_be_bytes([h[2], h[3]]),
+        &l4[8..len],
     ))
 }
 

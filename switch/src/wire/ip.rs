@@ -129,6 +129,21 @@ impl FlowKey {
     }
 }
 
+/// The IP protocol and its bytes (after IPv6 extension headers, to the end
+/// of the frame) of an untagged IPv4 or IPv6 frame; `None` for other
+/// frames and for non-first fragments. Safe on any bytes: the headers are
+/// walked as [`FlowKey::parse`] walks them.
+pub fn l4(frame: &[u8]) -> Option<(u8, &[u8])> {
+    let mut k = FlowKey::parse(&[], 0);
+    let ip = frame.get(ETH_HLEN..)?;
+    let l4 = match frame.get(12..14)? {
+        [0x08, 0x00] => parse_ipv4(ip, &mut k),
+        [0x86, 0xdd] => parse_ipv6(ip, &mut k),
+        _ => None,
+    }?;
+    Some((k.proto?, l4))
+}
+
 /// What a frame adds to its flow record: packets, L3 octets (IP total
 /// length, as NetFlow counts), and the IP ToS / traffic class byte.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
