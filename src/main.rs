@@ -284,8 +284,9 @@ enum HookCmd {
 
 #[derive(Subcommand, Debug)]
 enum ProfileCmd {
-    /// Apply a file of PortProfile and NetflowMonitor documents (`---`
-    /// between them), all or nothing; every bound port follows.
+    /// Apply a file of PortProfile, NetflowMonitor and PrivateVlan
+    /// documents (`---` between them), all or nothing; every bound port
+    /// follows.
     Apply {
         /// The YAML file of documents.
         #[arg(short = 'f', long = "file", value_name = "FILE")]
@@ -294,16 +295,16 @@ enum ProfileCmd {
         #[arg(long)]
         dry_run: bool,
     },
-    /// Every profile and monitor.
+    /// Every profile, monitor and private VLAN.
     List,
-    /// One profile or monitor, as applied.
+    /// One profile, monitor or private VLAN, as applied.
     Show {
-        /// The profile's or monitor's name.
+        /// The document's name.
         name: String,
     },
-    /// Delete a profile or monitor nothing uses.
+    /// Delete a profile, monitor or private VLAN nothing uses.
     Delete {
-        /// The profile's or monitor's name.
+        /// The document's name.
         name: String,
     },
 }

@@ -21,7 +21,8 @@ use std::net::IpAddr;
 use dvs_proto::desired::{Item, PortItem, RemoteMac, Segment};
 use dvs_proto::netflow::{NetflowMonitor, RawMonitor};
 use dvs_proto::profile::{self, Policy, RawProfile};
-use dvs_proto::{known_names, MacAddr, PortId, VlanMode};
+use dvs_proto::pvlan::{PrivateVlan, PrivateVlans};
+use dvs_proto::{known_names, MacAddr, PortId, VlanId};
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
@@ -40,14 +41,31 @@ pub const VNI_BASE: u32 = 10_000;
 pub enum Kind {
     PortProfile,
     NetflowMonitor,
+    PrivateVlan,
 }
 
 impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::PortProfile, Kind::NetflowMonitor, Kind::PrivateVlan];
+
     fn label(self) -> &'static str {
         match self {
             Kind::PortProfile => "profile",
             Kind::NetflowMonitor => "monitor",
+            Kind::PrivateVlan => "private VLAN",
         }
+    }
+
+    /// As documents say it (`kind: PortProfile`).
+    pub fn name(self) -> &'static str {
+        match self {
+            Kind::PortProfile => "PortProfile",
+            Kind::NetflowMonitor => "NetflowMonitor",
+            Kind::PrivateVlan => "PrivateVlan",
+        }
+    }
+
+    pub fn from_name(s: &str) -> Option<Kind> {
+        Kind::ALL.into_iter().find(|k| k.name() == s)
     }
 }
 
@@ -189,11 +207,15 @@ pub struct Chassis {
     pub meta: Meta,
     profiles: BTreeMap<String, Doc>,
     monitors: BTreeMap<String, Doc>,
+    /// `kind: PrivateVlan` documents.
+    pvlan_docs: BTreeMap<String, Doc>,
     ports: BTreeMap<u32, PortRec>,
     hosts: BTreeMap<String, HostRec>,
     migrations: BTreeMap<u64, MigrationRec>,
     /// Each profile resolved (inheritance applied), rebuilt on change.
     resolved: BTreeMap<String, Policy>,
+    /// The private VLANs the documents declare, checked together.
+    pvlans: PrivateVlans,
     index: Index,
     dirty: Dirty,
 }
@@ -232,16 +254,12 @@ impl Chassis {
             ..Chassis::default()
         };
         for d in docs {
-            let map = match d.kind {
-                Kind::PortProfile => &mut c.profiles,
-                Kind::NetflowMonitor => &mut c.monitors,
-            };
-            map.insert(d.name.clone(), d);
+            c.docs_mut(d.kind).insert(d.name.clone(), d);
         }
         c.ports = ports.into_iter().map(|p| (p.id.number(), p)).collect();
         c.hosts = hosts.into_iter().map(|h| (h.name.clone(), h)).collect();
         c.migrations = migrations.into_iter().map(|m| (m.id, m)).collect();
-        c.resolved = validate(&c.profiles, &c.monitors)?;
+        (c.resolved, c.pvlans) = validate(&c.profiles, &c.monitors, &c.pvlan_docs)?;
         c.reindex();
         Ok(c)
     }
@@ -313,11 +331,28 @@ impl Chassis {
         match kind {
             Kind::PortProfile => self.profiles.get(name),
             Kind::NetflowMonitor => self.monitors.get(name),
+            Kind::PrivateVlan => self.pvlan_docs.get(name),
+        }
+    }
+
+    fn docs_mut(&mut self, kind: Kind) -> &mut BTreeMap<String, Doc> {
+        match kind {
+            Kind::PortProfile => &mut self.profiles,
+            Kind::NetflowMonitor => &mut self.monitors,
+            Kind::PrivateVlan => &mut self.pvlan_docs,
         }
     }
 
     pub fn docs(&self) -> impl Iterator<Item = &Doc> {
-        self.profiles.values().chain(self.monitors.values())
+        self.profiles
+            .values()
+            .chain(self.monitors.values())
+            .chain(self.pvlan_docs.values())
+    }
+
+    /// The chassis's private VLANs.
+    pub fn private_vlans(&self) -> &PrivateVlans {
+        &self.pvlans
     }
 
     pub fn port(&self, id: PortId) -> Option<&PortRec> {
@@ -351,14 +386,15 @@ impl Chassis {
         self.dirty.meta = true;
     }
 
-    /// Apply a multi-document YAML file of `PortProfile` and
-    /// `NetflowMonitor` documents, all or nothing; with `dry_run` only say
+    /// Apply a multi-document YAML file of `PortProfile`, `NetflowMonitor`
+    /// and `PrivateVlan` documents, all or nothing; with `dry_run` only say
     /// what would change.
     ///
     /// # Errors
     /// [`Error::Invalid`] naming the document and field at fault: bad YAML,
     /// an unknown kind, a bad field, an unknown parent, a cycle, an unknown
-    /// monitor, a port left without a VLAN, a file over 1 MiB.
+    /// monitor, a port left without a VLAN, private VLANs that overlap or a
+    /// profile's VLAN mode they do not allow, a file over 1 MiB.
     pub fn apply(&mut self, yaml: &str, dry_run: bool) -> Result<Vec<Change>, Error> {
         if yaml.len() > MAX_APPLY_BYTES {
             return Err(Error::Invalid(format!(
@@ -366,8 +402,11 @@ impl Chassis {
                 yaml.len()
             )));
         }
-        let mut profiles = self.profiles.clone();
-        let mut monitors = self.monitors.clone();
+        let mut next = [
+            self.profiles.clone(),
+            self.monitors.clone(),
+            self.pvlan_docs.clone(),
+        ];
         let mut incoming: Vec<(Kind, String, Value)> = Vec::new();
         for (i, de) in serde_norway::Deserializer::from_str(yaml).enumerate() {
             let at = format!("document {}", i + 1);
@@ -376,16 +415,14 @@ impl Chassis {
                 continue;
             }
             let kind = match v.get("kind").and_then(Value::as_str) {
-                Some("PortProfile") => Kind::PortProfile,
-                Some("NetflowMonitor") => Kind::NetflowMonitor,
-                Some(k) => {
-                    return Err(Error::Invalid(format!(
-                        "{at}: kind `{k}` is not one this file may hold: expected PortProfile or NetflowMonitor"
-                    )))
-                }
+                Some(k) => Kind::from_name(k).ok_or_else(|| {
+                    Error::Invalid(format!(
+                        "{at}: kind `{k}` is not one this file may hold: expected PortProfile, NetflowMonitor or PrivateVlan"
+                    ))
+                })?,
                 None => {
                     return Err(Error::Invalid(format!(
-                        "{at}: no `kind:` — say PortProfile or NetflowMonitor"
+                        "{at}: no `kind:` — say PortProfile, NetflowMonitor or PrivateVlan"
                     )))
                 }
             };
@@ -408,10 +445,7 @@ impl Chassis {
         }
         let mut changes = Vec::new();
         for (kind, name, body) in incoming {
-            let map = match kind {
-                Kind::PortProfile => &mut profiles,
-                Kind::NetflowMonitor => &mut monitors,
-            };
+            let map = &mut next[kind as usize];
             match map.get(&name) {
                 Some(d) if d.body == body => {}
                 Some(d) => {
@@ -447,28 +481,30 @@ impl Chassis {
                 }
             }
         }
-        let resolved = validate(&profiles, &monitors)?;
+        let [profiles, monitors, pvlan_docs] = next;
+        let (resolved, pvlans) = validate(&profiles, &monitors, &pvlan_docs)?;
         for p in self.ports.values() {
             check_port_policy(p, &resolved)?;
         }
         if dry_run || changes.is_empty() {
             return Ok(changes);
         }
-        for (name, d) in &profiles {
-            if self.profiles.get(name) != Some(d) {
-                self.dirty.docs.insert(("PortProfile".into(), name.clone()));
-            }
-        }
-        for (name, d) in &monitors {
-            if self.monitors.get(name) != Some(d) {
-                self.dirty
-                    .docs
-                    .insert(("NetflowMonitor".into(), name.clone()));
+        for (kind, docs) in [
+            (Kind::PortProfile, &profiles),
+            (Kind::NetflowMonitor, &monitors),
+            (Kind::PrivateVlan, &pvlan_docs),
+        ] {
+            for (name, d) in docs {
+                if self.doc(kind, name) != Some(d) {
+                    self.dirty.docs.insert((kind.name().into(), name.clone()));
+                }
             }
         }
         self.profiles = profiles;
         self.monitors = monitors;
+        self.pvlan_docs = pvlan_docs;
         self.resolved = resolved;
+        self.pvlans = pvlans;
         self.reindex();
         self.bump();
         Ok(changes)
@@ -544,12 +580,23 @@ impl Chassis {
                 }
                 self.monitors.remove(name);
             }
+            Kind::PrivateVlan => {
+                let mut rest = self.pvlan_docs.clone();
+                rest.remove(name);
+                let (_, pvlans) = validate(&self.profiles, &self.monitors, &rest).map_err(|e| {
+                    Error::Conflict(format!(
+                        "private VLAN `{name}` is in use: {}; change the profiles first",
+                        e
+                    ))
+                })?;
+                self.pvlan_docs = rest;
+                self.pvlans = pvlans;
+                self.reindex();
+            }
         }
-        let k = match kind {
-            Kind::PortProfile => "PortProfile",
-            Kind::NetflowMonitor => "NetflowMonitor",
-        };
-        self.dirty.docs.insert((k.into(), name.to_string()));
+        self.dirty
+            .docs
+            .insert((kind.name().into(), name.to_string()));
         self.bump();
         Ok(vec![format!("{} {name}: deleted", kind.label())])
     }
@@ -944,17 +991,20 @@ impl Chassis {
     /// The VLAN whose MAC table holds port `p`'s VM (access VLAN or trunk
     /// native VLAN).
     pub fn port_vlan(&self, p: &PortRec) -> Option<u16> {
-        match self.resolved.get(&p.profile)?.vlan.as_ref()? {
-            VlanMode::Access(v) => Some(v.get()),
-            VlanMode::Trunk { native, .. } => native.map(|v| v.get()),
-        }
+        let mode = self.resolved.get(&p.profile)?.vlan.as_ref()?;
+        mode.untagged_vlan().map(VlanId::get)
     }
 
-    /// The VLANs a port carries.
+    /// The VLANs a port's host must have for it: those it carries, and
+    /// a pvlan port's whole private VLAN.
     fn port_vlans(&self, p: &PortRec) -> Vec<u16> {
         match self.resolved.get(&p.profile).and_then(|x| x.vlan.as_ref()) {
-            Some(VlanMode::Access(v)) => vec![v.get()],
-            Some(VlanMode::Trunk { allowed, .. }) => allowed.iter().map(|v| v.get()).collect(),
+            Some(mode) => self
+                .pvlans
+                .vlans_of(mode)
+                .into_iter()
+                .map(VlanId::get)
+                .collect(),
             None => Vec::new(),
         }
     }
@@ -969,6 +1019,9 @@ impl Chassis {
             items.insert(i.key(), i);
         };
         add(Item::Chassis(self.meta.chassis_id));
+        if !self.pvlans.is_empty() {
+            add(Item::PrivateVlans(self.pvlans.decls().to_vec()));
+        }
         // The other hosts' tunnel endpoints: the only sources of VXLAN it
         // takes (a host that leaves a segment may still redirect a
         // migrated VM's frames to it for a moment).
@@ -1180,7 +1233,8 @@ fn check_host_name(host: &str) -> Result<(), Error> {
 fn validate(
     profiles: &BTreeMap<String, Doc>,
     monitors: &BTreeMap<String, Doc>,
-) -> Result<BTreeMap<String, Policy>, Error> {
+    pvlan_docs: &BTreeMap<String, Doc>,
+) -> Result<(BTreeMap<String, Policy>, PrivateVlans), Error> {
     let raw_profiles = profiles
         .values()
         .map(|d| {
@@ -1199,7 +1253,29 @@ fn validate(
         NetflowMonitor::set_from_raw(&raw_monitors).map_err(|e| Error::Invalid(e.to_string()))?;
     let resolved = profile::resolve(&raw_profiles).map_err(|e| Error::Invalid(e.to_string()))?;
     profile::check_monitors(&resolved, &monitors).map_err(|e| Error::Invalid(e.to_string()))?;
-    Ok(resolved)
+    let decls = pvlan_docs
+        .values()
+        .map(|d| {
+            let mut body = d.body.clone();
+            if let Some(m) = body.as_object_mut() {
+                m.remove("kind");
+                m.remove("name");
+            }
+            let at = format!("private VLAN `{}`", d.name);
+            serde_json::from_value::<PrivateVlan>(body)
+                .map(|p| (at.clone(), p))
+                .map_err(|e| Error::Invalid(format!("{at}: {e}")))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let pvlans = PrivateVlans::new(decls).map_err(Error::Invalid)?;
+    for (name, policy) in &resolved {
+        if let Some(mode) = &policy.vlan {
+            pvlans
+                .check_mode(mode)
+                .map_err(|e| Error::Invalid(format!("profile `{name}`, vlan: {e}")))?;
+        }
+    }
+    Ok((resolved, pvlans))
 }
 
 /// A port needs its profile to exist and to give it a VLAN.
@@ -1325,7 +1401,7 @@ mod tests {
         .contains("inherit in a cycle"));
         assert_eq!(
             e(&mut c, "kind: Portprofile\nname: x\n"),
-            "document 1: kind `Portprofile` is not one this file may hold: expected PortProfile or NetflowMonitor"
+            "document 1: kind `Portprofile` is not one this file may hold: expected PortProfile, NetflowMonitor or PrivateVlan"
         );
         assert!(e(
             &mut c,

@@ -166,11 +166,7 @@ impl Store {
             let mut t = w.open_table(DOCS).map_err(|e| self.err(e))?;
             for (kind, name) in &dirty.docs {
                 let key = format!("{kind}/{name}");
-                let k = if kind == "PortProfile" {
-                    Kind::PortProfile
-                } else {
-                    Kind::NetflowMonitor
-                };
+                let k = Kind::from_name(kind).unwrap_or(Kind::PortProfile);
                 match chassis.doc(k, name) {
                     Some(d) => {
                         t.insert(key.as_str(), json(d).as_slice())

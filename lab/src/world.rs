@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use dvs_controller::client::{Command, Output};
 use dvs_proto::api::{self, agent_message};
-use dvs_proto::{PortId, VlanMode};
+use dvs_proto::PortId;
 use dvs_switch::agent::core::{desired_config, AgentCore, Desired, Outbound};
 use dvs_switch::driver::attach::Attacher;
 use dvs_switch::driver::datapath::Datapath;
@@ -181,10 +181,7 @@ impl Lab {
         for i in 0..opts.hosts {
             for spec in lab.hosts[i].core.config().ports.clone() {
                 let n = spec.port.id.number();
-                let vlan = match &spec.port.vlan {
-                    VlanMode::Access(v) => v.get(),
-                    VlanMode::Trunk { native, .. } => native.map_or(0, |v| v.get()),
-                };
+                let vlan = spec.port.vlan.untagged_vlan().map_or(0, |v| v.get());
                 let j = VLANS.iter().position(|(v, _)| *v == vlan).unwrap_or(0);
                 let vm = Vm::new(
                     format!("vm{n}"),

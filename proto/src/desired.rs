@@ -38,6 +38,8 @@ pub enum Item {
     RemoteMac(RemoteMac),
     /// The VLAN segments this host stretches to others.
     Segments(Vec<Segment>),
+    /// The chassis's private VLANs (`kind: PrivateVlan` documents).
+    PrivateVlans(Vec<crate::pvlan::PrivateVlan>),
 }
 
 /// A port of this host, bound to its VM's interface.
@@ -105,6 +107,7 @@ impl Item {
             Item::Port(p) => format!("port/{}", p.id),
             Item::RemoteMac(m) => format!("mac/{}/{}", m.vlan, m.mac),
             Item::Segments(_) => "segments".into(),
+            Item::PrivateVlans(_) => "private_vlans".into(),
         }
     }
 
@@ -117,6 +120,7 @@ impl Item {
             Item::Port(p) => serde_json::to_value(p),
             Item::RemoteMac(m) => serde_json::to_value(m),
             Item::Segments(s) => serde_json::to_value(s),
+            Item::PrivateVlans(p) => serde_json::to_value(p),
         };
         // Plain data (strings, numbers, addresses) always encodes.
         v.unwrap_or(Value::Null)
@@ -148,10 +152,11 @@ impl Item {
             "port" => Item::Port(serde_json::from_value(v).map_err(bad)?),
             "mac" => Item::RemoteMac(serde_json::from_value(v).map_err(bad)?),
             "segments" => Item::Segments(serde_json::from_value(v).map_err(bad)?),
+            "private_vlans" => Item::PrivateVlans(serde_json::from_value(v).map_err(bad)?),
             _ => {
                 return Err(format!(
                     "item `{key}`: not an item this agent knows (chassis, tunnel_peers, \
-                     profile/NAME, monitor/NAME, port/ID, mac/VLAN/MAC, segments)"
+                     profile/NAME, monitor/NAME, port/ID, mac/VLAN/MAC, segments, private_vlans)"
                 ))
             }
         };

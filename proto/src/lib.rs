@@ -19,6 +19,7 @@ pub mod ids;
 pub mod net;
 pub mod netflow;
 pub mod profile;
+pub mod pvlan;
 pub mod qos;
 pub mod security;
 pub mod stats;
@@ -59,6 +60,8 @@ pub enum Error {
     EmptyTrunk,
     #[error("trunk native VLAN {native} is not in the allowed list {allowed}")]
     NativeNotAllowed { native: u16, allowed: String },
+    #[error("a pvlan-host port's secondary VLAN must differ from its primary ({0} is both): name the isolated or community VLAN it is in")]
+    PvlanSame(u16),
     #[error("port ID `{0}` is not valid: expected vethN with N in 1..=4294967295")]
     PortIdSyntax(String),
     #[error("{at}, {field}: {msg}")]

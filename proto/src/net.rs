@@ -317,6 +317,14 @@ impl From<VlanSet> for Vec<VlanListItem> {
 ///   tagged frame from the VM is dropped (no VLAN hopping).
 /// - `Trunk`: the VM sends tagged frames for the allowed VLANs; untagged frames
 ///   belong to the native VLAN, if there is one (and are dropped otherwise).
+///   A trunk carrying a private VLAN's VLANs is PVLAN-aware: each frame
+///   leaves tagged with the VLAN it was sent in (a secondary's frames with
+///   the secondary's tag), as vSphere's distributed switch does toward its
+///   upstream.
+/// - `PvlanHost`: an access port of a private VLAN's secondary (isolated or
+///   community, as the chassis declares it: [`crate::pvlan`]); untagged.
+/// - `PvlanPromiscuous`: an access port of a private VLAN's primary, which
+///   reaches every port of the private VLAN; untagged.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(try_from = "VlanModeRepr", into = "VlanModeRepr")]
 pub enum VlanMode {
@@ -324,6 +332,13 @@ pub enum VlanMode {
     Trunk {
         allowed: VlanSet,
         native: Option<VlanId>,
+    },
+    PvlanHost {
+        primary: VlanId,
+        secondary: VlanId,
+    },
+    PvlanPromiscuous {
+        primary: VlanId,
     },
 }
 
@@ -347,25 +362,50 @@ impl VlanMode {
         Ok(VlanMode::Trunk { allowed, native })
     }
 
-    /// Does the port carry VLAN `v`?
+    /// Does the port carry VLAN `v`? A private VLAN's port carries its
+    /// primary (whose MAC table it shares) and the VLAN it sends in.
     pub fn carries(&self, v: VlanId) -> bool {
         match self {
             VlanMode::Access(a) => *a == v,
             VlanMode::Trunk { allowed, .. } => allowed.contains(v),
+            VlanMode::PvlanHost { primary, secondary } => *primary == v || *secondary == v,
+            VlanMode::PvlanPromiscuous { primary } => *primary == v,
         }
     }
 
-    /// The VLAN that leaves this port untagged, if any.
+    /// The VLAN of the port's untagged frames — where its VM's own MAC
+    /// lives — if any: the access VLAN, the trunk's native VLAN, a
+    /// pvlan-host's secondary, a promiscuous port's primary.
     pub fn untagged_vlan(&self) -> Option<VlanId> {
         match self {
             VlanMode::Access(a) => Some(*a),
             VlanMode::Trunk { native, .. } => *native,
+            VlanMode::PvlanHost { secondary, .. } => Some(*secondary),
+            VlanMode::PvlanPromiscuous { primary } => Some(*primary),
+        }
+    }
+
+    /// How the port is shown: `access 10`, `trunk [10,20-30] native 10`,
+    /// `pvlan-host 100/101`, `pvlan-promiscuous 100`.
+    pub fn summary(&self) -> String {
+        match self {
+            VlanMode::Access(v) => format!("access {v}"),
+            VlanMode::Trunk { allowed, native } => match native {
+                Some(n) => format!("trunk {allowed} native {n}"),
+                None => format!("trunk {allowed}"),
+            },
+            VlanMode::PvlanHost { primary, secondary } => {
+                format!("pvlan-host {primary}/{secondary}")
+            }
+            VlanMode::PvlanPromiscuous { primary } => format!("pvlan-promiscuous {primary}"),
         }
     }
 }
 
-/// The file form: `{ mode: access, id: 10 }` or
-/// `{ mode: trunk, allowed: [10, 20-30], native: 10 }`.
+/// The file form: `{ mode: access, id: 10 }`,
+/// `{ mode: trunk, allowed: [10, 20-30], native: 10 }`,
+/// `{ mode: pvlan-host, primary: 100, secondary: 101 }` or
+/// `{ mode: pvlan-promiscuous, primary: 100 }`.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(tag = "mode", rename_all = "lowercase", deny_unknown_fields)]
 pub enum VlanModeRepr {
@@ -377,6 +417,15 @@ pub enum VlanModeRepr {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         native: Option<VlanId>,
     },
+    #[serde(rename = "pvlan-host")]
+    PvlanHost {
+        primary: VlanId,
+        secondary: VlanId,
+    },
+    #[serde(rename = "pvlan-promiscuous")]
+    PvlanPromiscuous {
+        primary: VlanId,
+    },
 }
 
 impl TryFrom<VlanModeRepr> for VlanMode {
@@ -386,6 +435,15 @@ impl TryFrom<VlanModeRepr> for VlanMode {
             VlanModeRepr::Access { id } => Ok(VlanMode::Access(id)),
             VlanModeRepr::Trunk { allowed, native } => {
                 VlanMode::trunk(VlanSet::try_from(allowed)?, native)
+            }
+            VlanModeRepr::PvlanHost { primary, secondary } => {
+                if primary == secondary {
+                    return Err(Error::PvlanSame(primary.get()));
+                }
+                Ok(VlanMode::PvlanHost { primary, secondary })
+            }
+            VlanModeRepr::PvlanPromiscuous { primary } => {
+                Ok(VlanMode::PvlanPromiscuous { primary })
             }
         }
     }
@@ -399,6 +457,10 @@ impl From<VlanMode> for VlanModeRepr {
                 allowed: allowed.into(),
                 native,
             },
+            VlanMode::PvlanHost { primary, secondary } => {
+                VlanModeRepr::PvlanHost { primary, secondary }
+            }
+            VlanMode::PvlanPromiscuous { primary } => VlanModeRepr::PvlanPromiscuous { primary },
         }
     }
 }
@@ -447,7 +509,7 @@ mod tests {
                 assert_eq!(allowed.to_string(), "[10,20-30]");
                 assert_eq!(native.unwrap().get(), 10);
             }
-            VlanMode::Access(_) => panic!("expected a trunk"),
+            _ => panic!("expected a trunk"),
         }
         assert!(m.carries(VlanId::new(25).unwrap()));
         assert!(!m.carries(VlanId::new(11).unwrap()));

@@ -104,6 +104,11 @@ drop_reasons! {
     /// An IPv6 router advertisement from a port not trusted to send them
     /// (the router guard).
     RouterAdvertisement => "router_advertisement",
+    /// Private VLAN isolation: the destination may not hear the sender (an
+    /// isolated port's frame for anything but a promiscuous port, a
+    /// community's for another community's port), or the port's private
+    /// VLAN is not declared.
+    PrivateVlan => "private_vlan",
 }
 
 /// A counter per [`DropReason`].

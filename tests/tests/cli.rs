@@ -220,7 +220,7 @@ fn rejected_applies_and_deletes_say_why_in_one_line_and_change_nothing() {
         ),
         (
             "kind: PortProfile\nname: x\nvlan: { mode: access, id: 10 }\n---\nkind: Profile\nname: y\n",
-            "dvs: document 2: kind `Profile` is not one this file may hold: expected PortProfile or NetflowMonitor",
+            "dvs: document 2: kind `Profile` is not one this file may hold: expected PortProfile, NetflowMonitor or PrivateVlan",
         ),
     ];
     for (yaml, want) in cases {

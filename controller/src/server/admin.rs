@@ -68,11 +68,12 @@ impl api::admin_server::Admin for Controller {
     async fn get_profile(&self, req: Request<api::Name>) -> Result<Response<api::Profile>, Status> {
         let name = req.into_inner().name;
         let st = self.lock();
-        let d = st
-            .chassis
-            .doc(Kind::PortProfile, &name)
-            .or_else(|| st.chassis.doc(Kind::NetflowMonitor, &name))
-            .ok_or_else(|| Status::not_found(format!("no profile or monitor `{name}`")))?;
+        let d = Kind::ALL
+            .into_iter()
+            .find_map(|k| st.chassis.doc(k, &name))
+            .ok_or_else(|| {
+                Status::not_found(format!("no profile, monitor or private VLAN `{name}`"))
+            })?;
         Ok(Response::new(doc_view(&st.chassis, d)))
     }
 
@@ -83,11 +84,10 @@ impl api::admin_server::Admin for Controller {
         let name = req.into_inner().name;
         let kind = {
             let st = self.lock();
-            if st.chassis.doc(Kind::PortProfile, &name).is_some() {
-                Kind::PortProfile
-            } else {
-                Kind::NetflowMonitor
-            }
+            Kind::ALL
+                .into_iter()
+                .find(|k| st.chassis.doc(*k, &name).is_some())
+                .unwrap_or(Kind::PortProfile)
         };
         let changes = self.mutate(true, |c| c.delete_doc(kind, &name))?;
         Ok(Response::new(api::ApplyReply {

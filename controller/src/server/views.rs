@@ -42,14 +42,12 @@ impl Controller {
             (Some(_), _, false) => api::PortState::HostDown,
             (Some(_), ..) => api::PortState::Pending,
         };
-        let vlan = match st.chassis.policy(&p.profile).and_then(|x| x.vlan.as_ref()) {
-            Some(dvs_proto::VlanMode::Access(v)) => format!("access {v}"),
-            Some(dvs_proto::VlanMode::Trunk { allowed, native }) => match native {
-                Some(n) => format!("trunk {allowed} native {n}"),
-                None => format!("trunk {allowed}"),
-            },
-            None => String::new(),
-        };
+        let vlan = st
+            .chassis
+            .policy(&p.profile)
+            .and_then(|x| x.vlan.as_ref())
+            .map(dvs_proto::VlanMode::summary)
+            .unwrap_or_default();
         api::Port {
             id: p.id.to_string(),
             vm: p.vm.clone(),
@@ -184,12 +182,8 @@ impl Controller {
 }
 
 pub(super) fn doc_view(c: &Chassis, d: &crate::chassis::Doc) -> api::Profile {
-    let kind = match d.kind {
-        Kind::PortProfile => "PortProfile",
-        Kind::NetflowMonitor => "NetflowMonitor",
-    };
     api::Profile {
-        kind: kind.into(),
+        kind: d.kind.name().into(),
         name: d.name.clone(),
         version: d.version,
         yaml: serde_norway::to_string(&d.body).unwrap_or_default(),

@@ -15,6 +15,8 @@
 //! static_macs:                                  # optional
 //!   - { vlan: 10, mac: "02:00:00:00:00:09", remote: 10.0.0.2 }
 //!   - { vlan: 10, mac: "02:00:00:00:00:01", port: vm1 }
+//! private_vlans:                               # optional: primary + secondaries
+//!   - { primary: 100, isolated: 101, community: [102, 103] }
 //! mac_table: { max_entries: 16384, aging_s: 300, max_per_peer: 4096 }   # optional
 //! stats_file: /run/dvs/h1-stats.json                 # optional
 //! chassis_id: 1          # NetFlow source ID / IPFIX observation domain
@@ -23,7 +25,9 @@
 //! ```
 //!
 //! Ports (and `profiles:`) take a monitor with
-//! `netflow: { monitor: default, direction: both }`.
+//! `netflow: { monitor: default, direction: both }`, and a private VLAN
+//! with `vlan: { mode: pvlan-host, primary: 100, secondary: 101 }` or
+//! `vlan: { mode: pvlan-promiscuous, primary: 100 }` ([`dvs_proto::pvlan`]).
 //!
 //! The underlay is not trusted: VXLAN is taken only from the segments'
 //! peers and the addresses in `tunnel: { peers: [...] }` (other tunnel
@@ -45,6 +49,7 @@ use dvs_proto::desired::Item;
 use dvs_proto::net::VlanModeRepr;
 use dvs_proto::netflow::{NetflowMonitor, RawMonitor, RawNetflow};
 use dvs_proto::profile::{self, Policy, RawAcl, RawPolicy, RawProfile, RawQos};
+use dvs_proto::pvlan::{PrivateVlan, PrivateVlans};
 use dvs_proto::security::RawSecurity;
 use dvs_proto::{known_names, MacAddr, PortId, VlanId, Vni};
 use serde::Deserialize;
@@ -70,6 +75,7 @@ pub struct AgentConfig {
     /// observation domain, v5 engine ID's low byte).
     pub chassis_id: u32,
     pub monitors: BTreeMap<String, NetflowMonitor>,
+    pub private_vlans: PrivateVlans,
 }
 
 /// The host's VXLAN tunnel endpoint.
@@ -177,6 +183,9 @@ struct Raw {
     /// NetFlow monitors (`kind: NetflowMonitor` documents).
     #[serde(default)]
     monitors: Vec<RawMonitor>,
+    /// Private VLANs (`kind: PrivateVlan` documents, without kind and name).
+    #[serde(default)]
+    private_vlans: Vec<PrivateVlan>,
 }
 
 #[derive(Deserialize)]
@@ -306,6 +315,7 @@ pub fn assemble(
         match item {
             Item::Chassis(_) => doc["chassis_id"] = v,
             Item::Segments(_) => doc["segments"] = v,
+            Item::PrivateVlans(_) => doc["private_vlans"] = v,
             Item::TunnelPeers(_) if doc["tunnel"].is_object() => doc["tunnel"]["peers"] = v,
             Item::TunnelPeers(_) => {}
             Item::Profile { .. } => profiles.push(v),
@@ -330,7 +340,14 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
     let monitors = NetflowMonitor::set_from_raw(&raw.monitors).map_err(|e| e.to_string())?;
     let profiles = profile::resolve(&raw.profiles).map_err(|e| e.to_string())?;
     profile::check_monitors(&profiles, &monitors).map_err(|e| e.to_string())?;
-    let ports = validate_ports(raw.ports, &profiles, &monitors)?;
+    let private_vlans = PrivateVlans::new(
+        raw.private_vlans
+            .into_iter()
+            .enumerate()
+            .map(|(i, d)| (format!("private_vlans[{i}]"), d))
+            .collect(),
+    )?;
+    let ports = validate_ports(raw.ports, &profiles, &monitors, &private_vlans)?;
     let segments = validate_segments(raw.segments, tunnel)?;
     let static_macs = validate_static_macs(raw.static_macs, &ports, &segments)?;
     Ok(AgentConfig {
@@ -344,6 +361,7 @@ fn validate(raw: Raw) -> Result<AgentConfig, String> {
         stats_file: raw.stats_file,
         chassis_id: raw.chassis_id.unwrap_or(1),
         monitors,
+        private_vlans,
     })
 }
 
@@ -401,6 +419,7 @@ fn validate_ports(
     raw: Vec<RawPort>,
     profiles: &BTreeMap<String, Policy>,
     monitors: &BTreeMap<String, NetflowMonitor>,
+    pvlans: &PrivateVlans,
 ) -> Result<Vec<PortSpec>, String> {
     let mut ports = Vec::new();
     let mut names = HashSet::new();
@@ -418,6 +437,9 @@ fn validate_ports(
             return Err(format!("{at}: ID {} is used by another port", p.id));
         }
         let spec = validate_port(p, &at, profiles, monitors)?;
+        pvlans
+            .check_mode(&spec.port.vlan)
+            .map_err(|e| format!("{at}, vlan: {e}"))?;
         if let Some(dev) = spec.attach.device() {
             if !devs.insert(dev.to_string()) {
                 return Err(format!("{at}: interface `{dev}` is used by another port"));
@@ -673,6 +695,34 @@ mac_table: { max_entries: 100, aging_s: 60 }
 
     fn err(text: &str) -> String {
         AgentConfig::parse(text).unwrap_err()
+    }
+
+    #[test]
+    fn private_vlans_are_declared_once_and_ports_must_match_them() {
+        let base =
+            "host: h\nprivate_vlans:\n  - { primary: 100, isolated: 101, community: [102] }\n";
+        let c = AgentConfig::parse(&format!(
+            "{base}ports:\n  - {{ id: 1, name: a, tap: t1, vlan: {{ mode: pvlan-host, primary: 100, secondary: 101 }} }}\n  - {{ id: 2, name: r, tap: t2, vlan: {{ mode: pvlan-promiscuous, primary: 100 }} }}\n"
+        ))
+        .unwrap();
+        assert_eq!(c.private_vlans.decls().len(), 1);
+        assert_eq!(
+            err(&format!(
+                "{base}ports:\n  - {{ id: 1, name: a, tap: t1, vlan: {{ mode: pvlan-host, primary: 200, secondary: 102 }} }}\n"
+            )),
+            "ports[0] (`a`), vlan: VLAN 102 is a secondary VLAN of private VLAN 100, not of 200: \
+             use `{ mode: pvlan-host, primary: 100, secondary: 102 }`"
+        );
+        assert!(err(&format!(
+            "{base}ports:\n  - {{ id: 1, name: a, tap: t1, vlan: {{ mode: access, id: 101 }} }}\n"
+        ))
+        .contains("ports[0] (`a`), vlan: VLAN 101 is a secondary VLAN of private VLAN 100"));
+        assert_eq!(
+            err(&format!("{base}  - {{ primary: 200, community: [102] }}\n")),
+            "private_vlans[1]: VLAN 102 is already the community VLAN of private VLAN 100 \
+             (private_vlans[0]): a VLAN belongs to one private VLAN only"
+        );
+        assert!(err("host: h\nprivate_vlans:\n  - { isolated: 101 }\n").contains("primary"));
     }
 
     #[test]

@@ -527,10 +527,7 @@ fn release_held<P: PortIo>(dp: &mut Datapath<P>, no: PortNo, now: Duration) {
 
 /// The VLAN a port's VM's own MAC lives in.
 fn home_vlan(sw: &Switch, no: PortNo) -> Option<VlanId> {
-    match &sw.port(no)?.0.vlan {
-        VlanMode::Access(v) => Some(*v),
-        VlanMode::Trunk { native, .. } => *native,
-    }
+    sw.port(no)?.0.vlan.untagged_vlan()
 }
 
 impl Migrations {

@@ -206,6 +206,7 @@ pub fn build(cfg: &AgentConfig, attacher: &mut Attacher) -> Result<Datapath<Host
     for s in &cfg.segments {
         sw.set_segment(s.clone())?;
     }
+    sw.set_private_vlans(cfg.private_vlans.clone());
     sw.set_tunnel_peers(cfg.tunnel_peers.clone());
     let uplink = match cfg.tunnel {
         Some(t) => Some(Uplink::bind(SocketAddr::new(t.local, t.port), t.port)?),
@@ -477,13 +478,17 @@ fn apply_fabric<P: PortIo>(
     if new.tunnel_peers != cfg.tunnel_peers {
         dp.switch.set_tunnel_peers(new.tunnel_peers.clone());
     }
+    // New private VLANs move VLANs to other MAC tables: every static entry
+    // is placed again, in the table it now belongs to.
+    let pvlans_changed = new.private_vlans != cfg.private_vlans;
     for m in &cfg.static_macs {
-        if !new.static_macs.contains(m) {
+        if pvlans_changed || !new.static_macs.contains(m) {
             dp.switch.remove_mac(m.vlan, m.mac);
         }
     }
+    dp.switch.set_private_vlans(new.private_vlans.clone());
     for m in &new.static_macs {
-        if !cfg.static_macs.contains(m) {
+        if pvlans_changed || !cfg.static_macs.contains(m) {
             set_static_mac(dp, m);
         }
     }

@@ -655,13 +655,7 @@ impl<P: PortIo> Datapath<P> {
                     no: no.0,
                     id: cfg.id.to_string(),
                     name: cfg.name.clone(),
-                    vlan: match &cfg.vlan {
-                        dvs_proto::VlanMode::Access(v) => format!("access {v}"),
-                        dvs_proto::VlanMode::Trunk { allowed, native } => match native {
-                            Some(n) => format!("trunk {allowed} native {n}"),
-                            None => format!("trunk {allowed}"),
-                        },
-                    },
+                    vlan: cfg.vlan.summary(),
                     counters: c.clone(),
                     acl_in: sw.port_acl_hits(no).0,
                     acl_out: sw.port_acl_hits(no).1,

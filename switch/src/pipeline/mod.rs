@@ -55,6 +55,7 @@ use crate::policy::qos::{Policer, PolicerCounters, PolicerState};
 use crate::policy::security::{snoop_bind, PortGuard, Snooped};
 use crate::wire::{self, vxlan, EthView, FlowKey};
 use crate::Error;
+use dvs_proto::pvlan::PrivateVlans;
 use dvs_proto::stats::{
     DhcpCounters, DropReason, MacCounters, PortCounters, SwitchoverCounters, TunnelCounters,
 };
@@ -307,8 +308,12 @@ impl Port {
 struct VlanState {
     vni: Option<Vni>,
     peers: Vec<IpAddr>,
-    /// Local ports carrying the VLAN, each with the TCI to send it with.
+    /// Local ports that take the VLAN's frames, each with the TCI to send
+    /// them with (of a private VLAN's VLAN: the ports that may hear a
+    /// sender in it).
     members: Vec<(PortNo, Option<u16>)>,
+    /// Part of a private VLAN: its primary, whose MAC table it shares.
+    pvlan: Option<VlanId>,
 }
 
 /// One host's switch core.
@@ -352,6 +357,8 @@ pub struct Switch {
     dhcp: DhcpCounters,
     /// Some port copies its VM's frames ([`Switch::set_port_copy`]).
     copy_any: bool,
+    /// The chassis's private VLANs.
+    pvlans: PrivateVlans,
 }
 
 /// How often flow tables run their timeouts.
@@ -398,7 +405,28 @@ impl Switch {
             switchover: SwitchoverCounters::default(),
             dhcp: DhcpCounters::default(),
             copy_any: false,
+            pvlans: PrivateVlans::default(),
         }
+    }
+
+    /// The chassis's private VLANs ([`dvs_proto::pvlan`]). A private
+    /// VLAN's VLANs share the primary's MAC table; learned entries are
+    /// forgotten when the declarations change, and static entries of the
+    /// VLANs that changed must be set again. A pvlan port whose private
+    /// VLAN is not declared forwards nothing (`private_vlan`).
+    pub fn set_private_vlans(&mut self, pvlans: PrivateVlans) {
+        if pvlans == self.pvlans {
+            return;
+        }
+        self.pvlans = pvlans;
+        self.macs.forget_learned(|_, _| true);
+        self.rebuild();
+    }
+
+    /// The VLAN whose MAC table holds `vlan`'s MACs: a private VLAN's
+    /// primary, or `vlan` itself.
+    fn mac_domain(&self, vlan: VlanId) -> VlanId {
+        self.vlans.get(&vlan).and_then(|s| s.pvlan).unwrap_or(vlan)
     }
 
     /// The tunnel endpoints VXLAN is also taken from, besides the
@@ -796,11 +824,7 @@ impl Switch {
         }
         for (v, m, age) in &state.learned_macs {
             // Only VLANs the port still carries; the age carries over.
-            let carried = match &vlans {
-                VlanMode::Access(a) => a == v,
-                VlanMode::Trunk { allowed, .. } => allowed.contains(*v),
-            };
-            if carried {
+            if vlans.carries(*v) {
                 let seen = now.saturating_sub(Duration::from_millis(*age));
                 self.macs.learn(seen, *v, *m, Location::Port(no));
             }
@@ -916,12 +940,14 @@ impl Switch {
         moving_to: Option<IpAddr>,
     ) {
         let alternate = moving_to.map(Location::Remote);
+        let vlan = self.mac_domain(vlan);
         self.macs.set_static_moving(vlan, mac, location, alternate);
         self.generation += 1;
     }
 
     pub fn remove_mac(&mut self, vlan: VlanId, mac: MacAddr) -> bool {
         self.generation += 1;
+        let vlan = self.mac_domain(vlan);
         self.redirects.retain(|r| *r != (vlan, mac));
         self.macs.remove(vlan, mac)
     }
@@ -932,6 +958,7 @@ impl Switch {
     /// every host knows the new location.
     pub fn set_redirect(&mut self, vlan: VlanId, mac: MacAddr, to: IpAddr) {
         self.set_static_mac(vlan, mac, Location::Remote(to));
+        let vlan = self.mac_domain(vlan);
         if !self.redirects.contains(&(vlan, mac)) {
             self.redirects.push((vlan, mac));
         }
@@ -1174,6 +1201,13 @@ impl Switch {
             c.rx_multicast += 1;
         }
         let vlan = ingress_vlan(&port.cfg.vlan, &view)?;
+        if matches!(
+            port.cfg.vlan,
+            VlanMode::PvlanHost { .. } | VlanMode::PvlanPromiscuous { .. }
+        ) && !self.pvlans.allows(&port.cfg.vlan)
+        {
+            return Err(DropReason::PrivateVlan);
+        }
         Ok((vlan, view))
     }
 
@@ -1219,23 +1253,26 @@ impl Switch {
             Ingress::Port(no) => Location::Port(no),
             Ingress::Tunnel { src } => Location::Remote(src),
         };
+        let state = self.vlans.get(&vlan);
+        // A private VLAN's VLANs learn into its primary's table.
+        let domain = state.and_then(|s| s.pvlan).unwrap_or(vlan);
         // Most frames refresh the entry of a sender already known there;
         // only a new or moving source meets the ownership check.
-        if !self.macs.refresh(now, vlan, view.src, here) {
+        if !self.macs.refresh(now, domain, view.src, here) {
             if let Some(&owner) = self.owned.get(&view.src.to_u64()) {
                 if here != Location::Port(owner) && !self.port_standby(owner) {
                     self.macs.refuse_owned();
                     return Verdict::Drop(DropReason::MacOwned);
                 }
             }
-            self.macs.learn(now, vlan, view.src, here);
+            self.macs.learn(now, domain, view.src, here);
         }
         let pcp = view.outer.map_or(0, |t| t.pcp);
-        let Some(state) = self.vlans.get(&vlan) else {
+        let Some(state) = state else {
             return Verdict::Flood;
         };
         if !view.dst.is_multicast() {
-            match self.macs.lookup(now, vlan, view.dst) {
+            match self.macs.lookup(now, domain, view.dst) {
                 Some(Location::Port(p)) if here == Location::Port(p) => {
                     return Verdict::Drop(DropReason::Hairpin)
                 }
@@ -1253,11 +1290,15 @@ impl Switch {
                         }
                         return Verdict::Forward;
                     }
+                    // A private VLAN's port the sender may not reach.
+                    if state.pvlan.is_some() {
+                        return Verdict::Drop(DropReason::PrivateVlan);
+                    }
                     // The port no longer carries the VLAN: flood instead.
                 }
                 Some(Location::Remote(dst)) => {
                     if let Ingress::Tunnel { src } = ingress {
-                        if src == dst || !self.redirects.contains(&(vlan, view.dst)) {
+                        if src == dst || !self.redirects.contains(&(domain, view.dst)) {
                             return Verdict::Drop(DropReason::TunnelToTunnel);
                         }
                     }
@@ -1538,6 +1579,11 @@ impl Switch {
         }
         self.known_peers.sort_unstable();
         self.known_peers.dedup();
+        for d in self.pvlans.decls() {
+            for v in d.vlans() {
+                self.vlans.entry(v).or_default().pvlan = Some(d.primary);
+            }
+        }
         self.owned.clear();
         for (i, p) in self.ports.iter().enumerate() {
             let Some(p) = p else { continue };
@@ -1555,6 +1601,29 @@ impl Switch {
                             Some(v.get())
                         };
                         self.vlans.entry(v).or_default().members.push((no, tag));
+                    }
+                }
+                mode @ (VlanMode::PvlanHost { primary, .. }
+                | VlanMode::PvlanPromiscuous { primary }) => {
+                    // Not declared as it says: the port takes nothing.
+                    let (true, Some(d)) = (self.pvlans.allows(mode), self.pvlans.get(*primary))
+                    else {
+                        continue;
+                    };
+                    // Who may hear whom: everyone hears a promiscuous
+                    // sender (the primary); a promiscuous port hears
+                    // everyone; a community port its community too.
+                    let hears: Vec<VlanId> = match mode {
+                        VlanMode::PvlanHost { secondary, .. }
+                            if d.community.contains(secondary) =>
+                        {
+                            vec![*primary, *secondary]
+                        }
+                        VlanMode::PvlanHost { .. } => vec![*primary],
+                        _ => d.vlans().collect(),
+                    };
+                    for v in hears {
+                        self.vlans.entry(v).or_default().members.push((no, None));
                     }
                 }
             }
@@ -1787,10 +1856,18 @@ fn ingress_vlan(mode: &VlanMode, view: &EthView) -> Result<VlanId, DropReason> {
     const CTAG: u16 = 0x8100;
     match (mode, view.outer, view.inner) {
         (_, _, Some(_)) => Err(DropReason::StackedTags),
-        (VlanMode::Access(v), None, None) => Ok(*v),
-        // A priority-only tag (VID 0) on an access port carries no VLAN.
-        (VlanMode::Access(v), Some(t), None) if t.tpid == CTAG && t.vid == 0 => Ok(*v),
-        (VlanMode::Access(_), Some(_), None) => Err(DropReason::TaggedOnAccess),
+        (
+            VlanMode::Access(v)
+            | VlanMode::PvlanHost { secondary: v, .. }
+            | VlanMode::PvlanPromiscuous { primary: v },
+            t,
+            None,
+        ) => match t {
+            None => Ok(*v),
+            // A priority-only tag (VID 0) on an access port carries no VLAN.
+            Some(t) if t.tpid == CTAG && t.vid == 0 => Ok(*v),
+            Some(_) => Err(DropReason::TaggedOnAccess),
+        },
         (VlanMode::Trunk { .. }, Some(t), None) if t.tpid != CTAG => Err(DropReason::StackedTags),
         (VlanMode::Trunk { native, .. }, Some(t), None) if t.vid == 0 => {
             native.ok_or(DropReason::UntaggedNoNative)

@@ -1175,3 +1175,195 @@ fn dhcp_snooping_guards_servers_and_binds_what_the_server_gave() {
         "trusted: {p:?}"
     );
 }
+
+fn pvlan_port(id: u32, name: &str, mode: VlanMode) -> PortConfig {
+    PortConfig {
+        vlan: mode,
+        ..access(id, name, 1)
+    }
+}
+
+/// Private VLAN 100: isolated 101, communities 102 and 103.
+fn pvlans() -> PrivateVlans {
+    use dvs_proto::pvlan::PrivateVlan;
+    PrivateVlans::new(vec![(
+        "test".into(),
+        PrivateVlan {
+            primary: v(100),
+            isolated: Some(v(101)),
+            community: vec![v(102), v(103)],
+        },
+    )])
+    .unwrap()
+}
+
+#[test]
+fn private_vlans_keep_isolated_and_community_ports_apart() {
+    let host = |s| VlanMode::PvlanHost {
+        primary: v(100),
+        secondary: v(s),
+    };
+    // 0 promiscuous, 1-2 isolated, 3-4 community 102, 5 community 103,
+    // 6 a trunk toward a PVLAN-aware upstream.
+    let mut r = Rig::new(vec![
+        pvlan_port(1, "router", VlanMode::PvlanPromiscuous { primary: v(100) }),
+        pvlan_port(2, "i1", host(101)),
+        pvlan_port(3, "i2", host(101)),
+        pvlan_port(4, "c1", host(102)),
+        pvlan_port(5, "c2", host(102)),
+        pvlan_port(6, "d1", host(103)),
+        trunk(7, "up", &[100, 101, 102, 103], None),
+    ]);
+    // Undeclared, the pvlan ports forward nothing.
+    let p = r.send_from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::PrivateVlan));
+    r.sw.set_private_vlans(pvlans());
+    let ports = |r: &Rig| -> Vec<u16> {
+        r.out
+            .iter()
+            .filter_map(|o| match o.egress {
+                Egress::Port(p) => Some(p.0),
+                Egress::Tunnel { .. } => None,
+            })
+            .collect()
+    };
+    // Who hears a broadcast from each port (and the trunk's tag).
+    let heard: Vec<(u16, Vec<u16>)> = (0..6)
+        .map(|p| {
+            r.send_from_port(p, frame(MacAddr::BROADCAST, mac(p as u8 + 1), &[]));
+            (p, ports(&r))
+        })
+        .collect();
+    assert_eq!(
+        heard,
+        vec![
+            (0, vec![1, 2, 3, 4, 5, 6]),
+            (1, vec![0, 6]),
+            (2, vec![0, 6]),
+            (3, vec![0, 4, 6]),
+            (4, vec![0, 3, 6]),
+            (5, vec![0, 6]),
+        ]
+    );
+    // The trunk carries each frame with the VLAN it was sent in.
+    r.send_from_port(3, frame(MacAddr::BROADCAST, mac(4), &[]));
+    let up = r.out.iter().find(|o| o.egress == Egress::Port(PortNo(6)));
+    assert_eq!(up.unwrap().tag, Some(102));
+    // Unicast: one MAC table for the whole private VLAN, the same rules.
+    let p = r.send_from_port(1, frame(mac(3), mac(2), &[]));
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::PrivateVlan));
+    assert_eq!(r.drops(1, DropReason::PrivateVlan), 2);
+    let p = r.send_from_port(3, frame(mac(6), mac(4), &[]));
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::PrivateVlan));
+    let p = r.send_from_port(3, frame(mac(5), mac(4), &[]));
+    assert_eq!((p.verdict, ports(&r)), (Verdict::Forward, vec![4]));
+    let p = r.send_from_port(1, frame(mac(1), mac(2), &[]));
+    assert_eq!((p.verdict, ports(&r)), (Verdict::Forward, vec![0]));
+    let p = r.send_from_port(0, frame(mac(2), mac(1), &[]));
+    assert_eq!((p.verdict, ports(&r)), (Verdict::Forward, vec![1]));
+    assert_eq!(
+        p.vlan,
+        Some(v(100)),
+        "a promiscuous port sends in the primary"
+    );
+    // From the upstream: tagged with a secondary, it is that secondary's.
+    let p = r.send_from_port(6, frame(mac(2), mac(20), &[(0x8100, 101)]));
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::PrivateVlan));
+    let p = r.send_from_port(6, frame(mac(2), mac(20), &[(0x8100, 100)]));
+    assert_eq!((p.verdict, ports(&r)), (Verdict::Forward, vec![1]));
+    // An isolated VM reaches the upstream router, tagged 101.
+    let p = r.send_from_port(1, frame(mac(20), mac(2), &[]));
+    assert_eq!((p.verdict, p.vlan), (Verdict::Forward, Some(v(101))));
+    assert_eq!(r.out[0].tag, Some(101));
+    let e = r.sw.mac_entries(T);
+    assert!(e.iter().all(|m| m.vlan == v(100)), "{e:?}");
+    // A tagged frame on a pvlan port is a hop attempt.
+    let p = r.send_from_port(1, frame(mac(1), mac(2), &[(0x8100, 100)]));
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::TaggedOnAccess));
+}
+
+#[test]
+fn private_vlans_span_hosts_each_frame_in_its_senders_vni() {
+    let host = |s| VlanMode::PvlanHost {
+        primary: v(100),
+        secondary: v(s),
+    };
+    let mut r = Rig::new(vec![
+        pvlan_port(1, "router", VlanMode::PvlanPromiscuous { primary: v(100) }),
+        pvlan_port(2, "i1", host(101)),
+        pvlan_port(3, "c1", host(102)),
+    ]);
+    r.sw.set_private_vlans(pvlans());
+    for (vlan, vni) in [(100, 10100), (101, 10101), (102, 10102), (103, 10103)] {
+        with_segment(&mut r, vlan, vni, &["10.0.0.2"]);
+    }
+    let peer = ip("10.0.0.2");
+    let vni = |n| Vni::new(n).unwrap();
+    r.send_from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
+    assert_eq!(
+        r.egress(),
+        vec![
+            Egress::Port(PortNo(0)),
+            Egress::Tunnel {
+                dst: peer,
+                vni: vni(10101)
+            }
+        ]
+    );
+    // From the other host: an isolated VM there reaches the promiscuous
+    // port only; a promiscuous one reaches all; a community VM its own.
+    let from = Ingress::Tunnel { src: peer };
+    r.send(
+        from,
+        vxlan_packet(10101, &frame(MacAddr::BROADCAST, mac(9), &[])),
+    );
+    assert_eq!(r.egress(), vec![Egress::Port(PortNo(0))]);
+    let (p, _) = r.send(from, vxlan_packet(10101, &frame(mac(2), mac(9), &[])));
+    assert_eq!(p.verdict, Verdict::Drop(DropReason::PrivateVlan));
+    r.send(
+        from,
+        vxlan_packet(10100, &frame(MacAddr::BROADCAST, mac(8), &[])),
+    );
+    assert_eq!(
+        r.egress(),
+        vec![
+            Egress::Port(PortNo(0)),
+            Egress::Port(PortNo(1)),
+            Egress::Port(PortNo(2))
+        ]
+    );
+    r.send(
+        from,
+        vxlan_packet(10102, &frame(MacAddr::BROADCAST, mac(7), &[])),
+    );
+    assert_eq!(
+        r.egress(),
+        vec![Egress::Port(PortNo(0)), Egress::Port(PortNo(2))]
+    );
+    r.send(
+        from,
+        vxlan_packet(10103, &frame(MacAddr::BROADCAST, mac(6), &[])),
+    );
+    assert_eq!(r.egress(), vec![Egress::Port(PortNo(0))]);
+    // A VM there, learned from its VNI, is reached in the sender's VNI.
+    let (p, _) = r.send(Ingress::Port(PortNo(2)), frame(mac(7), mac(3), &[]));
+    assert_eq!(p.verdict, Verdict::Forward);
+    assert_eq!(
+        r.egress(),
+        vec![Egress::Tunnel {
+            dst: peer,
+            vni: vni(10102)
+        }]
+    );
+    // A static entry given on a secondary lands in the primary's table.
+    r.sw.set_static_mac(v(101), mac(30), Location::Remote(peer));
+    let (p, _) = r.send(Ingress::Port(PortNo(0)), frame(mac(30), mac(1), &[]));
+    assert_eq!(p.verdict, Verdict::Forward);
+    assert_eq!(
+        r.egress(),
+        vec![Egress::Tunnel {
+            dst: peer,
+            vni: vni(10100)
+        }]
+    );
+}
