@@ -1367,3 +1367,45 @@ fn private_vlans_span_hosts_each_frame_in_its_senders_vni() {
         }]
     );
 }
+
+#[test]
+fn a_private_vlans_flow_records_carry_the_senders_vlan() {
+    use crate::flow::Direction;
+    use dvs_proto::FlowDirection;
+    let mut r = Rig::new(vec![
+        PortConfig {
+            vlan: VlanMode::PvlanHost {
+                primary: v(100),
+                secondary: v(101),
+            },
+            ..monitored(7, "i", FlowDirection::Both)
+        },
+        PortConfig {
+            vlan: VlanMode::PvlanPromiscuous { primary: v(100) },
+            ..monitored(8, "r", FlowDirection::Both)
+        },
+    ]);
+    r.sw.set_private_vlans(pvlans());
+    r.send_from_port(1, frame(MacAddr::BROADCAST, mac(2), &[]));
+    r.send_from_port(0, ipv4_frame(mac(2), mac(1), 17, 53));
+    r.send_from_port(1, ipv4_frame(mac(1), mac(2), 17, 40000));
+    ended(&mut r);
+    r.sw.handle_timeout(T * 200);
+    let mut got: Vec<_> = ended(&mut r)
+        .iter()
+        .filter(|x| x.id.proto == 17)
+        .map(|x| (x.id.port, x.id.dir, x.id.vlan))
+        .collect();
+    got.sort();
+    // The isolated VM's flow is VLAN 101 both where it leaves and where it
+    // arrives; the promiscuous port's reply is the primary's, 100.
+    assert_eq!(
+        got,
+        vec![
+            (7, Direction::FromVm, 101),
+            (7, Direction::ToVm, 100),
+            (8, Direction::FromVm, 100),
+            (8, Direction::ToVm, 101),
+        ]
+    );
+}
