@@ -154,6 +154,9 @@ impl PrivateVlans {
     /// # Errors
     /// A message saying what is wrong and what would be valid.
     pub fn check_mode(&self, mode: &VlanMode) -> Result<(), String> {
+        if self.allows(mode) {
+            return Ok(());
+        }
         match mode {
             VlanMode::Trunk { .. } => Ok(()),
             VlanMode::Access(v) => match self.role(*v) {
@@ -168,7 +171,7 @@ impl PrivateVlans {
                 )),
             },
             VlanMode::PvlanPromiscuous { primary } => match self.role(*primary) {
-                Some((_, Role::Primary)) => Ok(()),
+                Some((p, Role::Primary)) if p == *primary => Ok(()),
                 Some((p, r)) => Err(format!(
                     "VLAN {primary} is the {} VLAN of private VLAN {p}, not a primary: \
                      use `{{ mode: pvlan-promiscuous, primary: {p} }}`",

@@ -15,6 +15,8 @@
 //!    VLAN hopping attempt); trunks take the allowed tags and map untagged
 //!    frames to the native VLAN; stacked tags from a VM are dropped;
 //!    VXLAN payloads map their VNI to a VLAN and must carry untagged frames;
+//!    a private VLAN's port sends in its secondary (or, promiscuous, in the
+//!    primary), and forwards nothing when that is not declared;
 //! 4. a frame from a port in standby is held (small) or dropped; the tag is
 //!    removed in place, so the frame is untagged from here on;
 //! 5. from a VM: port security (`PortGuard`), then its port's policy from
@@ -24,7 +26,9 @@
 //!    MAC goes to its port or host; anything else floods to the VLAN's other
 //!    local ports and — when it came from a local port — to every remote host
 //!    of the segment (head-end replication). A frame from the tunnel never
-//!    goes back into it (split horizon);
+//!    goes back into it (split horizon). A private VLAN's VLANs share the
+//!    primary's MAC table, and their members are only the ports that may
+//!    hear the sender (a unicast to another is dropped, `private_vlan`);
 //! 7. each receiving port: none in standby, then its policy into the VM
 //!    (`port_policy` again, the same chain the other way); what passed is
 //!    accounted to the ports' flow records.
@@ -245,6 +249,9 @@ struct Port {
     flow: Option<(usize, FlowDirection)>,
     /// In standby: installed with its policy, not forwarding.
     standby: bool,
+    /// A pvlan port whose private VLAN is not declared as its mode says
+    /// (set by `rebuild`): it forwards nothing.
+    pvlan_undeclared: bool,
     /// When the port last forwarded a frame from its VM (zero: never).
     last_from_vm: Duration,
     /// When the port last sent a frame to its VM (zero: never).
@@ -280,6 +287,7 @@ impl Port {
             snooped: Vec::new(),
             flow: None,
             standby: false,
+            pvlan_undeclared: false,
             last_from_vm: Duration::ZERO,
             last_to_vm: Duration::ZERO,
             last_unicast_from_vm: Duration::ZERO,
@@ -1201,11 +1209,7 @@ impl Switch {
             c.rx_multicast += 1;
         }
         let vlan = ingress_vlan(&port.cfg.vlan, &view)?;
-        if matches!(
-            port.cfg.vlan,
-            VlanMode::PvlanHost { .. } | VlanMode::PvlanPromiscuous { .. }
-        ) && !self.pvlans.allows(&port.cfg.vlan)
-        {
+        if port.pvlan_undeclared {
             return Err(DropReason::PrivateVlan);
         }
         Ok((vlan, view))
@@ -1585,6 +1589,9 @@ impl Switch {
             }
         }
         self.owned.clear();
+        for p in self.ports.iter_mut().flatten() {
+            p.pvlan_undeclared = !self.pvlans.allows(&p.cfg.vlan);
+        }
         for (i, p) in self.ports.iter().enumerate() {
             let Some(p) = p else { continue };
             let no = PortNo(i as u16);
@@ -1606,8 +1613,7 @@ impl Switch {
                 mode @ (VlanMode::PvlanHost { primary, .. }
                 | VlanMode::PvlanPromiscuous { primary }) => {
                     // Not declared as it says: the port takes nothing.
-                    let (true, Some(d)) = (self.pvlans.allows(mode), self.pvlans.get(*primary))
-                    else {
+                    let (false, Some(d)) = (p.pvlan_undeclared, self.pvlans.get(*primary)) else {
                         continue;
                     };
                     // Who may hear whom: everyone hears a promiscuous

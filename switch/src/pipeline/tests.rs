@@ -1176,6 +1176,14 @@ fn dhcp_snooping_guards_servers_and_binds_what_the_server_gave() {
     );
 }
 
+/// A pvlan-host mode of private VLAN 100 ([`pvlans`]).
+fn host(secondary: u32) -> VlanMode {
+    VlanMode::PvlanHost {
+        primary: v(100),
+        secondary: v(secondary),
+    }
+}
+
 fn pvlan_port(id: u32, name: &str, mode: VlanMode) -> PortConfig {
     PortConfig {
         vlan: mode,
@@ -1199,10 +1207,6 @@ fn pvlans() -> PrivateVlans {
 
 #[test]
 fn private_vlans_keep_isolated_and_community_ports_apart() {
-    let host = |s| VlanMode::PvlanHost {
-        primary: v(100),
-        secondary: v(s),
-    };
     // 0 promiscuous, 1-2 isolated, 3-4 community 102, 5 community 103,
     // 6 a trunk toward a PVLAN-aware upstream.
     let mut r = Rig::new(vec![
@@ -1284,10 +1288,6 @@ fn private_vlans_keep_isolated_and_community_ports_apart() {
 
 #[test]
 fn private_vlans_span_hosts_each_frame_in_its_senders_vni() {
-    let host = |s| VlanMode::PvlanHost {
-        primary: v(100),
-        secondary: v(s),
-    };
     let mut r = Rig::new(vec![
         pvlan_port(1, "router", VlanMode::PvlanPromiscuous { primary: v(100) }),
         pvlan_port(2, "i1", host(101)),
@@ -1374,10 +1374,7 @@ fn a_private_vlans_flow_records_carry_the_senders_vlan() {
     use dvs_proto::FlowDirection;
     let mut r = Rig::new(vec![
         PortConfig {
-            vlan: VlanMode::PvlanHost {
-                primary: v(100),
-                secondary: v(101),
-            },
+            vlan: host(101),
             ..monitored(7, "i", FlowDirection::Both)
         },
         PortConfig {
